@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.latent_channels = 220                      # C: channels of y (H/16 x W/16)
   c.model.encoder_filters = (60, 120, 240, 480, 960)  # E: 7x7 conv, then 4 stride-2 3x3 convs
   c.model.hyper_channels = 320                       # N: channels of z (H/64 x W/64)
-  c.model.decoder_filters = (480, 240, 120, 60)      # D_a: four stride-2 transposed convs
+  c.model.decoder_filters = (960, 480, 240, 120, 60)  # D_a: residual width, then 4 stride-2 transposed convs
   c.model.decoder_residual_blocks = 9
   c.model.channel_norm_eps = 1e-3
   c.model.factorized_filters = (3, 3, 3)             # density model of z

@@ -10,7 +10,7 @@ def get_config():
   c.model.latent_channels = 32
   c.model.encoder_filters = (8, 16, 24, 32, 48)
   c.model.hyper_channels = 24
-  c.model.decoder_filters = (32, 24, 16, 8)
+  c.model.decoder_filters = (48, 32, 24, 16, 8)
   c.model.decoder_residual_blocks = 2
   c.data.crop_size = 128
   c.data.batch_size = 4
