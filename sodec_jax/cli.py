@@ -1,0 +1,108 @@
+"""`sodec` command line: compress, decompress, info.
+
+  sodec compress photo.png photo.sodec --checkpoint runs/tiny
+  sodec decompress photo.sodec photo_hat.png --checkpoint runs/tiny
+  sodec info photo.sodec
+
+Every user error is one line on stderr ("sodec: error: ...") and exit status 1; outputs are
+written through a temporary file and a rename, so a failed run leaves nothing behind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from sodec_jax.errors import SodecError
+
+
+def _read_bytes(path: str) -> bytes:
+  if not os.path.exists(path):
+    raise SodecError(f"no such file: {path}")
+  if os.path.isdir(path):
+    raise SodecError(f"{path} is a directory, not a .sodec file")
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise SodecError(f"cannot read {path}: {e.strerror}") from None
+
+
+def cmd_compress(args) -> None:
+  from sodec_jax import api, images
+  image, notes = images.read_image(args.input)
+  for note in notes:
+    print(f"note: {args.input}: {note}", file=sys.stderr)
+  images.check_writable(args.output)
+  model = api.load_model(args.checkpoint)
+  t = time.perf_counter()
+  data = api.compress(model, image)
+  elapsed = time.perf_counter() - t
+  images.write_atomic(args.output, data)
+  h, w = image.shape[:2]
+  print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h}, "
+        f"{elapsed:.2f} s)")
+
+
+def cmd_decompress(args) -> None:
+  from sodec_jax import api, images
+  data = _read_bytes(args.input)
+  api.read_header(data)  # a bad file fails before the model is loaded
+  images.image_format(args.output)
+  images.check_writable(args.output)
+  model = api.load_model(args.checkpoint)
+  t = time.perf_counter()
+  image = api.decompress(model, data)
+  elapsed = time.perf_counter() - t
+  images.write_image(args.output, image)
+  print(f"{args.output}: {image.shape[1]}x{image.shape[0]} ({elapsed:.2f} s)")
+
+
+def cmd_info(args) -> None:
+  from sodec_jax.codec import bitstream
+  data = _read_bytes(args.input)
+  header = bitstream.unpack(data)[0]
+  pixels = header.height * header.width
+  print(f"file:         {args.input}")
+  print(f"image:        {header.width}x{header.height}")
+  print(f"size:         {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp")
+  print(f"decoder:      {bitstream.DECODER_NAMES[header.decoder]}")
+  print(f"fingerprint:  {header.fingerprint.hex()}")
+  print(f"latents:      y {header.y_shape}, z {header.z_shape}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="sodec", description="SODEC image codec (JAX)")
+  sub = p.add_subparsers(dest="command", required=True)
+  c = sub.add_parser("compress", help="image file -> .sodec")
+  c.add_argument("input")
+  c.add_argument("output")
+  c.add_argument("--checkpoint", required=True, help="the --workdir a training run wrote")
+  c.set_defaults(func=cmd_compress)
+  d = sub.add_parser("decompress", help=".sodec -> image file (format from the extension)")
+  d.add_argument("input")
+  d.add_argument("output")
+  d.add_argument("--checkpoint", required=True, help="the --workdir a training run wrote")
+  d.set_defaults(func=cmd_decompress)
+  i = sub.add_parser("info", help="describe a .sodec file (no model needed)")
+  i.add_argument("input")
+  i.set_defaults(func=cmd_info)
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    args.func(args)
+  except SodecError as e:
+    print(f"sodec: error: {e}", file=sys.stderr)
+    return 1
+  except KeyboardInterrupt:
+    print("sodec: interrupted", file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
