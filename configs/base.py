@@ -42,7 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.crop_size = 256
   c.data.batch_size = 8                              # global batch
   c.data.hflip = True
-  c.data.worker_count = 0
+  c.data.worker_count = 0                            # grain worker processes (0 = threads)
+  c.data.cache_mb = 1024                             # keep decoded images in RAM if they fit
 
   # --- loss: lambda * r + k_M * MSE(0..255) + k_P * LPIPS (HiFiC defaults) --------------------
   c.loss = ml_collections.ConfigDict()
@@ -77,4 +78,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 5_000
   c.train.keep_checkpoints = 3
   c.train.progress = True
+  c.train.max_nonfinite_steps = 3                    # stop after this many in a row
+  c.train.allow_config_change = False                # resume a workdir with a different config
   return c

@@ -1,0 +1,237 @@
+"""The training directory (workdir): config, orbax checkpoints, and how a run resumes.
+
+Layout of a workdir:
+    config.json                the resolved config of the run (written at start)
+    checkpoints/<step>/        one orbax checkpoint per saved step, three named items:
+        params/                the model's nnx.Param state as a pure dict
+                               (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`); constants and
+                               other non-Param variables are rebuilt from the config, not saved
+        opt_state/             the optax state (AdamW moments and step count)
+        meta/                  JSON: step, seed, stage, config name and fingerprint, time
+    metrics.jsonl              one row per logged step (process 0)
+    events.out.tfevents.*      TensorBoard scalars (tensorboardX)
+
+A checkpoint at step s holds the state after s updates; the next update to run is step s.
+Orbax writes each checkpoint into a temporary directory and renames it into place only once
+complete, so a save interrupted mid-write leaves no `<step>/` directory and is never used
+(leftover temporaries are ignored and cleaned up).
+
+Resume order (what `python -m sodec_jax.train` does when WORKDIR/config.json exists):
+  1. read WORKDIR/config.json and compare it with the config of this command; fields that do
+     not change the trajectory (`RESUME_IGNORED`) may differ; any other difference stops the
+     run unless --config.train.allow_config_change=True;
+  2. build the model from the config and nnx.Rngs(config.seed), and the optimizer;
+  3. take the latest complete step s in WORKDIR/checkpoints (none: start at 0);
+  4. restore 'params' and 'opt_state' of step s over the freshly built ones ('meta' is checked);
+  5. restart the data at step s (the dataset is indexed by step) and derive each step's RNG
+     key from (seed, step), so the resumed run reproduces an uninterrupted one;
+  6. drop rows of metrics.jsonl with step > s (they will be logged again).
+
+`restore_params(workdir, model)` does step 4 for the params alone (no optimizer needed): it is
+what inference (`sodec_jax.load_model`) uses.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from sodec_jax.errors import SodecError
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+ITEMS = ("params", "opt_state", "meta")
+
+# Config fields that do not change what training computes: they may differ on resume.
+RESUME_IGNORED = (
+    "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.progress", "train.allow_config_change", "data.worker_count", "data.cache_mb",
+)
+
+
+# --- config -----------------------------------------------------------------------------------
+
+def config_to_dict(config) -> dict:
+  """Plain JSON-able dict (tuples become lists)."""
+  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  return json.loads(json.dumps(d))
+
+
+def _lists_to_tuples(x):
+  if isinstance(x, dict):
+    return {k: _lists_to_tuples(v) for k, v in x.items()}
+  if isinstance(x, list):
+    return tuple(_lists_to_tuples(v) for v in x)
+  return x
+
+
+def save_config(workdir: str, config) -> str:
+  """Writes WORKDIR/config.json (atomically) and returns its path."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+  return path
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run wrote to WORKDIR/config.json (lists read back as tuples)."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  try:
+    with open(path) as f:
+      d = json.load(f)
+    if not isinstance(d, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as err:
+    raise SodecError(f"{workdir} is not a sodec-jax training directory (no config.json); "
+                     f"pass the --workdir your training wrote ({type(err).__name__})") from None
+  return ml_collections.ConfigDict(_lists_to_tuples(d))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_diff(old, new, ignored=RESUME_IGNORED) -> list[str]:
+  """['field: old -> new', ...] over the fields that matter for resuming."""
+  a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(new))
+  keys = sorted((set(a) | set(b)) - set(ignored))
+  missing = "<absent>"
+  return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
+          for k in keys if a.get(k, missing) != b.get(k, missing)]
+
+
+def fingerprint(config, ignored=RESUME_IGNORED) -> str:
+  """Short hash of the config fields that matter for resuming."""
+  flat = {k: v for k, v in _flatten(config_to_dict(config)).items() if k not in ignored}
+  return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def manager(workdir: str, keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
+  """The orbax CheckpointManager of WORKDIR/checkpoints (synchronous, atomic saves)."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, create=create, cleanup_tmp_directories=True,
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+
+
+def make_meta(step: int, config) -> dict:
+  return {"step": int(step), "seed": int(config.seed), "stage": int(config.stage),
+          "name": str(config.name), "config_fingerprint": fingerprint(config),
+          "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, config) -> None:
+  """Saves params (pure dict), opt_state and meta at `step` (overwrites nothing)."""
+  mngr.save(int(step), args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(make_meta(step, config))), force=True)
+  mngr.wait_until_finished()
+
+
+def _abstract(tree):
+  return jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
+      tree)
+
+
+def _check_same(template, restored, what: str, workdir: str, step: int) -> None:
+  t = jax.tree_util.tree_flatten_with_path(template)[0]
+  r = dict(jax.tree_util.tree_flatten_with_path(restored)[0])
+  for path, a in t:
+    b = r.get(path)
+    if b is None or b.shape != a.shape:
+      name = jax.tree_util.keystr(path)
+      got = "missing" if b is None else f"shape {b.shape}"
+      raise SodecError(f"checkpoint step {step} in {workdir} does not fit this model: {what}"
+                       f"{name} is {got}, the model needs {a.shape} (different config?)")
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, params, opt_state, workdir: str = ""):
+  """(params, opt_state, meta) of `step`, shaped like the given templates."""
+  try:
+    out = mngr.restore(int(step), args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(params)),
+        opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+        meta=ocp.args.JsonRestore()))
+  except Exception as err:  # pylint: disable=broad-except
+    raise SodecError(f"cannot restore checkpoint step {step} in {workdir or mngr.directory}: "
+                     f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                     ) from None
+  _check_same(params, out["params"], "params", workdir, step)
+  return out["params"], out["opt_state"], dict(out["meta"])
+
+
+def latest_step(workdir: str) -> int | None:
+  """The last complete checkpoint step in WORKDIR/checkpoints, or None."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return None
+  mngr = manager(workdir, create=False)
+  try:
+    return mngr.latest_step()
+  finally:
+    mngr.close()
+
+
+def restore_params(workdir: str, model: nnx.Module, step: int | None = None) -> int:
+  """Loads the 'params' item of the latest (or given) checkpoint into `model`; returns the step."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise SodecError(f"no checkpoint in {workdir} (no {CHECKPOINT_DIR}/ directory); "
+                     f"train first: python -m sodec_jax.train --config ... --workdir {workdir}")
+  mngr = manager(workdir, create=False)
+  try:
+    steps = mngr.all_steps()
+    if not steps:
+      raise SodecError(f"no checkpoint in {workdir}; train first: "
+                       f"python -m sodec_jax.train --config ... --workdir {workdir}")
+    if step is None:
+      step = max(steps)
+    elif step not in steps:
+      raise SodecError(f"no checkpoint for step {step} in {workdir} (have {sorted(steps)})")
+    state = nnx.state(model, nnx.Param)
+    template = nnx.to_pure_dict(state)
+    try:
+      out = mngr.restore(int(step), args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(_abstract(template))))
+    except Exception as err:  # pylint: disable=broad-except
+      raise SodecError(f"cannot restore params of step {step} in {workdir}: "
+                       f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                       ) from None
+    _check_same(template, out["params"], "params", workdir, step)
+    nnx.replace_by_pure_dict(state, out["params"])
+    nnx.update(model, state)
+    return int(step)
+  finally:
+    mngr.close()
+
+
+def read_meta(workdir: str, step: int) -> dict[str, Any]:
+  mngr = manager(workdir, create=False)
+  try:
+    return dict(mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                ["meta"])
+  finally:
+    mngr.close()

@@ -1,0 +1,207 @@
+"""Training data: random crops of the images in a folder, as a grain MapDataset indexed by step.
+
+The element at position `step` is the batch that training step uses, and everything in it (which
+images, where the crops sit, whether they flip) derives from `(config.seed, step)` alone. A
+resumed run therefore reads exactly the batches an uninterrupted run would have read, by
+construction: `train_dataset(config, start_step=s)` is the same dataset sliced at `s`.
+
+`config.data.train_dir == ""` means the real photos bundled with scikit-image (a curated list:
+no text, masks or synthetic charts), so the tiny config trains offline.
+
+Batches are uint8 arrays [B, crop, crop, 3]; the train step converts them to float32 in [0, 1].
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import warnings
+from typing import Sequence
+
+import grain
+import numpy as np
+from PIL import Image
+
+from sodec_jax.errors import SodecError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# The photographs shipped inside the scikit-image wheel (skimage/data). Grayscale ones are
+# converted to RGB. Left out on purpose: text, logos, charts, masks, tiny or multi-page files.
+SKIMAGE_PHOTOS = (
+    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
+    "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
+    "moon.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
+)
+
+_log = logging.getLogger(__name__)
+
+
+def skimage_photo_dir() -> str:
+  import skimage.data  # pylint: disable=import-outside-toplevel
+  return os.path.dirname(skimage.data.__file__)
+
+
+def skimage_photos() -> list[str]:
+  """Paths of the curated scikit-image photos that exist in this installation."""
+  root = skimage_photo_dir()
+  return [os.path.join(root, f) for f in SKIMAGE_PHOTOS if os.path.isfile(os.path.join(root, f))]
+
+
+def _warn_skip(path: str, err: Exception) -> None:
+  warnings.warn(f"skipping unreadable image {path}: {type(err).__name__}: {err}", stacklevel=3)
+
+
+def list_images(train_dir: str) -> list[str]:
+  """Sorted readable image paths under `train_dir` (recursive); "" = the scikit-image photos.
+
+  Files whose header PIL cannot read are skipped with a warning. No usable image -> SodecError.
+  """
+  if not train_dir:
+    candidates = skimage_photos()
+    where = f"the scikit-image photos in {skimage_photo_dir()}"
+  else:
+    if not os.path.isdir(train_dir):
+      raise SodecError(f"config.data.train_dir={train_dir!r} is not a directory")
+    candidates = []
+    for root, dirs, files in os.walk(train_dir, followlinks=True):
+      dirs.sort()
+      candidates += [os.path.join(root, f) for f in sorted(files)
+                     if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    where = f"config.data.train_dir={train_dir!r}"
+  paths = []
+  for path in candidates:
+    try:
+      with Image.open(path) as im:
+        im.size  # pylint: disable=pointless-statement
+      paths.append(path)
+    except Exception as err:  # pylint: disable=broad-except
+      _warn_skip(path, err)
+  if not paths:
+    raise SodecError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in {where}; "
+                     "point --config.data.train_dir at a folder of photos")
+  return paths
+
+
+def load_image(path: str) -> np.ndarray:
+  """Decodes an image file to uint8 [H, W, 3] (grayscale/palette/alpha/16-bit -> RGB)."""
+  with Image.open(path) as im:
+    im.load()
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+      a = np.asarray(im, dtype=np.float64)
+      scale = 65535.0 if a.max() > 255 else 255.0
+      a = np.clip(a / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+      return np.repeat(a[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def pad_to(img: np.ndarray, size: int) -> np.ndarray:
+  """Pads H and W up to at least `size` (reflect where the image allows it, else edge)."""
+  h, w = img.shape[:2]
+  ph, pw = max(0, size - h), max(0, size - w)
+  if not ph and not pw:
+    return img
+  pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0))
+  mode = "reflect" if ph < h and pw < w else "edge"
+  return np.pad(img, pads, mode=mode)
+
+
+def random_crop(img: np.ndarray, size: int, rng: np.random.Generator,
+                hflip: bool = True) -> np.ndarray:
+  img = pad_to(img, size)
+  h, w = img.shape[:2]
+  top = int(rng.integers(0, h - size + 1))
+  left = int(rng.integers(0, w - size + 1))
+  crop = img[top:top + size, left:left + size]
+  if hflip and rng.random() < 0.5:
+    crop = crop[:, ::-1]
+  return np.ascontiguousarray(crop)
+
+
+class CropLoader:
+  """Maps a global example index to a uint8 crop; deterministic in (seed, index).
+
+  Example `i` belongs to epoch `i // n`; each epoch visits the n images in its own permutation.
+  Decoded images are kept in memory when they all fit in `cache_mb`.
+  """
+
+  def __init__(self, paths: Sequence[str], crop_size: int, seed: int, hflip: bool = True,
+               cache_mb: float = 1024):
+    self.paths = list(paths)
+    self.crop_size = crop_size
+    self.seed = int(seed)
+    self.hflip = hflip
+    total = 0
+    for p in self.paths:
+      with Image.open(p) as im:
+        total += im.size[0] * im.size[1] * 3
+    self._cache = {} if total <= cache_mb * 2 ** 20 else None
+    self._lock = threading.Lock()
+    self._bad: set[int] = set()
+
+  def __getstate__(self):  # picklable for grain worker processes (no lock, empty cache)
+    state = dict(self.__dict__)
+    state["_lock"] = None
+    state["_cache"] = {} if self._cache is not None else None
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  @functools.lru_cache(maxsize=4)
+  def _permutation(self, epoch: int) -> np.ndarray:
+    return np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.paths))
+
+  def _image(self, k: int) -> np.ndarray | None:
+    if self._cache is not None and k in self._cache:
+      return self._cache[k]
+    if k in self._bad:
+      return None
+    try:
+      img = load_image(self.paths[k])
+    except Exception as err:  # pylint: disable=broad-except
+      with self._lock:
+        if k not in self._bad:
+          self._bad.add(k)
+          _warn_skip(self.paths[k], err)
+      return None
+    if self._cache is not None:
+      with self._lock:
+        self._cache[k] = img
+    return img
+
+  def __call__(self, index: int) -> np.ndarray:
+    index = int(index)
+    n = len(self.paths)
+    perm = self._permutation(index // n)
+    rng = np.random.default_rng([self.seed, 2, index])
+    for j in range(n):  # an image that fails to decode is replaced by the next one in the epoch
+      img = self._image(int(perm[(index + j) % n]))
+      if img is not None:
+        return random_crop(img, self.crop_size, rng, self.hflip)
+    raise SodecError(f"none of the {n} training images could be decoded")
+
+
+def train_dataset(config, start_step: int = 0, paths: Sequence[str] | None = None,
+                  ) -> grain.MapDataset:
+  """MapDataset whose element k is the uint8 batch [B, crop, crop, 3] of step start_step + k."""
+  d = config.data
+  if paths is None:
+    paths = list_images(d.train_dir)
+  loader = CropLoader(paths, d.crop_size, config.seed, d.hflip, d.get("cache_mb", 1024))
+  b = d.batch_size
+  end = max(int(config.train.num_steps), start_step)
+  return grain.MapDataset.range(start_step * b, end * b).map(loader).batch(b)
+
+
+def train_iterator(config, start_step: int = 0, paths: Sequence[str] | None = None):
+  """An iterator over the batches of steps start_step, start_step + 1, ... (prefetched)."""
+  ds = train_dataset(config, start_step, paths)
+  workers = int(config.data.worker_count)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if workers == 0 else 1,
+                                            prefetch_buffer_size=4))
+  if workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(it)
