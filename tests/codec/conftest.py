@@ -1,0 +1,43 @@
+"""Fixtures for codec tests: a small random-weight codec (seed 0) and real photos."""
+import os
+
+import numpy as np
+import pytest
+import skimage
+import skimage.io
+from flax import nnx
+
+from configs import tiny
+from sodec_jax import api
+from sodec_jax.model import build_model
+
+PHOTO_DIR = os.path.dirname(skimage.data.__file__)
+
+
+def load_photo(name: str) -> np.ndarray:
+  img = skimage.io.imread(os.path.join(PHOTO_DIR, name))
+  if img.ndim == 2:
+    img = np.repeat(img[..., None], 3, axis=-1)
+  return np.ascontiguousarray(img[..., :3].astype(np.uint8))
+
+
+def micro_codec_config():
+  c = tiny.get_config()
+  c.model.latent_channels = 16
+  c.model.encoder_filters = (4, 8, 8, 16, 16)
+  c.model.hyper_channels = 8
+  c.model.decoder_filters = (16, 16, 8, 8, 4)
+  c.model.decoder_residual_blocks = 1
+  return c
+
+
+@pytest.fixture(scope="session")
+def codec_model():
+  """A coding-ready micro model with random weights (seed 0): every code path, no training."""
+  c = micro_codec_config()
+  return api.prepare(c, build_model(c, nnx.Rngs(0)))
+
+
+@pytest.fixture(scope="session")
+def astronaut():
+  return load_photo("astronaut.png")
