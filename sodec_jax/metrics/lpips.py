@@ -1,0 +1,112 @@
+"""LPIPS (v0.1, VGG16 trunk) in Flax NNX.
+
+Same computation as `lpips.LPIPS(net='vgg', version='0.1')(x, y, normalize=True)`:
+ScalingLayer on [-1, 1] inputs, VGG16 taps relu1_2 ... relu5_3, per-pixel unit-normalisation over
+channels (eps 1e-10), squared difference, 1x1 linear heads (no bias), spatial mean, sum over the 5
+layers. The heads ship with this package (`lpips_heads.npz`, converted from the lpips wheel); the
+VGG16 ImageNet trunk comes from a file the user gives (`load_lpips(path)`).
+
+All weights are `FrozenWeight` variables (not `nnx.Param`): optimizers built with `wrt=nnx.Param`
+and `nnx.grad` never touch them, and the forward pass stops their gradients. Gradients flow to the
+images, so LPIPS can be used as a training loss.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sodec_jax.metrics.vgg16 import (VGG16_STAGE_CHANNELS, FrozenWeight, VGG16Features,
+                                     min_side_for_stages)
+
+# lpips.ScalingLayer constants (applied to inputs in [-1, 1]).
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+NORM_EPS = 1e-10
+
+
+def _normalize_channels(f: jax.Array, eps: float = NORM_EPS) -> jax.Array:
+  """lpips.normalize_tensor on NHWC: f / (||f||_C + eps).
+
+  Same value; the sqrt is guarded so an all-zero feature vector gives a finite gradient (torch gives
+  NaN there: sqrt'(0) * 0).
+  """
+  s = jnp.sum(jnp.square(f), axis=-1, keepdims=True)
+  pos = s > 0
+  norm = jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
+  return f / (norm + eps)
+
+
+class LPIPS(nnx.Module):
+  """LPIPS-VGG distance. `__call__(x, y) -> [B]` for NHWC images in [0, 1].
+
+  Args:
+    vgg_state: torchvision-layout VGG16 state dict (`features.{i}.weight|bias`, numpy/jax/torch
+      arrays; `classifier.*` and other extra keys ignored). Validated: SodecError if keys are
+      missing or mis-shaped.
+    heads: `lin{i}.model.1.weight` arrays of shape [1, C, 1, 1]; None -> the shipped heads.
+    dtype: VGG compute/storage dtype (e.g. jnp.bfloat16 for a cheaper training loss); the
+      normalisation, heads and reduction always run in float32.
+    precision: conv precision; None -> HIGHEST for float32 (matches torch fp32 on GPUs too, where
+      the default would use TF32), DEFAULT otherwise. Pass "default" for speed.
+  """
+
+  def __init__(self, vgg_state: Mapping, heads: Optional[Mapping] = None, *,
+               dtype=jnp.float32, precision=None):
+    from sodec_jax.weights import lpips as lpips_weights  # lazy: avoids an import cycle
+    vgg_state = lpips_weights.check_vgg16_state(vgg_state)
+    heads = lpips_weights.load_shipped_heads() if heads is None else lpips_weights.check_heads(heads)
+    self.vgg = VGG16Features(vgg_state, dtype=dtype, precision=precision)
+    self.dtype = jnp.dtype(dtype)
+    for i, c in enumerate(VGG16_STAGE_CHANNELS):
+      w = np.asarray(heads[f"lin{i}.model.1.weight"], np.float32).reshape(c)
+      setattr(self, f"lin{i}", FrozenWeight(jnp.asarray(w)))
+    self.shift = FrozenWeight(jnp.asarray(LPIPS_SHIFT, jnp.float32))
+    self.scale = FrozenWeight(jnp.asarray(LPIPS_SCALE, jnp.float32))
+
+  def _features(self, x: jax.Array) -> list[jax.Array]:
+    x = x.astype(jnp.float32) * 2.0 - 1.0
+    x = (x - self.shift[...]) / self.scale[...]
+    return self.vgg(x)
+
+  def per_layer(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    """[5, B]: the contribution of each VGG tap (their sum is `__call__`)."""
+    if x.shape != y.shape:
+      raise ValueError(f"LPIPS inputs must have the same shape, got {x.shape} and {y.shape}")
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"LPIPS expects NHWC RGB images [B, H, W, 3], got shape {x.shape}")
+    m = min_side_for_stages(5)
+    if min(x.shape[1:3]) < m:
+      raise ValueError(f"LPIPS-VGG needs images of at least {m}x{m} pixels, got {x.shape[1:3]}")
+    b = x.shape[0]
+    # One trunk pass over both images.
+    feats = self._features(jnp.concatenate([x, y], axis=0))
+    out = []
+    for i, f in enumerate(feats):
+      f = f.astype(jnp.float32)
+      f0, f1 = _normalize_channels(f[:b]), _normalize_channels(f[b:])
+      d = jnp.square(f0 - f1)
+      w = jax.lax.stop_gradient(getattr(self, f"lin{i}")[...])
+      lin = jnp.einsum("bhwc,c->bhw", d, w, precision=jax.lax.Precision.HIGHEST)
+      out.append(jnp.mean(lin, axis=(1, 2)))
+    return jnp.stack(out)
+
+  def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
+    """LPIPS distance per image, [B], for NHWC float images in [0, 1]."""
+    return jnp.sum(self.per_layer(x, y), axis=0)
+
+
+def load_lpips(vgg_weights_path: str | os.PathLike, dtype=jnp.float32, precision=None) -> LPIPS:
+  """LPIPS with the VGG16 ImageNet trunk read from `vgg_weights_path` (torchvision layout, `.pth`
+  read with torch.load(weights_only=True), or `.safetensors` read without torch) and the shipped
+  heads. Problems with the file -> SodecError saying what is wrong."""
+  from sodec_jax.weights import lpips as lpips_weights
+  state = lpips_weights.load_vgg16(vgg_weights_path)
+  return LPIPS(state, dtype=dtype, precision=precision)
+
+
+__all__ = ["LPIPS", "load_lpips", "LPIPS_SHIFT", "LPIPS_SCALE"]

@@ -1,0 +1,1 @@
+"""Loaders for pretrained weights (diffusers model folders)."""

@@ -1,0 +1,120 @@
+"""LPIPS (Flax) vs the lpips package's formula in plain torch, same random VGG16, real heads."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
+import _photos  # noqa: E402
+import torch_lpips  # noqa: E402
+import torch_vgg16  # noqa: E402
+
+from sodec_jax.metrics import LPIPS, FrozenWeight  # noqa: E402
+from sodec_jax.weights.lpips import heads_from_lpips_wheel, load_shipped_heads  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models():
+  torch.manual_seed(0)
+  feats = torch_vgg16.vgg16_features(seed=0)
+  heads = heads_from_lpips_wheel()
+  ref = torch_lpips.TorchLPIPS(feats, heads)
+  ours = LPIPS(torch_vgg16.features_state_dict_numpy(feats))  # shipped heads
+  return ref, ours
+
+
+def _torch(x):
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (72, 56)])
+def test_matches_torch_reference(models, size):
+  ref, ours = models
+  x = _photos.crops(size)
+  y = _photos.degrade(x)
+  with torch.no_grad():
+    want, want_layers = ref(_torch(x), _torch(y), ret_per_layer=True)
+  want = want.reshape(-1).numpy().astype(np.float64)
+  got = np.asarray(jax.jit(lambda a, b: ours(a, b))(x, y), np.float64)
+  rel = np.abs(got - want) / np.abs(want)
+  print(f"LPIPS {size}: ours {got} torch {want} rel err {rel}")
+  assert np.all(want > 0)
+  assert rel.max() <= 1e-5
+  layers = np.asarray(ours.per_layer(jnp.asarray(x), jnp.asarray(y)), np.float64)
+  want_l = np.stack([w.reshape(-1).numpy() for w in want_layers]).astype(np.float64)
+  np.testing.assert_allclose(layers, want_l, rtol=1e-5, atol=1e-9)
+  # identical images -> 0
+  same = np.asarray(ours(jnp.asarray(x), jnp.asarray(x)))
+  np.testing.assert_allclose(same, 0.0, atol=1e-12)
+
+
+def test_gradient_finite_and_matches_torch(models):
+  ref, ours = models
+  x = _photos.crops((64, 64))
+  y = _photos.degrade(x)
+  g = jax.jit(jax.grad(lambda a: jnp.sum(ours(a, jnp.asarray(y)))))(jnp.asarray(x))
+  g = np.asarray(g)
+  assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
+  xt = _torch(x).requires_grad_(True)
+  ref(xt, _torch(y)).sum().backward()
+  gt = xt.grad.numpy().transpose(0, 2, 3, 1)
+  # Not elementwise: a 2x2 max-pool window whose two largest values differ by ~1e-6 (relative)
+  # can pick a different argmax in XLA's and torch's float32 rounding, which routes that window's
+  # gradient to a neighbouring pixel (both are valid subgradients; float64 JAX matches torch to
+  # 2e-6). Globally the gradients agree closely.
+  rel_l2 = np.linalg.norm(g - gt) / np.linalg.norm(gt)
+  v = np.random.default_rng(0).normal(size=x.shape).astype(np.float32)
+  dd, dd_ref = float(np.sum(g * v)), float(np.sum(gt * v))
+  print(f"LPIPS grad rel L2 err {rel_l2:.2e}, directional derivative {dd:.6g} vs {dd_ref:.6g}")
+  assert rel_l2 <= 5e-3
+  assert abs(dd - dd_ref) <= 1e-3 * abs(dd_ref)
+  # gradients also finite at x == y and with constant (flat) images
+  flat = jnp.full((1, 32, 32, 3), 0.5, jnp.float32)
+  for a, b in ((jnp.asarray(y), jnp.asarray(y)), (flat, flat + 0.01)):
+    ga = jax.grad(lambda a: jnp.sum(ours(a, b)))(a)
+    assert np.all(np.isfinite(np.asarray(ga)))
+
+
+def test_weights_are_frozen_and_nnx_jit(models):
+  _, ours = models
+  assert len(jax.tree.leaves(nnx.state(ours, nnx.Param))) == 0
+  assert len(jax.tree.leaves(nnx.state(ours, FrozenWeight))) == 26 + 5 + 2
+  x = jnp.asarray(_photos.crops((32, 32)))
+  out = nnx.jit(lambda m, a, b: m(a, b))(ours, x, x[::-1])
+  assert out.shape == (2,) and np.all(np.isfinite(np.asarray(out)))
+
+
+def test_bfloat16_close(models):
+  _, ours = models
+  x = _photos.crops((32, 32))
+  y = _photos.degrade(x)
+  lo = LPIPS(ours.vgg.to_state_dict(), dtype=jnp.bfloat16)
+  a, b = np.asarray(ours(x, y)), np.asarray(lo(x, y))
+  assert b.dtype == np.float32
+  np.testing.assert_allclose(b, a, rtol=0.1)
+
+
+def test_shape_errors(models):
+  _, ours = models
+  with pytest.raises(ValueError, match="at least 16x16"):
+    ours(jnp.zeros((1, 8, 32, 3)), jnp.zeros((1, 8, 32, 3)))
+  with pytest.raises(ValueError, match="same shape"):
+    ours(jnp.zeros((1, 32, 32, 3)), jnp.zeros((2, 32, 32, 3)))
+
+
+def test_shipped_heads_equal_wheel():
+  shipped = load_shipped_heads()
+  wheel = heads_from_lpips_wheel()
+  assert sorted(shipped) == sorted(wheel)
+  for k in wheel:
+    assert shipped[k].dtype == wheel[k].dtype == np.float32
+    assert shipped[k].shape == wheel[k].shape
+    assert np.array_equal(shipped[k], wheel[k]), k
