@@ -1,0 +1,117 @@
+"""Benchmarks. `python -m sodec_jax.bench --what entropy|unet|vae [options]`.
+
+  --what entropy   range-coding throughput (symbols/s, encode and decode) on the latents of a
+                   real 512x768 photo through a paper-size codec (random weights unless
+                   --checkpoint is given).
+  --what unet|vae  jitted SD 2.1 UNet / VAE decoder latency (sodec_jax.diffusion.benchmark).
+
+Times are medians over --repeats calls after --warmup calls; compilation is reported apart.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _time(fn, repeats: int, warmup: int) -> list[float]:
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return times
+
+
+def run_entropy(args) -> dict:
+  """Range encode/decode throughput on a realistic latent."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from configs import base
+  from sodec_jax import api
+  from sodec_jax.model import build_model
+  from sodec_jax.codec import bitstream
+  from sodec_jax.images import read_image
+  import os, skimage
+
+  if args.checkpoint:
+    model = api.load_model(args.checkpoint)
+  else:
+    config = base.get_config()
+    model = api.prepare(config, build_model(config, nnx.Rngs(0)))
+  photo, _ = read_image(os.path.join(os.path.dirname(skimage.data.__file__), "motorcycle_left.png"))
+  image = np.ascontiguousarray(np.pad(photo, ((0, max(0, 512 - photo.shape[0])),
+                                              (0, max(0, 768 - photo.shape[1])), (0, 0)),
+                                      mode="reflect")[:512, :768])
+  lat = api._latents(model, image)
+  z_sym = lat["z_hat"][0].astype(np.int64)
+  z_ids = np.broadcast_to(np.arange(z_sym.shape[-1], dtype=np.uint16), z_sym.shape)
+  y_sym, y_ids = lat["y_sym"][0].astype(np.int64), lat["indexes"][0]
+  results = {}
+  for name, coder, sym, ids in (("y", model.y_coder, y_sym, y_ids), ("z", model.z_coder, z_sym, z_ids)):
+    stream, over = coder.encode(sym, ids)
+    enc = _time(lambda: coder.encode(sym, ids), args.repeats, args.warmup)
+    dec = _time(lambda: coder.decode(stream, ids, bitstream.OverflowReader(bitstream.encode_overflow(over))),
+                args.repeats, args.warmup)
+    n = sym.size
+    results[name] = {"symbols": n, "bytes": len(stream),
+                     "encode_msym_s": n / statistics.median(enc) / 1e6,
+                     "decode_msym_s": n / statistics.median(dec) / 1e6,
+                     "encode_ms": 1e3 * statistics.median(enc), "decode_ms": 1e3 * statistics.median(dec)}
+  n = sum(r["symbols"] for r in results.values())
+  enc_s = sum(r["encode_ms"] for r in results.values()) / 1e3
+  dec_s = sum(r["decode_ms"] for r in results.values()) / 1e3
+  results["total"] = {"symbols": n, "bytes": sum(r["bytes"] for r in results.values()),
+                      "encode_msym_s": n / enc_s / 1e6, "decode_msym_s": n / dec_s / 1e6,
+                      "encode_ms": 1e3 * enc_s, "decode_ms": 1e3 * dec_s}
+  print(f"entropy coding, 512x768 photo, C={model.config.model.latent_channels}, "
+        f"N={model.config.model.hyper_channels} (median of {args.repeats})")
+  print(f"{'latent':>6} {'symbols':>9} {'bytes':>8} {'enc Msym/s':>11} {'dec Msym/s':>11} {'enc ms':>8} {'dec ms':>8}")
+  for name, r in results.items():
+    print(f"{name:>6} {r['symbols']:>9} {r['bytes']:>8} {r['encode_msym_s']:>11.1f} "
+          f"{r['decode_msym_s']:>11.1f} {r['encode_ms']:>8.2f} {r['decode_ms']:>8.2f}")
+  return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m sodec_jax.bench", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--what", required=True, choices=["entropy", "unet", "vae"])
+  p.add_argument("--checkpoint", default="", help="a training workdir (default: random weights)")
+  p.add_argument("--size", type=int, default=512, help="image side for unet/vae (latent = size/8)")
+  p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | all")
+  p.add_argument("--reference", default="", choices=["", "torch"], help="also time the PyTorch reference")
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--warmup", type=int, default=1)
+  p.add_argument("--config", default="", help="unet/vae: a diffusers-style config.json (default SD 2.1)")
+  return p
+
+
+def main(argv=None) -> int:
+  parser = build_parser()
+  try:
+    from sodec_jax.diffusion import benchmark as diffusion_benchmark
+    diffusion_benchmark.add_arguments(parser)
+  except ImportError:
+    diffusion_benchmark = None
+  args = parser.parse_args(argv)
+  if args.what == "entropy":
+    run_entropy(args)
+  elif diffusion_benchmark is None:
+    print("sodec_jax.bench: the diffusion benchmarks are not available in this build", file=sys.stderr)
+    return 1
+  elif args.what == "unet":
+    diffusion_benchmark.run_unet(args)
+  else:
+    diffusion_benchmark.run_vae(args)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
