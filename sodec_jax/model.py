@@ -9,7 +9,8 @@ Training forward (CompressAI convention):
   x [B, H, W, 3] float32 in [0, 1], H and W multiples of 64
   out["x_hat"]        [B, H, W, 3]   the reconstruction the loss sees (stage 1: x_f)
   out["x_f"]          [B, H, W, 3]   D_a(y_hat), not clamped
-  out["y_hat"]        [B, H/16, W/16, C], out["z_hat"] [B, H/64, W/64, N]
+  out["y_hat"]        [B, H/16, W/16, C]  round(y - mu) + mu (straight-through when training)
+  out["z_hat"]        [B, H/64, W/64, N]  round(z); z + U(-1/2, 1/2) when training (HiFiC)
   out["likelihoods"]  {"y": like y_hat, "z": like z_hat}, floored at model.likelihood_bound
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sodec_jax.codec.entropy import add_uniform_noise, gaussian_likelihood, quantize_around, ste_round
+from sodec_jax.codec.entropy import add_uniform_noise, gaussian_likelihood, quantize_around
 from sodec_jax.codec.hific import Codec
 
 #: Spatial factor every input side must be a multiple of (z lives at H/64).
@@ -49,9 +50,9 @@ class SODEC(nnx.Module):
   # ---- training forward -------------------------------------------------------------------------
   def __call__(self, x: jax.Array, *, noise_key: jax.Array, train: bool = True) -> dict:
     y, z = self.analysis(x)
-    if train:
+    if train:  # as HiFiC: the hyper-synthesis sees noisy z while training, round(z) otherwise
       z_noisy = add_uniform_noise(z, jax.random.fold_in(noise_key, 0))
-      z_hat = ste_round(z)
+      z_hat = z_noisy
     else:
       z_noisy = z_hat = jnp.round(z)
     mu, sigma = self.prior_parameters(z_hat)

@@ -1,0 +1,138 @@
+"""HiFiC PyTorch checkpoint -> our codec (E, H_a, P, D_a): the explicit key map.
+
+The HiFiC PyTorch implementation saves `model_state_dict` with keys under `Encoder.`,
+`Generator.`, `Hyperprior.` (and `Discriminator.`). Each row of `hific_key_map` names a torch
+key, our nnx path under the SODEC model, and how the tensor is laid out:
+
+  conv     torch Conv2d weight [O, I, kh, kw]           -> kernel [kh, kw, I, O]
+  convT    torch ConvTranspose2d weight [I, O, kh, kw]  -> kernel [kh, kw, I, O]
+  norm     ChannelNorm2D gamma/beta [1, C, 1, 1]        -> [C]
+  copy     biases [C] and the factorized density's H_k/a_k/b_k [C, d', d] (same layout)
+
+| torch (HiFiC)                                   | ours (model.codec.*)                              |
+|-------------------------------------------------|---------------------------------------------------|
+| Encoder.conv_block1.1 / .2                      | encoder.conv_in / encoder.norm_in                 |
+| Encoder.conv_block{2..5}.1 / .2                 | encoder.down[0..3] / encoder.down_norms[0..3]     |
+| Encoder.conv_out.1                              | encoder.conv_out                                  |
+| Hyperprior.analysis_net.conv{1,2,3}             | hyper_analysis.conv{1,2,3}                        |
+| Hyperprior.synthesis_mu.conv{1,2,3}             | prior.mean_synthesis.conv{1,2,3}                  |
+| Hyperprior.synthesis_std.conv{1,2,3}            | prior.scale_synthesis.conv{1,2,3}                 |
+| Hyperprior.hyperlatent_likelihood.H_k, b_k, a_k | prior.hyperlatent.matrices[k], biases[k], factors[k] |
+| Generator.conv_block_init.0 / .2 / .3           | fidelity_decoder.norm_in / conv_in / norm_head    |
+| Generator.resblock_m.{conv1,norm1,conv2,norm2}  | fidelity_decoder.residual_blocks[m].*             |
+| Generator.upconv_block{1..4}.0 / .1             | fidelity_decoder.up[0..3] / up_norms[0..3]        |
+| Generator.conv_block_out.1                      | fidelity_decoder.conv_out                         |
+"""
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+
+from sodec_jax.errors import SodecError
+
+
+def _conv(rows, torch_prefix, path, kind="conv"):
+  rows.append((f"{torch_prefix}.weight", path + ("kernel",), kind))
+  rows.append((f"{torch_prefix}.bias", path + ("bias",), "copy"))
+
+
+def _norm(rows, torch_prefix, path):
+  rows.append((f"{torch_prefix}.gamma", path + ("gamma",), "norm"))
+  rows.append((f"{torch_prefix}.beta", path + ("beta",), "norm"))
+
+
+def hific_key_map(model_cfg) -> list[tuple[str, tuple, str]]:
+  """Rows (torch key, our path under the SODEC model, layout kind) for a codec config."""
+  rows: list = []
+  e, c = ("codec", "encoder"), "Encoder"
+  _conv(rows, f"{c}.conv_block1.1", e + ("conv_in",))
+  _norm(rows, f"{c}.conv_block1.2", e + ("norm_in",))
+  for i in range(4):
+    _conv(rows, f"{c}.conv_block{i + 2}.1", e + ("down", i))
+    _norm(rows, f"{c}.conv_block{i + 2}.2", e + ("down_norms", i))
+  _conv(rows, f"{c}.conv_out.1", e + ("conv_out",))
+
+  for k in (1, 2, 3):
+    _conv(rows, f"Hyperprior.analysis_net.conv{k}", ("codec", "hyper_analysis", f"conv{k}"))
+    _conv(rows, f"Hyperprior.synthesis_mu.conv{k}", ("codec", "prior", "mean_synthesis", f"conv{k}"), "convT")
+    _conv(rows, f"Hyperprior.synthesis_std.conv{k}", ("codec", "prior", "scale_synthesis", f"conv{k}"), "convT")
+  density = ("codec", "prior", "hyperlatent")
+  layers = len(model_cfg.factorized_filters) + 1
+  for k in range(layers):
+    rows.append((f"Hyperprior.hyperlatent_likelihood.H_{k}", density + ("matrices", k), "copy"))
+    rows.append((f"Hyperprior.hyperlatent_likelihood.b_{k}", density + ("biases", k), "copy"))
+    if k < layers - 1:
+      rows.append((f"Hyperprior.hyperlatent_likelihood.a_{k}", density + ("factors", k), "copy"))
+
+  d, g = ("codec", "fidelity_decoder"), "Generator"
+  _norm(rows, f"{g}.conv_block_init.0", d + ("norm_in",))
+  _conv(rows, f"{g}.conv_block_init.2", d + ("conv_in",))
+  _norm(rows, f"{g}.conv_block_init.3", d + ("norm_head",))
+  for m in range(model_cfg.decoder_residual_blocks):
+    blk = d + ("residual_blocks", m)
+    for k in (1, 2):
+      _conv(rows, f"{g}.resblock_{m}.conv{k}", blk + (f"conv{k}",))
+      _norm(rows, f"{g}.resblock_{m}.norm{k}", blk + (f"norm{k}",))
+  for i in range(4):
+    _conv(rows, f"{g}.upconv_block{i + 1}.0", d + ("up", i), "convT")
+    _norm(rows, f"{g}.upconv_block{i + 1}.1", d + ("up_norms", i))
+  _conv(rows, f"{g}.conv_block_out.1", d + ("conv_out",))
+  return rows
+
+
+def _to_ours(arr: np.ndarray, kind: str) -> np.ndarray:
+  if kind == "conv":
+    return arr.transpose(2, 3, 1, 0)
+  if kind == "convT":
+    return arr.transpose(2, 3, 0, 1)
+  if kind == "norm":
+    return arr.reshape(-1)
+  return arr
+
+
+def load_hific_state_dict(state_dict: dict, model, model_cfg, *,
+                          ignore_prefixes=("Discriminator.",)) -> list[str]:
+  """Copies a HiFiC `model_state_dict` (numpy arrays) into `model` (a SODEC built from a config
+  whose `.model` is `model_cfg`) in place.
+
+  Strict: every mapped key must be present with the right shape and no other key may appear
+  (except under `ignore_prefixes`, returned as the list of ignored keys). All problems are
+  reported together in one SodecError.
+  """
+  rows = hific_key_map(model_cfg)
+  params = nnx.state(model, nnx.Param)
+  flat = dict(nnx.to_flat_state(params))
+  missing, bad_shape, updates = [], [], {}
+  for torch_key, path, kind in rows:
+    if torch_key not in state_dict:
+      missing.append(torch_key)
+      continue
+    value = _to_ours(np.asarray(state_dict[torch_key], np.float32), kind)
+    target = flat[path]
+    if value.shape != target.value.shape:
+      bad_shape.append(f"{torch_key}: {tuple(np.shape(state_dict[torch_key]))} -> expected "
+                       f"{target.value.shape} (ours, {kind})")
+      continue
+    updates[path] = value.astype(target.value.dtype)
+  mapped = {r[0] for r in rows}
+  ignored = sorted(k for k in state_dict if k not in mapped and k.startswith(tuple(ignore_prefixes)))
+  unexpected = sorted(k for k in state_dict if k not in mapped and k not in ignored)
+  if missing or bad_shape or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"missing {len(missing)}: {', '.join(missing[:20])}")
+    if unexpected:
+      parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:20])}")
+    if bad_shape:
+      parts.append(f"mis-shaped {len(bad_shape)}: {'; '.join(bad_shape[:20])}")
+    hint = ""
+    if not any(k.startswith(("Encoder.", "Generator.", "Hyperprior.")) for k in state_dict):
+      hint = " (this does not look like a HiFiC checkpoint: no Encoder./Generator./Hyperprior. keys)"
+    elif bad_shape:
+      hint = (" (check the model config: latent_channels, hyper_channels, encoder/decoder filters, "
+              "decoder_residual_blocks must match the checkpoint's args)")
+    raise SodecError("HiFiC state dict does not match the codec" + hint + ": " + " | ".join(parts))
+  for path, value in updates.items():
+    flat[path].value = value
+  nnx.update(model, nnx.from_flat_state(flat))
+  return ignored
