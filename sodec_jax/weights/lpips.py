@@ -55,6 +55,16 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
                      + _NEED_VGG) from e
 
 
+def _unpickler_reason(e: Exception) -> str:
+  """The useful line of torch's weights_only error (e.g. 'unsupported GLOBAL posix.system'),
+  without its advice to retry with weights_only=False."""
+  for line in str(e).splitlines():
+    line = line.split("WeightsUnpickler error:")[-1].strip()
+    if "unsupported" in line.lower() and "weights_only" not in line:
+      return line.rstrip(".")[:200]
+  return "torch.load(weights_only=True) rejected it"
+
+
 def _read_torch_pickle(path: str) -> dict:
   try:
     import torch
@@ -64,10 +74,9 @@ def _read_torch_pickle(path: str) -> dict:
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise SodecError(f"refused to load {path}: it is a pickle that needs more than tensors "
-                     f"(torch.load weights_only=True rejected it: {first}). Only plain state dicts "
-                     "of tensors are accepted; " + _NEED_VGG) from e
+                     f"({_unpickler_reason(e)}), and loading it could run arbitrary code. Only plain "
+                     "state dicts of tensors are accepted; " + _NEED_VGG) from e
   except Exception as e:  # noqa: BLE001
     raise SodecError(f"could not read {path} as a torch state dict ({type(e).__name__}: {e}). "
                      + _NEED_VGG) from e
