@@ -1,0 +1,54 @@
+"""Shared test helpers: real photos from scikit-image and a micro config that trains in seconds."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `configs` is a top-level package of the repository
+  sys.path.insert(0, ROOT)
+
+
+def load_photo(name: str = "astronaut.png") -> np.ndarray:
+  """uint8 [H, W, 3] of a photo bundled with scikit-image (grayscale ones as RGB)."""
+  from sodec_jax import data
+  return data.load_image(os.path.join(data.skimage_photo_dir(), name))
+
+
+def make_micro_config(**overrides):
+  """configs/tiny.py shrunk further (tiny widths, 64x64 crops, batch 2, a few steps, no bar).
+
+  overrides: {"optim.learning_rate": 1e-3, ...}
+  """
+  from configs import tiny
+  c = tiny.get_config()
+  c.name = "micro"
+  c.model.latent_channels = 8
+  c.model.encoder_filters = (4, 4, 8, 8, 8)
+  c.model.hyper_channels = 4
+  c.model.decoder_filters = (8, 8, 8, 4, 4)
+  c.model.decoder_residual_blocks = 1
+  c.data.crop_size = 64
+  c.data.batch_size = 2
+  c.train.num_steps = 4
+  c.train.log_every = 1
+  c.train.checkpoint_every = 2
+  c.train.progress = False
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture
+def photo():
+  return load_photo
+
+
+@pytest.fixture
+def micro_config():
+  return make_micro_config

@@ -1,0 +1,111 @@
+"""The `sodec` command line on real files: round trip, info, and every user error as one line."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, load_photo, make_micro_config
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A real training workdir: the micro config trained for 2 steps by the real train loop."""
+  from sodec_jax import train
+  wd = str(tmp_path_factory.mktemp("run"))
+  train.train(make_micro_config(**{"train.num_steps": 2}), wd)
+  return wd
+
+
+class _Result:
+  def __init__(self, returncode, stdout, stderr):
+    self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+@pytest.fixture
+def sodec(capsys):
+  """Runs `sodec ARGS` in this process (fast); the console-script test below runs a real one."""
+  from sodec_jax import cli
+
+  def run(*args, check=True):
+    capsys.readouterr()
+    code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    if check:
+      assert code == 0, err
+    return _Result(code, out, err)
+  return run
+
+
+def test_console_script_in_a_subprocess(workdir, tmp_path):
+  src = tmp_path / "p.png"
+  Image.fromarray(load_photo("astronaut.png")[:64, :64]).save(src)
+  r = subprocess.run([sys.executable, "-m", "sodec_jax.cli", "compress", str(src), str(tmp_path / "p.sodec"),
+                      "--checkpoint", workdir], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0 and "bpp" in r.stdout, r.stderr
+  r = subprocess.run([sys.executable, "-m", "sodec_jax.cli", "info", str(tmp_path / "nothing.sodec")],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
+
+
+def assert_one_line_error(r, pattern):
+  assert r.returncode == 1, (r.returncode, r.stdout, r.stderr)
+  lines = [l for l in r.stderr.strip().splitlines() if not l.startswith("note:")]
+  assert len(lines) == 1 and lines[0].startswith("sodec: error:"), r.stderr
+  assert pattern in lines[0], lines[0]
+
+
+def test_compress_info_decompress(workdir, tmp_path, sodec):
+  src = tmp_path / "cat.png"
+  Image.fromarray(load_photo("chelsea.png")[:100, :150]).save(src)
+  r = sodec("compress", str(src), str(tmp_path / "cat.sodec"), "--checkpoint", workdir)
+  assert "bpp" in r.stdout
+  info = sodec("info", str(tmp_path / "cat.sodec")).stdout
+  assert "150x100" in info and "codec" in info and "fingerprint" in info
+  sodec("decompress", str(tmp_path / "cat.sodec"), str(tmp_path / "cat_hat.png"), "--checkpoint", workdir)
+  out = np.asarray(Image.open(tmp_path / "cat_hat.png"))
+  assert out.shape == (100, 150, 3) and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "CMYK"])
+def test_other_image_modes_are_converted_with_a_note(workdir, tmp_path, mode, sodec):
+  rgb = Image.fromarray(load_photo("coffee.png")[:64, :80])
+  img = rgb.convert("L").convert("I;16") if mode == "I;16" else rgb.convert(mode)
+  src = tmp_path / ("in.tif" if mode in ("I;16", "CMYK") else "in.png")
+  img.save(src)
+  r = sodec("compress", str(src), str(tmp_path / "o.sodec"), "--checkpoint", workdir)
+  assert "note:" in r.stderr and ("converted" in r.stderr or "alpha" in r.stderr), r.stderr
+
+
+def test_user_errors_are_one_line(workdir, tmp_path, sodec):
+  (tmp_path / "text.png").write_text("not an image")
+  (tmp_path / "bad.sodec").write_bytes(b"SODEC\x01garbage")
+  good = tmp_path / "p.png"
+  Image.fromarray(load_photo("astronaut.png")[:64, :64]).save(good)
+  cases = [
+      (("compress", str(tmp_path / "missing.png"), str(tmp_path / "o.sodec"), "--checkpoint", workdir), "no such file"),
+      (("compress", str(tmp_path / "text.png"), str(tmp_path / "o.sodec"), "--checkpoint", workdir), "not an image"),
+      (("compress", str(tmp_path), str(tmp_path / "o.sodec"), "--checkpoint", workdir), "directory"),
+      (("compress", str(good), str(tmp_path / "nodir" / "o.sodec"), "--checkpoint", workdir), "does not exist"),
+      (("compress", str(good), str(tmp_path / "o.sodec"), "--checkpoint", str(tmp_path / "nope")), "does not exist"),
+      (("compress", str(good), str(tmp_path / "o.sodec"), "--checkpoint", str(tmp_path)), "config.json"),
+      (("decompress", str(tmp_path / "bad.sodec"), str(tmp_path / "o.png"), "--checkpoint", workdir), "truncated"),
+      (("decompress", str(good), str(tmp_path / "o.png"), "--checkpoint", workdir), "not a .sodec file"),
+      (("info", str(tmp_path / "missing.sodec")), "no such file"),
+  ]
+  for args, pattern in cases:
+    assert_one_line_error(sodec(*args, check=False), pattern)
+  # nothing half-written: no output files and no temporaries appeared
+  leftovers = {p for p in os.listdir(tmp_path)} - {"text.png", "bad.sodec", "p.png"}
+  assert not leftovers, leftovers
+
+
+def test_unknown_output_extension(workdir, tmp_path, sodec):
+  src = tmp_path / "p.png"
+  Image.fromarray(load_photo("astronaut.png")[:64, :64]).save(src)
+  sodec("compress", str(src), str(tmp_path / "p.sodec"), "--checkpoint", workdir)
+  r = sodec("decompress", str(tmp_path / "p.sodec"), str(tmp_path / "p.xyz"), "--checkpoint", workdir, check=False)
+  assert_one_line_error(r, "unknown image extension")
+  assert not (tmp_path / "p.xyz").exists()
