@@ -43,16 +43,16 @@ def test_matches_torch_reference(models, size):
   with torch.no_grad():
     want, want_layers = ref(_torch(x), _torch(y), ret_per_layer=True)
   want = want.reshape(-1).numpy().astype(np.float64)
-  got = np.asarray(jax.jit(lambda a, b: ours(a, b))(x, y), np.float64)
+  fn = jax.jit(lambda a, b: (ours(a, b), ours.per_layer(a, b)))
+  got, layers = (np.asarray(v, np.float64) for v in fn(x, y))
   rel = np.abs(got - want) / np.abs(want)
   print(f"LPIPS {size}: ours {got} torch {want} rel err {rel}")
   assert np.all(want > 0)
   assert rel.max() <= 1e-5
-  layers = np.asarray(ours.per_layer(jnp.asarray(x), jnp.asarray(y)), np.float64)
   want_l = np.stack([w.reshape(-1).numpy() for w in want_layers]).astype(np.float64)
   np.testing.assert_allclose(layers, want_l, rtol=1e-5, atol=1e-9)
   # identical images -> 0
-  same = np.asarray(ours(jnp.asarray(x), jnp.asarray(x)))
+  same = np.asarray(fn(x, x)[0])
   np.testing.assert_allclose(same, 0.0, atol=1e-12)
 
 
@@ -60,8 +60,8 @@ def test_gradient_finite_and_matches_torch(models):
   ref, ours = models
   x = _photos.crops((64, 64))
   y = _photos.degrade(x)
-  g = jax.jit(jax.grad(lambda a: jnp.sum(ours(a, jnp.asarray(y)))))(jnp.asarray(x))
-  g = np.asarray(g)
+  grad_fn = jax.jit(jax.grad(lambda a, b: jnp.sum(ours(a, b))))
+  g = np.asarray(grad_fn(x, y))
   assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
   xt = _torch(x).requires_grad_(True)
   ref(xt, _torch(y)).sum().backward()
@@ -77,10 +77,9 @@ def test_gradient_finite_and_matches_torch(models):
   assert rel_l2 <= 5e-3
   assert abs(dd - dd_ref) <= 1e-3 * abs(dd_ref)
   # gradients also finite at x == y and with constant (flat) images
-  flat = jnp.full((1, 32, 32, 3), 0.5, jnp.float32)
-  for a, b in ((jnp.asarray(y), jnp.asarray(y)), (flat, flat + 0.01)):
-    ga = jax.grad(lambda a: jnp.sum(ours(a, b)))(a)
-    assert np.all(np.isfinite(np.asarray(ga)))
+  flat = jnp.full(x.shape, 0.5, jnp.float32)
+  for a, b in ((y, y), (flat, flat + 0.01)):
+    assert np.all(np.isfinite(np.asarray(grad_fn(a, b))))
 
 
 def test_weights_are_frozen_and_nnx_jit(models):
@@ -118,3 +117,14 @@ def test_shipped_heads_equal_wheel():
     assert shipped[k].dtype == wheel[k].dtype == np.float32
     assert shipped[k].shape == wheel[k].shape
     assert np.array_equal(shipped[k], wheel[k]), k
+
+
+def test_normalize_zero_feature_vector_has_finite_grad():
+  from sodec_jax.metrics.lpips import _normalize_channels
+  f = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 2, 8)), jnp.float32)
+  f = f.at[0, 0, 0].set(0.0)  # an all-zero feature vector (all ReLUs off): torch's grad is NaN here
+  n = _normalize_channels(f)
+  ref = f / (jnp.sqrt(jnp.sum(f * f, -1, keepdims=True)) + 1e-10)
+  np.testing.assert_array_equal(np.asarray(n), np.asarray(ref))
+  g = jax.grad(lambda a: jnp.sum(_normalize_channels(a) * jnp.arange(8.0)))(f)
+  assert np.all(np.isfinite(np.asarray(g)))
