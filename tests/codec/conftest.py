@@ -1,24 +1,11 @@
 """Fixtures for codec tests: a small random-weight codec (seed 0) and real photos."""
-import os
-
-import numpy as np
 import pytest
-import skimage
-import skimage.io
 from flax import nnx
 
 from configs import tiny
 from sodec_jax import api
 from sodec_jax.model import build_model
-
-PHOTO_DIR = os.path.dirname(skimage.data.__file__)
-
-
-def load_photo(name: str) -> np.ndarray:
-  img = skimage.io.imread(os.path.join(PHOTO_DIR, name))
-  if img.ndim == 2:
-    img = np.repeat(img[..., None], 3, axis=-1)
-  return np.ascontiguousarray(img[..., :3].astype(np.uint8))
+from tests.conftest import load_photo  # noqa: F401  (re-exported for the codec tests)
 
 
 def micro_codec_config():
