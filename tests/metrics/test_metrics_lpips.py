@@ -89,6 +89,10 @@ def test_weights_are_frozen_and_nnx_jit(models):
   x = jnp.asarray(_photos.crops((32, 32)))
   out = nnx.jit(lambda m, a, b: m(a, b))(ours, x, x[::-1])
   assert out.shape == (2,) and np.all(np.isfinite(np.asarray(out)))
+  # the trainer's pattern: split once, pass the (frozen) state as a jit argument, merge inside
+  graphdef, state = nnx.split(ours)
+  out2 = jax.jit(lambda s, a, b: nnx.merge(graphdef, s)(a, b))(state, x, x[::-1])
+  np.testing.assert_allclose(np.asarray(out2), np.asarray(out), rtol=1e-6)
 
 
 def test_bfloat16_close(models):
