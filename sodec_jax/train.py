@@ -197,26 +197,26 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   paths = data.list_images(config.data.train_dir)
   prepare_workdir(config, workdir)
 
+  mngr = checkpoints.manager(workdir, keep=config.train.keep_checkpoints)
+  start = mngr.latest_step() or 0
+  num_steps = int(config.train.num_steps)
+  if start >= num_steps:
+    print(f"nothing to train: {workdir} is at step {start} and num_steps={num_steps} (raise "
+          f"--config.train.num_steps to train further)\n{_next_steps(workdir)}")
+    mngr.close()
+    return {"step": start}
+
   model = build_model(config, nnx.Rngs(config.seed))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params = nnx.to_pure_dict(params)
   del model
   tx, lr_schedule = make_optimizer(config)
   opt_state = tx.init(params)
-
-  mngr = checkpoints.manager(workdir, keep=config.train.keep_checkpoints)
-  start = mngr.latest_step() or 0
   if start:
     params, opt_state, meta = checkpoints.restore(mngr, start, params, opt_state, workdir)
     if meta.get("seed") != config.seed:
       warnings.warn(f"checkpoint {start} was written with seed {meta.get('seed')}")
   state = {"params": params, "opt_state": opt_state}
-  num_steps = int(config.train.num_steps)
-  if start >= num_steps:
-    print(f"{workdir} is already trained to step {start} (num_steps={num_steps}); raise "
-          f"--config.train.num_steps to train further.\n{_next_steps(workdir)}")
-    mngr.close()
-    return {"step": start}
 
   train_step = make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef)
   consts = (rest, lpips_state)

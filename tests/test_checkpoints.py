@@ -1,0 +1,104 @@
+"""The workdir contract: config.json, orbax checkpoints with named items, restore_params."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sodec_jax import checkpoints
+from sodec_jax.errors import SodecError
+from sodec_jax.model import build_model
+from tests.conftest import make_micro_config
+
+
+def _params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _save_model(workdir, model, config, step):
+  params = _params(model)
+  opt_state = {"count": jnp.int32(step), "mu": jax.tree.map(jnp.zeros_like, params)}
+  mngr = checkpoints.manager(workdir, keep=3)
+  checkpoints.save(mngr, step, params, opt_state, config)
+  mngr.close()
+  return params
+
+
+def test_config_round_trip_and_errors(tmp_path):
+  c = make_micro_config()
+  checkpoints.save_config(str(tmp_path), c)
+  back = checkpoints.load_config(str(tmp_path))
+  assert back.model.encoder_filters == tuple(c.model.encoder_filters)  # tuples stay tuples
+  assert back.to_dict() == c.to_dict()
+  assert checkpoints.fingerprint(back) == checkpoints.fingerprint(c)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(SodecError, match="not a sodec-jax training directory.*--workdir"):
+    checkpoints.load_config(str(empty))
+  (empty / "config.json").write_text("{broken")
+  with pytest.raises(SodecError, match="not a sodec-jax training directory"):
+    checkpoints.load_config(str(empty))
+
+
+def test_config_diff_ignores_fields_that_do_not_change_training():
+  a = make_micro_config()
+  b = make_micro_config(**{"train.num_steps": 999, "train.log_every": 7, "train.progress": True})
+  assert checkpoints.config_diff(a, b) == []
+  assert checkpoints.fingerprint(a) == checkpoints.fingerprint(b)
+  c = make_micro_config(**{"optim.learning_rate": 0.5})
+  assert checkpoints.config_diff(a, c) == [f"optim.learning_rate: {a.optim.learning_rate!r} -> 0.5"]
+  assert checkpoints.fingerprint(a) != checkpoints.fingerprint(c)
+
+
+def test_restore_params_latest_and_given_step(tmp_path):
+  c = make_micro_config()
+  wd = str(tmp_path)
+  checkpoints.save_config(wd, c)
+  m1, m2 = build_model(c, nnx.Rngs(1)), build_model(c, nnx.Rngs(2))
+  p1 = _save_model(wd, m1, c, 10)
+  p2 = _save_model(wd, m2, c, 20)
+  assert {"meta", "opt_state", "params"} <= set(os.listdir(os.path.join(wd, "checkpoints", "20")))
+  assert checkpoints.read_meta(wd, 20)["step"] == 20
+  assert checkpoints.read_meta(wd, 20)["config_fingerprint"] == checkpoints.fingerprint(c)
+
+  fresh = build_model(c, nnx.Rngs(0))
+  assert checkpoints.restore_params(wd, fresh) == 20
+  jax.tree.map(np.testing.assert_array_equal, _params(fresh), p2)
+  assert checkpoints.restore_params(wd, fresh, step=10) == 10
+  jax.tree.map(np.testing.assert_array_equal, _params(fresh), p1)
+  with pytest.raises(SodecError, match="no checkpoint for step 15"):
+    checkpoints.restore_params(wd, fresh, step=15)
+
+
+def test_restore_params_without_checkpoint_says_train_first(tmp_path):
+  model = build_model(make_micro_config(), nnx.Rngs(0))
+  with pytest.raises(SodecError, match=f"no checkpoint in {tmp_path}.*train first"):
+    checkpoints.restore_params(str(tmp_path), model)
+  (tmp_path / "checkpoints").mkdir()
+  with pytest.raises(SodecError, match="train first"):
+    checkpoints.restore_params(str(tmp_path), model)
+
+
+def test_restore_params_into_a_different_model_is_a_clear_error(tmp_path):
+  c = make_micro_config()
+  _save_model(str(tmp_path), build_model(c, nnx.Rngs(0)), c, 5)
+  other = build_model(make_micro_config(**{"model.latent_channels": 12}), nnx.Rngs(0))
+  with pytest.raises(SodecError, match="step 5"):
+    checkpoints.restore_params(str(tmp_path), other)
+
+
+def test_interrupted_write_is_never_used(tmp_path):
+  c = make_micro_config()
+  wd = str(tmp_path)
+  p = _save_model(wd, build_model(c, nnx.Rngs(3)), c, 4)
+  # what a save killed mid-write leaves behind: a temporary directory, never renamed
+  tmp = tmp_path / "checkpoints" / "8.orbax-checkpoint-tmp-1234567"
+  (tmp / "params").mkdir(parents=True)
+  (tmp / "params" / "garbage").write_bytes(b"\0" * 10)
+  assert checkpoints.latest_step(wd) == 4
+  fresh = build_model(c, nnx.Rngs(0))
+  assert checkpoints.restore_params(wd, fresh) == 4
+  jax.tree.map(np.testing.assert_array_equal, _params(fresh), p)

@@ -1,0 +1,97 @@
+"""Stage-1 loss terms against hand computations (HiFiC rate switching and schedules)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sodec_jax import losses
+from tests.conftest import make_micro_config
+
+
+def _config(**kw):
+  c = make_micro_config(**{"loss.lambda_A": 2.0, "loss.lambda_B": 2.0 ** -4,
+                           "loss.target_rate": 0.3, "loss.k_M": 0.075 * 2 ** -5, "loss.k_P": 0.0,
+                           "loss.lambda_schedule_values": (2.0, 1.0),
+                           "loss.lambda_schedule_steps": (100,),
+                           "loss.target_schedule_values": (0.2 / 0.14, 1.0),
+                           "loss.target_schedule_steps": (100,), **kw})
+  return c
+
+
+def _outputs(bits_y, bits_z, x_hat, b=1, h=64, w=64):
+  """Likelihoods whose information content is exactly bits_y + bits_z bits."""
+  ny, nz = b * (h // 16) * (w // 16) * 16, b * (h // 64) * (w // 64) * 64
+  return {"x_hat": x_hat,
+          "likelihoods": {"y": jnp.full((b, h // 16, w // 16, 16), 2.0 ** (-bits_y / ny)),
+                          "z": jnp.full((b, h // 64, w // 64, 64), 2.0 ** (-bits_z / nz))}}
+
+
+def test_piecewise_constant_matches_hific_get_scheduled_params():
+  # HiFiC: idx = first i with step < steps[i]  -> values[number of boundaries <= step]
+  for step, want in [(0, 2.0), (99, 2.0), (100, 1.0), (10 ** 6, 1.0)]:
+    assert float(losses.piecewise_constant(step, (100,), (2.0, 1.0))) == want
+  assert float(losses.piecewise_constant(25, (10, 20, 30), (1, 2, 3, 4))) == 3
+  assert float(losses.piecewise_constant(5, (), (0.5,))) == 0.5
+  with pytest.raises(ValueError):
+    losses.piecewise_constant(0, (1, 2), (1.0, 2.0))
+
+
+def test_rate_bits_and_bpp():
+  like = {"y": jnp.full((2, 4, 4, 3), 0.5), "z": jnp.full((2, 1, 1, 5), 0.25)}
+  assert float(losses.rate_bits(like)) == pytest.approx(2 * 16 * 3 * 1 + 2 * 5 * 2)
+  assert float(losses.bpp(like, 2 * 64 * 64)) == pytest.approx((96 + 20) / (2 * 64 * 64))
+
+
+def test_mse_is_on_0_255_pixels():
+  x = jnp.zeros((1, 2, 2, 3))
+  y = jnp.full((1, 2, 2, 3), 2.0 / 255.0)
+  assert float(losses.mse_255(x, y)) == pytest.approx(4.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("step,bpp,lam,target", [
+    (0, 0.5, 2.0 * 2.0, 0.3 * 0.2 / 0.14),      # above the (scheduled) target: lambda_A * 2
+    (0, 0.35, 2.0 ** -4 * 2.0, 0.3 * 0.2 / 0.14),  # 0.35 < 0.4286: lambda_B * 2
+    (100, 0.35, 2.0, 0.3),                     # after the switch: target 0.3 -> lambda_A * 1
+    (100, 0.2, 2.0 ** -4, 0.3),                # below: lambda_B * 1
+    (100, 0.3, 2.0 ** -4, 0.3),                # at the target counts as below (HiFiC: >)
+])
+def test_stage1_loss_rate_switching_and_schedules(step, bpp, lam, target):
+  c = _config()
+  x = jnp.zeros((1, 64, 64, 3))
+  x_hat = jnp.full((1, 64, 64, 3), 10.0 / 255.0)
+  bits = bpp * 64 * 64
+  out = _outputs(0.75 * bits, 0.25 * bits, x_hat)
+  loss, t = losses.stage1_loss(out, x, step, c)
+  assert float(t["bpp"]) == pytest.approx(bpp, rel=1e-4)
+  assert float(t["bpp_y"]) == pytest.approx(0.75 * bpp, rel=1e-4)
+  assert float(t["target_bpp"]) == pytest.approx(target, rel=1e-6)
+  assert float(t["lambda"]) == pytest.approx(lam)
+  assert float(t["mse"]) == pytest.approx(100.0, rel=1e-4)
+  want = lam * bpp + c.loss.k_M * 100.0
+  assert float(loss) == pytest.approx(want, rel=1e-4)
+  assert float(t["loss"]) == float(loss)
+  assert "lpips" not in t
+
+
+def test_stage1_loss_lpips_term_and_gradients():
+  c = _config(**{"loss.k_P": 0.5})
+  x = jnp.zeros((2, 64, 64, 3))
+  fake_lpips = lambda a, b: jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))
+  def f(x_hat):
+    return losses.stage1_loss(_outputs(100.0, 10.0, x_hat, b=2), x, 0, c, fake_lpips)
+  x_hat = jnp.full((2, 64, 64, 3), 0.1)
+  loss, t = f(x_hat)
+  assert float(t["lpips"]) == pytest.approx(0.1, rel=1e-5)
+  assert float(t["lpips_loss"]) == pytest.approx(0.05, rel=1e-5)
+  assert float(loss) == pytest.approx(float(t["rate_loss"] + t["mse_loss"] + 0.05), rel=1e-5)
+  g = jax.grad(lambda v: f(v)[0])(x_hat)
+  assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).sum()) > 0
+  with pytest.raises(ValueError):
+    losses.stage1_loss(_outputs(100.0, 10.0, x_hat, b=2), x, 0, c, None)
+
+
+def test_rate_weight_is_jittable_with_traced_step():
+  c = _config()
+  f = jax.jit(lambda b, s: losses.rate_weight(b, s, c.loss))
+  lam, target = f(jnp.float32(0.35), jnp.int32(150))
+  assert float(lam) == 2.0 and float(target) == pytest.approx(0.3)
