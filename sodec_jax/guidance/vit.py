@@ -94,6 +94,7 @@ class LayerNorm(nnx.Module):
 
 class MLP(nnx.Module):
   def __init__(self, dim: int, hidden: int, act: str, **kw):
+    activation(act)  # unknown names fail at build time
     self.act = act
     self.fc1 = Linear(dim, hidden, **kw)
     self.fc2 = Linear(hidden, dim, **kw)
@@ -105,7 +106,7 @@ class MLP(nnx.Module):
 def matmul_precision_scope(precision):
   """`jax.nn.dot_product_attention` takes no precision argument: for HIGHEST (float32 parity, no
   TF32 on GPUs) set the default matmul precision around it instead."""
-  if precision == jax.lax.Precision.HIGHEST:
+  if precision == jax.lax.Precision.HIGHEST and hasattr(jax, "default_matmul_precision"):
     return jax.default_matmul_precision("highest")
   return contextlib.nullcontext()
 

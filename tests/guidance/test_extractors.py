@@ -123,3 +123,20 @@ def test_preprocess_resizes_and_normalises(vit_pair):
                              rtol=1e-6, atol=1e-6)
   with pytest.raises(SodecError):
     preprocess(jnp.zeros((32, 32, 3)), IMAGENET_MEAN, IMAGENET_STD, 32)
+
+
+@pytest.mark.parametrize("kind,expected", [("vit-l16", (1, 197, 1024)), ("swin-b", (1, 49, 1024))])
+def test_paper_size_token_shapes(kind, expected):
+  """The checkpoints a user converts (abstract shapes only): google/vit-large-patch16-224-in21k
+  and microsoft/swin-base-patch4-window7-224 both give D = 1024, SD 2.1's cross-attention width."""
+  from sodec_jax.guidance.swin import Swin, SwinSpec
+  from sodec_jax.guidance.vit import ViT, ViTSpec
+  if kind == "vit-l16":
+    build = lambda: ViT(ViTSpec(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                intermediate_size=4096))
+  else:
+    build = lambda: Swin(SwinSpec(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)))
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
+                       jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+  assert out.shape == expected
