@@ -289,6 +289,7 @@ class ViT(nnx.Module):
     param_dtype = jnp.dtype(param_dtype or dtype)
     self.precision = resolve_precision(precision, self.dtype)
     self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+    self.ignored_keys: tuple[str, ...] = ()  # checkpoint keys the loader skipped (pooler, heads)
     kw = dict(dtype=self.dtype, param_dtype=param_dtype, precision=self.precision)
     d, (ph, pw) = spec.hidden_size, spec.patch_size
     self.patch_kernel = _frozen((ph, pw, spec.num_channels, d), param_dtype)
