@@ -1,0 +1,169 @@
+"""Attention and transformer blocks of the SD UNet and VAE (diffusers semantics, NHWC).
+
+All attention goes through `jax.nn.dot_product_attention` (layout [B, T, heads, head_dim]), so a
+GPU can use cuDNN's fused kernel. Logits and softmax are computed in float32 even for bfloat16
+inputs (this is what diffusers' `upcast_attention` / `upcast_softmax` ask for).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sodec_jax.diffusion.blocks import GroupNorm, LayerNorm, Linear, Conv2d
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                          query_chunk: int = 0) -> jax.Array:
+  """Softmax(q k^T / sqrt(head_dim)) v. q: [B, Tq, N, D], k and v: [B, Tk, N, D] -> [B, Tq, N, D].
+
+  `query_chunk` > 0 splits the queries into chunks of that many tokens, processed one after the
+  other (`lax.map`), when Tq is a multiple of it: the same result with a logits buffer of
+  [B, N, chunk, Tk] instead of [B, N, Tq, Tk]. On CPU that is faster (cache-resident logits);
+  on GPU leave it 0 so cuDNN sees the whole problem.
+  """
+  b, tq, n, d = q.shape
+  if query_chunk <= 0 or tq <= query_chunk or tq % query_chunk:
+    return jax.nn.dot_product_attention(q, k, v)
+  chunks = q.reshape(b, tq // query_chunk, query_chunk, n, d).swapaxes(0, 1)
+  out = jax.lax.map(lambda qc: jax.nn.dot_product_attention(qc, k, v), chunks)
+  return out.swapaxes(0, 1).reshape(b, tq, n, d)
+
+
+def default_query_chunk() -> int:
+  """Query chunk that suits the default backend: 256 tokens on CPU, off (0) elsewhere."""
+  return 256 if jax.default_backend() == "cpu" else 0
+
+
+class Attention(nnx.Module):
+  """diffusers Attention (processor AttnProcessor2_0, no norms inside).
+
+  x: [B, T, query_dim], context: [B, S, cross_attention_dim] or None (self-attention)
+  -> [B, T, query_dim].
+  """
+
+  def __init__(self, query_dim: int, *, heads: int, dim_head: int,
+               cross_attention_dim: int | None = None, bias: bool = False,
+               out_bias: bool = True, query_chunk: int = 0, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    inner = heads * dim_head
+    context_dim = cross_attention_dim or query_dim
+    self.heads = heads
+    self.dim_head = dim_head
+    self.query_chunk = query_chunk
+    self.to_q = Linear(query_dim, inner, use_bias=bias, **kw)
+    self.to_k = Linear(context_dim, inner, use_bias=bias, **kw)
+    self.to_v = Linear(context_dim, inner, use_bias=bias, **kw)
+    self.to_out = Linear(inner, query_dim, use_bias=out_bias, **kw)
+
+  def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
+    ctx = x if context is None else context
+    b, t, _ = x.shape
+    s = ctx.shape[1]
+    q = self.to_q(x).reshape(b, t, self.heads, self.dim_head)
+    k = self.to_k(ctx).reshape(b, s, self.heads, self.dim_head)
+    v = self.to_v(ctx).reshape(b, s, self.heads, self.dim_head)
+    o = dot_product_attention(q, k, v, query_chunk=self.query_chunk)
+    return self.to_out(o.reshape(b, t, self.heads * self.dim_head))
+
+
+class FeedForward(nnx.Module):
+  """diffusers FeedForward with GEGLU: proj_out(h * gelu(gate)), [h, gate] = proj_in(x).
+
+  x: [B, T, dim] -> [B, T, dim]; inner width 4 * dim. (diffusers names: ff.net.0.proj, ff.net.2.)
+  """
+
+  def __init__(self, dim: int, *, mult: int = 4, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    inner = dim * mult
+    self.proj_in = Linear(dim, 2 * inner, **kw)
+    self.proj_out = Linear(inner, dim, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h, gate = jnp.split(self.proj_in(x), 2, axis=-1)
+    return self.proj_out(h * jax.nn.gelu(gate, approximate=False))
+
+
+class BasicTransformerBlock(nnx.Module):
+  """diffusers BasicTransformerBlock (layer_norm): self-attn, cross-attn, GEGLU feed-forward.
+
+  x: [B, T, dim], context: [B, S, cross_attention_dim] -> [B, T, dim].
+  """
+
+  def __init__(self, dim: int, *, heads: int, dim_head: int, cross_attention_dim: int,
+               only_cross_attention: bool = False, eps: float = 1e-5, query_chunk: int = 0,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    akw = dict(heads=heads, dim_head=dim_head, query_chunk=query_chunk, rngs=rngs, **kw)
+    self.only_cross_attention = only_cross_attention
+    self.norm1 = LayerNorm(dim, eps=eps, **kw)
+    self.attn1 = Attention(dim, cross_attention_dim=cross_attention_dim if only_cross_attention
+                           else None, **akw)
+    self.norm2 = LayerNorm(dim, eps=eps, **kw)
+    self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **akw)
+    self.norm3 = LayerNorm(dim, eps=eps, **kw)
+    self.ff = FeedForward(dim, rngs=rngs, **kw)
+
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
+    x = x + self.attn2(self.norm2(x), context)
+    return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nnx.Module):
+  """diffusers Transformer2DModel on continuous input.
+
+  x: [B, H, W, C], context: [B, S, cross_attention_dim] -> [B, H, W, C].
+  GroupNorm (eps 1e-6), proj_in (Linear if use_linear_projection else 1x1 conv), `num_layers`
+  transformer blocks over the H*W tokens, proj_out, plus the residual.
+  """
+
+  def __init__(self, channels: int, *, heads: int, cross_attention_dim: int, num_layers: int = 1,
+               groups: int = 32, use_linear_projection: bool = False,
+               only_cross_attention: bool = False, query_chunk: int = 0, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.use_linear_projection = use_linear_projection
+    self.norm = GroupNorm(groups, channels, eps=1e-6, **kw)
+    if use_linear_projection:
+      self.proj_in = Linear(channels, channels, rngs=rngs, **kw)
+      self.proj_out = Linear(channels, channels, rngs=rngs, **kw)
+    else:
+      self.proj_in = Conv2d(channels, channels, 1, padding=0, rngs=rngs, **kw)
+      self.proj_out = Conv2d(channels, channels, 1, padding=0, rngs=rngs, **kw)
+    self.transformer_blocks = nnx.List([
+        BasicTransformerBlock(channels, heads=heads, dim_head=channels // heads,
+                              cross_attention_dim=cross_attention_dim,
+                              only_cross_attention=only_cross_attention,
+                              query_chunk=query_chunk, rngs=rngs, **kw)
+        for _ in range(num_layers)])
+
+  def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    # Both projections are per-pixel channel maps, so conv-1x1 and Linear act the same on NHWC.
+    tokens = self.proj_in(self.norm(x)).reshape(b, h * w, c)
+    for block in self.transformer_blocks:
+      tokens = block(tokens, context)
+    return self.proj_out(tokens.reshape(b, h, w, c)) + x.astype(tokens.dtype)
+
+
+class SpatialSelfAttention(Attention):
+  """The VAE mid-block attention (diffusers Attention with group_norm and residual_connection).
+
+  x: [B, H, W, C] -> [B, H, W, C]: x + to_out(attn(group_norm(x))) over the H*W tokens,
+  `C // dim_head` heads, biases on q/k/v/out.
+  """
+
+  def __init__(self, channels: int, *, dim_head: int, groups: int = 32, eps: float = 1e-6,
+               query_chunk: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    super().__init__(channels, heads=channels // dim_head, dim_head=dim_head, bias=True,
+                     query_chunk=query_chunk, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.group_norm = GroupNorm(groups, channels, eps=eps, dtype=dtype, param_dtype=param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    y = super().__call__(self.group_norm(x).reshape(b, h * w, c))
+    return y.reshape(b, h, w, c) + x.astype(y.dtype)
