@@ -1,0 +1,419 @@
+"""Evaluation on an image folder: real bpp from .sodec files, PSNR, MS-SSIM, LPIPS, DISTS.
+
+  python -m sodec_jax.evaluate --checkpoint runs/a runs/b --images /data/kodak --out eval/kodak \\
+      [--center-crop 512] [--limit 24] [--vgg-weights vgg16.pth] [--dists-weights weights.pt]
+
+For every checkpoint and every image: compress to a real `.sodec` file (kept under
+OUT/sodec/<checkpoint>/), decode it, and score the decoded image against the original. bpp is
+8 * file bytes / (H * W) of the image that was coded (after --center-crop).
+
+Outputs in --out:
+  results.csv   one row per image per checkpoint (checkpoint, image, height, width, bytes, bpp,
+                psnr, ms_ssim[, lpips][, dists], encode_s, decode_s); the times are wall
+                seconds of compress / decompress without compilation (the first image of each
+                padded size is coded once, untimed, before its timed run)
+  summary.json  per checkpoint: means, fingerprint, step, decoder, config; protocol; skipped
+                images; notes (metrics left out and why)
+  rd_<metric>.png  bpp vs metric: each checkpoint's images (dots) and means (large marker),
+                   the means joined in bpp order (the RD curve across checkpoints)
+  grid_<image>.png original | each checkpoint's x_f and x_hat, full view and a zoomed crop
+
+Metrics: PSNR (dB, on the uint8 images) and MS-SSIM (images with both sides >= 161 px; empty
+otherwise) always; LPIPS-VGG and DISTS when --vgg-weights (torchvision VGG16) is given, DISTS
+also needing --dists-weights (alpha/beta, the dists-pytorch wheel's weights.pt). A metric without
+its weights is left out with a note (never an error). NIQE and CLIP-IQA are not implemented yet.
+Unreadable images are skipped and listed in summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from sodec_jax.errors import SodecError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MS_SSIM_MIN_SIDE = 161
+BASE_COLUMNS = ["checkpoint", "image", "height", "width", "bytes", "bpp"]
+TIME_COLUMNS = ["encode_s", "decode_s"]
+HIGHER_IS_BETTER = {"psnr": True, "ms_ssim": True, "lpips": False, "dists": False}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def list_images(folder: str) -> list[str]:
+  """Image files (by extension) under `folder`, recursive, sorted; hidden files left out."""
+  if not os.path.isdir(folder):
+    raise SodecError(f"--images {folder!r} is not a directory")
+  out = []
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    out += [os.path.join(root, f) for f in sorted(files)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+  if not out:
+    raise SodecError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
+  return out
+
+
+def center_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """The central size x size window (each side capped at the image's side)."""
+  h, w = image.shape[:2]
+  ch, cw = min(h, size), min(w, size)
+  top, left = (h - ch) // 2, (w - cw) // 2
+  return np.ascontiguousarray(image[top:top + ch, left:left + cw])
+
+
+def image_name(path: str, root: str) -> str:
+  return os.path.relpath(path, root).replace(os.sep, "/")
+
+
+def _label(checkpoint: str, taken: set) -> str:
+  base = os.path.basename(os.path.normpath(checkpoint)) or "checkpoint"
+  label, k = base, 2
+  while label in taken:
+    label, k = f"{base}_{k}", k + 1
+  taken.add(label)
+  return label
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class Metrics:
+  """Jitted metric functions on uint8 pairs; LPIPS / DISTS only when their weights are given."""
+
+  def __init__(self, vgg_weights: str = "", dists_weights: str = ""):
+    import jax
+    from flax import nnx
+
+    from sodec_jax.metrics import ms_ssim, psnr
+    self.notes: list[str] = []
+    self.names = ["psnr", "ms_ssim"]
+    fns: dict[str, Callable] = {"psnr": jax.jit(psnr), "ms_ssim": jax.jit(ms_ssim)}
+    if vgg_weights:
+      from sodec_jax.metrics.lpips import load_lpips
+      fns["lpips"] = self._jit_module(load_lpips(vgg_weights), jax, nnx)
+      self.names.append("lpips")
+      if dists_weights:
+        from sodec_jax.metrics.dists import load_dists
+        fns["dists"] = self._jit_module(load_dists(vgg_weights, dists_weights), jax, nnx)
+        self.names.append("dists")
+      else:
+        self.notes.append("DISTS skipped: no --dists-weights (alpha/beta: the weights.pt of the "
+                          "dists-pytorch wheel)")
+    else:
+      self.notes.append("LPIPS and DISTS skipped: no --vgg-weights (torchvision VGG16 ImageNet "
+                        "weights, .pth or .safetensors)")
+    self.notes.append("NIQE and CLIP-IQA are not implemented yet (no columns)")
+    self._fns = fns
+
+  @staticmethod
+  def _jit_module(module, jax, nnx):
+    graphdef, state = nnx.split(module)
+    fn = jax.jit(lambda s, x, y: nnx.merge(graphdef, s)(x, y))
+    return lambda x, y: fn(state, x, y)
+
+  def __call__(self, original: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
+    x = (original.astype(np.float32) / 255.0)[None]
+    y = (decoded.astype(np.float32) / 255.0)[None]
+    out = {}
+    for name in self.names:
+      if name == "ms_ssim" and min(original.shape[:2]) < MS_SSIM_MIN_SIDE:
+        out[name] = float("nan")
+      elif name in ("lpips", "dists") and min(original.shape[:2]) < 16:
+        out[name] = float("nan")
+      else:
+        out[name] = float(np.asarray(self._fns[name](x, y))[0])
+    return out
+
+
+# ----------------------------------------------------------------------------- coding
+
+
+def code_image(model, image: np.ndarray, want_x_f: bool) -> dict[str, Any]:
+  """Compress + decompress one image through the real file format; times both.
+
+  Returns data (bytes), x_hat (uint8, the decoder's output) and, when `want_x_f`, x_f: the
+  fidelity decoder's output D_a(y_hat). For the codec decoder x_f is x_hat; for a diffusion
+  decoder it is computed apart (one extra D_a call, not timed)."""
+  from sodec_jax import api
+  from sodec_jax.codec import bitstream
+  t0 = time.perf_counter()
+  data = api.compress(model, image)
+  t1 = time.perf_counter()
+  x_hat = api.decompress(model, data)
+  t2 = time.perf_counter()
+  out = {"data": data, "x_hat": x_hat, "encode_s": t1 - t0, "decode_s": t2 - t1}
+  if want_x_f:
+    if model.decoder == bitstream.DECODER_CODEC:
+      out["x_f"] = x_hat
+    else:
+      import jax.numpy as jnp
+      header, y_hat = api.decode_latents(model, data)
+      out["x_f"] = api.to_uint8(np.asarray(model._synthesis(jnp.asarray(y_hat))),
+                                header.height, header.width)
+  return out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _mean(values) -> float | None:
+  v = [x for x in values if x is not None and not math.isnan(x)]
+  return float(np.mean(v)) if v else None
+
+
+def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
+  from sodec_jax.images import write_atomic
+  buf = io.StringIO()
+  w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+  w.writeheader()
+  for r in rows:
+    w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else
+                    (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.items()})
+  write_atomic(path, buf.getvalue().encode())
+
+
+def rd_plots(out_dir: str, rows: list[dict], labels: list[str], metrics: list[str]) -> list[str]:
+  """bpp vs each metric: per-image dots and per-checkpoint means (joined in bpp order)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  paths = []
+  for metric in metrics:
+    if not any(not math.isnan(r[metric]) for r in rows):
+      continue  # e.g. MS-SSIM when every image is under 161 px
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
+    means = []
+    for i, label in enumerate(labels):
+      pts = [(r["bpp"], r[metric]) for r in rows if r["checkpoint"] == label and not math.isnan(r[metric])]
+      if not pts:
+        continue
+      b, m = np.array(pts).T
+      color = f"C{i % 10}"
+      ax.scatter(b, m, s=10, alpha=0.35, color=color)
+      ax.plot([b.mean()], [m.mean()], "o", ms=8, color=color, label=f"{label} (mean of {len(b)})")
+      means.append((b.mean(), m.mean()))
+    if len(means) > 1:
+      b, m = np.array(sorted(means)).T
+      ax.plot(b, m, "-", color="0.3", lw=1, label="means, by rate")
+    arrow = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
+    ax.set(xlabel="bpp (from .sodec bytes)", ylabel=f"{metric.upper()} ({arrow})",
+           title=f"rate-distortion: {metric.upper()}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"rd_{metric}.png")
+    fig.savefig(path)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def detail_window(image: np.ndarray, size: int) -> tuple[int, int]:
+  """(top, left) of the size x size window with the most gradient energy (where artefacts show)."""
+  g = image.astype(np.float32).mean(-1)
+  e = np.abs(np.diff(g, axis=0))[:, :-1] + np.abs(np.diff(g, axis=1))[:-1, :]
+  h, w = e.shape
+  best, pos = -1.0, (0, 0)
+  step = max(size // 4, 1)
+  ii = np.pad(e, ((1, 0), (1, 0))).cumsum(0).cumsum(1)  # integral image
+  for top in range(0, max(h - size, 0) + 1, step):
+    for left in range(0, max(w - size, 0) + 1, step):
+      b, r = min(top + size, h), min(left + size, w)
+      s = ii[b, r] - ii[top, r] - ii[b, left] + ii[top, left]
+      if s > best:
+        best, pos = s, (top, left)
+  return pos
+
+
+def grid_plot(path: str, name: str, original: np.ndarray, panels: list[tuple[str, np.ndarray]]) -> None:
+  """Top row: full images with the crop box; bottom row: the zoomed crop."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from matplotlib.patches import Rectangle
+  h, w = original.shape[:2]
+  size = max(min(h, w, 160), min(h, w) // 4)
+  top, left = detail_window(original, size)
+  cols = [("original", original)] + panels
+  n = len(cols)
+  fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 3.2 * (h / w) + 3.4), dpi=100, squeeze=False)
+  for j, (title, img) in enumerate(cols):
+    a, b = axes[0, j], axes[1, j]
+    a.imshow(img, interpolation="lanczos")
+    a.add_patch(Rectangle((left - 0.5, top - 0.5), size, size, fill=False, ec="red", lw=1))
+    a.set_title(title, fontsize=8)
+    b.imshow(img[top:top + size, left:left + size], interpolation="nearest")
+    for ax in (a, b):
+      ax.set_xticks([])
+      ax.set_yticks([])
+  fig.suptitle(f"{name} ({w}x{h}); crop {size}x{size} at ({left}, {top})", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def evaluate(checkpoints: list[str], images: str, out: str, *, center_crop_size: int = 0,
+             limit: int = 0, vgg_weights: str = "", dists_weights: str = "", grids: int = 3,
+             plots: bool = True, progress: bool | None = None, log=print) -> dict:
+  """Runs the evaluation and writes every output; returns the summary dict."""
+  from tqdm import tqdm
+
+  from sodec_jax import api, checkpoints as ckpt_lib
+  from sodec_jax.codec import bitstream
+  from sodec_jax.images import read_image, write_atomic
+  from sodec_jax.model import PAD_MULTIPLE
+
+  paths = list_images(images)
+  os.makedirs(out, exist_ok=True)
+  metrics = Metrics(vgg_weights, dists_weights)
+  for note in metrics.notes:
+    log(f"note: {note}")
+  columns = BASE_COLUMNS + metrics.names + TIME_COLUMNS
+  rows: list[dict] = []
+  skipped: dict[str, str] = {}
+  summary_ckpts: list[dict] = []
+  grid_data: dict[str, dict] = {}  # image name -> {"original": ..., "panels": [...]}
+  labels: set = set()
+  label_order: list[str] = []
+  for checkpoint in checkpoints:
+    label = _label(checkpoint, labels)
+    label_order.append(label)
+    model = api.load_model(checkpoint)
+    sodec_dir = os.path.join(out, "sodec", label)
+    os.makedirs(sodec_dir, exist_ok=True)
+    done = 0
+    ckpt_rows = []
+    compiled: set = set()
+    bar = tqdm(paths, desc=label, unit="img", disable=(not progress) if progress is not None else None,
+               total=min(len(paths), limit) if limit else len(paths))
+    for path in bar:
+      if limit and done >= limit:
+        break
+      name = image_name(path, images)
+      if name in skipped:
+        continue
+      try:
+        image, _ = read_image(path)
+      except SodecError as e:
+        skipped[name] = str(e)
+        continue
+      if center_crop_size:
+        image = center_crop(image, center_crop_size)
+      want_grid = name in grid_data or len(grid_data) < grids
+      padded = tuple(-(-n // PAD_MULTIPLE) * PAD_MULTIPLE for n in image.shape[:2])
+      if padded not in compiled:  # first image of this padded size: compile outside the timing
+        api.decompress(model, api.compress(model, image))
+        compiled.add(padded)
+      r = code_image(model, image, want_x_f=want_grid)
+      stem = os.path.splitext(name)[0].replace("/", "__")
+      write_atomic(os.path.join(sodec_dir, stem + ".sodec"), r["data"])
+      h, w = image.shape[:2]
+      row = {"checkpoint": label, "image": name, "height": h, "width": w, "bytes": len(r["data"]),
+             "bpp": 8.0 * len(r["data"]) / (h * w)}
+      row.update(metrics(image, r["x_hat"]))
+      row.update(encode_s=r["encode_s"], decode_s=r["decode_s"])
+      rows.append(row)
+      ckpt_rows.append(row)
+      done += 1
+      if want_grid:
+        g = grid_data.setdefault(name, {"original": image, "panels": []})
+        tag = f"{row['bpp']:.3f} bpp, {row['psnr']:.2f} dB"
+        if model.decoder == bitstream.DECODER_CODEC:
+          g["panels"].append((f"{label}: x_hat = x_f (codec decoder)\n{tag}", r["x_hat"]))
+        else:
+          g["panels"] += [(f"{label}: x_f = D_a(y_hat)", r["x_f"]), (f"{label}: x_hat\n{tag}", r["x_hat"])]
+    bar.close()
+    means = {k: _mean(r[k] for r in ckpt_rows) for k in ["bpp"] + metrics.names + TIME_COLUMNS}
+    counts = {k: sum(1 for r in ckpt_rows if not math.isnan(r[k])) for k in metrics.names}
+    summary_ckpts.append({
+        "label": label, "checkpoint": os.path.abspath(checkpoint), "step": model.step,
+        "fingerprint": model.fingerprint.hex(), "decoder": bitstream.DECODER_NAMES[model.decoder],
+        "images": len(ckpt_rows), "mean": means, "metric_counts": counts,
+        "config": ckpt_lib.config_to_dict(model.config)})
+    log(f"{label}: {len(ckpt_rows)} images, " + ", ".join(
+        f"{k} {v:.4f}" for k, v in means.items() if v is not None and k not in TIME_COLUMNS))
+    del model
+
+  notes = list(metrics.notes)
+  if any(min(r["height"], r["width"]) < MS_SSIM_MIN_SIDE for r in rows):
+    notes.append(f"MS-SSIM left empty for images with a side under {MS_SSIM_MIN_SIDE} px")
+  if skipped:
+    log(f"note: {len(skipped)} unreadable image(s) skipped (listed in summary.json)")
+  write_csv(os.path.join(out, "results.csv"), rows, columns)
+  outputs = {"results": "results.csv", "sodec_files": "sodec/<checkpoint>/", "rd_plots": [], "grids": []}
+  if plots and rows:
+    outputs["rd_plots"] = [os.path.basename(p) for p in rd_plots(out, rows, label_order, metrics.names)]
+    for name, g in grid_data.items():
+      fname = "grid_" + os.path.splitext(name)[0].replace("/", "__") + ".png"
+      grid_plot(os.path.join(out, fname), name, g["original"], g["panels"])
+      outputs["grids"].append(fname)
+  import jax
+  summary = {
+      "protocol": {"images": os.path.abspath(images), "center_crop": center_crop_size or None,
+                   "limit": limit or None, "listed": len(paths),
+                   "bpp": "8 * bytes of the .sodec file / (height * width of the coded image)"},
+      "metrics": metrics.names, "checkpoints": summary_ckpts,
+      "skipped": [{"image": k, "reason": v} for k, v in skipped.items()],
+      "notes": notes, "outputs": outputs,
+      "environment": {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
+                      "platform": jax.devices()[0].platform,
+                      "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
+  write_atomic(os.path.join(out, "summary.json"),
+               (json.dumps(summary, indent=2, allow_nan=False, default=str) + "\n").encode())
+  log(f"wrote {out}/results.csv ({len(rows)} rows), summary.json, "
+      f"{len(outputs['rd_plots'])} RD plots, {len(outputs['grids'])} grids")
+  return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m sodec_jax.evaluate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", nargs="+", required=True, metavar="DIR",
+                 help="one or more training workdirs (or converted checkpoints)")
+  p.add_argument("--images", required=True, metavar="FOLDER", help="folder of images (recursive)")
+  p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+  p.add_argument("--center-crop", type=int, default=0, metavar="N",
+                 help="code the central NxN crop (the paper's DIV2K/CLIC protocol: 512); 0 = full images")
+  p.add_argument("--limit", type=int, default=0, metavar="N", help="at most N images (0 = all)")
+  p.add_argument("--vgg-weights", default="", metavar="PATH",
+                 help="torchvision VGG16 weights (.pth/.safetensors) for LPIPS and DISTS")
+  p.add_argument("--dists-weights", default="", metavar="PATH",
+                 help="DISTS alpha/beta (the dists-pytorch wheel's weights.pt, or .npz/.safetensors)")
+  p.add_argument("--grids", type=int, default=3, metavar="N", help="side-by-side grids for the first N images")
+  p.add_argument("--no-plots", action="store_true", help="write results.csv and summary.json only")
+  p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
+  if args.center_crop < 0 or args.limit < 0 or args.grids < 0:
+    print("sodec_jax.evaluate: error: --center-crop, --limit and --grids must be >= 0", file=sys.stderr)
+    return 1
+  try:
+    evaluate(args.checkpoint, args.images, args.out, center_crop_size=args.center_crop,
+             limit=args.limit, vgg_weights=args.vgg_weights, dists_weights=args.dists_weights,
+             grids=args.grids, plots=not args.no_plots,
+             progress=False if args.no_progress else None)
+  except SodecError as e:
+    print(f"sodec_jax.evaluate: error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
