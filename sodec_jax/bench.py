@@ -4,6 +4,8 @@
                    real 512x768 photo through a paper-size codec (random weights unless
                    --checkpoint is given).
   --what unet|vae  jitted SD 2.1 UNet / VAE decoder latency (sodec_jax.diffusion.benchmark).
+  --what codec     jitted codec encode/decode latency per stage, batch 1/8 throughput, optional
+                   PyTorch reference (sodec_jax.benchmarks.codec).
 
 Times are medians over --repeats calls after --warmup calls; compilation is reported apart.
 """
@@ -82,7 +84,7 @@ def run_entropy(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m sodec_jax.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--what", required=True, choices=["entropy", "unet", "vae"])
+  p.add_argument("--what", required=True, choices=["entropy", "unet", "vae", "codec"])
   p.add_argument("--checkpoint", default="", help="a training workdir (default: random weights)")
   p.add_argument("--size", type=int, default=512, help="image side for unet/vae (latent = size/8)")
   p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | all")
@@ -103,6 +105,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.what == "entropy":
     run_entropy(args)
+  elif args.what == "codec":  # jitted encode/decode latency per stage (sodec_jax/benchmarks/codec.py)
+    from sodec_jax.benchmarks import codec as codec_benchmark
+    codec_benchmark.run_codec(args)
   elif diffusion_benchmark is None:
     print("sodec_jax.bench: the diffusion benchmarks are not available in this build", file=sys.stderr)
     return 1

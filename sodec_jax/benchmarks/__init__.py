@@ -1,0 +1,1 @@
+"""Benchmarks behind `python -m sodec_jax.bench` (codec: `sodec_jax.benchmarks.codec`)."""

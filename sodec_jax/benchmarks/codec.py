@@ -1,0 +1,349 @@
+"""Codec encode/decode latency: `python -m sodec_jax.bench --what codec [options]`.
+
+  --checkpoint DIR   a training workdir (default: the paper-size codec, configs/base.py, with
+                     random weights: the neural timings are the same, the range-coding ones are
+                     not representative because random latents code differently)
+  --size 512         side of the square test image (centre crops of the photos bundled with
+                     scikit-image, reflect-padded when smaller)
+  --dtype float32|bfloat16|all   compute dtype of the conv stacks (parameters stay float32)
+  --reference torch  also run the same weights through the plain-PyTorch HiFiC-layout codec
+                     (`sodec_jax.benchmarks.torch_reference`) in this process, with as many
+                     torch threads as JAX's CPU client uses, and print JAX/PyTorch per stage
+  --repeats N --warmup N
+
+Per stage, the time is the median over --repeats calls after --warmup calls, with the min-max
+spread; the first call (compilation + one run) is reported apart. The stages are a list of
+named steps (`encode_stages` / `decode_stages`): the one-step diffusion decoder adds its own
+(extractor F, projection F_p, H_s/T_s, UNet, D_m) after D_a there. "total" is the public API call
+(`sodec_jax.api.compress` / `decompress`) end to end, host glue included. Throughput runs whole
+batches (1 and 8 images): the neural pieces batched in one jitted call, range coding per image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+BATCH_SIZES = (1, 8)
+
+
+@dataclasses.dataclass
+class Stage:
+  """One named step of the coding path; `jax` and `torch` run it once (blocking)."""
+  name: str
+  side: str                               # "encode" | "decode"
+  jax: Callable[[], Any]
+  torch: Optional[Callable[[], Any]] = None
+  shared: bool = False                    # the same host code on both sides (range coding)
+
+
+def measure(fn: Callable[[], Any], repeats: int, warmup: int) -> dict:
+  t = time.perf_counter()
+  fn()
+  first = time.perf_counter() - t
+  for _ in range(max(warmup - 1, 0)):
+    fn()
+  times = []
+  for _ in range(max(repeats, 1)):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+          "max_ms": 1e3 * max(times), "first_call_ms": 1e3 * first, "repeats": len(times)}
+
+
+def cpu_threads() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- inputs and model
+
+
+def test_images(size: int, n: int) -> list[np.ndarray]:
+  """n different size x size uint8 photos (centre crops of scikit-image's bundled photos)."""
+  from sodec_jax import data
+  from sodec_jax.images import read_image
+  out = []
+  paths = data.skimage_photos()
+  for k in range(n):
+    img, _ = read_image(paths[k % len(paths)])
+    img = data.pad_to(img, size)
+    h, w = img.shape[:2]
+    top, left = (h - size) // 2, (w - size) // 2
+    out.append(np.ascontiguousarray(img[top:top + size, left:left + size]))
+  return out
+
+
+def load_for_bench(checkpoint: str, dtype: str):
+  """LoadedModel from `checkpoint` (or the paper-size config, random weights) computing in `dtype`."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from sodec_jax import api
+  from sodec_jax.model import build_model
+  if checkpoint:
+    loaded = api.load_model(checkpoint)
+  else:
+    from configs import base
+    config = base.get_config()
+    loaded = api.prepare(config, build_model(config, nnx.Rngs(0)))
+  if jnp.dtype(dtype) == jnp.dtype(loaded.config.model.dtype):
+    return loaded
+  config = loaded.config.copy_and_resolve_references()
+  config.model.dtype = str(jnp.dtype(dtype))
+  model = build_model(config, nnx.Rngs(0))
+  nnx.update(model, nnx.state(loaded.model, nnx.Param))
+  return api.prepare(config, model, loaded.step)
+
+
+# ----------------------------------------------------------------------------- batched coding
+
+
+def compress_batch(loaded, images: list[np.ndarray]) -> list[bytes]:
+  """api.compress over equal-size images with the neural pieces batched (one jitted call each).
+  Produces the same bytes as api.compress image by image (tested)."""
+  import jax.numpy as jnp
+
+  from sodec_jax import api
+  from sodec_jax.codec import bitstream
+  from sodec_jax.codec.entropy import scale_indexes
+  h, w = images[0].shape[:2]
+  x = np.concatenate([api.pad_image(im) for im in images])
+  y, z = loaded._analysis(jnp.asarray(x))
+  z_hat = np.round(np.asarray(z))
+  mu, sigma = (np.asarray(a) for a in loaded._prior(jnp.asarray(z_hat)))
+  y_sym = np.round(np.asarray(y) - mu)
+  indexes = scale_indexes(sigma, loaded.scales)
+  out = []
+  for b in range(len(images)):
+    zb, yb = z_hat[b], y_sym[b]
+    z_ids = np.broadcast_to(np.arange(zb.shape[-1], dtype=np.uint16), zb.shape)
+    z_stream, z_over = loaded.z_coder.encode(zb.astype(np.int64), z_ids)
+    y_stream, y_over = loaded.y_coder.encode(yb.astype(np.int64), indexes[b])
+    header = bitstream.Header(loaded.decoder, h, w, loaded.fingerprint, zb.shape, yb.shape)
+    out.append(bitstream.pack(header, [z_stream, y_stream, bitstream.encode_overflow(z_over + y_over)]))
+  return out
+
+
+def decompress_batch(loaded, files: list[bytes]) -> list[np.ndarray]:
+  """api.decompress over files of equal-size images: range decoding per file, D_a batched."""
+  import jax.numpy as jnp
+
+  from sodec_jax import api
+  decoded = [api.decode_latents(loaded, d) for d in files]
+  x = np.asarray(loaded._synthesis(jnp.asarray(np.concatenate([y for _, y in decoded]))))
+  return [api.to_uint8(x[b:b + 1], hd.height, hd.width) for b, (hd, _) in enumerate(decoded)]
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def _block(out):
+  import jax
+  return jax.block_until_ready(out)
+
+
+def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
+  import jax.numpy as jnp
+
+  from sodec_jax import api
+  x = jnp.asarray(api.pad_image(image))
+  lat = api._latents(loaded, image)
+  z_hat = jnp.asarray(lat["z_hat"])
+  h, w = image.shape[:2]
+
+  def range_encode():
+    z, ys = lat["z_hat"][0], lat["y_sym"][0]
+    z_ids = np.broadcast_to(np.arange(z.shape[-1], dtype=np.uint16), z.shape)
+    zs, zo = loaded.z_coder.encode(z.astype(np.int64), z_ids)
+    ystream, yo = loaded.y_coder.encode(ys.astype(np.int64), lat["indexes"][0])
+    from sodec_jax.codec import bitstream
+    header = bitstream.Header(loaded.decoder, h, w, loaded.fingerprint, z.shape, ys.shape)
+    return bitstream.pack(header, [zs, ystream, bitstream.encode_overflow(zo + yo)])
+
+  t = {}
+  if ref is not None:
+    import torch
+
+    from sodec_jax.benchmarks import torch_reference as tr
+    dtype = next(ref.parameters()).dtype
+    xt = tr._nchw(np.asarray(x), dtype)
+    zt = tr._nchw(lat["z_hat"], dtype)
+
+    def no_grad(f):
+      def g():
+        with torch.inference_mode():
+          return f()
+      return g
+    t = {"E + H_a": no_grad(lambda: ref.analysis(xt)), "P": no_grad(lambda: ref.prior(zt)),
+         "total": lambda: tr.compress(ref, loaded, image)}
+  return [
+      Stage("E + H_a", "encode", lambda: _block(loaded._analysis(x)), t.get("E + H_a")),
+      Stage("P", "encode", lambda: _block(loaded._prior(z_hat)), t.get("P")),
+      Stage("range encode", "encode", range_encode, range_encode if ref is not None else None, shared=True),
+      Stage("total", "encode", lambda: api.compress(loaded, image), t.get("total")),
+  ]
+
+
+def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
+  import jax.numpy as jnp
+
+  from sodec_jax import api
+  from sodec_jax.codec import bitstream
+  from sodec_jax.codec.entropy import scale_indexes
+  header, y_hat_np = api.decode_latents(loaded, data)
+  _, (z_stream, y_stream, over_stream) = bitstream.unpack(data, loaded.max_pixels)
+  n = loaded.config.model.hyper_channels
+  z_ids = np.broadcast_to(np.arange(n, dtype=np.uint16), header.z_shape)
+  over0 = bitstream.OverflowReader(over_stream)
+  z_hat_np = loaded.z_coder.decode(z_stream, z_ids, over0).reshape(header.z_shape).astype(np.float32)[None]
+  z_hat = jnp.asarray(z_hat_np)
+  y_idx = scale_indexes(np.asarray(loaded._prior(z_hat)[1]), loaded.scales)[0]
+  y_hat = jnp.asarray(y_hat_np)
+
+  def range_decode():  # both streams, with the scale indexes P gives (P timed apart)
+    over = bitstream.OverflowReader(over_stream)
+    loaded.z_coder.decode(z_stream, z_ids, over)
+    return loaded.y_coder.decode(y_stream, y_idx, over)
+
+  t = {}
+  if ref is not None:
+    import torch
+
+    from sodec_jax.benchmarks import torch_reference as tr
+    dtype = next(ref.parameters()).dtype
+    zt, yt = tr._nchw(z_hat_np, dtype), tr._nchw(y_hat_np, dtype)
+
+    def no_grad(f):
+      def g():
+        with torch.inference_mode():
+          return f()
+      return g
+    t = {"P": no_grad(lambda: ref.prior(zt)), "D_a": no_grad(lambda: ref.synthesis(yt)),
+         "total": lambda: tr.decompress(ref, loaded, data)}
+  # The diffusion decoder (DECODER_DIFFUSION) appends its stages after D_a: extractor F,
+  # projection F_p, H_s / T_s, UNet, D_m (each a jitted piece of its LoadedModel).
+  return [
+      Stage("range decode", "decode", range_decode, range_decode if ref is not None else None, shared=True),
+      Stage("P", "decode", lambda: _block(loaded._prior(z_hat)), t.get("P")),
+      Stage("D_a", "decode", lambda: _block(loaded._synthesis(y_hat)), t.get("D_a")),
+      Stage("total", "decode", lambda: api.decompress(loaded, data), t.get("total")),
+  ]
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def bench_codec(checkpoint: str, size: int, dtype: str, reference: str, repeats: int, warmup: int,
+                batch_sizes=BATCH_SIZES, log=print) -> dict:
+  import jax
+
+  from sodec_jax import api
+  loaded = load_for_bench(checkpoint, dtype)
+  images = test_images(size, max(batch_sizes))
+  ref = None
+  threads = cpu_threads()
+  if reference == "torch":
+    import torch
+    from sodec_jax.benchmarks import torch_reference as tr
+    ref = tr.build_reference(loaded, getattr(torch, dtype))
+  data = api.compress(loaded, images[0])
+  torch_threads = {}
+  if ref is not None:
+    # As many threads as JAX's CPU client uses; on a shared (loaded) machine torch's OpenMP
+    # barriers can stall badly with several threads, so 1 thread is tried too and the faster
+    # end-to-end decode picks the count (the reference is never handicapped).
+    for n in sorted({threads, 1}, reverse=True):
+      torch.set_num_threads(n)
+      torch_threads[n] = measure(lambda: tr.decompress(ref, loaded, data), 2, 1)["median_ms"]
+    torch.set_num_threads(min(torch_threads, key=torch_threads.get))
+  stages = encode_stages(loaded, images[0], ref) + decode_stages(loaded, data, ref)
+  cfg = loaded.config.model
+  dev = jax.devices()[0]
+  result: dict[str, Any] = {
+      "device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__, "size": size,
+      "dtype": dtype, "checkpoint": checkpoint or "random weights, configs/base.py",
+      "model": {"C": cfg.latent_channels, "N": cfg.hyper_channels,
+                "encoder_filters": list(cfg.encoder_filters), "decoder_filters": list(cfg.decoder_filters),
+                "residual_blocks": cfg.decoder_residual_blocks},
+      "bpp": 8 * len(data) / size ** 2, "cpu_threads": threads, "stages": [], "throughput": {}}
+  if ref is not None:
+    result["torch_threads"] = {"used": torch.get_num_threads(),
+                               "decode_ms_by_threads": {str(k): v for k, v in torch_threads.items()}}
+  try:
+    result["load_avg"] = list(os.getloadavg())
+  except OSError:
+    pass
+  for st in stages:
+    row = {"name": st.name, "side": st.side, "jax": measure(st.jax, repeats, warmup)}
+    if st.torch is not None:
+      row["torch"] = row["jax"] if st.shared else measure(st.torch, repeats, warmup)
+      row["ratio"] = row["jax"]["median_ms"] / row["torch"]["median_ms"]
+      row["shared"] = st.shared
+    result["stages"].append(row)
+  if ref is not None:
+    from sodec_jax.benchmarks import torch_reference as tr
+    x_jax = api.decompress(loaded, data)
+    t_data = tr.compress(ref, loaded, images[0])
+    x_t = tr.decompress(ref, loaded, t_data)
+    result["parity"] = {"same_bytes": t_data == data,
+                        "max_abs_uint8_diff": int(np.abs(x_jax.astype(int) - x_t.astype(int)).max())}
+  for b in batch_sizes:
+    batch = images[:b]
+    enc = measure(lambda: compress_batch(loaded, batch), repeats, warmup)
+    files = compress_batch(loaded, batch)
+    dec = measure(lambda: decompress_batch(loaded, files), repeats, warmup)
+    result["throughput"][b] = {"encode_img_s": 1e3 * b / enc["median_ms"],
+                               "decode_img_s": 1e3 * b / dec["median_ms"],
+                               "encode": enc, "decode": dec}
+  print_report(result, log)
+  return result
+
+
+def _fmt(m: dict) -> str:
+  return f"{m['median_ms']:9.2f} [{m['min_ms']:.2f}-{m['max_ms']:.2f}]"
+
+
+def print_report(r: dict, log=print) -> None:
+  m = r["model"]
+  log(f"codec {r['size']}x{r['size']}, {r['dtype']}, {r['device']}, jax {r['jax']}, "
+      f"C={m['C']} N={m['N']} ({r['checkpoint']}), {r['bpp']:.3f} bpp; "
+      f"{r['cpu_threads']} CPU threads" + (f", load avg {r['load_avg'][0]:.1f}" if "load_avg" in r else ""))
+  has_t = any("torch" in s for s in r["stages"])
+  head = f"{'side':6} {'stage':13} {'JAX ms median [min-max]':>28} {'first call ms':>14}"
+  if has_t:
+    head += f" {'torch ms median [min-max]':>28} {'JAX/torch':>9}"
+  log(head)
+  for s in r["stages"]:
+    line = f"{s['side']:6} {s['name']:13} {_fmt(s['jax']):>28} {s['jax']['first_call_ms']:14.1f}"
+    if "torch" in s:
+      t = "(same host code)" if s["shared"] else _fmt(s["torch"])
+      line += f" {t:>28} {s['ratio']:9.2f}"
+    log(line)
+  for b, t in r["throughput"].items():
+    log(f"batch {b}: encode {t['encode_img_s']:.2f} img/s, decode {t['decode_img_s']:.2f} img/s "
+        f"(first call incl. compile: {t['encode']['first_call_ms']:.0f} / {t['decode']['first_call_ms']:.0f} ms)")
+  if "torch_threads" in r:
+    t = r["torch_threads"]
+    log(f"torch threads: {t['used']} (decode ms by thread count: " + ", ".join(
+        f"{k}: {v:.1f}" for k, v in t["decode_ms_by_threads"].items()) + ")")
+  if "parity" in r:
+    p = r["parity"]
+    log(f"torch vs JAX: same .sodec bytes: {p['same_bytes']}, max |x_jax - x_torch| = "
+        f"{p['max_abs_uint8_diff']} (uint8)")
+
+
+def run_codec(args) -> dict:
+  """Entry point for `python -m sodec_jax.bench --what codec`."""
+  dtypes = ["float32", "bfloat16"] if args.dtype == "all" else [args.dtype]
+  out = {}
+  for dtype in dtypes:
+    out[dtype] = bench_codec(args.checkpoint, args.size, dtype, args.reference, args.repeats, args.warmup)
+  return out
