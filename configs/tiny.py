@@ -23,7 +23,7 @@ def get_config():
   c.loss.target_schedule_steps = (10_000,)
   c.optim.learning_rate = 1e-3
   c.optim.lr_decay_steps = (10_000,)
-  c.train.num_steps = 600
-  c.train.log_every = 20
-  c.train.checkpoint_every = 200
+  c.train.num_steps = 1000
+  c.train.log_every = 50
+  c.train.checkpoint_every = 250
   return c

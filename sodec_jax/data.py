@@ -62,6 +62,7 @@ def list_images(train_dir: str) -> list[str]:
     candidates = skimage_photos()
     where = f"the scikit-image photos in {skimage_photo_dir()}"
   else:
+    train_dir = os.path.expanduser(train_dir)
     if not os.path.isdir(train_dir):
       raise SodecError(f"config.data.train_dir={train_dir!r} is not a directory")
     candidates = []

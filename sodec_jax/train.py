@@ -47,6 +47,8 @@ def validate_config(config) -> None:
     group, field = name.split(".")
     if config[group][field] < 1:
       raise SodecError(f"config.{name}={config[group][field]} must be >= 1")
+  if config.seed < 0:
+    raise SodecError(f"config.seed={config.seed} must be >= 0")
   if t.num_steps < 0:
     raise SodecError(f"config.train.num_steps={t.num_steps} must be >= 0")
   for sched in ("lambda_schedule", "target_schedule"):
@@ -131,8 +133,10 @@ def load_lpips(config):
 
 
 def prepare_workdir(config, workdir: str) -> None:
-  """Writes WORKDIR/config.json; on resume, refuses a different config unless allowed."""
-  if os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE)):
+  """Writes WORKDIR/config.json; resuming a checkpoint with a different config is refused
+  unless config.train.allow_config_change (a workdir without checkpoints is simply reused)."""
+  resuming = checkpoints.latest_step(workdir) is not None
+  if resuming and os.path.exists(os.path.join(workdir, checkpoints.CONFIG_FILE)):
     old = checkpoints.load_config(workdir)
     diff = checkpoints.config_diff(old, config)
     if diff:

@@ -82,6 +82,8 @@ def test_restore_params_without_checkpoint_says_train_first(tmp_path):
     checkpoints.restore_params(str(tmp_path), model)
 
 
+# orbax leaves an un-awaited tensorstore read behind when a restore fails: not ours to fix.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_restore_params_into_a_different_model_is_a_clear_error(tmp_path):
   c = make_micro_config()
   _save_model(str(tmp_path), build_model(c, nnx.Rngs(0)), c, 5)
