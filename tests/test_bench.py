@@ -1,0 +1,121 @@
+"""python -m sodec_jax.bench --what codec on a real (micro) training workdir, with and without the
+PyTorch reference; the reference's weights (inverse HiFiC key map) and the batched coding path."""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, make_micro_config
+
+sys.path.insert(0, os.path.join(ROOT, "tests", "reference"))
+import hific_torch  # noqa: E402
+
+SIZE = 128  # HiFiC's hyper-analysis needs y >= 8x8 in torch (its reflect pad 2 needs a side > 2)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  from sodec_jax import train
+  wd = str(tmp_path_factory.mktemp("run"))
+  train.train(make_micro_config(**{"train.num_steps": 2}), wd)
+  return wd
+
+
+@pytest.fixture(scope="module")
+def loaded(workdir):
+  from sodec_jax import api
+  return api.load_model(workdir)
+
+
+def _bench(capsys, *args):
+  from sodec_jax import bench
+  capsys.readouterr()
+  code = bench.main(["--what", "codec", "--size", str(SIZE), "--repeats", "1", "--warmup", "1", *args])
+  out = capsys.readouterr().out
+  assert code == 0
+  return out
+
+
+def test_bench_codec_without_reference(workdir, capsys):
+  out = _bench(capsys, "--checkpoint", workdir)
+  for stage in ("E + H_a", "P", "range encode", "range decode", "D_a", "total"):
+    assert stage in out
+  assert "batch 1: encode" in out and "batch 8: encode" in out
+  assert "JAX/torch" not in out and "first call" in out
+
+
+def test_bench_codec_with_torch_reference(workdir):
+  from sodec_jax.benchmarks import codec
+  lines = []
+  r = codec.bench_codec(workdir, SIZE, "float32", "torch", repeats=1, warmup=0, batch_sizes=(1, 2),
+                        log=lines.append)
+  out = "\n".join(lines)
+  assert "JAX/torch" in out and "(same host code)" in out and "torch threads:" in out
+  assert "same .sodec bytes" in out
+  ratios = {(s["side"], s["name"]): s["ratio"] for s in r["stages"]}
+  assert set(ratios) == {("encode", "E + H_a"), ("encode", "P"), ("encode", "range encode"),
+                         ("encode", "total"), ("decode", "range decode"), ("decode", "P"),
+                         ("decode", "D_a"), ("decode", "total")}
+  assert all(np.isfinite(v) and v > 0 for v in ratios.values())
+  assert r["parity"]["max_abs_uint8_diff"] <= 1
+  assert set(r["throughput"]) == {1, 2} and r["throughput"][2]["decode_img_s"] > 0
+
+
+def test_bench_codec_bfloat16_runs(workdir, capsys):
+  out = _bench(capsys, "--checkpoint", workdir, "--dtype", "bfloat16")
+  assert "bfloat16" in out and "batch 8" in out
+
+
+def test_torch_reference_weights_are_the_inverse_key_map(loaded):
+  """state_dict_from_jax fills the independent test reference (tests/reference/hific_torch.py)
+  strictly, converts back to identical parameters, and the bench's torch codec computes the same
+  as the JAX model."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from sodec_jax.benchmarks import torch_reference as tr
+  from sodec_jax.model import build_model
+  from sodec_jax.weights.hific import load_hific_state_dict
+  cfg = loaded.config.model
+  sd = tr.state_dict_from_jax(loaded.model, cfg)
+  ref = hific_torch.HiFiCModel(cfg.latent_channels, cfg.hyper_channels, tuple(cfg.encoder_filters),
+                               tuple(cfg.decoder_filters), cfg.decoder_residual_blocks)
+  ref.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
+  fresh = build_model(loaded.config, nnx.Rngs(1))
+  load_hific_state_dict(sd, fresh, cfg)
+  a = dict(nnx.to_flat_state(nnx.state(loaded.model, nnx.Param)))
+  b = dict(nnx.to_flat_state(nnx.state(fresh, nnx.Param)))
+  assert a.keys() == b.keys() and all(np.array_equal(a[k].value, b[k].value) for k in a)
+
+  ours = tr.build_reference(loaded)
+  x = np.random.default_rng(0).uniform(size=(1, SIZE, SIZE, 3)).astype(np.float32)
+  y_j, z_j = (np.asarray(v) for v in loaded._analysis(jnp.asarray(x)))
+  with torch.inference_mode():
+    y_t, z_t = ours.analysis(tr._nchw(x, torch.float32))
+    y_r = ref.Encoder(tr._nchw(x, torch.float32))
+    zt = tr._nchw(np.round(z_j), torch.float32)
+    mu_t, sigma_t = ours.prior(zt)
+    mu_r, sigma_r = ref.Hyperprior.prior(zt)
+    x_t = ours.synthesis(tr._nchw(y_j, torch.float32))
+  assert torch.equal(y_t, y_r) and torch.equal(mu_t, mu_r) and torch.equal(sigma_t, sigma_r)
+  mu_j, sigma_j = (np.asarray(v) for v in loaded._prior(jnp.asarray(np.round(z_j))))
+  x_j = np.asarray(loaded._synthesis(jnp.asarray(y_j)))
+  for got, want in ((tr._nhwc(y_t), y_j), (tr._nhwc(z_t), z_j), (tr._nhwc(mu_t), mu_j),
+                    (tr._nhwc(sigma_t), sigma_j), (tr._nhwc(x_t), x_j)):
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
+
+
+def test_batched_coding_equals_the_api(loaded):
+  from sodec_jax import api
+  from sodec_jax.benchmarks import codec
+  images = codec.test_images(SIZE, 3)
+  assert len({im.tobytes() for im in images}) == 3
+  files = codec.compress_batch(loaded, images)
+  assert files == [api.compress(loaded, im) for im in images]
+  decoded = codec.decompress_batch(loaded, files)
+  for d, f in zip(decoded, files):
+    np.testing.assert_array_equal(d, api.decompress(loaded, f))

@@ -1,0 +1,149 @@
+"""python -m sodec_jax.evaluate on a few real photos with a real (micro) training workdir."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import ROOT, load_photo, make_micro_config
+
+sys.path.insert(0, os.path.join(ROOT, "tests", "reference"))
+import torch_dists  # noqa: E402
+import torch_vgg16  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  from sodec_jax import train
+  wd = str(tmp_path_factory.mktemp("run"))
+  train.train(make_micro_config(**{"train.num_steps": 2}), wd)
+  return wd
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+  """Three real photos (one JPEG in a subfolder, one under 161 px) and one broken file."""
+  d = tmp_path_factory.mktemp("photos")
+  Image.fromarray(load_photo("astronaut.png")[:170, :180]).save(d / "astronaut.png")
+  Image.fromarray(load_photo("chelsea.png")[40:240, 100:290]).save(d / "chelsea.png")
+  (d / "sub").mkdir()
+  Image.fromarray(load_photo("coffee.png")[:70, :90]).save(d / "sub" / "coffee.jpg", quality=95)
+  (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+  (d / "notes.txt").write_text("not an image extension: ignored")
+  return str(d)
+
+
+@pytest.fixture(scope="module")
+def metric_weights(tmp_path_factory):
+  """Random VGG16 (torchvision layout) and random positive DISTS alpha/beta, as user files."""
+  d = tmp_path_factory.mktemp("weights")
+  feats = torch_vgg16.vgg16_features(seed=0)
+  torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, d / "vgg16.pth")
+  a, b = torch_dists.random_alpha_beta(0)
+  torch.save({"alpha": torch.from_numpy(a), "beta": torch.from_numpy(b)}, d / "weights.pt")
+  return str(d / "vgg16.pth"), str(d / "weights.pt")
+
+
+def _run(*args):
+  from sodec_jax import evaluate
+  return evaluate.main([*args, "--no-progress"])
+
+
+def _rows(out):
+  with open(os.path.join(out, "results.csv")) as f:
+    reader = csv.DictReader(f)
+    return reader.fieldnames, list(reader)
+
+
+def test_all_outputs_with_every_metric(workdir, photos, metric_weights, tmp_path, capsys):
+  from sodec_jax import api
+  from sodec_jax.images import read_image
+  from sodec_jax.metrics import psnr
+  out = str(tmp_path / "eval")
+  vgg, dists = metric_weights
+  assert _run("--checkpoint", workdir, workdir, "--images", photos, "--out", out,
+              "--vgg-weights", vgg, "--dists-weights", dists, "--grids", "2") == 0
+  cols, rows = _rows(out)
+  assert cols == ["checkpoint", "image", "height", "width", "bytes", "bpp", "psnr", "ms_ssim",
+                  "lpips", "dists", "encode_s", "decode_s"]
+  labels = [os.path.basename(workdir), os.path.basename(workdir) + "_2"]
+  assert [(r["checkpoint"], r["image"]) for r in rows] == [
+      (l, n) for l in labels for n in ("astronaut.png", "chelsea.png", "sub/coffee.jpg")]
+  model = api.load_model(workdir)
+  for r in rows:
+    # bpp comes from the real file on disk, which decodes to the scored image
+    f = os.path.join(out, "sodec", r["checkpoint"], os.path.splitext(r["image"])[0].replace("/", "__") + ".sodec")
+    data = open(f, "rb").read()
+    h, w = int(r["height"]), int(r["width"])
+    assert int(r["bytes"]) == len(data)
+    assert float(r["bpp"]) == pytest.approx(8 * len(data) / (h * w), rel=1e-5)
+    original, _ = read_image(os.path.join(photos, r["image"]))
+    assert original.shape[:2] == (h, w)
+    want = float(psnr(original[None] / 255.0, api.decompress(model, data)[None] / 255.0)[0])
+    assert float(r["psnr"]) == pytest.approx(want, rel=1e-4)
+    assert (r["ms_ssim"] == "") == (min(h, w) < 161)
+    for k in ("lpips", "dists", "encode_s", "decode_s"):
+      assert np.isfinite(float(r[k])) and float(r[k]) >= 0
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["metrics"] == ["psnr", "ms_ssim", "lpips", "dists"]
+  assert [c["label"] for c in summary["checkpoints"]] == labels
+  c = summary["checkpoints"][0]
+  assert c["fingerprint"] == model.fingerprint.hex() and c["step"] == 2 and c["images"] == 3
+  assert c["config"]["model"]["latent_channels"] == 8
+  assert c["mean"]["bpp"] == pytest.approx(np.mean([float(r["bpp"]) for r in rows[:3]]), rel=1e-5)
+  assert c["metric_counts"]["ms_ssim"] == 2
+  assert [s["image"] for s in summary["skipped"]] == ["broken.png"]
+  assert any("NIQE" in n for n in summary["notes"])
+  files = set(os.listdir(out))
+  assert {"rd_psnr.png", "rd_ms_ssim.png", "rd_lpips.png", "rd_dists.png",
+          "grid_astronaut.png", "grid_chelsea.png"} <= files
+  assert "grid_sub__coffee.png" not in files  # --grids 2
+  for name in ("rd_psnr.png", "grid_astronaut.png"):
+    with Image.open(os.path.join(out, name)) as im:
+      assert im.size[0] > 300 and im.size[1] > 200
+  log = capsys.readouterr()
+  assert "1 unreadable image(s) skipped" in log.out
+
+
+def test_center_crop_limit_and_missing_weights(workdir, photos, tmp_path, capsys):
+  out = str(tmp_path / "eval")
+  assert _run("--checkpoint", workdir, "--images", photos, "--out", out,
+              "--center-crop", "64", "--limit", "2", "--no-plots") == 0
+  cols, rows = _rows(out)
+  assert "lpips" not in cols and "dists" not in cols
+  assert [(r["image"], r["height"], r["width"]) for r in rows] == [
+      ("astronaut.png", "64", "64"), ("chelsea.png", "64", "64")]
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["protocol"]["center_crop"] == 64 and summary["protocol"]["limit"] == 2
+  assert any("--vgg-weights" in n for n in summary["notes"])
+  assert summary["outputs"]["rd_plots"] == [] and not any(f.endswith(".png") for f in os.listdir(out))
+  assert "note: LPIPS and DISTS skipped" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line(workdir, photos, tmp_path, capsys):
+  assert _run("--checkpoint", workdir, "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")) == 1
+  assert "is not a directory" in capsys.readouterr().err
+  assert _run("--checkpoint", str(tmp_path / "no_run"), "--images", photos, "--out", str(tmp_path / "o")) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "does not exist" in err
+  assert _run("--checkpoint", workdir, "--images", photos, "--out", str(tmp_path / "o"),
+              "--vgg-weights", str(tmp_path / "missing.pth")) == 1
+  assert "VGG16 weights file not found" in capsys.readouterr().err
+
+
+def test_center_crop_and_detail_window():
+  from sodec_jax.evaluate import center_crop, detail_window
+  img = load_photo("astronaut.png")
+  c = center_crop(img, 100)
+  assert c.shape == (100, 100, 3) and np.array_equal(c, img[206:306, 206:306])
+  assert center_crop(img[:50, :300], 100).shape == (50, 100, 3)
+  flat = np.zeros((64, 64, 3), np.uint8)
+  flat[40:56, 8:24] = 255  # the only detail
+  top, left = detail_window(flat, 16)
+  assert 24 <= top <= 44 and 0 <= left <= 12
