@@ -12,7 +12,8 @@
   --repeats N --warmup N
 
 Per stage, the time is the median over --repeats calls after --warmup calls, with the min-max
-spread; the first call (compilation + one run) is reported apart. The stages are a list of
+spread; the first call (compilation + one run) is reported apart. With the reference, JAX and
+torch calls alternate (a, b, a, b, ...) so both see the same background load. The stages are a list of
 named steps (`encode_stages` / `decode_stages`): the one-step diffusion decoder adds its own
 (extractor F, projection F_p, H_s/T_s, UNet, D_m) after D_a there. "total" is the public API call
 (`sodec_jax.api.compress` / `decompress`) end to end, host glue included. Throughput runs whole
@@ -54,6 +55,29 @@ def measure(fn: Callable[[], Any], repeats: int, warmup: int) -> dict:
     times.append(time.perf_counter() - t)
   return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
           "max_ms": 1e3 * max(times), "first_call_ms": 1e3 * first, "repeats": len(times)}
+
+
+def measure_pair(fa: Callable[[], Any], fb: Callable[[], Any], repeats: int, warmup: int) -> tuple[dict, dict]:
+  """`measure` for two functions with their calls interleaved (a, b, a, b, ...), so that on a
+  shared machine both see the same background load."""
+  def run(fn, out):
+    t = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t)
+  firsts, ta, tb = [], [], []
+  run(fa, firsts)
+  run(fb, firsts)
+  for _ in range(max(warmup - 1, 0)):
+    fa()
+    fb()
+  for _ in range(max(repeats, 1)):
+    run(fa, ta)
+    run(fb, tb)
+
+  def stats(times, first):
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+            "max_ms": 1e3 * max(times), "first_call_ms": 1e3 * first, "repeats": len(times)}
+  return stats(ta, firsts[0]), stats(tb, firsts[1])
 
 
 def cpu_threads() -> int:
@@ -282,9 +306,13 @@ def bench_codec(checkpoint: str, size: int, dtype: str, reference: str, repeats:
   except OSError:
     pass
   for st in stages:
-    row = {"name": st.name, "side": st.side, "jax": measure(st.jax, repeats, warmup)}
+    row = {"name": st.name, "side": st.side}
+    if st.torch is None or st.shared:
+      row["jax"] = measure(st.jax, repeats, warmup)
+    else:
+      row["jax"], row["torch"] = measure_pair(st.jax, st.torch, repeats, warmup)
     if st.torch is not None:
-      row["torch"] = row["jax"] if st.shared else measure(st.torch, repeats, warmup)
+      row["torch"] = row["jax"] if st.shared else row["torch"]
       row["ratio"] = row["jax"]["median_ms"] / row["torch"]["median_ms"]
       row["shared"] = st.shared
     result["stages"].append(row)
