@@ -20,14 +20,27 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   `query_chunk` > 0 splits the queries into chunks of that many tokens, processed one after the
   other (`lax.map`), when Tq is a multiple of it: the same result with a logits buffer of
   [B, N, chunk, Tk] instead of [B, N, Tq, Tk]. On CPU that is faster (cache-resident logits);
-  on GPU leave it 0 so cuDNN sees the whole problem.
+  on GPU leave it 0 so the fused kernel sees the whole problem.
   """
   b, tq, n, d = q.shape
   if query_chunk <= 0 or tq <= query_chunk or tq % query_chunk:
-    return jax.nn.dot_product_attention(q, k, v)
+    return _attend(q, k, v)
   chunks = q.reshape(b, tq // query_chunk, query_chunk, n, d).swapaxes(0, 1)
-  out = jax.lax.map(lambda qc: jax.nn.dot_product_attention(qc, k, v), chunks)
+  out = jax.lax.map(lambda qc: _attend(qc, k, v), chunks)
   return out.swapaxes(0, 1).reshape(b, tq, n, d)
+
+
+def _attend(q, k, v):
+  """jax.nn.dot_product_attention; cuDNN's fused kernel on GPU where it applies (16-bit inputs,
+  head_dim a multiple of 8 up to 128), XLA's otherwise (or when cuDNN refuses at trace time)."""
+  d = q.shape[-1]
+  if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+      and d % 8 == 0 and d <= 128):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError):
+      pass
+  return jax.nn.dot_product_attention(q, k, v)
 
 
 def default_query_chunk() -> int:

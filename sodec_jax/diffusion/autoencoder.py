@@ -41,6 +41,14 @@ class VAEConfig:
   norm_num_groups: int = 32
   scaling_factor: float = 0.18215
 
+  def __post_init__(self):
+    # lists (as in config.json) become tuples: the config is a hashable, static module attribute
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, list):
+        object.__setattr__(self, f.name, tuple(tuple(v) if isinstance(v, list) else v
+                                               for v in value))
+
   @classmethod
   def from_dict(cls, d: dict) -> "VAEConfig":
     """Build from a diffusers config.json dict; unsupported features raise SodecError."""

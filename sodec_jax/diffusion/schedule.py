@@ -11,6 +11,7 @@ SD 2.1 (768, stabilityai/stable-diffusion-2-1) predicts 'v_prediction'; SD 2.1-b
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +45,7 @@ class NoiseSchedule:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names})
 
-  @property
+  @functools.cached_property
   def betas(self) -> np.ndarray:
     """[num_train_timesteps] float32, computed in float32 like diffusers."""
     n = self.num_train_timesteps
@@ -53,7 +54,7 @@ class NoiseSchedule:
                                    dtype=np.float32))
     return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float32)
 
-  @property
+  @functools.cached_property
   def alphas_cumprod(self) -> np.ndarray:
     """abar_t, [num_train_timesteps] float32."""
     return np.cumprod(1.0 - self.betas, dtype=np.float32)

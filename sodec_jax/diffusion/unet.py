@@ -68,6 +68,14 @@ class UNetConfig:
   upcast_attention: bool = True                # attention logits are always float32 here
   time_embedding_dim: int | None = None
 
+  def __post_init__(self):
+    # lists (as in config.json) become tuples: the config is a hashable, static module attribute
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, list):
+        object.__setattr__(self, f.name, tuple(tuple(v) if isinstance(v, list) else v
+                                               for v in value))
+
   @classmethod
   def from_dict(cls, d: dict) -> "UNetConfig":
     """Build from a diffusers config.json dict; unsupported features raise SodecError."""
@@ -77,7 +85,7 @@ class UNetConfig:
       if key.startswith("_") or key in _IGNORED:
         continue
       if key in _UNSUPPORTED_DEFAULTS:
-        if value != _UNSUPPORTED_DEFAULTS[key] and not (value is None and key == "mid_block_only_cross_attention"):
+        if value != _UNSUPPORTED_DEFAULTS[key]:
           bad.append(f"{key}={value!r} (supported: {_UNSUPPORTED_DEFAULTS[key]!r})")
         continue
       if key not in fields:
@@ -115,9 +123,9 @@ class UNetConfig:
     for t in self.up_block_types:
       if t not in _UP_TYPES:
         raise SodecError(f"UNet config: up block type {t!r} is not supported ({_UP_TYPES})")
-    for t in (self.transformer_layers_per_block,):
-      if not isinstance(t, int) and any(isinstance(x, (list, tuple)) for x in t):
-        raise SodecError("UNet config: nested transformer_layers_per_block is not supported")
+    t = self.transformer_layers_per_block
+    if not isinstance(t, int) and any(isinstance(x, (list, tuple)) for x in t):
+      raise SodecError("UNet config: nested transformer_layers_per_block is not supported")
     for c, h in zip(self.block_out_channels, self.heads):
       if c % h or c % self.norm_num_groups:
         raise SodecError(f"UNet config: {c} channels do not split into {h} heads / "

@@ -41,7 +41,7 @@ def test_x0_estimate_matches_ddpm_step(prediction_type):
       v_ref = theirs.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(ts))
       assert_close(target, v_ref.numpy(), tol=1e-6, what=f"velocity t={t}")
     x0_hat = ours.predict_x0(y, jnp.asarray(target), ts)
-    ref = theirs.step(torch.from_numpy(target), t, torch.from_numpy(np.asarray(y))).pred_original_sample
+    ref = theirs.step(torch.from_numpy(target), t, torch.from_numpy(np.array(y))).pred_original_sample
     assert_close(x0_hat, ref.numpy(), tol=1e-5, what=f"x0 t={t}")
     # an exact model output recovers x0
     assert_close(x0_hat, x0, tol=2e-4 if t == 999 else 1e-5, what=f"x0 recovery t={t}")
