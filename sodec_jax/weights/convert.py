@@ -107,24 +107,54 @@ def _to_numpy(v) -> np.ndarray:
   return np.asarray(v)
 
 
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool"}
+
+
 def open_safetensors(path: str) -> TensorSource:
-  """A lazily read .safetensors file (no torch). Damaged / truncated files -> SodecError."""
+  """A lazily read .safetensors file (no torch). Each tensor is read with plain file reads (no
+  mmap, so the process never maps the whole file). The header is validated against the file
+  size first: a damaged or truncated file is a SodecError before anything is converted."""
+  import struct
   try:
-    from safetensors import safe_open
-    handle = safe_open(path, framework="numpy")
-    keys = list(handle.keys())
-    shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in keys}
-    dtypes = {k: handle.get_slice(k).get_dtype() for k in keys}
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise ValueError("file shorter than its 8-byte header length")
+      (n,) = struct.unpack("<Q", head)
+      if n > min(size - 8, 100 << 20):
+        raise ValueError(f"header length {n} exceeds the file")
+      header = json.loads(f.read(n))
+    base = 8 + n
+    infos = {}
+    for key, info in header.items():
+      if key == "__metadata__":
+        continue
+      dt = _ST_DTYPES.get(info["dtype"])
+      if dt is None:
+        raise ValueError(f"{key} has unsupported dtype {info['dtype']}")
+      start, end = (int(x) for x in info["data_offsets"])
+      shape = tuple(int(x) for x in info["shape"])
+      npdt = _np_dtype(dt) if dt == "bfloat16" else np.dtype(dt)
+      if end - start != int(np.prod(shape, dtype=np.int64)) * npdt.itemsize or start > end:
+        raise ValueError(f"{key}: byte range does not match shape {shape}")
+      if base + end > size:
+        raise ValueError(f"{key} lies beyond the end of the file ({size} bytes): truncated")
+      infos[key] = (base + start, shape, npdt)
   except Exception as e:  # noqa: BLE001
     raise SodecError(f"could not read {path} as safetensors ({type(e).__name__}: "
                      f"{_first_line(e)}); is the file complete?") from None
-  if any(d == "BF16" for d in dtypes.values()):   # numpy cannot hold bf16: the full reader
-    from sodec_jax.weights.diffusers import read_safetensors
-    return TensorSource.from_dict(read_safetensors(path), path)
 
   def get(k):
-    return handle.get_tensor(k)
-  return TensorSource(get, shapes, path)
+    offset, shape, npdt = infos[k]
+    with open(path, "rb") as f:
+      f.seek(offset)
+      a = np.fromfile(f, dtype=npdt, count=int(np.prod(shape, dtype=np.int64)))
+    a = a.reshape(shape)
+    return a.astype(np.float32) if npdt.name == "bfloat16" else a
+  return TensorSource(get, {k: v[1] for k, v in infos.items()}, path)
 
 
 def _unpickler_reason(e: Exception) -> str:
@@ -244,7 +274,17 @@ class Output:
   def add_sources(self, paths: Iterable[str]) -> None:
     self.sources.extend(source_entries(paths))
 
+  def hash_sources_in_background(self, paths: Iterable[str]) -> None:
+    """Hash `paths` in a thread while the conversion runs (hashlib releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+    pool = ThreadPoolExecutor(1)
+    self._pending = pool.submit(source_entries, list(paths))
+    pool.shutdown(wait=False)
+
   def commit(self) -> str:
+    if getattr(self, "_pending", None) is not None:
+      self.sources.extend(self._pending.result())
+      self._pending = None
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "converter_version": CONVERTER_VERSION, "kind": self.kind, "dtype": self.dtype,
                 "components": self.components, "source": self.sources,
@@ -289,10 +329,17 @@ def output(out: str, kind: str, dtype: str):
 def save_tree(path: str, tree) -> None:
   """An orbax checkpoint of a pure dict of arrays at `path` (synchronous)."""
   import orbax.checkpoint as ocp
+  # Synchronous, no defensive copy of host arrays, at most 1 GB in flight, no compression
+  # (weights do not compress): keeps converting the full UNet within memory and time budgets.
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+  import jax
+  tree = jax.tree.map(lambda a: a if isinstance(a, np.ndarray) else np.asarray(a), tree)
+  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, use_compression=False,
+                                        type_handler_registry=registry)
   try:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.abspath(path), tree)
-      ckptr.wait_until_finished()
+    with ocp.Checkpointer(handler) as ckptr:
+      ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))
   except OSError as e:
     raise SodecError(f"cannot write {path}: {e.strerror or e}") from None
 
@@ -478,8 +525,8 @@ def convert_unet(src: str, out: str, dtype: str = "float32") -> str:
   config = _read_json(os.path.join(src, "config.json"), "UNet")
   source = _open_diffusers(weights)
   with output(out, "unet", dtype) as o:
+    o.hash_sources_in_background([os.path.join(src, "config.json"), weights])
     _write_unet(o, config, source, f"UNet weights in {src}", dtype)
-    o.add_sources([os.path.join(src, "config.json"), weights])
   return out
 
 
@@ -490,8 +537,8 @@ def convert_vae(src: str, out: str, dtype: str = "float32") -> str:
   config = _read_json(os.path.join(src, "config.json"), "VAE")
   source = _open_diffusers(weights)
   with output(out, "vae", dtype) as o:
+    o.hash_sources_in_background([os.path.join(src, "config.json"), weights])
     _write_vae(o, config, source, f"VAE weights in {src}", dtype)
-    o.add_sources([os.path.join(src, "config.json"), weights])
   return out
 
 
@@ -541,16 +588,16 @@ def _convert_sd21_folder(src, out, dtype, prediction_type):
     sched = dict(SD21_SCHEDULER)
   if prediction_type:
     sched["prediction_type"] = prediction_type
+  srcs = [os.path.join(unet_dir, "config.json"), unet_w, os.path.join(vae_dir, "config.json"), vae_w]
+  if os.path.isfile(sched_path):
+    srcs.append(sched_path)
   with output(out, "sd21", dtype) as o:
+    o.hash_sources_in_background(srcs)
     _write_scheduler(o, sched)
     _write_unet(o, _read_json(os.path.join(unet_dir, "config.json"), "UNet"), open_weights(unet_w),
                 f"UNet weights in {unet_dir}", dtype)
     _write_vae(o, _read_json(os.path.join(vae_dir, "config.json"), "VAE"), open_weights(vae_w),
                f"VAE weights in {vae_dir}", dtype)
-    srcs = [os.path.join(unet_dir, "config.json"), unet_w, os.path.join(vae_dir, "config.json"), vae_w]
-    if os.path.isfile(sched_path):
-      srcs.append(sched_path)
-    o.add_sources(srcs)
     o.extra["layout"] = "diffusers"
     if os.path.isdir(os.path.join(src, "text_encoder")):
       o.extra["skipped"] = ["text_encoder (SODEC conditions the UNet on image guidance, not text)"]
@@ -569,12 +616,12 @@ def _convert_sd21_single(src, out, dtype, config_dir, prediction_type):
   unet_src, vae_src, ignored = ldm.split_single_file(source, expected_keys(unet[1]), unet_cfg,
                                                      expected_keys(vae[1]), vae_cfg)
   with output(out, "sd21", dtype) as o:
+    o.hash_sources_in_background([src])
     _write_scheduler(o, sched)
     _write_unet(o, unet_cfg, unet_src, f"UNet weights (model.diffusion_model.*) in {src}", dtype,
                 built=unet)
     _write_vae(o, vae_cfg, vae_src, f"VAE weights (first_stage_model.*) in {src}", dtype,
                built=vae)
-    o.add_sources([src])
     o.extra["layout"] = "ldm-single-file"
     o.extra["ignored_prefixes"] = sorted({k.split(".")[0] for k in ignored})
   return out
@@ -610,8 +657,9 @@ def hific_model_config(state: TensorSource, args: Mapping | None = None):
                                    if k.startswith("Generator.resblock_")})
   n_h = len([k for k in state.keys() if re.fullmatch(r"Hyperprior\.hyperlatent_likelihood\.H_\d+", k)])
   if n_h >= 2:
+    # H_k is [C, d_{k+1}, d_k]: the filters are the output widths of all but the last
     m.factorized_filters = tuple(state.shape(f"Hyperprior.hyperlatent_likelihood.H_{k}")[1]
-                                 for k in range(1, n_h))
+                                 for k in range(n_h - 1))
   if args:
     for ours, theirs in (("latent_channels", "latent_channels"),
                          ("decoder_residual_blocks", "n_residual_blocks")):
