@@ -205,7 +205,9 @@ def load_hific_discriminator(state_dict: dict, disc: Discriminator, *,
   keys starting with `prefix` are considered (pass prefix="" for a bare Discriminator state
   dict) and the others are returned as the list of ignored keys. Strict under the prefix: every
   mapped key must be present with the right shape and nothing else may appear; all problems
-  are reported together in one SodecError.
+  are reported together in one SodecError. The map covers every variable of `disc`, so an
+  abstract module (`nnx.eval_shape(lambda: Discriminator(...))`) can be filled without paying
+  for a random init.
   """
   rows = hific_discriminator_key_map()
   flat = dict(nnx.to_flat_state(nnx.state(disc, nnx.Any(nnx.Param, SpectralState))))
@@ -220,12 +222,12 @@ def load_hific_discriminator(state_dict: dict, disc: Discriminator, *,
     torch_shape = value.shape
     if kind == "conv" and value.ndim == 4:
       value = value.transpose(2, 3, 1, 0)
-    target = flat[path]
-    if value.shape != target[...].shape:
-      bad_shape.append(f"{prefix}{key}: {torch_shape} -> expected {target[...].shape} (ours, "
+    target = flat[path].get_value()  # an array, or a ShapeDtypeStruct (nnx.eval_shape module)
+    if value.shape != tuple(target.shape):
+      bad_shape.append(f"{prefix}{key}: {torch_shape} -> expected {tuple(target.shape)} (ours, "
                        f"{kind})")
       continue
-    updates[path] = value.astype(target[...].dtype)
+    updates[path] = value.astype(target.dtype)
   mapped = {r[0] for r in rows}
   unexpected = sorted(prefix + k for k in ours if k not in mapped)
   if missing or bad_shape or unexpected:

@@ -36,7 +36,7 @@ def _inputs(batch=1, size=64, seed=0):
 def _pair(seed=0):
   torch.manual_seed(seed)
   ref = TorchDiscriminator(C)
-  ours = Discriminator(C, rngs=nnx.Rngs(seed + 1))
+  ours = nnx.eval_shape(lambda: Discriminator(C, rngs=nnx.Rngs(seed + 1)))  # every var is loaded
   sd = {"Discriminator." + k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
   load_hific_discriminator(sd, ours)
   return ref, ours
@@ -169,10 +169,11 @@ def test_gradients_flow_where_they_should():
     return gan.discriminator_loss(real, fake)
 
   x_hat = x * 0.9 + 0.05
-  gx, gy = jax.grad(g_loss, argnums=(0, 1))(x_hat, jnp.asarray(y), model.discriminator)
+  gx, gy = nnx.jit(jax.grad(g_loss, argnums=(0, 1)))(x_hat, jnp.asarray(y), model.discriminator)
   assert float(jnp.abs(gx).max()) > 0
   assert float(jnp.abs(gy).max()) == 0  # y_hat is stop-grad
-  gx, gy, gd = nnx.grad(d_loss, argnums=(0, 1, 2))(x_hat, jnp.asarray(y), model.discriminator)
+  gx, gy, gd = nnx.jit(nnx.grad(d_loss, argnums=(0, 1, 2)))(x_hat, jnp.asarray(y),
+                                                            model.discriminator)
   assert float(jnp.abs(gx).max()) == 0 and float(jnp.abs(gy).max()) == 0  # x_hat, y_hat stop-grad
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(gd))  # every D param learns
 
@@ -181,7 +182,7 @@ def test_gradients_flow_where_they_should():
     return g_loss(x * model.gen_scale[...] + model.gen_shift[...], y, model.discriminator)
 
   disc_before = jax.tree.map(np.asarray, nnx.state(model.discriminator, nnx.Param))
-  grads = nnx.grad(gen_objective, argnums=nnx.DiffState(0, _is_gen))(model)
+  grads = nnx.jit(nnx.grad(gen_objective, argnums=nnx.DiffState(0, _is_gen)))(model)
   paths = [p for p, _ in nnx.to_flat_state(grads)]
   assert paths and all(p[0] in ("gen_scale", "gen_shift") for p in paths)
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
@@ -191,8 +192,8 @@ def test_gradients_flow_where_they_should():
   jax.tree.map(np.testing.assert_array_equal, disc_before, disc_after)
 
   # discriminator step: only D params, u/v are not among them
-  grads = nnx.grad(lambda m: d_loss(x * m.gen_scale[...], y, m.discriminator),
-                   argnums=nnx.DiffState(0, _is_disc_param))(model)
+  grads = nnx.jit(nnx.grad(lambda m: d_loss(x * m.gen_scale[...], y, m.discriminator),
+                           argnums=nnx.DiffState(0, _is_disc_param)))(model)
   paths = [p for p, _ in nnx.to_flat_state(grads)]
   assert paths and all(p[0] == "discriminator" and p[-1] in ("kernel", "bias") for p in paths)
 
@@ -270,7 +271,7 @@ def test_loader_is_strict():
   torch.manual_seed(0)
   sd = {"Discriminator." + k: v.numpy() for k, v in TorchDiscriminator(C).state_dict().items()}
   sd["Encoder.conv_block1.1.weight"] = np.zeros((60, 3, 7, 7), np.float32)
-  disc = Discriminator(C, rngs=nnx.Rngs(0))
+  disc = nnx.eval_shape(lambda: Discriminator(C, rngs=nnx.Rngs(0)))
   assert load_hific_discriminator(dict(sd), disc) == ["Encoder.conv_block1.1.weight"]
   bad = dict(sd)
   del bad["Discriminator.conv2.weight_u"]
