@@ -28,6 +28,36 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dtype = "float32"                          # compute dtype of the conv stacks
   c.model.param_dtype = "float32"
 
+  # --- which decoder x_hat comes from: "codec" (D_a, stage 1) or "diffusion" (SODEC) ---------
+  c.decoder = "codec"
+
+  # --- SODEC's one-step diffusion decoder (stages 2-4) ---------------------------------------
+  c.sodec = ml_collections.ConfigDict()
+  c.sodec.hyper_synthesis_channels = 320             # H_s: z_hat -> w at H/16 (our choice)
+  c.sodec.transform_channels = 256                   # T_s width (our choice)
+  c.sodec.transform_blocks = 3                       # T_s residual blocks (our choice)
+  c.sodec.timestep = 999                             # the one step (paper)
+  c.sodec.stop_gradient_latents = False              # stage 2: sg on y_hat and z_hat (Eq. 8)
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.unet = "sd21"                          # "sd21" | "tiny" | a diffusers config.json
+  c.diffusion.vae = "sd21"
+  c.diffusion.weights = ""                           # convert/from_torch.py sd21 output, or a diffusers folder
+  c.diffusion.prediction_type = "epsilon"            # SD 2.1-base: epsilon; SD 2.1 (768): v_prediction
+  c.diffusion.dtype = "float32"                      # compute dtype of UNet / VAE / extractor
+  c.diffusion.remat = False                          # rematerialise UNet blocks (training memory)
+  c.diffusion.lora_rank = 16                         # OSCAR's rank
+  c.diffusion.lora_alpha = 16.0
+  c.diffusion.lora_targets = ("to_q", "to_k", "to_v", "to_out")
+
+  c.guidance = ml_collections.ConfigDict()
+  c.guidance.mode = "fidelity"                       # fidelity | hyperprior | text | none (Table 2)
+  c.guidance.extractor = "vit"                       # vit | swin
+  c.guidance.extractor_weights = ""                  # a transformers ViT/Swin folder
+  c.guidance.extractor_config = ""                   # "tiny": a small random ViT (tiny default only)
+  c.guidance.tokens = 77                             # L (paper); D = the UNet's cross-attention width
+  c.guidance.text_embedding = ""                     # text mode: a [77, D] .npy prompt embedding
+
   # --- entropy coding (range coder tables) ----------------------------------------------------
   c.entropy = ml_collections.ConfigDict()
   c.entropy.scale_min = 0.11
@@ -57,6 +87,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.target_schedule_values = (0.20 / 0.14, 1.0)  # multiplier on the target rate
   c.loss.target_schedule_steps = (50_000,)
 
+  # How the rate enters the loss: "hific" (stage 1: lambda_A/lambda_B switching around the
+  # target), "anneal" (stage 3+: lambda(t) from anneal.start to anneal.end), "none" (stage 2).
+  c.loss.rate_mode = "hific"
+  c.loss.anneal = ml_collections.ConfigDict()
+  c.loss.anneal.start = 2.0                          # the stage-1 rate weight (lambda_A)
+  c.loss.anneal.end = 8.0                            # the larger target weight (low bitrate)
+  c.loss.anneal.steps = 20_000                       # steps to go from start to end
+  c.loss.anneal.shape = "linear"                     # linear | cosine | step | none (end at once)
+  # Alignment loss alpha * L_align(x, x_f) (Eq. 10); "merged" adds d(x, x_f) to the distortion.
+  c.loss.alignment = "none"                          # none | mse | mse+lpips | merged
+  c.loss.alpha = 1.0
+  c.loss.beta = 0.0                                  # GAN weight (stage 4: HiFiC's 0.15)
+  c.loss.disc_learning_rate = 1e-4
+
   # LPIPS needs ImageNet VGG16 weights from a local file (torchvision layout, .pth or .safetensors).
   c.lpips = ml_collections.ConfigDict()
   c.lpips.vgg_weights = ""
@@ -80,4 +124,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.progress = True
   c.train.max_nonfinite_steps = 3                    # stop after this many in a row
   c.train.allow_config_change = False                # resume a workdir with a different config
+  # Which parameters train: regexes over '/'-joined nnx paths of the model's nnx.Params (the
+  # stage table of DESIGN.md is data here). Everything else is frozen and not in the optimizer.
+  c.train.trainable = ("codec/.*",)
+
+  # Start from earlier stages: comma-separated workdirs whose params are copied where the path
+  # and shape match (later dirs win). The frozen SD/extractor weights come from their own paths.
+  c.init_from = ""
+
+  # The tiny default's latent-space pretraining (stage 0) and multi-stage pipeline; empty here.
+  c.pretrain = ml_collections.ConfigDict({"kl_weight": 1e-4})
+  c.pipeline = ml_collections.ConfigDict({"stages": ()})
   return c

@@ -1,5 +1,20 @@
-"""Tiny default: the same codec family with small widths, trained on the photos bundled with
-scikit-image. Trains in a few minutes on 2 CPU cores; MSE only (no VGG16 weights offline)."""
+"""Tiny default: the whole SODEC pipeline at small widths on the photos bundled with
+scikit-image, in well under 15 minutes on 2 CPU cores (the README's main command):
+
+  python -m sodec_jax.train --config configs/tiny.py --workdir runs/tiny
+
+Stages, each in runs/tiny/<i>_<stage>/ and each starting from the ones before:
+  pretrain  stand-in for SD's own pretraining (no SD weights offline): a small VAE (8x down, like
+            SD's) and a small UNet denoiser on its latents
+  stage1    the HiFiC-style codec (E, H_a, P, D_a), MSE only (LPIPS needs VGG16 weights)
+  stage2    diffusion path warm-up (configs/stage2.py) with a small random frozen ViT as F
+  stage3    joint training with rate annealing + alignment (configs/stage3.py)
+  finetune  + the conditional GAN (configs/finetune.py)
+`sodec compress/decompress --checkpoint runs/tiny` then use the final stage (the diffusion
+decoder). `--config.pipeline.stages="('stage1',)"` trains the codec alone.
+"""
+import ml_collections
+
 from configs import base
 
 
@@ -7,6 +22,7 @@ def get_config():
   c = base.get_config()
   c.name = "tiny"
   c.stage = 1
+  # the codec at small widths
   c.model.latent_channels = 32
   c.model.encoder_filters = (8, 16, 24, 32, 48)
   c.model.hyper_channels = 24
@@ -15,15 +31,35 @@ def get_config():
   c.data.crop_size = 128
   c.data.batch_size = 4
   c.loss.k_P = 0.0                                   # MSE only: LPIPS needs VGG16 weights
-  c.loss.k_M = 0.075 * 2 ** -5
-  c.loss.target_rate = 0.5
-  c.loss.lambda_A = 1.0
-  c.loss.lambda_B = 2.0 ** -4
+  c.loss.target_rate = 1.0
+  c.loss.lambda_A = 0.25
+  c.loss.lambda_B = 2.0 ** -6
   c.loss.lambda_schedule_steps = (10_000,)
   c.loss.target_schedule_steps = (10_000,)
-  c.optim.learning_rate = 1e-3
+  c.optim.learning_rate = 3e-4
   c.optim.lr_decay_steps = (10_000,)
   c.train.num_steps = 1000
   c.train.log_every = 50
   c.train.checkpoint_every = 250
+  # the diffusion decoder at small widths (used from stage 2 on)
+  c.diffusion.unet = "tiny"
+  c.diffusion.vae = "tiny"
+  c.diffusion.lora_rank = 4
+  c.diffusion.lora_alpha = 4.0
+  c.guidance.extractor_config = "tiny"
+  c.sodec.hyper_synthesis_channels = 32
+  c.sodec.transform_channels = 32
+  c.sodec.transform_blocks = 1
+  # the pipeline: stage order and what each stage changes beyond its stage config
+  c.pipeline.stages = ("pretrain", "stage1", "stage2", "stage3", "finetune")
+  c.pipeline.pretrain = ml_collections.ConfigDict(
+      {"train": {"num_steps": 300}, "optim": {"learning_rate": 1e-3}})
+  small = {"data": {"crop_size": 128, "batch_size": 4}, "optim": {"learning_rate": 3e-4}}
+  c.pipeline.stage2 = ml_collections.ConfigDict({**small, "train": {"num_steps": 150, "checkpoint_every": 150}})
+  c.pipeline.stage3 = ml_collections.ConfigDict(
+      {**small, "train": {"num_steps": 150, "checkpoint_every": 150},
+       "loss": {"anneal": {"start": 0.25, "end": 1.0, "steps": 150}}})
+  c.pipeline.finetune = ml_collections.ConfigDict(
+      {**small, "train": {"num_steps": 100, "checkpoint_every": 100},
+       "loss": {"anneal": {"start": 1.0, "end": 1.0}}})
   return c

@@ -11,7 +11,10 @@ encoder and the decoder side, which is what makes decoding bit-exact):
   (mu, sigma) = prior_parameters(z_hat)          # same function, same shapes, both sides
   y symbols = round(y - mu);  scale index = first table scale >= sigma
   streams: z symbols (one factorized model per channel), y symbols (one Gaussian per index)
-Decoding: z_hat -> (mu, sigma) -> y_hat = symbols + mu -> D_a(y_hat) -> clamp, crop, uint8.
+Decoding: z_hat -> (mu, sigma) -> y_hat = symbols + mu -> the decoder the header names, one jit:
+  codec:     D_a(y_hat)
+  diffusion: D_m(x0(UNet(T_s(y_hat, H_s(z_hat)), 999, F_p(F(D_a(y_hat)))))) (see model.py)
+-> clamp, crop, uint8.
 
 Determinism: on one platform (e.g. any x86-64 CPU with the same jax/XLA version) a file
 decodes bit-identically in any process. Across platforms (CPU <-> GPU) the scale indexes are
@@ -51,10 +54,14 @@ class LoadedModel:
   z_coder: bitstream.RangeCoder
   _analysis: Any = None
   _prior: Any = None
-  _synthesis: Any = None
+  _synthesis: Any = None   # (y_hat, z_hat) -> (x_hat, x_f): the whole decoder, one jit
+  _fidelity: Any = None    # y_hat -> x_f = D_a(y_hat)
 
   @property
   def decoder(self) -> int:
+    """The decoder files of this model need (the header's decoder field)."""
+    if self.model.decoder_kind == "diffusion":
+      return bitstream.DECODER_DIFFUSION
     return bitstream.DECODER_CODEC
 
   @property
@@ -67,7 +74,8 @@ def fingerprint(config, model: nnx.Module) -> bytes:
   h = hashlib.sha256()
   h.update(json.dumps({"model": config.model.to_dict(), "entropy": config.entropy.to_dict()},
                       sort_keys=True, default=list).encode())
-  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  from sodec_jax.metrics.vgg16 import FrozenWeight  # frozen extractor weights shape decoding too
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, FrozenWeight)))
   for path, var in sorted(flat, key=lambda kv: tuple(map(str, kv[0]))):
     arr = np.ascontiguousarray(np.asarray(var.value))
     h.update("/".join(map(str, path)).encode())
@@ -93,14 +101,18 @@ def prepare(config, model: SODEC, step: int = 0) -> LoadedModel:
     return nnx.merge(graphdef, state).prior_parameters(z_hat)
 
   @jax.jit
-  def synthesis(state, y_hat):
+  def fidelity(state, y_hat):
     return nnx.merge(graphdef, state).fidelity_reconstruction(y_hat)
+
+  @jax.jit
+  def synthesis(state, y_hat, z_hat):  # the whole decoder after range decoding, one jit
+    return nnx.merge(graphdef, state).reconstruction(y_hat, z_hat)
 
   return LoadedModel(
       config=config, model=model, fingerprint=fingerprint(config, model), step=step, scales=scales,
       y_coder=bitstream.RangeCoder(y_table), z_coder=bitstream.RangeCoder(z_table),
       _analysis=lambda x: analysis(state, x), _prior=lambda z: prior(state, z),
-      _synthesis=lambda y: synthesis(state, y))
+      _synthesis=lambda y, z: synthesis(state, y, z), _fidelity=lambda y: fidelity(state, y))
 
 
 def load_model(checkpoint_dir: str, step: int | None = None) -> LoadedModel:
@@ -111,7 +123,7 @@ def load_model(checkpoint_dir: str, step: int | None = None) -> LoadedModel:
     raise SodecError(f"checkpoint directory {checkpoint_dir!r} does not exist: pass the --workdir "
                      "a training run wrote (e.g. runs/tiny)")
   config = checkpoints.load_config(checkpoint_dir)
-  model = build_model(config, nnx.Rngs(0))
+  model = build_model(config, nnx.Rngs(0), pretrained=False)  # weights come from the checkpoint
   restored_step = checkpoints.restore_params(checkpoint_dir, model, step=step)
   return prepare(config, model, restored_step)
 
@@ -169,8 +181,8 @@ def compress(model: LoadedModel, image: np.ndarray) -> bytes:
   return bitstream.pack(header, [z_stream, y_stream, bitstream.encode_overflow(z_over + y_over)])
 
 
-def decode_latents(model: LoadedModel, data: bytes) -> tuple[bitstream.Header, np.ndarray]:
-  """Range-decodes a .sodec file -> (header, y_hat [1, h, w, C] float32)."""
+def decode_latents(model: LoadedModel, data: bytes) -> tuple[bitstream.Header, np.ndarray, np.ndarray]:
+  """Range-decodes a .sodec file -> (header, y_hat [1, h, w, C], z_hat [1, h/4, w/4, N])."""
   header, (z_stream, y_stream, over_stream) = bitstream.unpack(data, model.max_pixels)
   if header.fingerprint != model.fingerprint:
     raise SodecError(f"this file was written by a different model (fingerprint "
@@ -198,14 +210,14 @@ def decode_latents(model: LoadedModel, data: bytes) -> tuple[bitstream.Header, n
     raise
   except Exception as e:  # anything the range decoder raises on garbage
     raise SodecError(f"corrupted .sodec file: range decoding failed ({type(e).__name__})") from None
-  return header, (y_sym[None].astype(np.float32) + mu)
+  return header, (y_sym[None].astype(np.float32) + mu), z_hat
 
 
 def decompress(model: LoadedModel, data: bytes) -> np.ndarray:
   """The bytes of a .sodec file -> uint8 [H, W, 3]."""
-  header, y_hat = decode_latents(model, data)
-  x = model._synthesis(jnp.asarray(y_hat))
-  return to_uint8(np.asarray(x), header.height, header.width)
+  header, y_hat, z_hat = decode_latents(model, data)
+  x_hat, _ = model._synthesis(jnp.asarray(y_hat), jnp.asarray(z_hat))
+  return to_uint8(np.asarray(x_hat), header.height, header.width)
 
 
 def read_header(data: bytes) -> bitstream.Header:

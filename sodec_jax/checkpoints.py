@@ -39,7 +39,9 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -85,8 +87,9 @@ def save_config(workdir: str, config) -> str:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run wrote to WORKDIR/config.json (lists read back as tuples)."""
-  path = os.path.join(workdir, CONFIG_FILE)
+  """The config a training run wrote to WORKDIR/config.json (lists read back as tuples); a
+  pipeline workdir (pipeline.json) means its final finished stage."""
+  path = os.path.join(resolve_workdir(workdir), CONFIG_FILE)
   try:
     with open(path) as f:
       d = json.load(f)
@@ -197,7 +200,9 @@ def latest_step(workdir: str) -> int | None:
 
 
 def restore_params(workdir: str, model: nnx.Module, step: int | None = None) -> int:
-  """Loads the 'params' item of the latest (or given) checkpoint into `model`; returns the step."""
+  """Loads the 'params' item of the latest (or given) checkpoint into `model`; returns the step.
+  A pipeline workdir (pipeline.json) means its final finished stage."""
+  workdir = resolve_workdir(workdir)
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise SodecError(f"no checkpoint in {workdir} (no {CHECKPOINT_DIR}/ directory); "
                      f"train first: python -m sodec_jax.train --config ... --workdir {workdir}")
@@ -235,3 +240,79 @@ def read_meta(workdir: str, step: int) -> dict[str, Any]:
                 ["meta"])
   finally:
     mngr.close()
+
+
+# --- pipelines and stage-to-stage transfer -------------------------------------------------------
+
+PIPELINE_FILE = "pipeline.json"
+
+
+def resolve_workdir(workdir: str) -> str:
+  """A pipeline workdir (the tiny default's) resolves to its final stage's directory."""
+  path = os.path.join(workdir, PIPELINE_FILE)
+  if not os.path.isfile(path):
+    return workdir
+  try:
+    with open(path) as f:
+      stages = json.load(f)["stages"]
+  except (OSError, ValueError, KeyError) as err:
+    raise SodecError(f"{path} is damaged ({err}); rerun the pipeline") from None
+  done = [s for s in stages if latest_step(os.path.join(workdir, s)) is not None]
+  if not done:
+    raise SodecError(f"the pipeline in {workdir} has no finished stage yet; run it first")
+  return os.path.join(workdir, done[-1])
+
+
+def read_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """The 'params' pure dict (numpy arrays, as saved) of a workdir's latest or given step."""
+  workdir = resolve_workdir(workdir)
+  mngr = manager(workdir, create=False) if os.path.isdir(checkpoint_dir(workdir)) else None
+  try:
+    steps = mngr.all_steps() if mngr else []
+    if not steps:
+      raise SodecError(f"no checkpoint in {workdir} to start from; train that stage first")
+    step = max(steps) if step is None else step
+    out = mngr.restore(int(step), args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+    return out["params"], int(step)
+  finally:
+    if mngr:
+      mngr.close()
+
+
+def _flat(tree) -> dict:
+  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def init_from(model: nnx.Module, workdirs) -> list[str]:
+  """Copies every nnx.Param of `model` whose path and shape exist in the given workdirs' latest
+  checkpoints (later workdirs win); returns one summary line per workdir."""
+  if isinstance(workdirs, str):
+    workdirs = [w.strip() for w in workdirs.split(",") if w.strip()]
+  state = nnx.state(model, nnx.Param)
+  pure = nnx.to_pure_dict(state)
+  ours = _flat(pure)
+  updates, report = {}, []
+  for wd in workdirs:
+    if not os.path.isdir(wd):
+      raise SodecError(f"config.init_from: {wd} does not exist")
+    src, step = read_params(wd)
+    theirs = _flat(src)
+    hits = [k for k, v in theirs.items() if k in ours and tuple(np.shape(v)) == tuple(ours[k].shape)]
+    bad = [k for k, v in theirs.items() if k in ours and tuple(np.shape(v)) != tuple(ours[k].shape)]
+    if bad:
+      raise SodecError(f"config.init_from: {wd} step {step} has {len(bad)} parameter(s) with other "
+                       f"shapes than this model (e.g. {bad[0]}): different model config?")
+    for k in hits:
+      updates[k] = np.asarray(theirs[k])
+    report.append(f"init_from {wd} (step {step}): {len(hits)} of {len(ours)} parameter arrays")
+  if not updates:
+    raise SodecError(f"config.init_from: {', '.join(workdirs)} share no parameter with this model "
+                     "(a workdir of another model?)")
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+  new = [updates.get("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), leaf)
+         for path, leaf in leaves]
+  new = [jnp.asarray(v, dtype=l.dtype) for v, (_, l) in zip(new, leaves)]
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, new))
+  nnx.update(model, state)
+  return report

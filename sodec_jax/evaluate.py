@@ -158,8 +158,8 @@ def code_image(model, image: np.ndarray, want_x_f: bool) -> dict[str, Any]:
       out["x_f"] = x_hat
     else:
       import jax.numpy as jnp
-      header, y_hat = api.decode_latents(model, data)
-      out["x_f"] = api.to_uint8(np.asarray(model._synthesis(jnp.asarray(y_hat))),
+      header, y_hat, _ = api.decode_latents(model, data)
+      out["x_f"] = api.to_uint8(np.asarray(model._fidelity(jnp.asarray(y_hat))),
                                 header.height, header.width)
   return out
 

@@ -85,3 +85,103 @@ def stage1_loss(outputs: Mapping, x: jax.Array, step, config, lpips: Callable | 
     loss = loss + terms["lpips_loss"]
   terms["loss"] = loss
   return loss, terms
+
+
+# --- stages 2-4 (SODEC) ---------------------------------------------------------------------------
+
+ANNEAL_SHAPES = ("linear", "cosine", "step", "none")
+ALIGNMENTS = ("none", "mse", "mse+lpips", "merged")
+
+
+def annealed_lambda(step, anneal) -> jax.Array:
+  """Rate annealing (paper, 'Rate Annealing Training Strategy'): the rate weight goes from
+  `anneal.start` (the stage-1 weight) to `anneal.end` over `anneal.steps` steps, with shape
+  linear, cosine (half cosine), step (start until `steps`, then end) or none (end throughout)."""
+  if anneal.shape not in ANNEAL_SHAPES:
+    raise ValueError(f"loss.anneal.shape={anneal.shape!r} is not one of {ANNEAL_SHAPES}")
+  frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(float(anneal.steps), 1.0), 0.0, 1.0)
+  if anneal.shape == "linear":
+    w = frac
+  elif anneal.shape == "cosine":
+    w = 0.5 * (1.0 - jnp.cos(jnp.pi * frac))
+  elif anneal.shape == "step":
+    w = (frac >= 1.0).astype(jnp.float32)
+  else:
+    w = jnp.float32(1.0)
+  return jnp.asarray(anneal.start, jnp.float32) + (anneal.end - anneal.start) * w
+
+
+def distortion(x, x_hat, config, lpips=None, prefix: str = "") -> dict:
+  """d(x, x_hat) = k_M * MSE(0..255) + k_P * LPIPS (paper Eq. 3), as named terms."""
+  c = config.loss
+  terms = {f"{prefix}mse": mse_255(x, x_hat)}
+  terms[f"{prefix}mse_loss"] = c.k_M * terms[f"{prefix}mse"]
+  total = terms[f"{prefix}mse_loss"]
+  if c.k_P > 0:
+    if lpips is None:
+      raise ValueError("config.loss.k_P > 0 needs an LPIPS function")
+    terms[f"{prefix}lpips"] = lpips_loss(lpips, x, x_hat)
+    terms[f"{prefix}lpips_loss"] = c.k_P * terms[f"{prefix}lpips"]
+    total = total + terms[f"{prefix}lpips_loss"]
+  terms[f"{prefix}distortion"] = total
+  return terms
+
+
+def alignment(x, x_f, config, lpips=None) -> jax.Array:
+  """L_align (paper Eq. 10) in the distortion's units: k_M * MSE(x, x_f) ('mse'), plus
+  k_P * LPIPS ('mse+lpips'); 'merged' is d(x, x_f); 'none' is 0."""
+  c = config.loss
+  if c.alignment not in ALIGNMENTS:
+    raise ValueError(f"loss.alignment={c.alignment!r} is not one of {ALIGNMENTS}")
+  if c.alignment == "none":
+    return jnp.float32(0.0)
+  value = c.k_M * mse_255(x, x_f)
+  if c.alignment in ("mse+lpips", "merged") and c.k_P > 0:
+    value = value + c.k_P * lpips_loss(lpips, x, x_f)
+  return value
+
+
+def sodec_loss(outputs: Mapping, x: jax.Array, step, config, lpips: Callable | None = None,
+               gan_generator_loss: jax.Array | None = None):
+  """Stages 2-4 (paper Eq. 9, 11, 12): d(x, x_hat) + lambda * r + alpha * L_align + beta * L_g.
+
+  The rate weight follows `loss.rate_mode`: "none" (stage 2), "anneal" (stage 3+: lambda(t)),
+  "hific" (the stage-1 switching). 'merged' alignment adds d(x, x_f) to the distortion with
+  weight alpha. Returns (loss, terms).
+  """
+  c = config.loss
+  b, h, w = x.shape[:3]
+  parts = {f"bpp_{k}": bpp({k: p}, b * h * w) for k, p in outputs["likelihoods"].items()}
+  rate = sum(parts.values())
+  terms = {"bpp": rate, **parts, **distortion(x, outputs["x_hat"], config, lpips)}
+  if c.rate_mode == "none":
+    lam = jnp.float32(0.0)
+  elif c.rate_mode == "anneal":
+    lam = annealed_lambda(step, c.anneal)
+  elif c.rate_mode == "hific":
+    lam, terms["target_bpp"] = rate_weight(rate, step, c)
+  else:
+    raise ValueError(f"loss.rate_mode={c.rate_mode!r} is not one of none, anneal, hific")
+  terms["lambda"] = lam
+  terms["rate_loss"] = lam * rate
+  terms["alignment"] = alignment(x, outputs["x_f"], config, lpips)
+  terms["alignment_loss"] = c.alpha * terms["alignment"]
+  loss = terms["distortion"] + terms["rate_loss"] + terms["alignment_loss"]
+  if gan_generator_loss is not None:
+    terms["gan_g"] = gan_generator_loss
+    terms["gan_loss"] = c.beta * gan_generator_loss
+    loss = loss + terms["gan_loss"]
+  terms["loss"] = loss
+  return loss, terms
+
+
+def pretrain_loss(outputs: Mapping, x: jax.Array, config) -> tuple[jax.Array, dict]:
+  """The tiny pipeline's stand-in for Stable Diffusion's pretraining (stage 0): VAE
+  reconstruction k_M * MSE(0..255) + kl_weight * KL, plus the UNet's denoising MSE."""
+  terms = {"mse": mse_255(x, outputs["x_rec"])}
+  terms["mse_loss"] = config.loss.k_M * terms["mse"]
+  terms["kl"] = outputs["kl"]
+  terms["denoise"] = outputs["denoise"]
+  loss = terms["mse_loss"] + config.pretrain.kl_weight * terms["kl"] + terms["denoise"]
+  terms["loss"] = loss
+  return loss, terms

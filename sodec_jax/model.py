@@ -21,17 +21,118 @@ from flax import nnx
 
 from sodec_jax.codec.entropy import add_uniform_noise, gaussian_likelihood, quantize_around
 from sodec_jax.codec.hific import Codec
+from sodec_jax.errors import SodecError
+from sodec_jax.layers import ChannelNorm, Conv2d, ConvTranspose2d, ResidualBlock
 
 #: Spatial factor every input side must be a multiple of (z lives at H/64).
 PAD_MULTIPLE = 64
 
 
-class SODEC(nnx.Module):
-  """The whole model; `codec` holds encoder, hyper_analysis, prior, fidelity_decoder."""
+class HyperSynthesis(nnx.Module):
+  """H_s: global information w from the hyper-latent (paper Eq. 8). Our layers (the paper is
+  silent): convT5 s2, convT5 s2, conv3, ReLU between, like P's synthesis stacks.
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
+  z_hat [B, h, w, N] -> w [B, 4h, 4w, channels] (at the resolution of y).
+  """
+
+  def __init__(self, hyper_channels: int, channels: int, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.up1 = ConvTranspose2d(hyper_channels, channels, 5, stride=2, padding=2, output_padding=1, **kw)
+    self.up2 = ConvTranspose2d(channels, channels, 5, stride=2, padding=2, output_padding=1, **kw)
+    self.conv = Conv2d(channels, channels, 3, padding=1, **kw)
+
+  def __call__(self, z_hat: jax.Array) -> jax.Array:
+    h = jax.nn.relu(self.up1(z_hat))
+    h = jax.nn.relu(self.up2(h))
+    return self.conv(h)
+
+
+class Transform(nnx.Module):
+  """T_s: merges y_hat and w into the content variable y_t at H/8 (paper Eq. 4). Our layers:
+  concat -> conv3 -> ChannelNorm -> residual blocks -> 2x transposed conv (ChannelNorm, ReLU)
+  -> conv3 to the diffusion latent's channels.
+
+  y_hat [B, h, w, C], w [B, h, w, Cw] -> y_t [B, 2h, 2w, latent_channels] (64x64x4 for 512x512).
+  """
+
+  def __init__(self, latent_channels_in: int, w_channels: int, channels: int, blocks: int,
+               out_channels: int = 4, *, eps: float = 1e-3, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    norm = dict(eps=eps, dtype=dtype, param_dtype=param_dtype)
+    self.conv_in = Conv2d(latent_channels_in + w_channels, channels, 3, padding=1,
+                          padding_mode="reflect", **kw)
+    self.norm_in = ChannelNorm(channels, **norm)
+    self.blocks = nnx.List([ResidualBlock(channels, eps=eps, **kw) for _ in range(blocks)])
+    self.up = ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1, **kw)
+    self.norm_up = ChannelNorm(channels, **norm)
+    self.conv_out = Conv2d(channels, out_channels, 3, padding=1, padding_mode="reflect", **kw)
+
+  def __call__(self, y_hat: jax.Array, w: jax.Array) -> jax.Array:
+    h = self.norm_in(self.conv_in(jnp.concatenate([y_hat, w.astype(y_hat.dtype)], axis=-1)))
+    for block in self.blocks:
+      h = block(h)
+    h = jax.nn.relu(self.norm_up(self.up(h)))
+    return self.conv_out(h).astype(jnp.float32)
+
+
+class SODEC(nnx.Module):
+  """The whole model. Always: `codec` (encoder E, hyper_analysis H_a, prior P, fidelity_decoder
+  D_a). With `config.decoder == "diffusion"` also: `hyper_synthesis` (H_s), `transform` (T_s),
+  `unet` (eps_theta, LoRA adapters attached), `vae_decoder` (D_m: the SD VAE, decoder used),
+  `guidance_extractor` (F, frozen; fidelity mode only) and `guidance_projection` (F_p).
+
+  Args:
+    config: the experiment ConfigDict.
+    pretrained: load the UNet and VAE from `config.diffusion.weights`; False builds them at random
+      with the right shapes (their weights then come from a checkpoint). The extractor F is
+      always loaded from `config.guidance.extractor_weights` (it is frozen and not checkpointed).
+  """
+
+  def __init__(self, config, *, rngs: nnx.Rngs, pretrained: bool = True):
     self.codec = Codec(config.model, rngs=rngs)
     self.likelihood_bound = float(config.model.likelihood_bound)
+    self.decoder_kind = str(config.get("decoder", "codec"))
+    if self.decoder_kind not in ("codec", "diffusion"):
+      raise SodecError(f"config.decoder={self.decoder_kind!r}: use 'codec' or 'diffusion'")
+    if self.decoder_kind == "diffusion":
+      self._build_diffusion_decoder(config, rngs, pretrained)
+
+  def _build_diffusion_decoder(self, config, rngs, pretrained):
+    from sodec_jax import pretrained as pre
+    from sodec_jax.diffusion.lora import LoRAConfig, apply_lora
+    from sodec_jax.diffusion.schedule import NoiseSchedule
+    from sodec_jax.guidance.projection import GuidanceProjection
+
+    s, d, g, m = config.sodec, config.diffusion, config.guidance, config.model
+    dtype = jnp.dtype(d.dtype)
+    kw = dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
+    unet, vae = pre.build_unet(d, rngs, pretrained), pre.build_vae(d, rngs, pretrained)
+    apply_lora(unet, LoRAConfig(rank=int(d.lora_rank), alpha=float(d.lora_alpha),
+                                targets=tuple(d.lora_targets)), rngs=rngs)
+    vae.encoder = None  # D_m is the decoder; the encoder is not part of SODEC
+    vae.quant_conv = None
+    self.unet, self.vae_decoder = unet, vae
+    latent = unet.config.in_channels
+    self.hyper_synthesis = HyperSynthesis(m.hyper_channels, s.hyper_synthesis_channels, **kw)
+    self.transform = Transform(m.latent_channels, s.hyper_synthesis_channels, s.transform_channels,
+                               s.transform_blocks, latent, eps=m.channel_norm_eps, **kw)
+    width = unet.config.per_block(unet.config.cross_attention_dim)[0]
+    extra = {}
+    if g.mode == "fidelity":
+      self.guidance_extractor = pre.build_extractor(g, jnp.dtype(d.dtype), config.seed)
+      extra = dict(zip(("in_tokens", "in_features"), pre.extractor_tokens(self.guidance_extractor)))
+    elif g.mode == "hyperprior":
+      extra = dict(in_features=m.hyper_channels)
+    self.guidance_projection = GuidanceProjection(g.mode, width=width, tokens=g.tokens,
+                                                  text_embedding=g.text_embedding, dtype=dtype,
+                                                  rngs=rngs, **extra)
+    self.guidance_mode = g.mode
+    self.schedule = NoiseSchedule(prediction_type=d.prediction_type)
+    self.timestep = int(s.timestep)
+    self.scaling_factor = float(vae.config.scaling_factor)
+    self.stop_gradient_latents = bool(s.stop_gradient_latents)
 
   # ---- pieces of the coding path (each is jitted by the caller) ------------------------------
   def analysis(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -46,6 +147,35 @@ class SODEC(nnx.Module):
   def fidelity_reconstruction(self, y_hat: jax.Array) -> jax.Array:
     """y_hat -> x_f = D_a(y_hat) [B, H, W, 3] (unclamped)."""
     return self.codec.fidelity_decoder(y_hat)
+
+  def guidance(self, x_f: jax.Array, z_hat: jax.Array) -> jax.Array:
+    """c_g [B, 77, width]: F_p(F(x_f)) in fidelity mode (see guidance/projection.py)."""
+    if self.guidance_mode == "fidelity":
+      f = self.guidance_extractor
+      tokens = f(f.preprocess(jnp.clip(x_f, 0.0, 1.0)))
+      return self.guidance_projection(tokens)
+    return self.guidance_projection(z_hat)
+
+  def content_variable(self, y_hat: jax.Array, z_hat: jax.Array) -> jax.Array:
+    """y_t = T_s(y_hat, H_s(z_hat)) [B, H/8, W/8, 4]."""
+    return self.transform(y_hat, self.hyper_synthesis(z_hat))
+
+  def diffusion_reconstruction(self, y_hat: jax.Array, z_hat: jax.Array, x_f: jax.Array) -> jax.Array:
+    """The one-step decoder: y_t -> eps = UNet(y_t, t, c_g) -> x0 (Eq. 5) -> D_m(x0 / s) in [0, 1]
+    (unclamped). y_hat [B, h, w, C], z_hat [B, h/4, w/4, N], x_f [B, 16h, 16w, 3]."""
+    y_t = self.content_variable(y_hat, z_hat)
+    c_g = self.guidance(x_f, z_hat)
+    t = jnp.full((y_t.shape[0],), self.timestep, jnp.int32)
+    x0 = self.schedule.predict_x0(y_t, self.unet(y_t, t, c_g), t)
+    image = self.vae_decoder.decode(x0 / self.scaling_factor)
+    return (image.astype(jnp.float32) + 1.0) / 2.0
+
+  def reconstruction(self, y_hat: jax.Array, z_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(x_hat, x_f) from the decoded latents: the whole decoder after range decoding."""
+    x_f = self.fidelity_reconstruction(y_hat)
+    if self.decoder_kind == "codec":
+      return x_f, x_f
+    return self.diffusion_reconstruction(y_hat, z_hat, x_f), x_f
 
   # ---- training forward -------------------------------------------------------------------------
   def __call__(self, x: jax.Array, *, noise_key: jax.Array, train: bool = True) -> dict:
@@ -62,10 +192,12 @@ class SODEC(nnx.Module):
         "y": gaussian_likelihood(y_rate, mu, sigma, self.likelihood_bound),
         "z": self.codec.prior.hyperlatent.likelihood(z_noisy, self.likelihood_bound),
     }
-    x_f = self.fidelity_reconstruction(y_hat)
-    return {"x_hat": x_f, "x_f": x_f, "y_hat": y_hat, "z_hat": z_hat, "likelihoods": likelihoods}
+    if self.decoder_kind == "diffusion" and self.stop_gradient_latents:  # stage 2 (Eq. 8)
+      y_hat, z_hat = jax.lax.stop_gradient(y_hat), jax.lax.stop_gradient(z_hat)
+    x_hat, x_f = self.reconstruction(y_hat, z_hat)
+    return {"x_hat": x_hat, "x_f": x_f, "y_hat": y_hat, "z_hat": z_hat, "likelihoods": likelihoods}
 
 
-def build_model(config, rngs: nnx.Rngs) -> SODEC:
+def build_model(config, rngs: nnx.Rngs, pretrained: bool = True) -> SODEC:
   """Builds the model described by `config` (the whole experiment ConfigDict)."""
-  return SODEC(config, rngs=rngs)
+  return SODEC(config, rngs=rngs, pretrained=pretrained)

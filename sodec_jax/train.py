@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -22,7 +23,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sodec_jax import checkpoints, data, losses
+from sodec_jax import checkpoints, data, gan, losses
 from sodec_jax.errors import SodecError
 
 FLAGS = flags.FLAGS
@@ -39,8 +40,15 @@ METRICS_FILE = "metrics.jsonl"
 def validate_config(config) -> None:
   """One-line SodecError for configs training cannot run with."""
   d, t, l = config.data, config.train, config.loss
-  if config.stage != 1:
-    raise SodecError(f"config.stage={config.stage}: only stage 1 training is implemented so far")
+  from sodec_jax import pretrained  # pylint: disable=import-outside-toplevel
+  pretrained.check_paths(config)
+  if config.stage not in (0, 1, 2, 3, 4):
+    raise SodecError(f"config.stage={config.stage} must be 0 (tiny SD pretraining), 1, 2, 3 or 4")
+  if config.stage >= 2 and config.get("decoder", "codec") != "diffusion":
+    raise SodecError(f"config.stage={config.stage} trains the diffusion decoder: set "
+                     "--config.decoder=diffusion (configs/stage2.py, stage3.py, finetune.py do)")
+  if config.stage >= 2 and config.loss.beta > 0 and config.stage != 4:
+    raise SodecError("config.loss.beta > 0 (GAN) belongs to stage 4 (configs/finetune.py)")
   if d.crop_size <= 0 or d.crop_size % 64:
     raise SodecError(f"config.data.crop_size={d.crop_size} must be a positive multiple of 64")
   for name in ("data.batch_size", "train.log_every", "train.checkpoint_every"):
@@ -66,6 +74,57 @@ def validate_config(config) -> None:
         "--config.loss.k_P=0 to train on MSE alone")
 
 
+def build_training_model(config):
+  """The model a stage trains: stage 0 (tiny pipeline) the latent-space pretraining, else SODEC."""
+  rngs = nnx.Rngs(config.seed)
+  if config.stage == 0:
+    from sodec_jax.diffusion.pretrain import LatentPretrain  # pylint: disable=import-outside-toplevel
+    return LatentPretrain(config, rngs=rngs)
+  from sodec_jax.model import build_model  # pylint: disable=import-outside-toplevel
+  return build_model(config, rngs)
+
+
+def trainable_filter(config):
+  """nnx filter: the nnx.Params whose '/'-joined path fully matches a config.train.trainable regex."""
+  patterns = [re.compile(p) for p in config.train.trainable]
+
+  def keep(path, value):
+    if not isinstance(value, nnx.Param):
+      return False
+    name = "/".join(str(p) for p in path)
+    return any(p.fullmatch(name) for p in patterns)
+  return keep
+
+
+def _count(tree) -> int:
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def merge_pure(a: dict, b: dict) -> dict:
+  """Union of two nested pure dicts with disjoint leaves (trainable + frozen = all params)."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = merge_pure(out[k], v) if k in out and isinstance(v, dict) else v
+  return out
+
+
+def split_pure(full: dict, like: dict) -> tuple[dict, dict]:
+  """Splits `full` into (the leaves present in `like`, the rest), keeping the nesting."""
+  inside, outside = {}, {}
+  for k, v in full.items():
+    if k in like and isinstance(v, dict) and isinstance(like[k], dict):
+      i, o = split_pure(v, like[k])
+      if i:
+        inside[k] = i
+      if o:
+        outside[k] = o
+    elif k in like:
+      inside[k] = v
+    else:
+      outside[k] = v
+  return inside, outside
+
+
 def make_optimizer(config):
   """AdamW with the piecewise-constant lr schedule (and optional global-norm clipping)."""
   o = config.optim
@@ -77,31 +136,58 @@ def make_optimizer(config):
   return tx, lr
 
 
-def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None):
+def make_discriminator(config):
+  """Stage 4: HiFiC's conditional discriminator -> (graphdef, {'params', 'spectral', 'opt_state'},
+  its optimizer). Its params and spectral-norm vectors are pure dicts in the train state."""
+  from sodec_jax.discriminator import Discriminator, SpectralState  # pylint: disable=import-outside-toplevel
+  disc = Discriminator(config.model.latent_channels, rngs=nnx.Rngs(config.seed + 1))
+  graphdef, params, spectral = nnx.split(disc, nnx.Param, SpectralState)
+  params, spectral = nnx.to_pure_dict(params), nnx.to_pure_dict(spectral)
+  tx = optax.adam(config.loss.disc_learning_rate, b1=config.optim.b1, b2=config.optim.b2)
+  return graphdef, {"params": params, "spectral": spectral, "opt_state": tx.init(params)}, tx
+
+
+def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc_graphdef=None,
+                    disc_tx=None):
   """The jitted update: (state, consts, batch, step) -> (state, metrics); `state` is donated.
 
-  state = {'params': pure dict of the model's nnx.Params, 'opt_state': optax state}
-  consts = (the model's non-Param variables, the LPIPS state or None): never trained.
+  state = {'params': pure dict of the trainable nnx.Params, 'opt_state': optax state, and in
+           stage 4 'disc': the discriminator's params, spectral-norm vectors and optax state}
+  Stage 4 alternates within the step: the generator update uses the discriminator as it was
+  (no power iteration), then the discriminator is updated on the new stop-gradient x_hat.
+  consts = (the frozen nnx.Params, i.e. those outside config.train.trainable; the model's
+            non-Param variables; the LPIPS state or None): never trained.
   batch: uint8 [B, H, W, 3]. The noise key of step s is fold_in(key(seed), s).
   A non-finite loss or gradient leaves the state unchanged (metrics['finite'] is False).
   """
 
   def train_step(state, consts, batch, step):
-    rest, lpips_state = consts
+    frozen, rest, lpips_state = consts
     lpips = None if lpips_graphdef is None else nnx.merge(lpips_graphdef, lpips_state)
     x = batch.astype(jnp.float32) / 255.0
     key = jax.random.fold_in(jax.random.key(config.seed), step)
 
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, rest)
+      model = nnx.merge(graphdef, params, frozen, rest)
       out = model(x, noise_key=key, train=True)
-      loss, terms = losses.stage1_loss(out, x, step, config, lpips)
+      if config.stage == 0:
+        loss, terms = losses.pretrain_loss(out, x, config)
+      elif config.stage == 1:
+        loss, terms = losses.stage1_loss(out, x, step, config, lpips)
+      else:
+        g_loss = None
+        if disc_graphdef is not None:
+          disc = nnx.merge(disc_graphdef, state["disc"]["params"], state["disc"]["spectral"])
+          _, fake = gan.real_fake_logits(disc, x, out["x_hat"], out["y_hat"], update_stats=False,
+                                         train_generator=True)
+          g_loss = gan.generator_loss(fake)
+        loss, terms = losses.sodec_loss(out, x, step, config, lpips, g_loss)
       x_hat = jnp.clip(jax.lax.stop_gradient(out["x_hat"]), 0.0, 1.0)
       terms["psnr"] = jnp.mean(_psnr(x, x_hat))
-      return loss, terms
+      return loss, (terms, jax.lax.stop_gradient(out["x_hat"]), jax.lax.stop_gradient(out.get("y_hat")))
 
     params, opt_state = state["params"], state["opt_state"]
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    (loss, (terms, x_hat, y_hat)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     grad_norm = optax.global_norm(grads)
@@ -109,6 +195,23 @@ def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None):
     keep = lambda new, old: jnp.where(finite, new, old)
     new_state = {"params": jax.tree.map(keep, new_params, params),
                  "opt_state": jax.tree.map(keep, new_opt_state, opt_state)}
+    if disc_graphdef is not None:
+      from sodec_jax.discriminator import SpectralState  # pylint: disable=import-outside-toplevel
+      d = state["disc"]
+
+      def disc_loss_fn(d_params):
+        disc = nnx.merge(disc_graphdef, d_params, d["spectral"], copy=True)
+        real, fake = gan.real_fake_logits(disc, x, x_hat, y_hat, update_stats=True,
+                                          train_generator=False)
+        return gan.discriminator_loss(real, fake), nnx.to_pure_dict(nnx.state(disc, SpectralState))
+
+      (d_loss, spectral), d_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(d["params"])
+      d_updates, d_opt = disc_tx.update(d_grads, d["opt_state"], d["params"])
+      d_finite = finite & jnp.isfinite(d_loss)
+      d_keep = lambda new, old: jnp.where(d_finite, new, old)
+      new_state["disc"] = jax.tree.map(d_keep, {"params": optax.apply_updates(d["params"], d_updates),
+                                                "spectral": spectral, "opt_state": d_opt}, d)
+      terms = dict(terms, gan_d=d_loss)
     metrics = dict(terms, grad_norm=grad_norm, param_norm=optax.global_norm(new_state["params"]),
                    learning_rate=lr_schedule(step), finite=finite)
     return new_state, metrics
@@ -193,9 +296,10 @@ def _next_steps(workdir: str) -> str:
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) in `workdir`; returns the last logged metrics row."""
-  from sodec_jax.model import build_model  # pylint: disable=import-outside-toplevel
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
+  if config.get("pipeline") and config.pipeline.stages:
+    return run_pipeline(config, workdir)
   validate_config(config)
   lpips_graphdef, lpips_state = load_lpips(config)
   paths = data.list_images(config.data.train_dir)
@@ -210,20 +314,38 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mngr.close()
     return {"step": start}
 
-  model = build_model(config, nnx.Rngs(config.seed))
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params = nnx.to_pure_dict(params)
+  model = build_training_model(config)
+  if config.init_from and not start:
+    for line in checkpoints.init_from(model, config.init_from):
+      print(line)
+  trainable = trainable_filter(config)
+  graphdef, params, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
+  params, frozen, rest = (nnx.to_pure_dict(t) for t in (params, frozen, rest))
+  n_train, n_frozen = _count(params), _count(frozen)
+  if not n_train:
+    raise SodecError(f"config.train.trainable={tuple(config.train.trainable)} matches no parameter "
+                     "of this model; see the stage configs for the path patterns")
+  print(f"{config.name} stage {config.stage}: training {n_train:,} parameters, {n_frozen:,} frozen")
   del model
   tx, lr_schedule = make_optimizer(config)
   opt_state = tx.init(params)
+  disc_graphdef = disc_tx = None
+  if config.stage == 4 and config.loss.beta > 0:
+    disc_graphdef, disc_state, disc_tx = make_discriminator(config)
+    opt_state = {"model": opt_state, "disc": disc_state}  # the checkpoint's opt_state item
   if start:
-    params, opt_state, meta = checkpoints.restore(mngr, start, params, opt_state, workdir)
+    full, opt_state, meta = checkpoints.restore(mngr, start, merge_pure(params, frozen), opt_state,
+                                                workdir)
+    params, frozen = split_pure(full, params)
     if meta.get("seed") != config.seed:
       warnings.warn(f"checkpoint {start} was written with seed {meta.get('seed')}")
   state = {"params": params, "opt_state": opt_state}
+  if disc_graphdef is not None:
+    state = {"params": params, "opt_state": opt_state["model"], "disc": opt_state["disc"]}
 
-  train_step = make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef)
-  consts = (rest, lpips_state)
+  train_step = make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef, disc_graphdef,
+                               disc_tx)
+  consts = (frozen, rest, lpips_state)
   batches = data.train_iterator(config, start, paths)
   log = MetricsLog(workdir, start)
   bar = tqdm(total=num_steps, initial=start, disable=not config.train.progress,
@@ -253,8 +375,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + float(v)
       count += 1
-      bar.set_postfix(loss=f"{float(metrics['loss']):.4g}", bpp=f"{float(metrics['bpp']):.3f}",
-                      psnr=f"{float(metrics['psnr']):.2f}", refresh=False)
+      bar.set_postfix(refresh=False, **{k: f"{float(metrics[k]):.4g}" for k in ("loss", "bpp", "psnr")
+                                        if k in metrics})
       bar.update(1)
       done = step + 1
       if done % config.train.log_every == 0 or done == num_steps:
@@ -264,7 +386,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.write(row)
         sums, count, times = {}, 0, []
       if done % config.train.checkpoint_every == 0 or done == num_steps:
-        checkpoints.save(mngr, done, state["params"], state["opt_state"], config)
+        extra = state["opt_state"] if "disc" not in state else \
+            {"model": state["opt_state"], "disc": state["disc"]}
+        checkpoints.save(mngr, done, merge_pure(state["params"], frozen), extra, config)
   finally:
     bar.close()
     log.close()
@@ -274,6 +398,56 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         f"{row['step']}: loss {row.get('loss', float('nan')):.4g}, bpp "
         f"{row.get('bpp', float('nan')):.3f}, PSNR {row.get('psnr', float('nan')):.2f} dB\n"
         f"{_next_steps(workdir)}")
+  return row
+
+
+# --- pipelines (the tiny default runs every stage in sequence) -----------------------------------
+
+def _deep_update(config, overrides) -> None:
+  for k, v in overrides.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      _deep_update(config[k], v)
+    else:
+      config[k] = v
+
+
+def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The config of one pipeline stage: the stage file's `apply` (configs/stage2.py, ...) on a
+  copy of `config`, then the pipeline's own overrides `config.pipeline.<name>`."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.pipeline.stages = ()
+  if name == "pretrain":
+    c.stage, c.decoder, c.train.trainable = 0, "codec", (".*",)
+  elif name != "stage1":
+    try:
+      importlib.import_module(f"configs.{name}").apply(c)
+    except ModuleNotFoundError:
+      raise SodecError(f"config.pipeline.stages names {name!r}, which has no configs/{name}.py") from None
+  if name in config.pipeline:
+    _deep_update(c, config.pipeline[name])
+  return c
+
+
+def run_pipeline(config, workdir: str) -> dict:
+  """Runs config.pipeline.stages in WORKDIR/<i>_<stage>/, each starting from the ones before
+  (init_from); WORKDIR/pipeline.json lists them, so `--checkpoint WORKDIR` means the last one.
+  Rerunning the command resumes: finished stages are skipped, the current one resumes."""
+  os.makedirs(workdir, exist_ok=True)
+  names = list(config.pipeline.stages)
+  dirs = [f"{i}_{n}" for i, n in enumerate(names)]
+  with open(os.path.join(workdir, checkpoints.PIPELINE_FILE), "w") as f:
+    json.dump({"stages": dirs, "config": config.name}, f, indent=2)
+  t0, row = time.time(), {}
+  for i, (name, sub) in enumerate(zip(names, dirs)):
+    c = stage_config(config, name)
+    earlier = [os.path.join(workdir, d) for d in dirs[:i]]
+    c.init_from = ",".join(earlier) if c.stage >= 2 else ""  # stages 0 and 1 start from scratch
+    print(f"=== pipeline stage {i + 1}/{len(names)}: {name} -> {os.path.join(workdir, sub)}")
+    row = train(c, os.path.join(workdir, sub))
+  minutes, seconds = divmod(int(time.time() - t0), 60)
+  print(f"pipeline done in {minutes}m{seconds:02d}s: {', '.join(dirs)} in {workdir}\n"
+        + _next_steps(workdir))
   return row
 
 

@@ -24,6 +24,7 @@ def make_micro_config(**overrides):
   from configs import tiny
   c = tiny.get_config()
   c.name = "micro"
+  c.pipeline.stages = ()                             # one stage (stage 1), not the tiny pipeline
   c.model.latent_channels = 8
   c.model.encoder_filters = (4, 4, 8, 8, 8)
   c.model.hyper_channels = 4
@@ -52,3 +53,30 @@ def photo():
 @pytest.fixture
 def micro_config():
   return make_micro_config
+
+
+def make_micro_sodec_config(stage: int = 2, **overrides):
+  """The micro codec with the tiny diffusion decoder (tiny UNet / VAE / random ViT) at `stage`."""
+  import importlib
+  c = make_micro_config()
+  c.diffusion.unet = c.diffusion.vae = "tiny"
+  c.diffusion.lora_rank, c.diffusion.lora_alpha = 2, 2.0
+  c.guidance.extractor_config = "tiny"
+  c.sodec.hyper_synthesis_channels = c.sodec.transform_channels = 8
+  c.sodec.transform_blocks = 1
+  if stage == 0:
+    c.stage, c.train.trainable = 0, (".*",)
+  elif stage >= 2:
+    importlib.import_module({2: "configs.stage2", 3: "configs.stage3", 4: "configs.finetune"}[stage]).apply(c)
+    c.data.crop_size, c.data.batch_size = 64, 2
+  return _apply(c, overrides)
+
+
+def _apply(c, overrides):
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c

@@ -60,7 +60,7 @@ def test_lpips_without_weights_is_a_one_line_error(tmp_path):
 
 def test_overrides_reach_config_json(tmp_path):
   wd = tmp_path / "w"
-  r = _cli("--config", "configs/tiny.py", "--workdir", str(wd), "--config.train.num_steps=0",
+  r = _cli("--config", "configs/tiny.py", "--workdir", str(wd), "--config.train.num_steps=0", "--config.pipeline.stages=()",
            "--config.optim.learning_rate=0.002", "--config.model.encoder_filters=(4,4,8,8,8)",
            "--config.train.progress=False")
   assert r.returncode == 0, r.stderr

@@ -1,0 +1,196 @@
+"""Building the frozen, pretrained parts of SODEC from a config: the SD UNet and VAE (D_m) and
+the guidance extractor F.
+
+Where the weights come from (config):
+  diffusion.unet / diffusion.vae   "sd21" (Stable Diffusion 2.1 sizes), "tiny" (the tiny default's
+                                   small members of the same families), or a diffusers config.json
+  diffusion.weights                a folder with the pretrained UNet and VAE: either the output of
+                                   `python convert/from_torch.py sd21 ...` or a diffusers SD 2.1
+                                   folder (unet/, vae/); "" = random init (only for "tiny", whose
+                                   weights come from the tiny pipeline's own pretraining stage)
+  guidance.extractor               "vit" | "swin";  guidance.extractor_config: "tiny" or ""
+  guidance.extractor_weights       a transformers model folder (or converted `vit`/`swin` folder)
+
+A paper-size config started without its weights fails at once with one line naming the folder
+it expected and the converter command that makes it.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sodec_jax.errors import SodecError
+
+SD21_HINT = ("python convert/from_torch.py sd21 --src /path/to/stable-diffusion-2-1-base "
+             "--out /weights/sd21   (then --config.diffusion.weights=/weights/sd21)")
+VIT_HINT = ("python convert/from_torch.py vit --src /path/to/vit-large-patch16-224-in21k "
+            "--out /weights/vit   (then --config.guidance.extractor_weights=/weights/vit)")
+
+
+def _json(path: str) -> dict:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as e:
+    raise SodecError(f"cannot read {path}: {e}") from None
+
+
+def check_paths(config) -> None:
+  """Fails at once (before anything is written) when a diffusion config lacks its weights."""
+  if config.get("decoder", "codec") != "diffusion":
+    return
+  d, g = config.diffusion, config.guidance
+  if d.weights and not os.path.isdir(d.weights):
+    raise SodecError(f"config.diffusion.weights={d.weights!r} does not exist; make it with: {SD21_HINT}")
+  if not d.weights and (d.unet != "tiny" or d.vae != "tiny"):
+    raise SodecError(f"config.diffusion.weights is empty but unet={d.unet!r} / vae={d.vae!r} need "
+                     f"pretrained SD 2.1 weights; make them with: {SD21_HINT}")
+  if g.mode == "fidelity":
+    if g.extractor_weights and not os.path.isdir(g.extractor_weights):
+      raise SodecError(f"config.guidance.extractor_weights={g.extractor_weights!r} does not exist; "
+                       f"make it with: {VIT_HINT}")
+    if not g.extractor_weights and g.extractor_config != "tiny":
+      raise SodecError("config.guidance.mode='fidelity' needs a pretrained extractor: "
+                       f"config.guidance.extractor_weights is empty; make it with: {VIT_HINT}")
+
+
+def unet_config(name: str):
+  from sodec_jax.diffusion.unet import UNetConfig, sd21_unet_config, tiny_unet_config
+  if name == "sd21":
+    return sd21_unet_config()
+  if name == "tiny":
+    return tiny_unet_config()
+  return UNetConfig.from_dict(_json(name))
+
+
+def vae_config(name: str):
+  """'sd21', 'tiny' (4 levels, so 8x down like SD's VAE, narrow), or a diffusers config.json."""
+  from sodec_jax.diffusion.autoencoder import VAEConfig, sd21_vae_config
+  if name == "sd21":
+    return sd21_vae_config()
+  if name == "tiny":
+    return VAEConfig(block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8)
+  return VAEConfig.from_dict(_json(name))
+
+
+def _component_folder(weights: str, name: str) -> str:
+  if not os.path.isdir(weights):
+    raise SodecError(f"config.diffusion.weights={weights!r} does not exist; make it with: {SD21_HINT}")
+  folder = os.path.join(weights, name)
+  if not os.path.isdir(folder):
+    raise SodecError(f"config.diffusion.weights={weights!r} has no {name}/ folder; make one with: {SD21_HINT}")
+  return folder
+
+
+def _weights_config(weights: str, name: str) -> dict:
+  """The diffusers-style config.json of a component inside a weights folder."""
+  return _json(os.path.join(_component_folder(weights, name), "config.json"))
+
+
+def build_unet(d, rngs: nnx.Rngs, load: bool = True):
+  """The UNet (eps_theta): pretrained from `d.weights` when `load`, else random with the right
+  shapes (its weights then come from a checkpoint). LoRA is attached by the caller."""
+  from sodec_jax.diffusion.unet import UNet2DConditionModel, UNetConfig
+  dtype = jnp.dtype(d.dtype)
+  if d.weights and load:
+    return _load_component(d.weights, "unet", dtype, remat=bool(d.remat))
+  if d.weights:
+    cfg = UNetConfig.from_dict(_weights_config(d.weights, "unet"))
+  elif d.unet == "tiny" or not load:
+    cfg = unet_config(d.unet)
+  else:
+    raise SodecError(f"config.diffusion.unet={d.unet!r} needs pretrained weights: "
+                     f"--config.diffusion.weights=DIR is empty; make DIR with: {SD21_HINT}")
+  return UNet2DConditionModel(cfg, dtype=dtype, remat=bool(d.remat), rngs=rngs)
+
+
+def build_vae(d, rngs: nnx.Rngs, load: bool = True):
+  """The SD VAE (D_m is its decoder); pretrained or random as `build_unet`."""
+  from sodec_jax.diffusion.autoencoder import AutoencoderKL, VAEConfig
+  dtype = jnp.dtype(d.dtype)
+  if d.weights and load:
+    return _load_component(d.weights, "vae", dtype)
+  if d.weights:
+    cfg = VAEConfig.from_dict(_weights_config(d.weights, "vae"))
+  elif d.vae == "tiny" or not load:
+    cfg = vae_config(d.vae)
+  else:
+    raise SodecError(f"config.diffusion.vae={d.vae!r} needs pretrained weights: "
+                     f"--config.diffusion.weights=DIR is empty; make DIR with: {SD21_HINT}")
+  return AutoencoderKL(cfg, dtype=dtype, rngs=rngs)
+
+
+def _load_component(weights: str, name: str, dtype, **kwargs):
+  _component_folder(weights, name)
+  if os.path.isfile(os.path.join(weights, "manifest.json")):
+    from sodec_jax.weights import converted  # converted orbax folders (convert/from_torch.py)
+    loader = converted.load_unet if name == "unet" else converted.load_vae
+    return loader(weights, dtype=dtype, **kwargs)
+  from sodec_jax.weights import diffusers
+  folder = _component_folder(weights, name)
+  loader = diffusers.load_unet if name == "unet" else diffusers.load_vae
+  return loader(folder, dtype=dtype, **kwargs)
+
+
+def build_extractor(g, dtype, seed: int):
+  """F: a frozen ViT or Swin, from weights, or (extractor_config='tiny') a small random one.
+
+  F is never trained and not saved in training checkpoints (it is not an nnx.Param): every model
+  that uses it, inference included, loads it from `guidance.extractor_weights`.
+  """
+  if g.extractor not in ("vit", "swin"):
+    raise SodecError(f"config.guidance.extractor={g.extractor!r}: use 'vit' or 'swin'")
+  if g.extractor_weights:
+    if not os.path.isdir(g.extractor_weights):
+      raise SodecError(f"config.guidance.extractor_weights={g.extractor_weights!r} does not exist; "
+                       f"make it with: {VIT_HINT}")
+    if os.path.isfile(os.path.join(g.extractor_weights, "manifest.json")):
+      from sodec_jax.weights import converted
+      return converted.load_extractor(g.extractor_weights, dtype=dtype)
+    from sodec_jax.weights import transformers as tw
+    return (tw.load_vit if g.extractor == "vit" else tw.load_swin)(g.extractor_weights, dtype=dtype)
+  if g.extractor_config != "tiny":
+    raise SodecError("config.guidance.mode='fidelity' needs a pretrained extractor: "
+                     f"--config.guidance.extractor_weights=DIR is empty; make DIR with: {VIT_HINT}")
+  return random_tiny_extractor(g.extractor, dtype, seed)
+
+
+def random_tiny_extractor(kind: str, dtype, seed: int):
+  """A small frozen extractor with random weights (the tiny default has no pretrained ViT)."""
+  if kind == "vit":
+    from sodec_jax.guidance.vit import ViT, ViTSpec
+    module = ViT(ViTSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=128, image_size=(64, 64), patch_size=(8, 8)), dtype=dtype)
+  else:
+    from sodec_jax.guidance.swin import Swin, SwinSpec
+    module = Swin(SwinSpec(embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                           image_size=(64, 64), patch_size=(4, 4)), dtype=dtype)
+  from sodec_jax.metrics.vgg16 import FrozenWeight
+  flat = dict(nnx.to_flat_state(nnx.state(module, FrozenWeight)))
+  key = jax.random.key(seed)
+  for i, (path, var) in enumerate(sorted(flat.items(), key=lambda kv: tuple(map(str, kv[0])))):
+    names = "/".join(map(str, path)).lower()
+    shape, dt = var.value.shape, var.value.dtype
+    if "norm" in names and path[-1] in ("scale", "weight"):
+      var.value = jnp.ones(shape, dt)
+    elif path[-1] == "bias" or names.endswith("_bias"):
+      var.value = jnp.zeros(shape, dt)
+    else:
+      var.value = (0.02 * jax.random.normal(jax.random.fold_in(key, i), shape)).astype(dt)
+  nnx.update(module, nnx.from_flat_state(flat))
+  return module
+
+
+def extractor_tokens(module) -> tuple[int, int]:
+  """(tokens, feature width) of the extractor's last_hidden_state at its native input size."""
+  size = module.spec.image_size
+  graphdef, state = nnx.split(module)
+  x = jax.ShapeDtypeStruct((1, size[0], size[1], 3), jnp.float32)
+  out = jax.eval_shape(lambda s, v: nnx.merge(graphdef, s)(v), state, x)
+  return int(out.shape[1]), int(out.shape[2])
+

@@ -1,0 +1,149 @@
+"""SODEC end to end (issue #6): the one-step diffusion decoder's shapes, the stage table as
+trainable sets, stop-gradient, rate annealing, guidance, and a tiny pipeline that compresses
+and decompresses a real photo through the diffusion decoder."""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sodec_jax import api, checkpoints, losses, train
+from sodec_jax.codec import bitstream
+from sodec_jax.errors import SodecError
+from sodec_jax.model import build_model
+from tests.conftest import load_photo, make_micro_sodec_config
+
+
+@pytest.mark.parametrize("hw", [(64, 128), (192, 64)])
+def test_shapes_through_the_diffusion_decoder(hw):
+  c = make_micro_sodec_config(2)
+  m = build_model(c, nnx.Rngs(0))
+  x = jnp.asarray(load_photo("coffee.png")[:hw[0], :hw[1]][None] / 255.0, jnp.float32)
+  out = m(x, noise_key=jax.random.key(0))
+  h, w = hw
+  assert out["x_hat"].shape == (1, h, w, 3) and out["x_hat"].dtype == jnp.float32
+  assert out["x_f"].shape == (1, h, w, 3)
+  assert m.content_variable(out["y_hat"], out["z_hat"]).shape == (1, h // 8, w // 8, 4)
+  c_g = m.guidance(out["x_f"], out["z_hat"])
+  assert c_g.shape == (1, 77, m.unet.config.cross_attention_dim)
+  assert np.all(np.isfinite(np.asarray(out["x_hat"])))
+
+
+def test_fidelity_guidance_depends_on_x_f():
+  m = build_model(make_micro_sodec_config(2), nnx.Rngs(0))
+  z = jnp.zeros((1, 1, 1, 4))
+  a = m.guidance(jnp.full((1, 64, 64, 3), 0.2), z)
+  b = m.guidance(jnp.asarray(load_photo("astronaut.png")[:64, :64][None] / 255.0, jnp.float32), z)
+  assert not np.allclose(a, b)
+
+
+def test_rate_annealing_schedule_values():
+  from ml_collections import ConfigDict
+  a = ConfigDict({"start": 1.0, "end": 5.0, "steps": 100, "shape": "linear"})
+  assert [float(losses.annealed_lambda(s, a)) for s in (0, 50, 100, 1000)] == [1.0, 3.0, 5.0, 5.0]
+  a.shape = "cosine"
+  assert math.isclose(float(losses.annealed_lambda(50, a)), 3.0, rel_tol=1e-6)
+  assert math.isclose(float(losses.annealed_lambda(25, a)), 1 + 4 * (1 - math.cos(math.pi / 4)) / 2, rel_tol=1e-6)
+  a.shape = "step"
+  assert [float(losses.annealed_lambda(s, a)) for s in (0, 99, 100)] == [1.0, 1.0, 5.0]
+  a.shape = "none"
+  assert float(losses.annealed_lambda(0, a)) == 5.0
+
+
+def test_stage2_stop_gradient_reaches_no_encoder_parameter():
+  c = make_micro_sodec_config(2)
+  m = build_model(c, nnx.Rngs(0))
+  x = jnp.asarray(load_photo("chelsea.png")[:64, :64][None] / 255.0, jnp.float32)
+
+  def loss(model):
+    return losses.sodec_loss(model(x, noise_key=jax.random.key(0)), x, 0, c)[0]
+  grads = nnx.grad(loss)(m)
+  flat = {"/".join(map(str, k)): np.asarray(v.value) for k, v in nnx.to_flat_state(grads)}
+  for name in ("codec/encoder", "codec/hyper_analysis", "codec/prior"):
+    assert all(not np.any(g) for k, g in flat.items() if k.startswith(name)), name
+  for name in ("codec/fidelity_decoder", "transform", "hyper_synthesis", "guidance_projection"):
+    assert any(np.any(g) for k, g in flat.items() if k.startswith(name)), name
+
+
+def _params(workdir, config):
+  m = build_model(config, nnx.Rngs(7))
+  checkpoints.restore_params(workdir, m)
+  return {"/".join(map(str, k)): np.asarray(v.value) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainable_set_is_the_stage_table(tmp_path, stage):
+  """One step of stage `stage` from a saved start: exactly the table's parameters change."""
+  c = make_micro_sodec_config(stage, **{"train.num_steps": 1, "train.checkpoint_every": 1})
+  start = tmp_path / "start"  # a checkpoint of the initial weights (what init_from copies)
+  c0 = make_micro_sodec_config(stage, **{"train.num_steps": 0})
+  m0 = build_model(c0, nnx.Rngs(c0.seed))
+  mngr = checkpoints.manager(str(start))
+  checkpoints.save(mngr, 0, nnx.to_pure_dict(nnx.state(m0, nnx.Param)), {"unused": np.zeros(1)}, c0)
+  mngr.close()
+  checkpoints.save_config(str(start), c0)
+  c.init_from = str(start)
+  train.train(c, str(tmp_path / "run"))
+  before, after = _params(str(start), c0), _params(str(tmp_path / "run"), c)
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  lora = {k for k in before if "/lora/" in k}
+  unet_base = {k for k in before if k.startswith("unet/") and k not in lora}
+  vae = {k for k in before if k.startswith("vae_decoder/")}
+  frozen_codec = {k for k in before if k.startswith(("codec/encoder", "codec/hyper_analysis", "codec/prior"))}
+  assert not changed & (unet_base | vae)                  # never trained
+  assert {k for k in lora if k.endswith("lora_b")} <= changed  # LoRA trains (B starts at zero)
+  assert any(k.startswith("transform/") for k in changed)
+  if stage == 2:
+    assert not changed & frozen_codec
+  else:
+    assert changed & frozen_codec
+
+
+def test_paper_config_without_weights_is_one_line(tmp_path):
+  import subprocess
+  import sys
+  from tests.conftest import ROOT
+  r = subprocess.run([sys.executable, "-m", "sodec_jax.train", "--config", "configs/stage2.py",
+                      "--workdir", str(tmp_path / "w"), "--config.loss.k_P=0"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 1
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and "convert/from_torch.py sd21" in lines[0], r.stderr
+  assert not (tmp_path / "w").exists()  # nothing written
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+  """A micro pipeline: pretrain -> stage1 -> stage2 -> finetune, 2 steps each."""
+  c = make_micro_sodec_config(1)
+  c.pipeline.stages = ("pretrain", "stage1", "stage2", "finetune")
+  small = {"data": {"crop_size": 64, "batch_size": 2}, "train": {"num_steps": 2, "checkpoint_every": 2}}
+  from ml_collections import ConfigDict
+  for name in c.pipeline.stages:
+    c.pipeline[name] = ConfigDict(small)
+  wd = str(tmp_path_factory.mktemp("pipe"))
+  train.train(c, wd)
+  return wd
+
+
+def test_pipeline_compresses_through_the_diffusion_decoder(pipeline_dir):
+  assert os.path.isfile(os.path.join(pipeline_dir, checkpoints.PIPELINE_FILE))
+  model = api.load_model(pipeline_dir)  # resolves to the final stage
+  assert model.decoder == bitstream.DECODER_DIFFUSION and model.config.stage == 4
+  image = load_photo("rocket.jpg")[:70, :90].copy()
+  data = api.compress(model, image)
+  assert api.read_header(data).decoder == bitstream.DECODER_DIFFUSION
+  out = api.decompress(model, data)
+  assert out.shape == (70, 90, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out, api.decompress(model, data))  # deterministic
+
+
+def test_codec_model_refuses_a_diffusion_file(pipeline_dir, tmp_path):
+  model = api.load_model(pipeline_dir)
+  data = api.compress(model, load_photo("astronaut.png")[:64, :64].copy())
+  codec_only = api.load_model(os.path.join(pipeline_dir, "1_stage1"))
+  with pytest.raises(SodecError, match="different model|diffusion"):
+    api.decompress(codec_only, data)
