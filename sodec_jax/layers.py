@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
@@ -66,10 +67,10 @@ class Conv2d(nnx.Module):
       top, bottom, left, right = self.padding
       conv_pad = ((top, bottom), (left, right))
     y = jax.lax.conv_general_dilated(
-        x, self.kernel.value.astype(self.dtype), (self.stride, self.stride), conv_pad,
+        x, self.kernel[...].astype(self.dtype), (self.stride, self.stride), conv_pad,
         dimension_numbers=_DIMS)
     if self.bias is not None:
-      y = y + self.bias.value.astype(self.dtype)
+      y = y + self.bias[...].astype(self.dtype)
     return y
 
 
@@ -92,15 +93,45 @@ class ConvTranspose2d(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    k, p, op = self.kernel_size, self.padding, self.output_padding
-    lo, hi = k - 1 - p, k - 1 - p + op
-    kernel = jnp.flip(self.kernel.value, axis=(0, 1)).astype(self.dtype)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel, (1, 1), ((lo, hi), (lo, hi)),
-        lhs_dilation=(self.stride, self.stride), dimension_numbers=_DIMS)
+    k, p, op, s = self.kernel_size, self.padding, self.output_padding, self.stride
+    x = x.astype(self.dtype)
+    if s > 1 and k - 2 * p + op == s:  # output is exactly s x the input: sub-pixel form
+      y = _subpixel_conv_transpose(x, self.kernel[...].astype(self.dtype), s, p)
+    else:
+      lo, hi = k - 1 - p, k - 1 - p + op
+      kernel = jnp.flip(self.kernel[...], axis=(0, 1)).astype(self.dtype)
+      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((lo, hi), (lo, hi)),
+                                       lhs_dilation=(s, s), dimension_numbers=_DIMS)
     if self.bias is not None:
-      y = y + self.bias.value.astype(self.dtype)
+      y = y + self.bias[...].astype(self.dtype)
     return y
+
+
+def _subpixel_conv_transpose(x: jax.Array, kernel: jax.Array, s: int, p: int) -> jax.Array:
+  """A stride-s transposed conv whose output is s x its input, as one stride-1 conv to s*s*O
+  channels plus a depth-to-space: no multiplications by the zeros a dilated input would hold.
+
+  Output phase r (0 <= r < s) of y[s*m + r] = sum_k w[k] x[m + (r + p - k) / s] over the taps k
+  with (r + p - k) divisible by s; all phases share one kernel of the offsets' span.
+  x [B, H, W, I], kernel [k, k, I, O] -> [B, s*H, s*W, O].
+  """
+  k, _, cin, cout = kernel.shape
+  taps = [[(kk, (r + p - kk) // s) for kk in range(k) if (r + p - kk) % s == 0] for r in range(s)]
+  offsets = [d for phase in taps for _, d in phase]
+  lo, hi = min(offsets), max(offsets)
+  span = hi - lo + 1
+  # Per axis: a [span, s, k] 0/1 matrix selecting which tap of w feeds (offset, phase).
+  sel = np.zeros((span, s, k), np.float32)
+  for r, phase in enumerate(taps):
+    for kk, d in phase:
+      sel[d - lo, r, kk] = 1.0
+  sel = jnp.asarray(sel, kernel.dtype)
+  # big[a, b, i, ra, rb, o] = sum_{kh, kw} sel[a, ra, kh] sel[b, rb, kw] w[kh, kw, i, o]
+  big = jnp.einsum("arh,bsw,hwio->abirso", sel, sel, kernel).reshape(span, span, cin, s * s * cout)
+  y = jax.lax.conv_general_dilated(x, big, (1, 1), ((-lo, hi), (-lo, hi)), dimension_numbers=_DIMS)
+  b, h, w, _ = y.shape
+  y = y.reshape(b, h, w, s, s, cout).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(b, h * s, w * s, cout)
 
 
 class ChannelNorm(nnx.Module):
@@ -122,7 +153,7 @@ class ChannelNorm(nnx.Module):
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.var(x32, axis=-1, keepdims=True, ddof=1)
     y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-    y = y * self.gamma.value.astype(jnp.float32) + self.beta.value.astype(jnp.float32)
+    y = y * self.gamma[...].astype(jnp.float32) + self.beta[...].astype(jnp.float32)
     return y.astype(self.dtype)
 
 

@@ -102,13 +102,13 @@ class FactorizedPrior(nnx.Module):
 
   def numpy_params(self) -> dict:
     """The parameters as float64 numpy arrays (for building coding tables on the host)."""
-    return {"matrices": [np.asarray(m.value, np.float64) for m in self.matrices],
-            "biases": [np.asarray(b.value, np.float64) for b in self.biases],
-            "factors": [np.asarray(a.value, np.float64) for a in self.factors]}
+    return {"matrices": [np.asarray(m[...], np.float64) for m in self.matrices],
+            "biases": [np.asarray(b[...], np.float64) for b in self.biases],
+            "factors": [np.asarray(a[...], np.float64) for a in self.factors]}
 
   def _params(self):
-    return {"matrices": [m.value for m in self.matrices], "biases": [b.value for b in self.biases],
-            "factors": [a.value for a in self.factors]}
+    return {"matrices": [m[...] for m in self.matrices], "biases": [b[...] for b in self.biases],
+            "factors": [a[...] for a in self.factors]}
 
   def likelihood(self, z: jax.Array, likelihood_bound: float = 1e-9) -> jax.Array:
     shape = z.shape

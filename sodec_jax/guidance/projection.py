@@ -64,15 +64,15 @@ class GuidanceProjection(nnx.Module):
   def __call__(self, features: jax.Array) -> jax.Array:
     b = features.shape[0]
     if self.mode == "fidelity":
-      h = features.astype(self.dtype) @ self.kernel.value.astype(self.dtype)
-      h = jnp.einsum("ot,btd->bod", self.token_map.value.astype(self.dtype), h)
-      return h + self.bias.value.astype(self.dtype)
+      h = features.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+      h = jnp.einsum("ot,btd->bod", self.token_map[...].astype(self.dtype), h)
+      return h + self.bias[...].astype(self.dtype)
     if self.mode == "hyperprior":
       grid = jax.image.resize(features.astype(jnp.float32), (b,) + HYPERPRIOR_GRID + features.shape[-1:],
                               method="linear", antialias=True)
       h = grid.reshape(b, -1, features.shape[-1]).astype(self.dtype)
-      return h @ self.kernel.value.astype(self.dtype) + self.bias.value.astype(self.dtype)
-    table = self.embedding.value if self.mode == "text" else self.context.value
+      return h @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+    table = self.embedding[...] if self.mode == "text" else self.context[...]
     return jnp.broadcast_to(table.astype(self.dtype), (b, self.tokens, self.width))
 
 

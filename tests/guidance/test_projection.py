@@ -22,7 +22,7 @@ def test_fidelity_mode_shape_and_initial_value():
   feats = jax.random.normal(jax.random.key(0), (2, 12, 8))
   c = proj(feats)
   assert c.shape == (2, 5, 16)
-  expect = np.einsum("ot,btd->bod", pooling_matrix(5, 12), np.asarray(feats) @ np.asarray(proj.kernel.value))
+  expect = np.einsum("ot,btd->bod", pooling_matrix(5, 12), np.asarray(feats) @ np.asarray(proj.kernel[...]))
   np.testing.assert_allclose(c, expect, rtol=1e-5, atol=1e-6)
   # c_g depends on the image features: different features, different guidance
   assert not np.allclose(proj(feats + 1.0), c)

@@ -1,0 +1,46 @@
+"""Layers with PyTorch semantics against torch itself (same random weights)."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from sodec_jax.layers import ChannelNorm, Conv2d, ConvTranspose2d
+
+
+@pytest.mark.parametrize("k,s,p,op", [(3, 2, 1, 1), (5, 2, 2, 1), (3, 1, 1, 0), (4, 2, 1, 0), (3, 2, 1, 0)])
+def test_conv_transpose_matches_torch(k, s, p, op):
+  """Covers the sub-pixel fast path (output = s x input) and the dilated general path."""
+  ours = ConvTranspose2d(6, 5, k, stride=s, padding=p, output_padding=op, rngs=nnx.Rngs(0))
+  ref = torch.nn.ConvTranspose2d(6, 5, k, stride=s, padding=p, output_padding=op)
+  with torch.no_grad():
+    ref.weight.copy_(torch.from_numpy(np.array(ours.kernel[...]).transpose(2, 3, 0, 1)))
+    ref.bias.copy_(torch.from_numpy(np.array(ours.bias[...])))
+  x = np.random.default_rng(0).normal(size=(2, 7, 9, 6)).astype(np.float32)
+  got = np.asarray(ours(jnp.asarray(x)))
+  want = ref(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode,pad", [("reflect", (1, 0, 0, 1)), ("zeros", 2), ("reflect", 3)])
+def test_conv_matches_torch(mode, pad):
+  ours = Conv2d(4, 6, 3, stride=2, padding=pad, padding_mode=mode, rngs=nnx.Rngs(1))
+  x = np.random.default_rng(1).normal(size=(1, 11, 10, 4)).astype(np.float32)
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
+  top, bottom, left, right = (pad,) * 4 if isinstance(pad, int) else pad
+  if mode == "reflect":
+    xt = torch.nn.functional.pad(xt, (left, right, top, bottom), mode="reflect")
+  else:
+    xt = torch.nn.functional.pad(xt, (left, right, top, bottom))
+  w = torch.from_numpy(np.array(ours.kernel[...]).transpose(3, 2, 0, 1))
+  want = torch.nn.functional.conv2d(xt, w, torch.from_numpy(np.array(ours.bias[...])), stride=2)
+  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), want.numpy().transpose(0, 2, 3, 1),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_channel_norm_closed_form():
+  x = np.random.default_rng(2).normal(size=(2, 3, 4, 8)).astype(np.float32)
+  y = np.asarray(ChannelNorm(8, eps=1e-3)(jnp.asarray(x)))
+  want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, ddof=1, keepdims=True) + 1e-3)
+  np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
