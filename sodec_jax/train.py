@@ -446,8 +446,12 @@ def run_pipeline(config, workdir: str) -> dict:
     print(f"=== pipeline stage {i + 1}/{len(names)}: {name} -> {os.path.join(workdir, sub)}")
     row = train(c, os.path.join(workdir, sub))
   minutes, seconds = divmod(int(time.time() - t0), 60)
-  print(f"pipeline done in {minutes}m{seconds:02d}s: {', '.join(dirs)} in {workdir}\n"
-        + _next_steps(workdir))
+  print(f"pipeline done in {minutes}m{seconds:02d}s: stages {', '.join(dirs)} in {workdir} "
+        f"(each: config.json, checkpoints/, {METRICS_FILE}, TensorBoard events); --checkpoint "
+        f"{workdir} means the last stage\nnext:\n"
+        f"  sodec compress photo.png out.sodec --checkpoint {workdir}\n"
+        f"  sodec decompress out.sodec out.png --checkpoint {workdir}\n"
+        f"  python -m sodec_jax.evaluate --checkpoint {workdir} --images FOLDER --out eval/")
   return row
 
 
