@@ -54,6 +54,7 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.errors import SodecError
+from sodec_jax.weights.strict import mismatch_summary
 from sodec_jax.layers import Conv2d
 
 UPSAMPLE = 16  # HiFiC's fixed context upsampling factor (nn.Upsample(scale_factor=16))
@@ -231,13 +232,6 @@ def load_hific_discriminator(state_dict: dict, disc: Discriminator, *,
   mapped = {r[0] for r in rows}
   unexpected = sorted(prefix + k for k in ours if k not in mapped)
   if missing or bad_shape or unexpected:
-    parts = []
-    if missing:
-      parts.append(f"missing {len(missing)}: {', '.join(missing[:20])}")
-    if unexpected:
-      parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:20])}")
-    if bad_shape:
-      parts.append(f"mis-shaped {len(bad_shape)}: {'; '.join(bad_shape[:20])}")
     hint = ""
     if not ours:
       hint = f" (no keys start with {prefix!r}; pass prefix='' for a bare discriminator dict)"
@@ -245,7 +239,7 @@ def load_hific_discriminator(state_dict: dict, disc: Discriminator, *,
       hint = (" (check latent_channels, filters and context_channels against the checkpoint's "
               "args)")
     raise SodecError("HiFiC discriminator state dict does not match" + hint + ": "
-                     + " | ".join(parts))
+                     + mismatch_summary(missing, unexpected, bad_shape))
   for path, value in updates.items():
     flat[path].set_value(jnp.asarray(value))
   nnx.update(disc, nnx.from_flat_state(flat))

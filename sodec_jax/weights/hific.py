@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.errors import SodecError
+from sodec_jax.weights.strict import mismatch_summary
 
 
 def _conv(rows, torch_prefix, path, kind="conv"):
@@ -118,20 +119,14 @@ def load_hific_state_dict(state_dict: dict, model, model_cfg, *,
   ignored = sorted(k for k in state_dict if k not in mapped and k.startswith(tuple(ignore_prefixes)))
   unexpected = sorted(k for k in state_dict if k not in mapped and k not in ignored)
   if missing or bad_shape or unexpected:
-    parts = []
-    if missing:
-      parts.append(f"missing {len(missing)}: {', '.join(missing[:20])}")
-    if unexpected:
-      parts.append(f"unexpected {len(unexpected)}: {', '.join(unexpected[:20])}")
-    if bad_shape:
-      parts.append(f"mis-shaped {len(bad_shape)}: {'; '.join(bad_shape[:20])}")
     hint = ""
     if not any(k.startswith(("Encoder.", "Generator.", "Hyperprior.")) for k in state_dict):
       hint = " (this does not look like a HiFiC checkpoint: no Encoder./Generator./Hyperprior. keys)"
     elif bad_shape:
       hint = (" (check the model config: latent_channels, hyper_channels, encoder/decoder filters, "
               "decoder_residual_blocks must match the checkpoint's args)")
-    raise SodecError("HiFiC state dict does not match the codec" + hint + ": " + " | ".join(parts))
+    raise SodecError("HiFiC state dict does not match the codec" + hint + ": "
+                     + mismatch_summary(missing, unexpected, bad_shape))
   for path, value in updates.items():
     flat[path].value = value
   nnx.update(model, nnx.from_flat_state(flat))
