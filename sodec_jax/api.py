@@ -122,10 +122,35 @@ def load_model(checkpoint_dir: str, step: int | None = None) -> LoadedModel:
   if not os.path.isdir(checkpoint_dir):
     raise SodecError(f"checkpoint directory {checkpoint_dir!r} does not exist: pass the --workdir "
                      "a training run wrote (e.g. runs/tiny)")
+  if os.path.isfile(os.path.join(checkpoint_dir, "manifest.json")):
+    return _load_converted_codec(checkpoint_dir)
   config = checkpoints.load_config(checkpoint_dir)
   model = build_model(config, nnx.Rngs(0), pretrained=False)  # weights come from the checkpoint
   restored_step = checkpoints.restore_params(checkpoint_dir, model, step=step)
   return prepare(config, model, restored_step)
+
+
+def _load_converted_codec(folder: str) -> LoadedModel:
+  """A `convert/from_torch.py hific` folder is a complete codec (D_a decoder)."""
+  import importlib.util
+  from sodec_jax.weights import converted
+  kind = converted.read_manifest(folder).get("kind")
+  if kind != "hific":
+    raise SodecError(f"{folder} holds converted {kind!r} weights, not a codec: pass a training "
+                     "workdir or a `convert/from_torch.py hific` folder")
+  base = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py")
+  if not os.path.isfile(base):
+    raise SodecError(f"loading a converted codec needs the repository's configs/base.py ({base})")
+  spec = importlib.util.spec_from_file_location("_sodec_base_config", base)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in converted.load_codec_config(folder).items():
+    if key in config.model:
+      config.model[key] = tuple(value) if isinstance(value, list) else value
+  model = build_model(config, nnx.Rngs(0), pretrained=False)
+  converted.load_codec_params(folder, model)
+  return prepare(config, model, 0)
 
 
 # --------------------------------------------------------------------------- images <-> tensors

@@ -163,3 +163,29 @@ def test_hific_errors(checkpoint, tmp_path):
   other.model.latent_channels = 24
   with pytest.raises(SodecError, match="latent_channels=16"):
     converted.load_codec_params(out, build_model(other, nnx.Rngs(0)))
+
+
+def test_converted_hific_is_a_complete_codec(checkpoint, tmp_path):
+  """`--checkpoint CONVERTED_DIR` works directly and reproduces the PyTorch code's reconstruction
+  (an image whose sides are multiples of 64, so no padding is involved)."""
+  from sodec_jax import api
+  path, ref = checkpoint
+  out = convert.convert_hific(path, str(tmp_path / "hific"))
+  model = api.load_model(out)
+  image = np.ascontiguousarray(load_photo("astronaut.png")[128:256, 192:384])
+  decoded = api.decompress(model, api.compress(model, image))
+  x = image.astype(np.float32)[None] / 255.0
+  with torch.no_grad():
+    y = ref.Encoder(_nchw(x))
+    mu, _ = ref.Hyperprior.prior(torch.round(ref.Hyperprior.analysis_net(y)))
+    x_ref = ref.Generator(torch.round(y - mu) + mu).clamp(0, 1)
+  want = np.round(_nhwc(x_ref)[0] * 255.0)
+  assert np.abs(decoded.astype(np.float64) - want).max() <= 1.0
+  import json
+  from sodec_jax.errors import SodecError
+  manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+  other = tmp_path / "vit"
+  other.mkdir()
+  (other / "manifest.json").write_text(json.dumps(dict(manifest, kind="vit", components=[])))
+  with pytest.raises(SodecError, match="not a codec"):
+    api.load_model(str(other))
