@@ -255,6 +255,24 @@ def load_discriminator_arrays(folder: str) -> dict | None:
   return jax.tree.map(np.asarray, tree)
 
 
+def load_discriminator(folder: str, disc) -> None:
+  """Copies a converted HiFiC discriminator (OUT/discriminator/) into our `Discriminator`
+  (strictly, through sodec_jax.discriminator.load_hific_discriminator's key map)."""
+  from sodec_jax.discriminator import load_hific_discriminator
+  arrays = load_discriminator_arrays(folder)
+  if arrays is None:
+    raise SodecError(f"{folder} has no discriminator/ (the HiFiC checkpoint held none)")
+  names = {"sn_u": "weight_u", "sn_v": "weight_v", "bias": "bias"}
+  state = {}
+  for layer, leaves in arrays.items():
+    for leaf, a in leaves.items():
+      if leaf == "kernel":  # back to torch's [O, I, kh, kw] under its spectral-norm name
+        state[f"{layer}.{'weight_orig' if 'sn_u' in leaves else 'weight'}"] = a.transpose(3, 2, 0, 1)
+      else:
+        state[f"{layer}.{names[leaf]}"] = a
+  load_hific_discriminator(state, disc, prefix="")
+
+
 def _vgg_state(tree: dict) -> dict:
   out = {}
   for k, v in tree.items():

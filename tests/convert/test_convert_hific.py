@@ -189,3 +189,18 @@ def test_converted_hific_is_a_complete_codec(checkpoint, tmp_path):
   (other / "manifest.json").write_text(json.dumps(dict(manifest, kind="vit", components=[])))
   with pytest.raises(SodecError, match="not a codec"):
     api.load_model(str(other))
+
+
+def test_converted_discriminator_loads_into_ours(checkpoint, tmp_path):
+  """The converted discriminator/ fills our Discriminator exactly as the torch state dict does."""
+  from sodec_jax.discriminator import Discriminator, load_hific_discriminator
+  path, ref = checkpoint
+  out = convert.convert_hific(path, str(tmp_path / "hific"))
+  c = micro_codec_config().model.latent_channels
+  via_file = Discriminator(c, filters=(8, 8, 16, 16), rngs=nnx.Rngs(0))
+  converted.load_discriminator(out, via_file)
+  direct = Discriminator(c, filters=(8, 8, 16, 16), rngs=nnx.Rngs(1))
+  load_hific_discriminator({k: v.numpy() for k, v in ref.state_dict().items()}, direct)
+  a, b = nnx.to_flat_state(nnx.state(via_file)), dict(nnx.to_flat_state(nnx.state(direct)))
+  for k, v in a:
+    np.testing.assert_array_equal(np.asarray(v.get_value()), np.asarray(b[k].get_value()))
