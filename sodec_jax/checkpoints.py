@@ -133,9 +133,12 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def manager(workdir: str, keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
-  """The orbax CheckpointManager of WORKDIR/checkpoints (synchronous, atomic saves)."""
+  """The orbax CheckpointManager of WORKDIR/checkpoints (synchronous, atomic saves).
+
+  Only the writer (create=True: training) removes leftover temporaries of interrupted saves; a
+  reader (create=False) must not, since they may be the save a running training is writing."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=create, cleanup_tmp_directories=True,
+      max_to_keep=keep, create=create, cleanup_tmp_directories=create,
       enable_async_checkpointing=False)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -294,6 +296,33 @@ def _next_steps(workdir: str) -> str:
 
 # --- the loop -----------------------------------------------------------------------------------
 
+class Preempted(Exception):
+  """SIGTERM (preemption) stopped training after a checkpoint at `step` was saved."""
+
+  def __init__(self, step: int, workdir: str):
+    self.step, self.workdir = step, workdir
+    super().__init__(f"SIGTERM: saved a checkpoint at step {step} in {workdir} and stopped; "
+                     "rerun the same command to resume")
+
+
+class _StopFlag:
+  """Installs a SIGTERM handler (main thread only) that sets `.set`; the loop saves a checkpoint
+  at the end of the current step and stops. `restore()` puts the previous handler back."""
+
+  def __init__(self):
+    self.set, self._old = False, None
+    if threading.current_thread() is threading.main_thread():
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.set = True
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+      self._old = None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) in `workdir`; returns the last logged metrics row."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -353,8 +382,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   max_bad = int(config.train.get("max_nonfinite_steps", 3))
   bad, sums, count, times, row = 0, {}, 0, [], {"step": start}
   t_start = time.time()
+  stop = _StopFlag()
+
+  def save(done):
+    extra = state["opt_state"] if "disc" not in state else \
+        {"model": state["opt_state"], "disc": state["disc"]}
+    checkpoints.save(mngr, done, merge_pure(state["params"], frozen), extra, config)
+
   try:
     for step in range(start, num_steps):
+      if stop.set:  # preemption: `state` holds `step` updates; save it (unless saved) and stop
+        if mngr.latest_step() != step:
+          save(step)
+        raise Preempted(step, workdir)
       batch = next(batches)
       t0 = time.perf_counter()
       state, metrics = train_step(state, consts, batch, jnp.asarray(step, jnp.int32))
@@ -386,10 +426,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.write(row)
         sums, count, times = {}, 0, []
       if done % config.train.checkpoint_every == 0 or done == num_steps:
-        extra = state["opt_state"] if "disc" not in state else \
-            {"model": state["opt_state"], "disc": state["disc"]}
-        checkpoints.save(mngr, done, merge_pure(state["params"], frozen), extra, config)
+        save(done)
   finally:
+    stop.restore()
     bar.close()
     log.close()
     mngr.close()
@@ -528,11 +567,20 @@ def main(argv=None) -> int:
   except _UsageError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2
+  return run(config, workdir)
+
+
+def run(config, workdir: str) -> int:
+  """train() with the command line's exit codes: 0 done or preempted (SIGTERM, checkpoint
+  saved), 1 a SodecError, 130 Ctrl-C; messages go to stderr."""
   try:
     train(config, workdir)
   except SodecError as err:
     print(f"error: {err}", file=sys.stderr)
     return 1
+  except Preempted as err:
+    print(str(err), file=sys.stderr)
+    return 0
   except KeyboardInterrupt:
     print(f"\ninterrupted; rerun the same command to resume from the last checkpoint in "
           f"{workdir}", file=sys.stderr)
