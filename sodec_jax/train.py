@@ -149,8 +149,31 @@ def make_discriminator(config):
   return graphdef, {"params": params, "spectral": spectral, "opt_state": tx.init(params)}, tx
 
 
+DATA_AXIS = "data"
+
+
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """A 1-D Mesh over all devices (axis 'data'); config.data.batch_size is the global batch and
+  each device gets batch_size / device count of it (a SodecError when that does not divide)."""
+  devices = jax.devices() if devices is None else list(devices)
+  n, b = len(devices), int(config.data.batch_size)
+  if b % n:
+    raise SodecError(
+        f"config.data.batch_size={b} is the global batch and must divide over the {n} devices "
+        f"(per-device batch = global batch / device count): use a multiple of {n}, e.g. "
+        f"--config.data.batch_size={max(n, b // n * n)}")
+  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def shardings(mesh: jax.sharding.Mesh):
+  """(replicated, batch) NamedShardings: params, optimizer state, constants and the step are
+  replicated on every device; a batch is split over 'data' along its leading axis."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+
+
 def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc_graphdef=None,
-                    disc_tx=None):
+                    disc_tx=None, mesh=None):
   """The jitted update: (state, consts, batch, step) -> (state, metrics); `state` is donated.
 
   state = {'params': pure dict of the trainable nnx.Params, 'opt_state': optax state, and in
@@ -161,6 +184,8 @@ def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc
             non-Param variables; the LPIPS state or None): never trained.
   batch: uint8 [B, H, W, 3]. The noise key of step s is fold_in(key(seed), s).
   A non-finite loss or gradient leaves the state unchanged (metrics['finite'] is False).
+  mesh (make_mesh): explicit shardings, state/consts/step replicated and the batch split over
+  'data'; the metrics come back replicated. None: plain jit on the default device.
   """
 
   def train_step(state, consts, batch, step):
@@ -218,7 +243,11 @@ def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc
                    learning_rate=lr_schedule(step), finite=finite)
     return new_state, metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=0)
+  rep, batch = shardings(mesh)
+  return jax.jit(train_step, donate_argnums=0, in_shardings=(rep, rep, batch, rep),
+                 out_shardings=(rep, rep))
 
 
 def _psnr(x, y):
@@ -330,6 +359,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.get("pipeline") and config.pipeline.stages:
     return run_pipeline(config, workdir)
   validate_config(config)
+  mesh = make_mesh(config)  # before anything is written: the batch must divide over the devices
   lpips_graphdef, lpips_state = load_lpips(config)
   paths = data.list_images(config.data.train_dir)
   prepare_workdir(config, workdir)
@@ -372,9 +402,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if disc_graphdef is not None:
     state = {"params": params, "opt_state": opt_state["model"], "disc": opt_state["disc"]}
 
+  rep_sharding, batch_sharding = shardings(mesh)
+  if mesh.size > 1:
+    print(f"data parallel over {mesh.size} devices: {config.data.batch_size // mesh.size} "
+          f"images per device (global batch {config.data.batch_size})")
   train_step = make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef, disc_graphdef,
-                               disc_tx)
-  consts = (frozen, rest, lpips_state)
+                               disc_tx, mesh=mesh)
+  state = jax.device_put(state, rep_sharding)
+  consts = jax.device_put((frozen, rest, lpips_state), rep_sharding)
+  frozen = consts[0]
   batches = data.train_iterator(config, start, paths)
   log = MetricsLog(workdir, start)
   bar = tqdm(total=num_steps, initial=start, disable=not config.train.progress,
@@ -395,9 +431,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if mngr.latest_step() != step:
           save(step)
         raise Preempted(step, workdir)
-      batch = next(batches)
+      batch = jax.device_put(next(batches), batch_sharding)
       t0 = time.perf_counter()
-      state, metrics = train_step(state, consts, batch, jnp.asarray(step, jnp.int32))
+      state, metrics = train_step(state, consts, batch, np.int32(step))
       metrics = jax.device_get(metrics)
       if step > start:  # the first step of a run includes compilation
         times.append(time.perf_counter() - t0)
