@@ -41,6 +41,7 @@ def get_config():
   c.train.num_steps = 1000
   c.train.log_every = 50
   c.train.checkpoint_every = 250
+  c.train.sample_every = 250                         # samples/step_<n>.png: original | x_f | x_hat
   # the diffusion decoder at small widths (used from stage 2 on)
   c.diffusion.unet = "tiny"
   c.diffusion.vae = "tiny"

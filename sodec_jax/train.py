@@ -250,6 +250,36 @@ def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc
                  out_shardings=(rep, rep))
 
 
+SAMPLES_DIR = "samples"
+
+
+def make_sample_fn(graphdef, config):
+  """jitted (params, consts, uint8 batch) -> (x_f, x_hat) as uint8, the model at inference
+  (train=False; the pretraining stage has no x_f and shows its reconstruction twice)."""
+
+  def sample(params, consts, batch):
+    frozen, rest, _ = consts
+    model = nnx.merge(graphdef, params, frozen, rest)
+    x = batch.astype(jnp.float32) / 255.0
+    out = model(x, noise_key=jax.random.key(config.seed), train=False)
+    to_u8 = lambda v: jnp.round(jnp.clip(v, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+    return to_u8(out.get("x_f", out["x_hat"])), to_u8(out["x_hat"])
+
+  return jax.jit(sample)
+
+
+def save_sample_grid(path: str, original, x_f, x_hat) -> str:
+  """PNG with one row per image: original | x_f | x_hat (uint8 [B, H, W, 3] each)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  rows = [np.concatenate([np.asarray(a[i]) for a in (original, x_f, x_hat)], axis=1)
+          for i in range(len(original))]
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.png"
+  Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
+  os.replace(tmp, path)
+  return path
+
+
 def _psnr(x, y):
   from sodec_jax.metrics import psnr  # pylint: disable=import-outside-toplevel
   return psnr(x, y)
@@ -415,6 +445,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log = MetricsLog(workdir, start)
   bar = tqdm(total=num_steps, initial=start, disable=not config.train.progress,
              dynamic_ncols=True, desc=f"{config.name} stage {config.stage}")
+  sample_every = int(config.train.get("sample_every", 0))
+  sample_fn = make_sample_fn(graphdef, config) if sample_every else None
   max_bad = int(config.train.get("max_nonfinite_steps", 3))
   bad, sums, count, times, row = 0, {}, 0, [], {"step": start}
   t_start = time.time()
@@ -431,7 +463,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if mngr.latest_step() != step:
           save(step)
         raise Preempted(step, workdir)
-      batch = jax.device_put(next(batches), batch_sharding)
+      host_batch = next(batches)
+      batch = jax.device_put(host_batch, batch_sharding)
       t0 = time.perf_counter()
       state, metrics = train_step(state, consts, batch, np.int32(step))
       metrics = jax.device_get(metrics)
@@ -461,6 +494,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           row["step_time"] = float(np.mean(times))
         log.write(row)
         sums, count, times = {}, 0, []
+      if sample_every and done % sample_every == 0 and log.enabled:
+        x_f, x_hat = jax.device_get(sample_fn(state["params"], consts, host_batch[:2]))
+        save_sample_grid(os.path.join(workdir, SAMPLES_DIR, f"step_{done}.png"), host_batch[:2],
+                         x_f, x_hat)
       if done % config.train.checkpoint_every == 0 or done == num_steps:
         save(done)
   finally:

@@ -36,6 +36,7 @@ def make_micro_config(**overrides):
   c.train.log_every = 1
   c.train.checkpoint_every = 2
   c.train.progress = False
+  c.train.sample_every = 0                           # no sample grids unless a test asks
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")

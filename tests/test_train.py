@@ -131,3 +131,14 @@ def test_non_finite_loss_skips_updates_then_stops(tmp_path, monkeypatch):
     train.train(c, str(tmp_path))
   assert checkpoints.latest_step(str(tmp_path)) == 2
   assert [r["step"] for r in _rows(str(tmp_path))] == [1, 2]
+
+
+def test_sample_grids(tmp_path):
+  c = make_micro_config(**{"train.num_steps": 4, "train.sample_every": 2})
+  train.train(c, str(tmp_path))
+  from PIL import Image
+  names = sorted(os.listdir(tmp_path / train.SAMPLES_DIR))
+  assert names == ["step_2.png", "step_4.png"]
+  img = np.asarray(Image.open(tmp_path / train.SAMPLES_DIR / "step_4.png"))
+  assert img.shape == (2 * 64, 3 * 64, 3) and img.dtype == np.uint8
+  assert img[:, :64].std() > 0 and img[:, 128:].std() > 0  # the photo and a reconstruction
