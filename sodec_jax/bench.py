@@ -6,6 +6,8 @@
   --what unet|vae  jitted SD 2.1 UNet / VAE decoder latency (sodec_jax.diffusion.benchmark).
   --what codec     jitted codec encode/decode latency per stage, batch 1/8 throughput, optional
                    PyTorch reference (sodec_jax.benchmarks.codec).
+  --what train     one training step of --config configs/<experiment>.py on 1 and N devices:
+                   compile time, step time, images/s, FLOPs, MFU, memory (sodec_jax.benchmarks.train).
 
 Times are medians over --repeats calls after --warmup calls; compilation is reported apart.
 """
@@ -84,14 +86,17 @@ def run_entropy(args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m sodec_jax.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--what", required=True, choices=["entropy", "unet", "vae", "codec"])
+  p.add_argument("--what", required=True, choices=["entropy", "unet", "vae", "codec", "train"])
   p.add_argument("--checkpoint", default="", help="a training workdir (default: random weights)")
   p.add_argument("--size", type=int, default=512, help="image side for unet/vae (latent = size/8)")
   p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | all")
   p.add_argument("--reference", default="", choices=["", "torch"], help="also time the PyTorch reference")
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--config", default="", help="unet/vae: a diffusers-style config.json (default SD 2.1)")
+  p.add_argument("--config", default="", help="unet/vae: a diffusers-style config.json (default SD 2.1); "
+                 "train: an experiment config, configs/<name>.py")
+  p.add_argument("--devices", default="", help="train: device counts to time, e.g. 1,4 (default 1 and all)")
+  p.add_argument("--peak_tflops", type=float, default=0.0, help="train: device peak TFLOP/s for MFU")
   return p
 
 
@@ -105,6 +110,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.what == "entropy":
     run_entropy(args)
+  elif args.what == "train":  # one training step on 1 and N devices (sodec_jax/benchmarks/train.py)
+    from sodec_jax.benchmarks import train as train_benchmark
+    train_benchmark.run_train(args)
   elif args.what == "codec":  # jitted encode/decode latency per stage (sodec_jax/benchmarks/codec.py)
     from sodec_jax.benchmarks import codec as codec_benchmark
     codec_benchmark.run_codec(args)

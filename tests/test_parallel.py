@@ -63,3 +63,14 @@ def test_four_devices_follow_the_one_device_loss_curve(tmp_path):
       worst = max(worst, rel)
       assert rel <= 1e-3, (k, r1["step"], r1[k], r4[k])
   print(f"1 vs 4 devices: largest relative difference {worst:.3g} over 5 steps")
+
+
+def test_bench_train_reports_step_time_flops_and_memory():
+  from sodec_jax.benchmarks import train as train_bench
+  from tests.conftest import make_micro_config
+  (r,) = train_bench.bench_train(make_micro_config(), [1], repeats=2, warmup=1)
+  assert r["devices"] == 1 and r["global_batch"] == r["per_device_batch"] == 2
+  assert r["compile_s"] > 0 and r["step_s"] > 0
+  assert r["images_per_s"] == pytest.approx(2 / r["step_s"])
+  assert r["flops_per_step"] > 1e6 and r["compiled_bytes"] > 0
+  assert r["mfu"] is None  # no --peak_tflops given
