@@ -129,6 +129,12 @@ def get_config() -> ml_collections.ConfigDict:
   # stage table of DESIGN.md is data here). Everything else is frozen and not in the optimizer.
   c.train.trainable = ("codec/.*",)
 
+  # Multi-host training: jax.distributed.initialize(coordinator_address, num_processes,
+  # process_id); "" = from the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  # JAX_PROCESS_ID), and one process when that is unset too.
+  c.distributed = ml_collections.ConfigDict(
+      {"coordinator_address": "", "num_processes": 0, "process_id": -1})
+
   # Start from earlier stages: comma-separated workdirs whose params are copied where the path
   # and shape match (later dirs win). The frozen SD/extractor weights come from their own paths.
   c.init_from = ""

@@ -55,7 +55,8 @@ ITEMS = ("params", "opt_state", "meta")
 RESUME_IGNORED = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.allow_config_change", "train.sample_every", "data.worker_count",
-    "data.cache_mb",
+    "data.cache_mb", "distributed.coordinator_address", "distributed.num_processes",
+    "distributed.process_id",
 )
 
 
@@ -193,14 +194,16 @@ def restore(mngr: ocp.CheckpointManager, step: int, params, opt_state, workdir: 
 
 
 def latest_step(workdir: str) -> int | None:
-  """The last complete checkpoint step in WORKDIR/checkpoints, or None."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  """The last complete checkpoint step in WORKDIR/checkpoints, or None.
+
+  Read from the directory names alone (orbax renames `<step>.orbax-checkpoint-tmp-*` to
+  `<step>` once a save is complete), without a CheckpointManager: constructing one is a
+  collective in a multi-process run, and this is called where processes may not all be."""
+  d = checkpoint_dir(workdir)
+  if not os.path.isdir(d):
     return None
-  mngr = manager(workdir, create=False)
-  try:
-    return mngr.latest_step()
-  finally:
-    mngr.close()
+  steps = [int(n) for n in os.listdir(d) if n.isdigit() and os.path.isdir(os.path.join(d, n))]
+  return max(steps) if steps else None
 
 
 def restore_params(workdir: str, model: nnx.Module, step: int | None = None) -> int:

@@ -185,21 +185,42 @@ class CropLoader:
     raise SodecError(f"none of the {n} training images could be decoded")
 
 
+class _ProcessRows:
+  """Position k of one process's stream -> the global example index: process p of P reads rows
+  [p * B/P, (p + 1) * B/P) of every global batch of B (picklable for grain workers)."""
+
+  def __init__(self, batch: int, process_index: int, process_count: int):
+    self.b, self.local, self.offset = batch, batch // process_count, process_index * (batch // process_count)
+
+  def __call__(self, k: int) -> int:
+    k = int(k)
+    return (k // self.local) * self.b + self.offset + k % self.local
+
+
 def train_dataset(config, start_step: int = 0, paths: Sequence[str] | None = None,
-                  ) -> grain.MapDataset:
-  """MapDataset whose element k is the uint8 batch [B, crop, crop, 3] of step start_step + k."""
+                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """MapDataset whose element k is the uint8 batch [B, crop, crop, 3] of step start_step + k;
+  with process_count P > 1, this process's rows of it: [B/P, crop, crop, 3] (B must divide)."""
   d = config.data
   if paths is None:
     paths = list_images(d.train_dir)
   loader = CropLoader(paths, d.crop_size, config.seed, d.hflip, d.get("cache_mb", 1024))
   b = d.batch_size
   end = max(int(config.train.num_steps), start_step)
-  return grain.MapDataset.range(start_step * b, end * b).map(loader).batch(b)
+  if process_count == 1:
+    return grain.MapDataset.range(start_step * b, end * b).map(loader).batch(b)
+  if b % process_count:
+    raise SodecError(f"config.data.batch_size={b} does not divide over {process_count} processes")
+  local = b // process_count
+  rows = _ProcessRows(b, process_index, process_count)
+  return grain.MapDataset.range(start_step * local, end * local).map(rows).map(loader).batch(local)
 
 
-def train_iterator(config, start_step: int = 0, paths: Sequence[str] | None = None):
-  """An iterator over the batches of steps start_step, start_step + 1, ... (prefetched)."""
-  ds = train_dataset(config, start_step, paths)
+def train_iterator(config, start_step: int = 0, paths: Sequence[str] | None = None,
+                   process_index: int = 0, process_count: int = 1):
+  """An iterator over the batches of steps start_step, start_step + 1, ... (prefetched); with
+  process_count > 1, this process's share of each global batch (train_dataset)."""
+  ds = train_dataset(config, start_step, paths, process_index, process_count)
   workers = int(config.data.worker_count)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if workers == 0 else 1,
                                             prefetch_buffer_size=4))

@@ -150,6 +150,38 @@ def make_discriminator(config):
 
 
 DATA_AXIS = "data"
+_DISTRIBUTED = []  # set once jax.distributed is initialized (a pipeline calls train() per stage)
+
+
+def init_distributed(config) -> bool:
+  """Multi-host: jax.distributed.initialize() from config.distributed, else the environment
+  (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); neither set: one process.
+  Must run before anything touches a JAX device; returns whether this is a multi-process run."""
+  if _DISTRIBUTED:
+    return True
+  d = config.get("distributed") or ml_collections.ConfigDict()
+  addr = d.get("coordinator_address", "") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+  if not addr:
+    return False
+  n = int(d.get("num_processes", 0) or os.environ.get("JAX_NUM_PROCESSES", 0))
+  pid = int(d.get("process_id", -1))
+  pid = pid if pid >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
+  if n < 1 or not 0 <= pid < n:
+    raise SodecError(f"multi-host training at {addr} needs the process count and this process's "
+                     "id: --config.distributed.num_processes=N --config.distributed.process_id=I "
+                     "(or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
+  jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
+  _DISTRIBUTED.append((addr, n, pid))
+  return True
+
+
+def _replicate(tree, sharding):
+  """Host values -> global arrays replicated on every device of `sharding` (all processes)."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                             lambda idx, v=np.asarray(x): v[idx]), tree)
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
@@ -310,7 +342,8 @@ def prepare_workdir(config, workdir: str) -> None:
             f"{'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}); use another --workdir, "
             "or pass --config.train.allow_config_change=True to resume with the new one")
       print(f"resuming {workdir} with a changed config: {'; '.join(diff)}", file=sys.stderr)
-  checkpoints.save_config(workdir, config)
+  if jax.process_index() == 0:
+    checkpoints.save_config(workdir, config)
 
 
 class MetricsLog:
@@ -386,6 +419,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) in `workdir`; returns the last logged metrics row."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
+  init_distributed(config)
   if config.get("pipeline") and config.pipeline.stages:
     return run_pipeline(config, workdir)
   validate_config(config)
@@ -438,14 +472,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"images per device (global batch {config.data.batch_size})")
   train_step = make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef, disc_graphdef,
                                disc_tx, mesh=mesh)
-  state = jax.device_put(state, rep_sharding)
-  consts = jax.device_put((frozen, rest, lpips_state), rep_sharding)
+  state = _replicate(state, rep_sharding)
+  consts = _replicate((frozen, rest, lpips_state), rep_sharding)
   frozen = consts[0]
-  batches = data.train_iterator(config, start, paths)
+  # each process loads its rows of every global batch; the arrays span all processes' devices
+  batches = data.train_iterator(config, start, paths, jax.process_index(), jax.process_count())
   log = MetricsLog(workdir, start)
-  bar = tqdm(total=num_steps, initial=start, disable=not config.train.progress,
+  bar = tqdm(total=num_steps, initial=start,
+             disable=not config.train.progress or jax.process_index() != 0,
              dynamic_ncols=True, desc=f"{config.name} stage {config.stage}")
-  sample_every = int(config.train.get("sample_every", 0))
+  sample_every = int(config.train.get("sample_every", 0)) if jax.process_count() == 1 else 0
   sample_fn = make_sample_fn(graphdef, config) if sample_every else None
   max_bad = int(config.train.get("max_nonfinite_steps", 3))
   bad, sums, count, times, row = 0, {}, 0, [], {"step": start}
@@ -464,7 +500,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
           save(step)
         raise Preempted(step, workdir)
       host_batch = next(batches)
-      batch = jax.device_put(host_batch, batch_sharding)
+      batch = jax.make_array_from_process_local_data(batch_sharding, host_batch)
       t0 = time.perf_counter()
       state, metrics = train_step(state, consts, batch, np.int32(step))
       metrics = jax.device_get(metrics)
