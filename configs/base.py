@@ -124,6 +124,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.progress = True
   c.train.max_nonfinite_steps = 3                    # stop after this many in a row
   c.train.sample_every = 0                           # WORKDIR/samples/step_<n>.png (0 = off)
+  c.train.fsdp = 1                                   # >1: shard params + optimizer state over that many devices
   c.train.allow_config_change = False                # resume a workdir with a different config
   # Which parameters train: regexes over '/'-joined nnx paths of the model's nnx.Params (the
   # stage table of DESIGN.md is data here). Everything else is frozen and not in the optimizer.

@@ -54,7 +54,7 @@ ITEMS = ("params", "opt_state", "meta")
 # Config fields that do not change what training computes: they may differ on resume.
 RESUME_IGNORED = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.progress", "train.allow_config_change", "train.sample_every", "data.worker_count",
+    "train.progress", "train.allow_config_change", "train.sample_every", "train.fsdp", "data.worker_count",
     "data.cache_mb", "distributed.coordinator_address", "distributed.num_processes",
     "distributed.process_id",
 )

@@ -175,37 +175,68 @@ def init_distributed(config) -> bool:
   return True
 
 
-def _replicate(tree, sharding):
-  """Host values -> global arrays replicated on every device of `sharding` (all processes)."""
+def _place(tree, sharding):
+  """Host values -> global arrays with `sharding` (one, or a tree of them like `tree`), on every
+  device of every process."""
   if jax.process_count() == 1:
     return jax.device_put(tree, sharding)
+  if isinstance(sharding, jax.sharding.Sharding):
+    sharding = jax.tree.map(lambda _: sharding, tree)
   return jax.tree.map(
-      lambda x: jax.make_array_from_callback(np.shape(x), sharding,
-                                             lambda idx, v=np.asarray(x): v[idx]), tree)
+      lambda x, sh: jax.make_array_from_callback(np.shape(x), sh,
+                                                 lambda idx, v=np.asarray(x): v[idx]),
+      tree, sharding)
+
+
+FSDP_AXIS = "fsdp"
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
-  """A 1-D Mesh over all devices (axis 'data'); config.data.batch_size is the global batch and
-  each device gets batch_size / device count of it (a SodecError when that does not divide)."""
+  """A Mesh over all devices: axis 'data', or ('data', 'fsdp') when config.train.fsdp > 1
+  (parameters and optimizer state sharded over 'fsdp', see param_sharding). The batch is split
+  over every device either way: config.data.batch_size is the global batch and each device
+  gets batch_size / device count of it (a SodecError when that does not divide)."""
   devices = jax.devices() if devices is None else list(devices)
   n, b = len(devices), int(config.data.batch_size)
+  f = int(config.train.get("fsdp", 1))
+  if f < 1 or n % f:
+    raise SodecError(f"config.train.fsdp={f} must be >= 1 and divide the {n} devices")
   if b % n:
     raise SodecError(
         f"config.data.batch_size={b} is the global batch and must divide over the {n} devices "
         f"(per-device batch = global batch / device count): use a multiple of {n}, e.g. "
         f"--config.data.batch_size={max(n, b // n * n)}")
-  return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+  if f == 1:
+    return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
+  return jax.sharding.Mesh(np.asarray(devices).reshape(n // f, f), (DATA_AXIS, FSDP_AXIS))
 
 
 def shardings(mesh: jax.sharding.Mesh):
-  """(replicated, batch) NamedShardings: params, optimizer state, constants and the step are
-  replicated on every device; a batch is split over 'data' along its leading axis."""
+  """(replicated, batch) NamedShardings: the step (and, without 'fsdp', params, optimizer state
+  and constants) replicated on every device; a batch split over all devices on its leading axis."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
-  return NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+  return NamedSharding(mesh, P()), NamedSharding(mesh, P(tuple(mesh.axis_names)))
+
+
+def param_sharding(mesh: jax.sharding.Mesh, tree):
+  """A tree of NamedShardings like `tree`: with an 'fsdp' axis each array is split over it along
+  its largest dimension that divides evenly (arrays with none stay replicated); else replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  f = dict(mesh.shape).get(FSDP_AXIS, 1)
+
+  def one(x):
+    shape = np.shape(x)
+    dims = [i for i in np.argsort(shape)[::-1] if shape[i] >= f and shape[i] % f == 0]
+    if f == 1 or not dims:
+      return NamedSharding(mesh, P())
+    spec = [None] * len(shape)
+    spec[int(dims[0])] = FSDP_AXIS
+    return NamedSharding(mesh, P(*spec))
+  return jax.tree.map(one, tree)
 
 
 def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc_graphdef=None,
-                    disc_tx=None, mesh=None):
+                    disc_tx=None, mesh=None, state_sharding=None, consts_sharding=None):
   """The jitted update: (state, consts, batch, step) -> (state, metrics); `state` is donated.
 
   state = {'params': pure dict of the trainable nnx.Params, 'opt_state': optax state, and in
@@ -216,8 +247,9 @@ def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc
             non-Param variables; the LPIPS state or None): never trained.
   batch: uint8 [B, H, W, 3]. The noise key of step s is fold_in(key(seed), s).
   A non-finite loss or gradient leaves the state unchanged (metrics['finite'] is False).
-  mesh (make_mesh): explicit shardings, state/consts/step replicated and the batch split over
-  'data'; the metrics come back replicated. None: plain jit on the default device.
+  mesh (make_mesh): explicit shardings, state/consts/step replicated (or state_sharding /
+  consts_sharding, trees from param_sharding, with 'fsdp') and the batch split over the devices;
+  the metrics come back replicated. None: plain jit on the default device.
   """
 
   def train_step(state, consts, batch, step):
@@ -278,8 +310,10 @@ def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc
   if mesh is None:
     return jax.jit(train_step, donate_argnums=0)
   rep, batch = shardings(mesh)
-  return jax.jit(train_step, donate_argnums=0, in_shardings=(rep, rep, batch, rep),
-                 out_shardings=(rep, rep))
+  state_sh = rep if state_sharding is None else state_sharding
+  consts_sh = rep if consts_sharding is None else consts_sharding
+  return jax.jit(train_step, donate_argnums=0, in_shardings=(state_sh, consts_sh, batch, rep),
+                 out_shardings=(state_sh, rep))
 
 
 SAMPLES_DIR = "samples"
@@ -466,14 +500,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if disc_graphdef is not None:
     state = {"params": params, "opt_state": opt_state["model"], "disc": opt_state["disc"]}
 
-  rep_sharding, batch_sharding = shardings(mesh)
+  _, batch_sharding = shardings(mesh)
   if mesh.size > 1:
     print(f"data parallel over {mesh.size} devices: {config.data.batch_size // mesh.size} "
-          f"images per device (global batch {config.data.batch_size})")
+          f"images per device (global batch {config.data.batch_size})"
+          + (f"; parameters and optimizer state sharded over {mesh.shape[FSDP_AXIS]} (fsdp)"
+             if FSDP_AXIS in mesh.axis_names else ""))
+  consts = (frozen, rest, lpips_state)
+  state_sharding, consts_sharding = param_sharding(mesh, state), param_sharding(mesh, consts)
   train_step = make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef, disc_graphdef,
-                               disc_tx, mesh=mesh)
-  state = _replicate(state, rep_sharding)
-  consts = _replicate((frozen, rest, lpips_state), rep_sharding)
+                               disc_tx, mesh=mesh, state_sharding=state_sharding,
+                               consts_sharding=consts_sharding)
+  state = _place(state, state_sharding)
+  consts = _place(consts, consts_sharding)
   frozen = consts[0]
   # each process loads its rows of every global batch; the arrays span all processes' devices
   batches = data.train_iterator(config, start, paths, jax.process_index(), jax.process_count())

@@ -17,7 +17,7 @@ from tests.conftest import make_micro_config
 from sodec_jax import train
 from sodec_jax.errors import SodecError
 
-workdir, devices = sys.argv[1], int(sys.argv[2])
+workdir, devices, fsdp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 assert len(jax.devices()) == devices, jax.devices()
 if devices > 1:  # a global batch that does not divide over the devices is a one-line error
   try:
@@ -26,21 +26,22 @@ if devices > 1:  # a global batch that does not divide over the devices is a one
   except SodecError as err:
     print("ERROR:", err)
 c = make_micro_config(**{{"data.batch_size": 4, "train.num_steps": 5, "train.log_every": 1,
-                         "train.checkpoint_every": 5}})
+                         "train.checkpoint_every": 5, "train.fsdp": fsdp}})
 train.train(c, workdir)
 mesh = train.make_mesh(c)
 print("MESH", dict(mesh.shape))
+print("KERNEL", tuple(train.param_sharding(mesh, {{"k": jax.numpy.zeros((3, 3, 4, 8))}})["k"].spec))
 """
 
 
-def _run(tmp_path, devices):
+def _run(tmp_path, devices, fsdp=1):
   driver = tmp_path / "driver.py"
   driver.write_text(DRIVER.format(root=ROOT))
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
                       f" --xla_force_host_platform_device_count={devices}").strip()
-  wd = tmp_path / f"w{devices}"
-  r = subprocess.run([sys.executable, str(driver), str(wd), str(devices)], cwd=ROOT, env=env,
+  wd = tmp_path / f"w{devices}_{fsdp}"
+  r = subprocess.run([sys.executable, str(driver), str(wd), str(devices), str(fsdp)], cwd=ROOT, env=env,
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   with open(wd / "metrics.jsonl") as f:
@@ -63,6 +64,18 @@ def test_four_devices_follow_the_one_device_loss_curve(tmp_path):
       worst = max(worst, rel)
       assert rel <= 1e-3, (k, r1["step"], r1[k], r4[k])
   print(f"1 vs 4 devices: largest relative difference {worst:.3g} over 5 steps")
+
+
+def test_fsdp_follows_the_one_device_loss_curve(tmp_path):
+  rows1, _ = _run(tmp_path, 1)
+  rows4, out4 = _run(tmp_path, 4, fsdp=2)
+  assert "MESH {'data': 2, 'fsdp': 2}" in out4
+  assert "parameters and optimizer state sharded over 2 (fsdp)" in out4
+  assert "KERNEL (None, None, None, 'fsdp')" in out4, out4
+  worst = max(abs(r1[k] - r4[k]) / max(abs(r1[k]), 1e-12)
+              for r1, r4 in zip(rows1, rows4) for k in ("loss", "bpp", "mse", "grad_norm"))
+  print(f"1 device vs 4 devices (data 2 x fsdp 2): largest relative difference {worst:.3g}")
+  assert len(rows4) == 5 and worst <= 1e-3
 
 
 def test_bench_train_reports_step_time_flops_and_memory():

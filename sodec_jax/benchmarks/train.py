@@ -3,7 +3,8 @@
   --config FILE      an experiment config (configs/*.py); a pipeline config (tiny) is timed at its
                      own stage (config.stage), not as a pipeline
   --devices 1,4      device counts to time (a data-parallel Mesh over the first n devices, the
-                     same global batch config.data.batch_size); default: 1 and all devices
+                     same global batch config.data.batch_size); default: 1 and all devices.
+                     with config.train.fsdp > 1 in the config file, params are sharded too
   --peak_tflops X    one device's peak TFLOP/s, for MFU (unknown for CPUs: MFU is left out)
   --repeats N --warmup N
 
@@ -74,11 +75,14 @@ def bench_train(config, device_counts=None, repeats: int = 5, warmup: int = 1,
   results = []
   for n in counts:
     mesh = train.make_mesh(config, devices[:n])
-    rep, batch_sharding = train.shardings(mesh)
+    _, batch_sharding = train.shardings(mesh)
+    consts = (frozen, rest, lpips_state)
+    state_sh, consts_sh = train.param_sharding(mesh, host_state), train.param_sharding(mesh, consts)
     step_fn = train.make_train_step(graphdef, tx, lr, config, lpips_graphdef, disc_graphdef,
-                                    disc_tx, mesh=mesh)
-    state = jax.device_put(jax.tree.map(np.array, host_state), rep)  # a copy: donated below
-    consts = jax.device_put((frozen, rest, lpips_state), rep)
+                                    disc_tx, mesh=mesh, state_sharding=state_sh,
+                                    consts_sharding=consts_sh)
+    state = jax.device_put(jax.tree.map(np.array, host_state), state_sh)  # a copy: donated below
+    consts = jax.device_put(consts, consts_sh)
     b = jax.device_put(batch, batch_sharding)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, consts, b, np.int32(0)).compile()
