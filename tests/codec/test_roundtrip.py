@@ -91,3 +91,30 @@ def test_bad_image_inputs(codec_model):
               np.zeros((4, 4, 4), np.uint8), [[1, 2, 3]]]:
     with pytest.raises(api.SodecError):
       api.compress(codec_model, bad)
+
+
+def test_winograd_decoder_same_bytes_close_image(monkeypatch, astronaut):
+  """api.prepare(winograd=True) runs D_a's 3x3 convs as Winograd F(4x4, 3x3): the file is the same
+  bytes (the entropy path is untouched), the decoded image within 1/255 of the direct convs, and
+  the caller's model is left unchanged."""
+  from flax import nnx
+
+  from sodec_jax import layers
+  from sodec_jax.model import build_model
+  from tests.codec.conftest import micro_codec_config
+  monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 8)   # the micro codec is narrow
+  c = micro_codec_config()
+  model = build_model(c, nnx.Rngs(0))
+  direct = api.prepare(c, model, winograd=False)
+  fast = api.prepare(c, model, winograd=True)
+  convs = [m for _, m in nnx.iter_graph(model) if isinstance(m, layers.Conv2d)]
+  assert all(m.winograd is None for m in convs)
+  changed = [m for _, m in nnx.iter_graph(api.decoding_model(model, True))
+             if isinstance(m, layers.Conv2d) and m.winograd is not None]
+  assert len(changed) == 3   # D_a's conv_in and its one residual block's two convs
+  image = astronaut[:96, :160]
+  data = api.compress(fast, image)
+  assert data == api.compress(direct, image)
+  a, b = api.decompress(fast, data), api.decompress(direct, data)
+  assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+  assert fast.fingerprint == direct.fingerprint
