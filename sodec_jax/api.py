@@ -90,10 +90,10 @@ def decoding_model(model: SODEC, winograd: bool | None = None) -> SODEC:
   - every sub-pixel transposed convolution's rearranged kernel (layers.use_subpixel_kernels:
     the same values, so the same outputs);
   - with `winograd` (None: when the backend is the CPU), the reconstruction-only 3x3
-    convolutions (D_a, H_s, T_s; >= 192 channels) as Winograd F(4x4, 3x3) kernels
-    (layers.use_winograd: 2-3x faster than XLA:CPU's direct convolution, relative error ~1e-6,
-    4x those kernels' memory). The entropy-coding path (E, H_a, P) never uses Winograd, so the
-    files are the same bytes either way.
+    convolutions (D_a, H_s, T_s, the UNet and D_m; float32, >= 192 channels, no LoRA on the
+    conv) as Winograd F(4x4, 3x3) kernels (layers.use_winograd: 1.3-5x faster than XLA:CPU's
+    direct convolution, relative error ~1e-6, 4x those kernels' memory). The entropy-coding
+    path (E, H_a, P) never uses Winograd, so the files are the same bytes either way.
   """
   from sodec_jax.layers import use_subpixel_kernels, use_winograd
   if winograd is None:
@@ -101,7 +101,7 @@ def decoding_model(model: SODEC, winograd: bool | None = None) -> SODEC:
   clone = nnx.clone(model)
   use_subpixel_kernels(clone)
   if winograd:
-    for name in ("hyper_synthesis", "transform"):
+    for name in ("hyper_synthesis", "transform", "unet", "vae_decoder"):
       if getattr(clone, name, None) is not None:
         use_winograd(getattr(clone, name))
     use_winograd(clone.codec.fidelity_decoder)

@@ -60,6 +60,12 @@ class Conv2d(nnx.Module):
     self.dtype = dtype
     self.winograd: WinogradKernel | None = None   # set by use_winograd (inference only)
 
+  def winograd_eligible(self, min_channels: int) -> bool:
+    """3x3, stride 1, float32 compute, >= min_channels in and out (any padding mode)."""
+    k, _, cin, cout = self.kernel.shape
+    return (k == 3 and self.stride == 1 and jnp.dtype(self.dtype) == jnp.float32
+            and min(cin, cout) >= min_channels)
+
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
     if self.winograd is not None:
@@ -135,19 +141,17 @@ def use_winograd(module: nnx.Module, *, min_channels: int | None = None) -> int:
   """Gives every eligible Conv2d under `module` a precomputed Winograd kernel, so that its calls
   run `winograd_conv3x3` instead of a direct convolution; returns how many convs changed.
 
-  Eligible: 3x3, stride 1, float32 compute, at least `min_channels` (default
-  WINOGRAD_MIN_CHANNELS) input and output channels.
-  For inference (the decoders on CPU, see api.prepare): the copy is not updated if the kernel
-  changes afterwards. Costs 4x the kernel's memory (36 / 9 coefficients per filter).
+  Eligible: convolutions (this module's Conv2d and sodec_jax.diffusion.blocks.Conv2d) whose
+  `winograd_eligible(min_channels)` holds: 3x3, stride 1, float32 compute, at least
+  `min_channels` (default WINOGRAD_MIN_CHANNELS) input and output channels.
+  For inference (the decoders on CPU, see api.decoding_model): the copy is not updated if the
+  kernel changes afterwards. Costs 4x those kernels' memory (36 / 9 coefficients per filter).
   """
   min_channels = WINOGRAD_MIN_CHANNELS if min_channels is None else min_channels
   changed = 0
   for _, conv in nnx.iter_graph(module):
-    if not isinstance(conv, Conv2d):
-      continue
-    k, _, cin, cout = conv.kernel.shape
-    if (k != 3 or conv.stride != 1 or jnp.dtype(conv.dtype) != jnp.float32
-        or min(cin, cout) < min_channels):
+    if not (isinstance(conv, nnx.Module) and hasattr(conv, "winograd_eligible")
+            and conv.winograd_eligible(min_channels)):
       continue
     conv.winograd = nnx.data(WinogradKernel(winograd_kernel(conv.kernel[...])))
     changed += 1

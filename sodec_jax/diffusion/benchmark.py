@@ -27,6 +27,9 @@ def add_arguments(parser) -> None:
   g.add_argument("--query-chunk", type=int, default=-1,
                  help="attention query chunk (-1: backend default, 0: whole sequence)")
   g.add_argument("--timestep", type=int, default=999, help="UNet timestep")
+  g.add_argument("--winograd", choices=["auto", "on", "off"], default="auto",
+                 help="3x3 convs (float32, >= 192 channels) as Winograd F(4x4, 3x3), as the "
+                      "decoder runs them (auto: on the CPU backend; sodec_jax.layers.use_winograd)")
 
 
 def _dtypes(name: str) -> list[str]:
@@ -88,6 +91,10 @@ def _bench(name, args, build_ours, build_theirs, make_inputs, call_ours, call_th
     else:
       model = nnx.jit(lambda: build_ours(dtype))()
     row["params"] = count_params(model)
+    winograd = getattr(args, "winograd", "auto")
+    if winograd == "on" or (winograd == "auto" and jax.default_backend() == "cpu"):
+      from sodec_jax.layers import use_winograd
+      row["winograd_convs"] = use_winograd(model)
     inputs = make_inputs(np.random.default_rng(0))
     graphdef, state = nnx.split(model)
     del model
@@ -139,7 +146,7 @@ def _bench(name, args, build_ours, build_theirs, make_inputs, call_ours, call_th
 
 def _print_table(rows) -> None:
   head = (f"{'model':<6} {'dtype':<9} {'size':>5} {'ms/call':>9} {'compile s':>9} {'params':>12} "
-          f"{'XLA MB':>8} {'RSS MB':>8} {'torch ms':>9} {'JAX/torch':>9} {'rel err':>9}")
+          f"{'XLA MB':>8} {'RSS MB':>8} {'torch ms':>9} {'JAX/torch':>9} {'rel err':>9} {'winograd':>8}")
   print(head)
   for r in rows:
     torch_ms = f"{r['torch_ms']:9.1f}" if "torch_ms" in r else f"{'-':>9}"
@@ -147,7 +154,7 @@ def _print_table(rows) -> None:
     err = f"{r['rel_err_vs_torch']:9.1e}" if "rel_err_vs_torch" in r else f"{'-':>9}"
     print(f"{r['model']:<6} {r['dtype']:<9} {r['size']:>5} {r['jax_ms']:9.1f} {r['compile_s']:9.1f} "
           f"{r['params']:>12,} {r.get('xla_memory_mb', float('nan')):8.0f} "
-          f"{r['peak_rss_mb']:8.0f} {torch_ms} {ratio} {err}")
+          f"{r['peak_rss_mb']:8.0f} {torch_ms} {ratio} {err} {r.get('winograd_convs', 0):8d}")
 
 
 def run_unet(args) -> dict:

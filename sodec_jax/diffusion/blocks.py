@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sodec_jax.layers import winograd_conv3x3
+
 Dtype = jnp.dtype
 
 
@@ -80,6 +82,13 @@ class Conv2d(nnx.Module):
     self.bias = nnx.Param(init(rngs.params(), (out_channels,), param_dtype)) if use_bias else None
     self.lora = nnx.data(None)   # optional LoRAAdapter (data: may hold parameters)
     self.dtype = dtype
+    self.winograd = None         # set by sodec_jax.layers.use_winograd (inference only)
+
+  def winograd_eligible(self, min_channels: int) -> bool:
+    """3x3 stride 1, zero padding 1, float32, no LoRA, >= min_channels in and out."""
+    return (self.kernel_size == 3 and self.stride == 1 and self.padding == ((1, 1), (1, 1))
+            and self.lora is None and jnp.dtype(self.dtype) == jnp.float32
+            and min(self.in_channels, self.out_channels) >= min_channels)
 
   def conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
     """The bare convolution of x with `kernel` ([kh, kw, in, k]) using this layer's geometry."""
@@ -89,7 +98,10 @@ class Conv2d(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
-    if self.kernel_size == 1 and self.stride == 1 and self.padding == ((0, 0), (0, 0)):
+    if self.winograd is not None:
+      y = winograd_conv3x3(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))),
+                           self.winograd[...].astype(self.dtype))
+    elif self.kernel_size == 1 and self.stride == 1 and self.padding == ((0, 0), (0, 0)):
       y = jnp.matmul(x, self.kernel[...][0, 0].astype(self.dtype))
     else:
       y = self.conv(x, self.kernel[...])

@@ -54,6 +54,12 @@ def test_small_unet_matches_diffusers(variant):
   assert out.shape == ref.shape
   assert_close(out, ref, tol=1e-5, what=variant)
   assert count_params(ours) == sum(p.numel() for p in theirs.parameters())
+  if variant == "odd_size":   # the decoder's CPU path: 3x3 convs as Winograd F(4x4, 3x3)
+    from sodec_jax.layers import use_winograd
+    assert use_winograd(ours, min_channels=16) > 0
+    out_w, _ = _run_both(ours, theirs, shape, 32, t=(999,) * shape[0])
+    assert_close(out_w, ref, tol=2e-5, what=f"{variant}, winograd")
+    assert not np.array_equal(np.asarray(out_w), np.asarray(out))
 
 
 def test_jit_bfloat16_close_to_float32():

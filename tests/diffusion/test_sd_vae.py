@@ -42,6 +42,12 @@ def test_small_vae_matches_diffusers(levels):
   assert_close(mean, nhwc(dist.mean), tol=1e-5, what="encode mean")
   assert_close(logvar, nhwc(dist.logvar), tol=1e-5, what="encode logvar")
   assert_close(dec, ref_dec, tol=1e-5, what="decode")
+  if levels == 3:   # the decoder's CPU path: 3x3 convs as Winograd F(4x4, 3x3)
+    from sodec_jax.layers import use_winograd
+    assert use_winograd(ours.decoder, min_channels=16) > 0
+    dec_w = nnx.jit(lambda m, a: m.decode(a))(ours, jnp.asarray(z))
+    assert_close(dec_w, ref_dec, tol=2e-5, what="decode, winograd")
+    assert not np.array_equal(np.asarray(dec_w), np.asarray(dec))
   assert count_params(ours) == sum(p.numel() for p in theirs.parameters())
 
 
