@@ -10,6 +10,7 @@
     python convert/from_torch.py swin  --src swin-base-patch4-window7-224/ --out /weights/swin
     python convert/from_torch.py lpips --src vgg16-397923af.pth --out /weights/lpips
     python convert/from_torch.py dists --src dists/weights.pt --vgg vgg16-397923af.pth --out /weights/dists
+    python convert/from_torch.py clip-iqa --src clip-vit-base-patch32/ --out /weights/clip-iqa
     python convert/from_torch.py export-lora --src WORKDIR --out lora/
 
 A thin CLI over `sodec_jax.weights.convert` / `sodec_jax.weights.lora_export`. Problems are one
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
   s = add("dists", "VGG16 + DISTS alpha/beta for the DISTS metric",
           "DISTS alpha/beta (dists-pytorch's weights.pt, or .safetensors/.npz)")
   s.add_argument("--vgg", required=True, help="VGG16 ImageNet weights, torchvision layout")
+  add("clip-iqa", "a transformers CLIPModel folder for the CLIP-IQA metric (image tower + the "
+      "prompt text embeddings, computed here with torch)",
+      "save_pretrained folder: config.json, model.safetensors, tokenizer files")
   s = add("export-lora", "the UNet's LoRA of a training workdir -> peft/diffusers safetensors",
           "a sodec-jax training workdir")
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

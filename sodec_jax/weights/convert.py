@@ -1,10 +1,10 @@
 """PyTorch weights -> converted sodec-jax folders (what `python convert/from_torch.py` runs).
 
 One function per subcommand: `convert_sd21`, `convert_unet`, `convert_vae`, `convert_hific`,
-`convert_vit`, `convert_swin`, `convert_lpips`, `convert_dists`. Each reads its source strictly
-(the key maps live in the sibling modules: diffusers.py, ldm.py, hific.py, transformers.py,
-lpips.py, dists.py), writes everything into a temporary folder next to `out` and renames it into
-place at the end, so a failure leaves nothing at `out`.
+`convert_vit`, `convert_swin`, `convert_lpips`, `convert_dists`, `convert_clip_iqa`. Each reads its
+source strictly (the key maps live in the sibling modules: diffusers.py, ldm.py, hific.py,
+transformers.py, lpips.py, dists.py, clip.py), writes everything into a temporary folder next to
+`out` and renames it into place at the end, so a failure leaves nothing at `out`.
 
 The output (read back by `sodec_jax.weights.converted`):
 
@@ -432,6 +432,8 @@ def _looks_like(keys: Iterable[str]) -> str:
     return "a diffusers UNet (use `unet`)"
   if any(k.startswith(("encoder.down_blocks", "decoder.up_blocks", "post_quant_conv")) for k in keys):
     return "a diffusers VAE (use `vae`)"
+  if any(k.startswith("vision_model.") for k in keys) and any(k.startswith("text_model.") for k in keys):
+    return "a transformers CLIPModel (use `clip-iqa`)"
   if any(k.startswith("text_model.") for k in keys):
     return "a CLIP text encoder"
   if any(k.startswith(("features.",)) for k in keys):
@@ -864,6 +866,32 @@ def convert_dists(src: str, out: str, dtype: str = "float32", *, vgg: str) -> st
   return out
 
 
+# ----------------------------------------------------------------------------- CLIP-IQA
+
+
+def convert_clip_iqa(src: str, out: str, dtype: str = "float32") -> str:
+  """A transformers CLIPModel folder (config.json, model.safetensors, tokenizer files) ->
+  OUT/clip_iqa/: the CLIP image tower, the prompt text embeddings (computed here in torch) and the
+  logit scale; see `sodec_jax.weights.clip` and `sodec_jax.metrics.clip_iqa`."""
+  from flax import nnx
+  from sodec_jax.weights import clip as cw
+  _check_dtype(dtype)
+  import jax.numpy as jnp
+  model, cfg = cw.build_from_folder(src, param_dtype=jnp.dtype(dtype))
+  tree = nnx.to_pure_dict(nnx.state(model))
+  names = [n for n in sorted(os.listdir(src))
+           if n.endswith((".json", ".safetensors", ".bin", ".txt", ".model"))]
+  with output(out, "clip-iqa", dtype) as o:
+    o.write_json("clip_iqa", "config.json", cfg)
+    o.save_params("clip_iqa", tree)
+    o.add_sources([os.path.join(src, n) for n in names])
+    o.extra["ignored_keys"] = list(model.vision.ignored_keys)
+    o.extra["prompts"] = list(cfg["prompts"])
+    o.extra["logit_scale"] = cfg["logit_scale"]
+    o.extra["logit_scale_exp"] = cfg["logit_scale_exp"]
+  return out
+
+
 CONVERTERS = {"sd21": convert_sd21, "unet": convert_unet, "vae": convert_vae,
               "hific": convert_hific, "vit": convert_vit, "swin": convert_swin,
-              "lpips": convert_lpips, "dists": convert_dists}
+              "lpips": convert_lpips, "dists": convert_dists, "clip-iqa": convert_clip_iqa}
