@@ -272,8 +272,13 @@ def _check_type(config: Mapping[str, Any], accepted: tuple[str, ...], loader: st
   if mt in accepted:
     return
   other = _OTHER_LOADER.get(mt)
-  hint = (f"; use {other}() for it" if other else
-          "; only transformers ViT (model_type 'vit') and Swin ('swin') folders are supported")
+  if mt == "clip":   # a CLIP checkpoint is the CLIP-IQA metric's, not a guidance extractor
+    hint = ("; CLIP checkpoints are for the CLIP-IQA metric: `python convert/from_torch.py "
+            "clip-iqa --src FOLDER --out DIR`. Guidance extractors are transformers ViT "
+            "(model_type 'vit') or Swin ('swin') folders")
+  else:
+    hint = (f"; use {other}() for it" if other else
+            "; only transformers ViT (model_type 'vit') and Swin ('swin') folders are supported")
   raise SodecError(f"{loader}(): {folder} holds a model_type {mt!r} model (config.json), not "
                    f"{' / '.join(repr(a) for a in accepted)}{hint}")
 

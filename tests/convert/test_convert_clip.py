@@ -201,6 +201,13 @@ def test_cli_rejects_a_vit_folder(tmp_path, capsys):
   assert_out_clean(out)
 
 
+def test_vit_subcommand_points_a_clip_folder_to_clip_iqa(clip_src, tmp_path, capsys):
+  out = str(tmp_path / "o")
+  rc, err = _cli(["vit", "--src", clip_src[0], "--out", out], capsys)
+  assert rc == 1 and err.count("\n") == 1 and "clip-iqa --src" in err
+  assert_out_clean(out)
+
+
 def test_cli_rejects_broken_clip_folders(clip_src, tmp_path, capsys):
   src = clip_src[0]
   out = str(tmp_path / "o")
