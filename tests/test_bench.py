@@ -122,3 +122,27 @@ def test_batched_coding_equals_the_api(loaded):
     want = api.decompress(loaded, api.compress(loaded, im))
     assert np.abs(api.decompress(loaded, f).astype(int) - want).max() <= 1
     assert np.abs(d.astype(int) - api.decompress(loaded, f)).max() <= 1
+
+
+def test_diffusion_decoder_components():
+  """A diffusion model's decode stages time F + F_p, H_s + T_s, the UNet and D_m apart, and the
+  components chained give the decoder's own output."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from sodec_jax import api
+  from sodec_jax.benchmarks.codec import decode_stages
+  from sodec_jax.model import build_model
+  from tests.conftest import load_photo, make_micro_sodec_config
+  c = make_micro_sodec_config(2)
+  loaded = api.prepare(c, build_model(c, nnx.Rngs(0)))
+  data = api.compress(loaded, load_photo("chelsea.png")[:64, :96])
+  stages = decode_stages(loaded, data)
+  names = [s.name for s in stages]
+  assert names == ["range decode", "P", "D_a", "F + F_p (guidance)", "H_s + T_s", "UNet (t=999)",
+                   "x0 + D_m", "decoder (one jit)", "total"]
+  out = {s.name: s.jax() for s in stages}
+  x_hat, _ = out["decoder (one jit)"]
+  chained = (jnp.asarray(out["x0 + D_m"], jnp.float32) + 1.0) / 2.0
+  np.testing.assert_allclose(np.asarray(chained), np.asarray(x_hat), atol=1e-5)
+  assert out["UNet (t=999)"].shape == out["H_s + T_s"].shape

@@ -260,11 +260,50 @@ def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
       Stage("P", "decode", lambda: _block(loaded._prior(z_hat)), t.get("P")),
       Stage("D_a", "decode", lambda: _block(loaded._fidelity(y_hat)), t.get("D_a")),
   ]
-  if loaded.decoder == bitstream.DECODER_DIFFUSION:  # F, F_p, H_s/T_s, UNet, D_m after D_a (one jit)
-    stages.append(Stage("diffusion decoder (D_a+F+F_p+H_s+T_s+UNet+D_m)", "decode",
-                        lambda: _block(loaded._synthesis(y_hat, z_hat)), None))
+  if loaded.decoder == bitstream.DECODER_DIFFUSION:
+    stages += diffusion_stages(loaded, y_hat, z_hat)
   stages.append(Stage("total", "decode", lambda: api.decompress(loaded, data), t.get("total")))
   return stages
+
+
+def diffusion_stages(loaded, y_hat, z_hat) -> list[Stage]:
+  """The one-step decoder's components, each jitted alone on the decoding model the API runs
+  (api.decoding_model: the same inference kernels), fed the previous component's real output:
+  F + F_p (guidance tokens from x_f), H_s + T_s (y_t), the UNet at t = 999, x0 + D_m; then the
+  whole decoder after range decoding as the API runs it (one jit, D_a included)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from sodec_jax import api
+  graphdef, state = nnx.split(api.decoding_model(loaded.model))
+
+  def jitted(fn):
+    f = jax.jit(lambda st, *a: fn(nnx.merge(graphdef, st), *a))
+    return lambda *a: f(state, *a)
+
+  guidance = jitted(lambda m, x_f, z: m.guidance(x_f, z))
+  content = jitted(lambda m, y, z: m.content_variable(y, z))
+
+  def eps_fn(m, y_t, c_g):
+    return m.unet(y_t, jnp.full((y_t.shape[0],), m.timestep, jnp.int32), c_g)
+
+  def image_fn(m, y_t, eps):
+    t = jnp.full((y_t.shape[0],), m.timestep, jnp.int32)
+    return m.vae_decoder.decode(m.schedule.predict_x0(y_t, eps, t) / m.scaling_factor)
+
+  unet, decode = jitted(eps_fn), jitted(image_fn)
+  x_f = loaded._fidelity(y_hat)
+  c_g = guidance(x_f, z_hat)
+  y_t = content(y_hat, z_hat)
+  eps = unet(y_t, c_g)
+  return [
+      Stage("F + F_p (guidance)", "decode", lambda: _block(guidance(x_f, z_hat))),
+      Stage("H_s + T_s", "decode", lambda: _block(content(y_hat, z_hat))),
+      Stage("UNet (t=999)", "decode", lambda: _block(unet(y_t, c_g))),
+      Stage("x0 + D_m", "decode", lambda: _block(decode(y_t, eps))),
+      Stage("decoder (one jit)", "decode", lambda: _block(loaded._synthesis(y_hat, z_hat))),
+  ]
 
 
 # ----------------------------------------------------------------------------- the benchmark
