@@ -81,3 +81,13 @@ def _apply(c, overrides):
       node = node[p]
     node[leaf] = value
   return c
+
+
+@pytest.fixture(scope="session")
+def micro_workdir(tmp_path_factory):
+  """A real micro training workdir (stage 1, 2 steps), shared by the tests that only read it
+  (evaluation, benchmarks)."""
+  from sodec_jax import train
+  wd = str(tmp_path_factory.mktemp("micro_run"))
+  train.train(make_micro_config(**{"train.num_steps": 2}), wd)
+  return wd

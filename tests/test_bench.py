@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, make_micro_config
+from tests.conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "reference"))
 import hific_torch  # noqa: E402
@@ -18,17 +18,9 @@ SIZE = 128  # HiFiC's hyper-analysis needs y >= 8x8 in torch (its reflect pad 2 
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  from sodec_jax import train
-  wd = str(tmp_path_factory.mktemp("run"))
-  train.train(make_micro_config(**{"train.num_steps": 2}), wd)
-  return wd
-
-
-@pytest.fixture(scope="module")
-def loaded(workdir):
+def loaded(micro_workdir):
   from sodec_jax import api
-  return api.load_model(workdir)
+  return api.load_model(micro_workdir)
 
 
 def _bench(capsys, *args):
@@ -40,18 +32,18 @@ def _bench(capsys, *args):
   return out
 
 
-def test_bench_codec_without_reference(workdir, capsys):
-  out = _bench(capsys, "--checkpoint", workdir)
+def test_bench_codec_without_reference(micro_workdir, capsys):
+  out = _bench(capsys, "--checkpoint", micro_workdir)
   for stage in ("E + H_a", "P", "range encode", "range decode", "D_a", "total"):
     assert stage in out
   assert "batch 1: encode" in out and "batch 8: encode" in out
   assert "JAX/torch" not in out and "first call" in out
 
 
-def test_bench_codec_with_torch_reference(workdir):
+def test_bench_codec_with_torch_reference(micro_workdir):
   from sodec_jax.benchmarks import codec
   lines = []
-  r = codec.bench_codec(workdir, SIZE, "float32", "torch", repeats=1, warmup=0, batch_sizes=(1, 2),
+  r = codec.bench_codec(micro_workdir, SIZE, "float32", "torch", repeats=1, warmup=0, batch_sizes=(1, 2),
                         log=lines.append)
   out = "\n".join(lines)
   assert "JAX/torch" in out and "(same host code)" in out and "torch threads:" in out
@@ -65,8 +57,8 @@ def test_bench_codec_with_torch_reference(workdir):
   assert set(r["throughput"]) == {1, 2} and r["throughput"][2]["decode_img_s"] > 0
 
 
-def test_bench_codec_bfloat16_runs(workdir, capsys):
-  out = _bench(capsys, "--checkpoint", workdir, "--dtype", "bfloat16")
+def test_bench_codec_bfloat16_runs(micro_workdir, capsys):
+  out = _bench(capsys, "--checkpoint", micro_workdir, "--dtype", "bfloat16")
   assert "bfloat16" in out and "batch 8" in out
 
 
