@@ -1,7 +1,8 @@
-"""Evaluation on an image folder: real bpp from .sodec files, PSNR, MS-SSIM, LPIPS, DISTS.
+"""Evaluation on an image folder: real bpp from .sodec files, full- and no-reference metrics.
 
   python -m sodec_jax.evaluate --checkpoint runs/a runs/b --images /data/kodak --out eval/kodak \\
-      [--center-crop 512] [--limit 24] [--vgg-weights vgg16.pth] [--dists-weights weights.pt]
+      [--center-crop 512] [--limit 24] [--vgg-weights vgg16.pth] [--dists-weights weights.pt] \\
+      [--niqe-params modelparameters.mat] [--clip-iqa converted/clip_iqa]
 
 For every checkpoint and every image: compress to a real `.sodec` file (kept under
 OUT/sodec/<checkpoint>/), decode it, and score the decoded image against the original. bpp is
@@ -9,7 +10,7 @@ OUT/sodec/<checkpoint>/), decode it, and score the decoded image against the ori
 
 Outputs in --out:
   results.csv   one row per image per checkpoint (checkpoint, image, height, width, bytes, bpp,
-                psnr, ms_ssim[, lpips][, dists], encode_s, decode_s); the times are wall
+                psnr, ms_ssim[, lpips][, dists][, niqe][, clip_iqa], encode_s, decode_s); the times are wall
                 seconds of compress / decompress without compilation (the first image of each
                 padded size is coded once, untimed, before its timed run)
   summary.json  per checkpoint: means, fingerprint, step, decoder, config; protocol; skipped
@@ -21,7 +22,10 @@ Outputs in --out:
 Metrics: PSNR (dB, on the uint8 images) and MS-SSIM (images with both sides >= 161 px; empty
 otherwise) always; LPIPS-VGG and DISTS when --vgg-weights (torchvision VGG16) is given, DISTS
 also needing --dists-weights (alpha/beta, the dists-pytorch wheel's weights.pt). A metric without
-its weights is left out with a note (never an error). NIQE and CLIP-IQA are not implemented yet.
+its weights is left out with a note (never an error). No-reference, on the decoded image: NIQE
+(lower is better) with --niqe-params (the pristine model), CLIP-IQA (higher is better) with
+--clip-iqa (a converted CLIP checkpoint). Weights that are given but unreadable are an error
+before anything is written.
 Unreadable images are skipped and listed in summary.json.
 """
 from __future__ import annotations
@@ -44,7 +48,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", "
 MS_SSIM_MIN_SIDE = 161
 BASE_COLUMNS = ["checkpoint", "image", "height", "width", "bytes", "bpp"]
 TIME_COLUMNS = ["encode_s", "decode_s"]
-HIGHER_IS_BETTER = {"psnr": True, "ms_ssim": True, "lpips": False, "dists": False}
+HIGHER_IS_BETTER = {"psnr": True, "ms_ssim": True, "lpips": False, "dists": False,
+                    "niqe": False, "clip_iqa": True}
+NO_REFERENCE = ("niqe", "clip_iqa")   # scored on the decoded image alone
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -89,10 +95,13 @@ def _label(checkpoint: str, taken: set) -> str:
 
 
 class Metrics:
-  """Jitted metric functions on uint8 pairs; LPIPS / DISTS only when their weights are given."""
+  """Jitted metric functions on uint8 pairs; LPIPS / DISTS / NIQE / CLIP-IQA only when their
+  weights are given (NIQE and CLIP-IQA score the decoded image alone)."""
 
-  def __init__(self, vgg_weights: str = "", dists_weights: str = ""):
+  def __init__(self, vgg_weights: str = "", dists_weights: str = "", niqe_params: str = "",
+               clip_iqa: str = ""):
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from sodec_jax.metrics import ms_ssim, psnr
@@ -113,7 +122,24 @@ class Metrics:
     else:
       self.notes.append("LPIPS and DISTS skipped: no --vgg-weights (torchvision VGG16 ImageNet "
                         "weights, .pth or .safetensors)")
-    self.notes.append("NIQE and CLIP-IQA are not implemented yet (no columns)")
+    if niqe_params:
+      from sodec_jax.metrics.niqe import load_niqe_params, niqe
+      params = load_niqe_params(niqe_params)
+      fns["niqe"] = lambda x, y: niqe(y, params)
+      self.names.append("niqe")
+    else:
+      self.notes.append("NIQE skipped: no --niqe-params (the pristine model: modelparameters.mat "
+                        "of the MATLAB niqe_release, or BasicSR's niqe_pris_params.npz)")
+    if clip_iqa:
+      from sodec_jax.metrics.clip_iqa import load_clip_iqa
+      module = load_clip_iqa(clip_iqa)
+      graphdef, state = nnx.split(module)
+      score = jax.jit(lambda s, y: nnx.merge(graphdef, s)(y))
+      fns["clip_iqa"] = lambda x, y: score(state, jnp.asarray(y[None] / np.float32(255.0)))
+      self.names.append("clip_iqa")
+    else:
+      self.notes.append("CLIP-IQA skipped: no --clip-iqa (a `convert/from_torch.py clip-iqa` "
+                        "folder made from a transformers CLIP checkpoint)")
     self._fns = fns
 
   @staticmethod
@@ -131,6 +157,13 @@ class Metrics:
         out[name] = float("nan")
       elif name in ("lpips", "dists") and min(original.shape[:2]) < 16:
         out[name] = float("nan")
+      elif name == "niqe":
+        try:
+          out[name] = float(self._fns[name](None, decoded))
+        except SodecError:   # smaller than NIQE's two 96 px blocks: empty, as MS-SSIM
+          out[name] = float("nan")
+      elif name == "clip_iqa":
+        out[name] = float(np.asarray(self._fns[name](None, decoded))[0])
       else:
         out[name] = float(np.asarray(self._fns[name](x, y))[0])
     return out
@@ -267,8 +300,9 @@ def grid_plot(path: str, name: str, original: np.ndarray, panels: list[tuple[str
 
 
 def evaluate(checkpoints: list[str], images: str, out: str, *, center_crop_size: int = 0,
-             limit: int = 0, vgg_weights: str = "", dists_weights: str = "", grids: int = 3,
-             plots: bool = True, progress: bool | None = None, log=print) -> dict:
+             limit: int = 0, vgg_weights: str = "", dists_weights: str = "",
+             niqe_params: str = "", clip_iqa: str = "", grids: int = 3, plots: bool = True,
+             progress: bool | None = None, log=print) -> dict:
   """Runs the evaluation and writes every output; returns the summary dict."""
   from tqdm import tqdm
 
@@ -278,8 +312,8 @@ def evaluate(checkpoints: list[str], images: str, out: str, *, center_crop_size:
   from sodec_jax.model import PAD_MULTIPLE
 
   paths = list_images(images)
+  metrics = Metrics(vgg_weights, dists_weights, niqe_params, clip_iqa)   # bad weights: before any output
   os.makedirs(out, exist_ok=True)
-  metrics = Metrics(vgg_weights, dists_weights)
   for note in metrics.notes:
     log(f"note: {note}")
   columns = BASE_COLUMNS + metrics.names + TIME_COLUMNS
@@ -351,6 +385,8 @@ def evaluate(checkpoints: list[str], images: str, out: str, *, center_crop_size:
   notes = list(metrics.notes)
   if any(min(r["height"], r["width"]) < MS_SSIM_MIN_SIDE for r in rows):
     notes.append(f"MS-SSIM left empty for images with a side under {MS_SSIM_MIN_SIDE} px")
+  if "niqe" in metrics.names and any(math.isnan(r["niqe"]) for r in rows):
+    notes.append("NIQE left empty for images too small for its 96 px blocks at both scales")
   if skipped:
     log(f"note: {len(skipped)} unreadable image(s) skipped (listed in summary.json)")
   write_csv(os.path.join(out, "results.csv"), rows, columns)
@@ -393,6 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
                  help="torchvision VGG16 weights (.pth/.safetensors) for LPIPS and DISTS")
   p.add_argument("--dists-weights", default="", metavar="PATH",
                  help="DISTS alpha/beta (the dists-pytorch wheel's weights.pt, or .npz/.safetensors)")
+  p.add_argument("--niqe-params", default="", metavar="PATH",
+                 help="NIQE pristine model: the MATLAB niqe_release's modelparameters.mat or "
+                      "BasicSR's niqe_pris_params.npz")
+  p.add_argument("--clip-iqa", default="", metavar="DIR",
+                 help="a `convert/from_torch.py clip-iqa` folder (from a transformers CLIP checkpoint)")
   p.add_argument("--grids", type=int, default=3, metavar="N", help="side-by-side grids for the first N images")
   p.add_argument("--no-plots", action="store_true", help="write results.csv and summary.json only")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -407,7 +448,7 @@ def main(argv=None) -> int:
   try:
     evaluate(args.checkpoint, args.images, args.out, center_crop_size=args.center_crop,
              limit=args.limit, vgg_weights=args.vgg_weights, dists_weights=args.dists_weights,
-             grids=args.grids, plots=not args.no_plots,
+             niqe_params=args.niqe_params, clip_iqa=args.clip_iqa, grids=args.grids, plots=not args.no_plots,
              progress=False if args.no_progress else None)
   except SodecError as e:
     print(f"sodec_jax.evaluate: error: {e}", file=sys.stderr)

@@ -11,19 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, load_photo, make_micro_config
+from tests.conftest import ROOT, load_photo
 
 sys.path.insert(0, os.path.join(ROOT, "tests", "reference"))
 import torch_dists  # noqa: E402
 import torch_vgg16  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  from sodec_jax import train
-  wd = str(tmp_path_factory.mktemp("run"))
-  train.train(make_micro_config(**{"train.num_steps": 2}), wd)
-  return wd
 
 
 @pytest.fixture(scope="module")
@@ -61,21 +53,21 @@ def _rows(out):
     return reader.fieldnames, list(reader)
 
 
-def test_all_outputs_with_every_metric(workdir, photos, metric_weights, tmp_path, capsys):
+def test_all_outputs_with_every_metric(micro_workdir, photos, metric_weights, tmp_path, capsys):
   from sodec_jax import api
   from sodec_jax.images import read_image
   from sodec_jax.metrics import psnr
   out = str(tmp_path / "eval")
   vgg, dists = metric_weights
-  assert _run("--checkpoint", workdir, workdir, "--images", photos, "--out", out,
+  assert _run("--checkpoint", micro_workdir, micro_workdir, "--images", photos, "--out", out,
               "--vgg-weights", vgg, "--dists-weights", dists, "--grids", "2") == 0
   cols, rows = _rows(out)
   assert cols == ["checkpoint", "image", "height", "width", "bytes", "bpp", "psnr", "ms_ssim",
                   "lpips", "dists", "encode_s", "decode_s"]
-  labels = [os.path.basename(workdir), os.path.basename(workdir) + "_2"]
+  labels = [os.path.basename(micro_workdir), os.path.basename(micro_workdir) + "_2"]
   assert [(r["checkpoint"], r["image"]) for r in rows] == [
       (l, n) for l in labels for n in ("astronaut.png", "chelsea.png", "sub/coffee.jpg")]
-  model = api.load_model(workdir)
+  model = api.load_model(micro_workdir)
   for r in rows:
     # bpp comes from the real file on disk, which decodes to the scored image
     f = os.path.join(out, "sodec", r["checkpoint"], os.path.splitext(r["image"])[0].replace("/", "__") + ".sodec")
@@ -111,9 +103,9 @@ def test_all_outputs_with_every_metric(workdir, photos, metric_weights, tmp_path
   assert "1 unreadable image(s) skipped" in log.out
 
 
-def test_center_crop_limit_and_missing_weights(workdir, photos, tmp_path, capsys):
+def test_center_crop_limit_and_missing_weights(micro_workdir, photos, tmp_path, capsys):
   out = str(tmp_path / "eval")
-  assert _run("--checkpoint", workdir, "--images", photos, "--out", out,
+  assert _run("--checkpoint", micro_workdir, "--images", photos, "--out", out,
               "--center-crop", "64", "--limit", "2", "--no-plots") == 0
   cols, rows = _rows(out)
   assert "lpips" not in cols and "dists" not in cols
@@ -126,13 +118,13 @@ def test_center_crop_limit_and_missing_weights(workdir, photos, tmp_path, capsys
   assert "note: LPIPS and DISTS skipped" in capsys.readouterr().out
 
 
-def test_user_errors_are_one_line(workdir, photos, tmp_path, capsys):
-  assert _run("--checkpoint", workdir, "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")) == 1
+def test_user_errors_are_one_line(micro_workdir, photos, tmp_path, capsys):
+  assert _run("--checkpoint", micro_workdir, "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")) == 1
   assert "is not a directory" in capsys.readouterr().err
   assert _run("--checkpoint", str(tmp_path / "no_run"), "--images", photos, "--out", str(tmp_path / "o")) == 1
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "does not exist" in err
-  assert _run("--checkpoint", workdir, "--images", photos, "--out", str(tmp_path / "o"),
+  assert _run("--checkpoint", micro_workdir, "--images", photos, "--out", str(tmp_path / "o"),
               "--vgg-weights", str(tmp_path / "missing.pth")) == 1
   assert "VGG16 weights file not found" in capsys.readouterr().err
 
@@ -147,3 +139,68 @@ def test_center_crop_and_detail_window():
   flat[40:56, 8:24] = 255  # the only detail
   top, left = detail_window(flat, 16)
   assert 24 <= top <= 44 and 0 <= left <= 12
+
+
+@pytest.fixture(scope="module")
+def no_reference_weights(tmp_path_factory):
+  """A NIQE pristine model (.npz, BasicSR's key names; random SPD covariance) and a converted
+  tiny random CLIP-IQA folder (transformers CLIPModel + an offline tokenizer, through the CLI)."""
+  from convert.from_torch import main
+  from tests.convert.test_convert_clip import tiny_clip, tiny_tokenizer
+  d = tmp_path_factory.mktemp("noref")
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(36, 36))
+  np.savez(d / "niqe_pris_params.npz", mu_pris_param=rng.normal(size=(1, 36)),
+           cov_pris_param=a @ a.T / 36 + np.eye(36))
+  tok = tiny_tokenizer()
+  tiny_clip(tok).save_pretrained(d / "clip_src")
+  tok.save_pretrained(d / "clip_src")
+  assert main(["clip-iqa", "--src", str(d / "clip_src"), "--out", str(d / "clip_iqa")]) == 0
+  return str(d / "niqe_pris_params.npz"), str(d / "clip_iqa")
+
+
+def test_no_reference_metrics(micro_workdir, photos, no_reference_weights, tmp_path):
+  """NIQE and CLIP-IQA columns score the decoded image alone, equal to the metric modules called
+  directly; NIQE is empty where the image is smaller than its blocks."""
+  import jax.numpy as jnp
+
+  from sodec_jax import api
+  from sodec_jax.metrics.clip_iqa import load_clip_iqa
+  from sodec_jax.metrics.niqe import load_niqe_params, niqe
+  niqe_path, clip_dir = no_reference_weights
+  out = str(tmp_path / "eval")
+  assert _run("--checkpoint", micro_workdir, "--images", photos, "--out", out, "--grids", "0",
+              "--niqe-params", niqe_path, "--clip-iqa", clip_dir) == 0
+  cols, rows = _rows(out)
+  assert cols == ["checkpoint", "image", "height", "width", "bytes", "bpp", "psnr", "ms_ssim",
+                  "niqe", "clip_iqa", "encode_s", "decode_s"]
+  model, params, clip = api.load_model(micro_workdir), load_niqe_params(niqe_path), load_clip_iqa(clip_dir)
+  for r in rows:
+    f = os.path.join(out, "sodec", r["checkpoint"], os.path.splitext(r["image"])[0].replace("/", "__") + ".sodec")
+    decoded = api.decompress(model, open(f, "rb").read())
+    want = float(clip(jnp.asarray(decoded[None] / np.float32(255.0)))[0])
+    assert 0.0 <= float(r["clip_iqa"]) <= 1.0
+    assert float(r["clip_iqa"]) == pytest.approx(want, abs=1e-5)
+    if min(decoded.shape[:2]) >= 96:
+      assert float(r["niqe"]) == pytest.approx(niqe(decoded, params), rel=1e-5)
+    else:
+      assert r["niqe"] == ""
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["metrics"] == ["psnr", "ms_ssim", "niqe", "clip_iqa"]
+  assert summary["checkpoints"][0]["metric_counts"]["niqe"] == 2
+  assert not any("NIQE skipped" in n or "CLIP-IQA skipped" in n for n in summary["notes"])
+  assert {"rd_niqe.png", "rd_clip_iqa.png"} <= set(os.listdir(out))
+
+
+def test_bad_no_reference_weights_stop_before_writing(micro_workdir, photos, tmp_path, capsys):
+  out = tmp_path / "o"
+  bad = tmp_path / "bad.npz"
+  np.savez(bad, something_else=np.zeros(3))
+  for flag, value, words in [("--niqe-params", str(tmp_path / "missing.mat"), "NIQE"),
+                             ("--niqe-params", str(bad), "NIQE"),
+                             ("--clip-iqa", str(tmp_path), "CLIP-IQA")]:
+    assert _run("--checkpoint", micro_workdir, "--images", photos, "--out", str(out), flag, value) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("sodec_jax.evaluate: error:"), err
+    assert words in err
+    assert not out.exists()
