@@ -100,6 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.alpha = 1.0
   c.loss.beta = 0.0                                  # GAN weight (stage 4: HiFiC's 0.15)
   c.loss.disc_learning_rate = 1e-4
+  c.loss.discriminator_init = ""   # stage 4: a `convert/from_torch.py hific` folder's discriminator
 
   # LPIPS needs ImageNet VGG16 weights from a local file (torchvision layout, .pth or .safetensors).
   c.lpips = ml_collections.ConfigDict()

@@ -44,6 +44,10 @@ def validate_config(config) -> None:
   d, t, l = config.data, config.train, config.loss
   from sodec_jax import pretrained  # pylint: disable=import-outside-toplevel
   pretrained.check_paths(config)
+  source = l.get("discriminator_init", "")
+  if source and not os.path.isfile(os.path.join(source, "manifest.json")):
+    raise SodecError(f"--config.loss.discriminator_init={source} is not a converted folder: make "
+                     "one with `python convert/from_torch.py hific --src CHECKPOINT.pt --out DIR`")
   if config.stage not in (0, 1, 2, 3, 4):
     raise SodecError(f"config.stage={config.stage} must be 0 (tiny SD pretraining), 1, 2, 3 or 4")
   if config.stage >= 2 and config.get("decoder", "codec") != "diffusion":
@@ -142,11 +146,44 @@ def make_discriminator(config):
   """Stage 4: HiFiC's conditional discriminator -> (graphdef, {'params', 'spectral', 'opt_state'},
   its optimizer). Its params and spectral-norm vectors are pure dicts in the train state."""
   from sodec_jax.discriminator import Discriminator, SpectralState  # pylint: disable=import-outside-toplevel
-  disc = Discriminator(config.model.latent_channels, rngs=nnx.Rngs(config.seed + 1))
+  source = config.loss.get("discriminator_init", "")
+  if source:   # a `convert/from_torch.py hific` folder: HiFiC's trained discriminator
+    disc = converted_discriminator(source, config.model.latent_channels)
+  else:
+    disc = Discriminator(config.model.latent_channels, rngs=nnx.Rngs(config.seed + 1))
   graphdef, params, spectral = nnx.split(disc, nnx.Param, SpectralState)
   params, spectral = nnx.to_pure_dict(params), nnx.to_pure_dict(spectral)
   tx = optax.adam(config.loss.disc_learning_rate, b1=config.optim.b1, b2=config.optim.b2)
   return graphdef, {"params": params, "spectral": spectral, "opt_state": tx.init(params)}, tx
+
+
+def converted_discriminator(folder: str, latent_channels: int):
+  """The Discriminator of a `convert/from_torch.py hific` folder (its widths read from the
+  converted kernels), loaded strictly; SodecError naming the fix otherwise."""
+  from sodec_jax.discriminator import Discriminator  # pylint: disable=import-outside-toplevel
+  from sodec_jax.weights import converted  # pylint: disable=import-outside-toplevel
+  fix = ("--config.loss.discriminator_init takes a `python convert/from_torch.py hific --src "
+         "CHECKPOINT.pt --out DIR` folder whose checkpoint held the discriminator")
+  if not os.path.isdir(folder):
+    raise SodecError(f"discriminator_init {folder!r} does not exist; {fix}")
+  if converted.read_manifest(folder).get("kind") != "hific":
+    raise SodecError(f"discriminator_init {folder} is not a converted HiFiC folder; {fix}")
+  arrays = converted.load_discriminator_arrays(folder)
+  if arrays is None:
+    raise SodecError(f"discriminator_init {folder} has no discriminator/ (the HiFiC checkpoint "
+                     f"held none); {fix}")
+  try:
+    context = arrays["context_conv"]["kernel"].shape          # [3, 3, C, context]
+    filters = [arrays[f"conv{k}"]["kernel"].shape[-1] for k in range(1, 5)]
+  except (KeyError, AttributeError, IndexError) as e:
+    raise SodecError(f"discriminator_init {folder}: unexpected discriminator layout ({e}); {fix}") from None
+  if context[2] != latent_channels:
+    raise SodecError(f"discriminator_init {folder} was trained with y_hat of {context[2]} "
+                     f"channels, this model has {latent_channels} (model.latent_channels)")
+  disc = nnx.eval_shape(lambda: Discriminator(latent_channels, filters=filters,
+                                              context_channels=context[3], rngs=nnx.Rngs(0)))
+  converted.load_discriminator(folder, disc)
+  return disc
 
 
 DATA_AXIS = "data"
