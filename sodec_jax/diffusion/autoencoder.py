@@ -18,6 +18,7 @@ from flax import nnx
 
 from sodec_jax.diffusion.attention import SpatialSelfAttention, default_query_chunk
 from sodec_jax.diffusion.blocks import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from sodec_jax.diffusion.diffusers_config import from_diffusers_dict, to_diffusers_dict
 from sodec_jax.errors import SodecError
 
 _UNSUPPORTED_DEFAULTS = {
@@ -52,27 +53,11 @@ class VAEConfig:
   @classmethod
   def from_dict(cls, d: dict) -> "VAEConfig":
     """Build from a diffusers config.json dict; unsupported features raise SodecError."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs, bad = {}, []
-    for key, value in d.items():
-      if key.startswith("_") or key in _IGNORED:
-        continue
-      if key in _UNSUPPORTED_DEFAULTS:
-        if value != _UNSUPPORTED_DEFAULTS[key]:
-          bad.append(f"{key}={value!r} (supported: {_UNSUPPORTED_DEFAULTS[key]!r})")
-        continue
-      if key not in fields:
-        bad.append(f"{key} (unknown key)")
-        continue
-      kwargs[key] = tuple(value) if isinstance(value, list) else value
-    if bad:
-      raise SodecError("VAE config has settings this VAE does not implement: " + "; ".join(bad))
-    cfg = cls(**kwargs)
-    cfg.validate()
-    return cfg
+    return from_diffusers_dict(cls, d, unsupported=_UNSUPPORTED_DEFAULTS, ignored=_IGNORED,
+                               what="VAE")
 
   def to_dict(self) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+    return to_diffusers_dict(self)
 
   def validate(self) -> None:
     n = len(self.block_out_channels)

@@ -20,6 +20,7 @@ from flax import nnx
 from sodec_jax.diffusion.attention import Transformer2DModel, default_query_chunk
 from sodec_jax.diffusion.blocks import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D,
                                         TimestepEmbedding, Upsample2D, timestep_embedding)
+from sodec_jax.diffusion.diffusers_config import from_diffusers_dict, to_diffusers_dict
 from sodec_jax.errors import SodecError
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -79,27 +80,11 @@ class UNetConfig:
   @classmethod
   def from_dict(cls, d: dict) -> "UNetConfig":
     """Build from a diffusers config.json dict; unsupported features raise SodecError."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs, bad = {}, []
-    for key, value in d.items():
-      if key.startswith("_") or key in _IGNORED:
-        continue
-      if key in _UNSUPPORTED_DEFAULTS:
-        if value != _UNSUPPORTED_DEFAULTS[key]:
-          bad.append(f"{key}={value!r} (supported: {_UNSUPPORTED_DEFAULTS[key]!r})")
-        continue
-      if key not in fields:
-        bad.append(f"{key} (unknown key)")
-        continue
-      kwargs[key] = tuple(value) if isinstance(value, list) else value
-    if bad:
-      raise SodecError("UNet config has settings this UNet does not implement: " + "; ".join(bad))
-    cfg = cls(**kwargs)
-    cfg.validate()
-    return cfg
+    return from_diffusers_dict(cls, d, unsupported=_UNSUPPORTED_DEFAULTS, ignored=_IGNORED,
+                               what="UNet")
 
   def to_dict(self) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+    return to_diffusers_dict(self)
 
   def per_block(self, value) -> tuple:
     n = len(self.block_out_channels)
