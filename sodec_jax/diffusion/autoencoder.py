@@ -18,7 +18,7 @@ from flax import nnx
 
 from sodec_jax.diffusion.attention import SpatialSelfAttention, default_query_chunk
 from sodec_jax.diffusion.blocks import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
-from sodec_jax.diffusion.diffusers_config import from_diffusers_dict, to_diffusers_dict
+from sodec_jax.diffusion.diffusers_config import DiffusersConfig
 from sodec_jax.errors import SodecError
 
 _UNSUPPORTED_DEFAULTS = {
@@ -30,8 +30,10 @@ _EPS = 1e-6   # diffusers' Encoder/Decoder use resnet_eps=1e-6 throughout
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(DiffusersConfig):
   """diffusers AutoencoderKL config (the keys of its config.json)."""
+  WHAT, UNSUPPORTED, IGNORED = "VAE", _UNSUPPORTED_DEFAULTS, _IGNORED
+
   in_channels: int = 3
   out_channels: int = 3
   down_block_types: tuple = ("DownEncoderBlock2D",) * 4
@@ -41,23 +43,6 @@ class VAEConfig:
   latent_channels: int = 4
   norm_num_groups: int = 32
   scaling_factor: float = 0.18215
-
-  def __post_init__(self):
-    # lists (as in config.json) become tuples: the config is a hashable, static module attribute
-    for f in dataclasses.fields(self):
-      value = getattr(self, f.name)
-      if isinstance(value, list):
-        object.__setattr__(self, f.name, tuple(tuple(v) if isinstance(v, list) else v
-                                               for v in value))
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "VAEConfig":
-    """Build from a diffusers config.json dict; unsupported features raise SodecError."""
-    return from_diffusers_dict(cls, d, unsupported=_UNSUPPORTED_DEFAULTS, ignored=_IGNORED,
-                               what="VAE")
-
-  def to_dict(self) -> dict:
-    return to_diffusers_dict(self)
 
   def validate(self) -> None:
     n = len(self.block_out_channels)

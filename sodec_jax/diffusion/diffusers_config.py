@@ -36,3 +36,28 @@ def from_diffusers_dict(cls, d: Mapping[str, Any], *, unsupported: Mapping[str, 
 def to_diffusers_dict(cfg) -> dict:
   """The dataclass as a diffusers-style dict (tuples as lists)."""
   return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+class DiffusersConfig:
+  """Mixin for the frozen config dataclasses mirroring a diffusers config.json: lists become
+  tuples (hashable, static module attributes), `from_dict` / `to_dict` as above. Subclasses set
+  WHAT (the model's name in messages), UNSUPPORTED and IGNORED (class attributes, not fields)."""
+  WHAT = "model"
+  UNSUPPORTED: Mapping[str, Any] = {}
+  IGNORED: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, list):
+        object.__setattr__(self, f.name, tuple(tuple(v) if isinstance(v, list) else v
+                                               for v in value))
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]):
+    """Build from a diffusers config.json dict; unsupported features raise SodecError."""
+    return from_diffusers_dict(cls, d, unsupported=cls.UNSUPPORTED, ignored=cls.IGNORED,
+                               what=cls.WHAT)
+
+  def to_dict(self) -> dict:
+    return to_diffusers_dict(self)

@@ -20,7 +20,7 @@ from flax import nnx
 from sodec_jax.diffusion.attention import Transformer2DModel, default_query_chunk
 from sodec_jax.diffusion.blocks import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D,
                                         TimestepEmbedding, Upsample2D, timestep_embedding)
-from sodec_jax.diffusion.diffusers_config import from_diffusers_dict, to_diffusers_dict
+from sodec_jax.diffusion.diffusers_config import DiffusersConfig
 from sodec_jax.errors import SodecError
 
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -45,8 +45,10 @@ _IGNORED = ("dropout", "addition_embed_type_num_heads")
 
 
 @dataclasses.dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(DiffusersConfig):
   """diffusers UNet2DConditionModel config (the keys of its config.json), SD 2.1 family."""
+  WHAT, UNSUPPORTED, IGNORED = "UNet", _UNSUPPORTED_DEFAULTS, _IGNORED
+
   sample_size: int = 96
   in_channels: int = 4
   out_channels: int = 4
@@ -68,23 +70,6 @@ class UNetConfig:
   use_linear_projection: bool = True
   upcast_attention: bool = True                # attention logits are always float32 here
   time_embedding_dim: int | None = None
-
-  def __post_init__(self):
-    # lists (as in config.json) become tuples: the config is a hashable, static module attribute
-    for f in dataclasses.fields(self):
-      value = getattr(self, f.name)
-      if isinstance(value, list):
-        object.__setattr__(self, f.name, tuple(tuple(v) if isinstance(v, list) else v
-                                               for v in value))
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "UNetConfig":
-    """Build from a diffusers config.json dict; unsupported features raise SodecError."""
-    return from_diffusers_dict(cls, d, unsupported=_UNSUPPORTED_DEFAULTS, ignored=_IGNORED,
-                               what="UNet")
-
-  def to_dict(self) -> dict:
-    return to_diffusers_dict(self)
 
   def per_block(self, value) -> tuple:
     n = len(self.block_out_channels)
