@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.metrics.vgg16 import (VGG16_STAGE_CHANNELS, FrozenWeight, VGG16Features,
-                                     min_side_for_stages)
+                                     check_image_pair)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -93,13 +93,7 @@ class DISTS(nnx.Module):
 
   def per_stage(self, x: jax.Array, y: jax.Array) -> jax.Array:
     """[6, B]: each stage's weighted similarity sum_c (alpha S1 + beta S2); DISTS = 1 - their sum."""
-    if x.shape != y.shape:
-      raise ValueError(f"DISTS inputs must have the same shape, got {x.shape} and {y.shape}")
-    if x.ndim != 4 or x.shape[-1] != 3:
-      raise ValueError(f"DISTS expects NHWC RGB images [B, H, W, 3], got shape {x.shape}")
-    m = min_side_for_stages(5)
-    if min(x.shape[1:3]) < m:
-      raise ValueError(f"DISTS needs images of at least {m}x{m} pixels, got {x.shape[1:3]}")
+    check_image_pair(x, y, "DISTS")
     b = x.shape[0]
     x = x.astype(jnp.float32)
     y = y.astype(jnp.float32)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.metrics.vgg16 import (VGG16_STAGE_CHANNELS, FrozenWeight, VGG16Features,
-                                     min_side_for_stages)
+                                     check_image_pair)
 
 # lpips.ScalingLayer constants (applied to inputs in [-1, 1]).
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)
@@ -75,13 +75,7 @@ class LPIPS(nnx.Module):
 
   def per_layer(self, x: jax.Array, y: jax.Array) -> jax.Array:
     """[5, B]: the contribution of each VGG tap (their sum is `__call__`)."""
-    if x.shape != y.shape:
-      raise ValueError(f"LPIPS inputs must have the same shape, got {x.shape} and {y.shape}")
-    if x.ndim != 4 or x.shape[-1] != 3:
-      raise ValueError(f"LPIPS expects NHWC RGB images [B, H, W, 3], got shape {x.shape}")
-    m = min_side_for_stages(5)
-    if min(x.shape[1:3]) < m:
-      raise ValueError(f"LPIPS-VGG needs images of at least {m}x{m} pixels, got {x.shape[1:3]}")
+    check_image_pair(x, y, "LPIPS")
     b = x.shape[0]
     # One trunk pass over both images.
     feats = self._features(jnp.concatenate([x, y], axis=0))

@@ -127,7 +127,19 @@ def min_side_for_stages(num_stages: int = 5) -> int:
   return 2 ** (num_stages - 1)
 
 
+def check_image_pair(x, y, metric: str) -> None:
+  """ValueError unless x and y are same-shape NHWC RGB batches big enough for all 5 VGG stages."""
+  if x.shape != y.shape:
+    raise ValueError(f"{metric} inputs must have the same shape, got {x.shape} and {y.shape}")
+  if x.ndim != 4 or x.shape[-1] != 3:
+    raise ValueError(f"{metric} expects NHWC RGB images [B, H, W, 3], got shape {x.shape}")
+  m = min_side_for_stages(5)
+  if min(x.shape[1:3]) < m:
+    raise ValueError(f"{metric} needs images of at least {m}x{m} pixels, got {x.shape[1:3]}")
+
+
 __all__: Sequence[str] = (
     "FrozenWeight", "VGG16Features", "VGG16_FEATURE_SHAPES", "VGG16_STAGES", "VGG16_TAPS",
-    "VGG16_STAGE_CHANNELS", "max_pool_2x2", "min_side_for_stages", "resolve_precision",
+    "VGG16_STAGE_CHANNELS", "check_image_pair", "max_pool_2x2", "min_side_for_stages",
+    "resolve_precision",
 )
