@@ -520,28 +520,27 @@ def _write_vae(o: Output, config: dict, source: TensorSource, what: str, dtype: 
   o.save_params(name, params)
 
 
+def _convert_diffusers_component(src: str, out: str, dtype: str, kind: str, what: str,
+                                 write) -> str:
+  """A diffusers model folder (config.json + weights) -> OUT/<kind>/ through `write`."""
+  _check_dtype(dtype)
+  weights = _diffusers_weight_file(src, what)
+  config = _read_json(os.path.join(src, "config.json"), what)
+  source = _open_diffusers(weights)
+  with output(out, kind, dtype) as o:
+    o.hash_sources_in_background([os.path.join(src, "config.json"), weights])
+    write(o, config, source, f"{what} weights in {src}", dtype)
+  return out
+
+
 def convert_unet(src: str, out: str, dtype: str = "float32") -> str:
   """A diffusers UNet2DConditionModel folder -> OUT/unet/."""
-  _check_dtype(dtype)
-  weights = _diffusers_weight_file(src, "UNet")
-  config = _read_json(os.path.join(src, "config.json"), "UNet")
-  source = _open_diffusers(weights)
-  with output(out, "unet", dtype) as o:
-    o.hash_sources_in_background([os.path.join(src, "config.json"), weights])
-    _write_unet(o, config, source, f"UNet weights in {src}", dtype)
-  return out
+  return _convert_diffusers_component(src, out, dtype, "unet", "UNet", _write_unet)
 
 
 def convert_vae(src: str, out: str, dtype: str = "float32") -> str:
   """A diffusers AutoencoderKL folder -> OUT/vae/."""
-  _check_dtype(dtype)
-  weights = _diffusers_weight_file(src, "VAE")
-  config = _read_json(os.path.join(src, "config.json"), "VAE")
-  source = _open_diffusers(weights)
-  with output(out, "vae", dtype) as o:
-    o.hash_sources_in_background([os.path.join(src, "config.json"), weights])
-    _write_vae(o, config, source, f"VAE weights in {src}", dtype)
-  return out
+  return _convert_diffusers_component(src, out, dtype, "vae", "VAE", _write_vae)
 
 
 def _open_diffusers(path: str) -> TensorSource:

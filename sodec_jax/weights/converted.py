@@ -152,32 +152,33 @@ def _locate(folder: str, sub: str, kinds: tuple[str, ...], what: str) -> tuple[s
                    f"make one with `{_COMMANDS['sd21'].format(out=folder)}`")
 
 
+def _load_diffusers_component(folder, sub, what, module_cls, config_cls, diffusers_loader,
+                              dtype, param_dtype, kwargs):
+  """A UNet / VAE from a converted sd21/<sub> or <sub> folder, or a raw diffusers folder."""
+  how, path = _locate(folder, sub, ("sd21", sub), what)
+  if how == "diffusers":
+    return diffusers_loader(path, dtype=dtype, param_dtype=param_dtype, **kwargs)
+  cfg = config_cls.from_dict(_read_json(os.path.join(path, "config.json")))
+  pdt = dtype if param_dtype is None else param_dtype
+  model = nnx.eval_shape(lambda: module_cls(cfg, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0),
+                                            **kwargs))
+  return restore_module(model, os.path.join(path, PARAMS_DIR))
+
+
 def load_unet(folder: str, dtype=jnp.float32, param_dtype=None, **kwargs):
   """UNet2DConditionModel from a converted sd21/unet folder or a raw diffusers folder."""
-  how, path = _locate(folder, "unet", ("sd21", "unet"), "UNet")
-  if how == "diffusers":
-    from sodec_jax.weights import diffusers
-    return diffusers.load_unet(path, dtype=dtype, param_dtype=param_dtype, **kwargs)
   from sodec_jax.diffusion.unet import UNet2DConditionModel, UNetConfig
-  cfg = UNetConfig.from_dict(_read_json(os.path.join(path, "config.json")))
-  pdt = dtype if param_dtype is None else param_dtype
-  model = nnx.eval_shape(lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=pdt,
-                                                      rngs=nnx.Rngs(0), **kwargs))
-  return restore_module(model, os.path.join(path, PARAMS_DIR))
+  from sodec_jax.weights import diffusers
+  return _load_diffusers_component(folder, "unet", "UNet", UNet2DConditionModel, UNetConfig,
+                                   diffusers.load_unet, dtype, param_dtype, kwargs)
 
 
 def load_vae(folder: str, dtype=jnp.float32, param_dtype=None, **kwargs):
   """AutoencoderKL from a converted sd21/vae folder or a raw diffusers folder."""
-  how, path = _locate(folder, "vae", ("sd21", "vae"), "VAE")
-  if how == "diffusers":
-    from sodec_jax.weights import diffusers
-    return diffusers.load_vae(path, dtype=dtype, param_dtype=param_dtype, **kwargs)
   from sodec_jax.diffusion.autoencoder import AutoencoderKL, VAEConfig
-  cfg = VAEConfig.from_dict(_read_json(os.path.join(path, "config.json")))
-  pdt = dtype if param_dtype is None else param_dtype
-  model = nnx.eval_shape(lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=pdt,
-                                               rngs=nnx.Rngs(0), **kwargs))
-  return restore_module(model, os.path.join(path, PARAMS_DIR))
+  from sodec_jax.weights import diffusers
+  return _load_diffusers_component(folder, "vae", "VAE", AutoencoderKL, VAEConfig,
+                                   diffusers.load_vae, dtype, param_dtype, kwargs)
 
 
 def load_schedule(folder: str):
