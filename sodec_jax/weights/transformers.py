@@ -335,38 +335,37 @@ def _norm_stats(pre: Mapping[str, Any], default_mean, default_std):
 # ----------------------------------------------------------------------------- public loaders
 
 
+def _load_extractor(folder, loader: str, types, spec_cls, model_cls, prefix: str, v5_names,
+                    ignored_patterns, table, kind: str, dtype, param_dtype, precision):
+  """The shared body of load_vit / load_swin: read, check the model_type, build, copy strictly."""
+  import jax.numpy as jnp
+  from sodec_jax.guidance.vit import VIT_DEFAULT_MEAN, VIT_DEFAULT_STD
+  config, pre, state = read_folder(folder)
+  _check_type(config, types, loader, folder)
+  spec = spec_cls.from_config(config)
+  mean, std = _norm_stats(pre, VIT_DEFAULT_MEAN, VIT_DEFAULT_STD)
+  model = model_cls(spec, dtype=dtype or jnp.float32, param_dtype=param_dtype, precision=precision,
+                    image_mean=mean, image_std=std)
+  state, ignored = _normalise_keys(state, prefix, v5_names, ignored_patterns)
+  assign(model, table(spec), state, ignored, f"the weights in {folder}", kind)
+  return model
+
+
 def load_vit(folder: str | os.PathLike, *, dtype=None, param_dtype=None, precision=None):
   """A transformers ViT folder (ViTModel / ViTForImageClassification / ...) -> frozen `ViT`.
 
   dtype: compute dtype (default float32); param_dtype: storage dtype (default = dtype).
   """
-  import jax.numpy as jnp
-  from sodec_jax.guidance.vit import VIT_DEFAULT_MEAN, VIT_DEFAULT_STD, ViT, ViTSpec
-  config, pre, state = read_folder(folder)
-  _check_type(config, _VIT_TYPES, "load_vit", folder)
-  spec = ViTSpec.from_config(config)
-  mean, std = _norm_stats(pre, VIT_DEFAULT_MEAN, VIT_DEFAULT_STD)
-  model = ViT(spec, dtype=dtype or jnp.float32, param_dtype=param_dtype, precision=precision,
-              image_mean=mean, image_std=std)
-  state, ignored = _normalise_keys(state, "vit.", _VIT_V5_NAMES, _VIT_IGNORED)
-  assign(model, vit_table(spec), state, ignored, f"the weights in {folder}", "ViT")
-  return model
+  from sodec_jax.guidance.vit import ViT, ViTSpec
+  return _load_extractor(folder, "load_vit", _VIT_TYPES, ViTSpec, ViT, "vit.", _VIT_V5_NAMES,
+                         _VIT_IGNORED, vit_table, "ViT", dtype, param_dtype, precision)
 
 
 def load_swin(folder: str | os.PathLike, *, dtype=None, param_dtype=None, precision=None):
   """A transformers Swin folder (SwinModel / SwinForImageClassification / ...) -> frozen `Swin`."""
-  import jax.numpy as jnp
   from sodec_jax.guidance.swin import Swin, SwinSpec
-  from sodec_jax.guidance.vit import VIT_DEFAULT_MEAN, VIT_DEFAULT_STD
-  config, pre, state = read_folder(folder)
-  _check_type(config, _SWIN_TYPES, "load_swin", folder)
-  spec = SwinSpec.from_config(config)
-  mean, std = _norm_stats(pre, VIT_DEFAULT_MEAN, VIT_DEFAULT_STD)
-  model = Swin(spec, dtype=dtype or jnp.float32, param_dtype=param_dtype, precision=precision,
-               image_mean=mean, image_std=std)
-  state, ignored = _normalise_keys(state, "swin.", _SWIN_V5_NAMES, _SWIN_IGNORED)
-  assign(model, swin_table(spec), state, ignored, f"the weights in {folder}", "Swin")
-  return model
+  return _load_extractor(folder, "load_swin", _SWIN_TYPES, SwinSpec, Swin, "swin.", _SWIN_V5_NAMES,
+                         _SWIN_IGNORED, swin_table, "Swin", dtype, param_dtype, precision)
 
 
 __all__ = ("load_vit", "load_swin", "read_folder", "vit_table", "swin_table")
