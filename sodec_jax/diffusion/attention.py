@@ -18,16 +18,21 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
   """Softmax(q k^T / sqrt(head_dim)) v. q: [B, Tq, N, D], k and v: [B, Tk, N, D] -> [B, Tq, N, D].
 
   `query_chunk` > 0 splits the queries into chunks of that many tokens, processed one after the
-  other (`lax.map`), when Tq is a multiple of it: the same result with a logits buffer of
-  [B, N, chunk, Tk] instead of [B, N, Tq, Tk]. On CPU that is faster (cache-resident logits);
-  on GPU leave it 0 so the fused kernel sees the whole problem.
+  other (`lax.map`): the same result with a logits buffer of [B, N, chunk, Tk] instead of
+  [B, N, Tq, Tk]. When Tq is not a multiple of the chunk the queries are zero-padded to one and
+  the extra rows dropped (so any image size keeps the small buffer: a 1472x1472 image's
+  33,856 latent tokens would otherwise need 4.6 GB of logits per head). On CPU chunking is also
+  faster (cache-resident logits); on GPU leave it 0 so the fused kernel sees the whole problem.
   """
   b, tq, n, d = q.shape
-  if query_chunk <= 0 or tq <= query_chunk or tq % query_chunk:
+  if query_chunk <= 0 or tq <= query_chunk:
     return _attend(q, k, v)
-  chunks = q.reshape(b, tq // query_chunk, query_chunk, n, d).swapaxes(0, 1)
-  out = jax.lax.map(lambda qc: _attend(qc, k, v), chunks)
-  return out.swapaxes(0, 1).reshape(b, tq, n, d)
+  chunks = -(-tq // query_chunk)
+  if chunks * query_chunk != tq:
+    q = jnp.pad(q, ((0, 0), (0, chunks * query_chunk - tq), (0, 0), (0, 0)))
+  q = q.reshape(b, chunks, query_chunk, n, d).swapaxes(0, 1)
+  out = jax.lax.map(lambda qc: _attend(qc, k, v), q)
+  return out.swapaxes(0, 1).reshape(b, chunks * query_chunk, n, d)[:, :tq]
 
 
 def _attend(q, k, v):
