@@ -160,7 +160,7 @@ class Metrics:
       elif name == "niqe":
         try:
           out[name] = float(self._fns[name](None, decoded))
-        except SodecError:   # smaller than NIQE's two 96 px blocks: empty, as MS-SSIM
+        except SodecError:   # smaller than one 96x96 NIQE block: empty, as MS-SSIM
           out[name] = float("nan")
       elif name == "clip_iqa":
         out[name] = float(np.asarray(self._fns[name](None, decoded))[0])
@@ -386,7 +386,7 @@ def evaluate(checkpoints: list[str], images: str, out: str, *, center_crop_size:
   if any(min(r["height"], r["width"]) < MS_SSIM_MIN_SIDE for r in rows):
     notes.append(f"MS-SSIM left empty for images with a side under {MS_SSIM_MIN_SIDE} px")
   if "niqe" in metrics.names and any(math.isnan(r["niqe"]) for r in rows):
-    notes.append("NIQE left empty for images too small for its 96 px blocks at both scales")
+    notes.append("NIQE left empty for images smaller than one 96x96 block")
   if skipped:
     log(f"note: {len(skipped)} unreadable image(s) skipped (listed in summary.json)")
   write_csv(os.path.join(out, "results.csv"), rows, columns)
