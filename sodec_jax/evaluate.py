@@ -50,7 +50,6 @@ BASE_COLUMNS = ["checkpoint", "image", "height", "width", "bytes", "bpp"]
 TIME_COLUMNS = ["encode_s", "decode_s"]
 HIGHER_IS_BETTER = {"psnr": True, "ms_ssim": True, "lpips": False, "dists": False,
                     "niqe": False, "clip_iqa": True}
-NO_REFERENCE = ("niqe", "clip_iqa")   # scored on the decoded image alone
 
 
 # ----------------------------------------------------------------------------- inputs
