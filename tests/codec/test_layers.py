@@ -74,8 +74,13 @@ def test_use_winograd_eligibility():
   strided = Conv2d(32, 32, 3, stride=2, padding=1, rngs=rngs)
   five = Conv2d(32, 32, 5, padding=2, rngs=rngs)
   narrow = Conv2d(8, 32, 3, padding=1, rngs=rngs)
+  # the default threshold (WINOGRAD_MIN_CHANNELS = 192 in and out) leaves 32 channels direct
+  assert use_winograd(block) == 0
+  assert block.conv1.winograd is None and block.conv2.winograd is None
+  assert use_winograd(Conv2d(191, 192, 3, padding=1, rngs=rngs)) == 0
+  assert use_winograd(Conv2d(192, 192, 3, padding=1, rngs=rngs)) == 1
   assert use_winograd(block, min_channels=16) == 2
-  assert use_winograd(block) == 0 or block.conv1.winograd is not None  # default threshold: 192
+  assert block.conv1.winograd is not None and block.conv2.winograd is not None
   for conv in (strided, five, narrow):
     assert use_winograd(conv, min_channels=16) == 0 and conv.winograd is None
   bf16 = Conv2d(32, 32, 3, padding=1, dtype=jnp.bfloat16, rngs=rngs)
