@@ -121,13 +121,14 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
   rc, _, err = _finish(_start(driver, killed, num_steps, every))  # the same command again
   assert rc == 0, err
 
+  # bitwise: the same parameters and every logged value but the wall-clock step time
   p1, s1 = checkpoints.read_params(straight)
   p2, s2 = checkpoints.read_params(killed)
   assert s1 == s2 == num_steps
-  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), p1, p2))
-  print(f"killed after checkpoint {at_kill}: max |param difference| {max(diffs):.3g}")
-  assert max(diffs) <= 1e-6
+  jax.tree.map(np.testing.assert_array_equal, p1, p2)
   rows1, rows2 = _rows(straight), _rows(killed)
   assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == list(range(1, num_steps + 1))
   for r1, r2 in zip(rows1, rows2):
-    assert abs(r1["loss"] - r2["loss"]) <= 1e-6 * max(1.0, abs(r1["loss"])), (r1, r2)
+    r1.pop("step_time", None)
+    r2.pop("step_time", None)
+    assert r1 == r2 and "loss" in r1, (r1, r2)

@@ -62,7 +62,9 @@ def test_four_devices_follow_the_one_device_loss_curve(tmp_path):
     for k in ("loss", "bpp", "mse", "psnr", "grad_norm", "param_norm"):
       rel = abs(r1[k] - r4[k]) / max(abs(r1[k]), 1e-12)
       worst = max(worst, rel)
-      assert rel <= 1e-3, (k, r1["step"], r1[k], r4[k])
+      # measured 5.6e-7 on the 2-core development CPU (README: ~6e-7); 5e-6 leaves room for
+      # another CPU's summation order, and still fails on any real divergence
+      assert rel <= 5e-6, (k, r1["step"], r1[k], r4[k])
   print(f"1 vs 4 devices: largest relative difference {worst:.3g} over 5 steps")
 
 
@@ -75,7 +77,7 @@ def test_fsdp_follows_the_one_device_loss_curve(tmp_path):
   worst = max(abs(r1[k] - r4[k]) / max(abs(r1[k]), 1e-12)
               for r1, r4 in zip(rows1, rows4) for k in ("loss", "bpp", "mse", "grad_norm"))
   print(f"1 device vs 4 devices (data 2 x fsdp 2): largest relative difference {worst:.3g}")
-  assert len(rows4) == 5 and worst <= 1e-3
+  assert len(rows4) == 5 and worst <= 5e-6  # measured 5.6e-7 (margin as above)
 
 
 def test_bench_train_reports_step_time_flops_and_memory():
@@ -126,6 +128,6 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
   worst = max(abs(r1[k] - r2[k]) / max(abs(r1[k]), 1e-12)
               for r1, r2 in zip(rows1, rows2) for k in ("loss", "bpp", "mse", "grad_norm"))
   print(f"1 process vs 2 processes: largest relative difference {worst:.3g} over 5 steps")
-  assert worst <= 1e-3
+  assert worst <= 5e-6  # measured 7.5e-7 (margin as above)
   from sodec_jax import checkpoints
   assert checkpoints.latest_step(str(wd)) == 5
