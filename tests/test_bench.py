@@ -163,3 +163,13 @@ def test_diffusion_decoder_components():
   chained = (jnp.asarray(out["x0 + D_m"], jnp.float32) + 1.0) / 2.0
   np.testing.assert_allclose(np.asarray(chained), np.asarray(x_hat), atol=1e-5)
   assert out["UNet (t=999)"].shape == out["H_s + T_s"].shape
+
+
+def test_bench_entropy_codes_the_model_latents(micro_workdir, capsys):
+  from sodec_jax import bench
+  capsys.readouterr()
+  assert bench.main(["--what", "entropy", "--checkpoint", micro_workdir, "--repeats", "1",
+                     "--warmup", "0"]) == 0
+  out = capsys.readouterr().out
+  rows = {line.split()[0] for line in out.splitlines()[2:]}
+  assert rows == {"y", "z", "total"} and "Msym/s" in out
