@@ -3,22 +3,28 @@
   --what entropy   range-coding throughput (symbols/s, encode and decode) on the latents of a
                    real 512x768 photo through a paper-size codec (random weights unless
                    --checkpoint is given).
-  --what unet|vae  jitted SD 2.1 UNet / VAE decoder latency (sodec_jax.diffusion.benchmark).
+  --what unet|vae  jitted SD 2.1 UNet / VAE decoder latency (sodec_jax.benchmarks.diffusion).
   --what codec     jitted codec encode/decode latency per stage, batch 1/8 throughput, optional
                    PyTorch reference (sodec_jax.benchmarks.codec).
   --what train     one training step of --config configs/<experiment>.py on 1 and N devices:
                    compile time, step time, images/s, FLOPs, MFU, memory (sodec_jax.benchmarks.train).
 
 Times are medians over --repeats calls after --warmup calls; compilation is reported apart.
+A problem the user can fix (a missing checkpoint, a bad option value) is one line on stderr and
+exit status 1.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 
 import numpy as np
+
+from sodec_jax.benchmarks import diffusion as diffusion_benchmark
+from sodec_jax.errors import SodecError
 
 
 def _time(fn, repeats: int, warmup: int) -> list[float]:
@@ -34,15 +40,14 @@ def _time(fn, repeats: int, warmup: int) -> list[float]:
 
 def run_entropy(args) -> dict:
   """Range encode/decode throughput on a realistic latent."""
-  import jax.numpy as jnp
+  import skimage
   from flax import nnx
 
   from configs import base
   from sodec_jax import api
-  from sodec_jax.model import build_model
   from sodec_jax.codec import bitstream
   from sodec_jax.images import read_image
-  import os, skimage
+  from sodec_jax.model import build_model
 
   if args.checkpoint:
     model = api.load_model(args.checkpoint)
@@ -53,10 +58,9 @@ def run_entropy(args) -> dict:
   image = np.ascontiguousarray(np.pad(photo, ((0, max(0, 512 - photo.shape[0])),
                                               (0, max(0, 768 - photo.shape[1])), (0, 0)),
                                       mode="reflect")[:512, :768])
-  lat = api._latents(model, image)
-  z_sym = lat["z_hat"][0].astype(np.int64)
-  z_ids = np.broadcast_to(np.arange(z_sym.shape[-1], dtype=np.uint16), z_sym.shape)
-  y_sym, y_ids = lat["y_sym"][0].astype(np.int64), lat["indexes"][0]
+  lat = api.encode_latents(model, image)
+  z_sym, z_ids = lat.z_hat[0].astype(np.int64), lat.z_indexes[0]
+  y_sym, y_ids = lat.y_symbols[0].astype(np.int64), lat.indexes[0]
   results = {}
   for name, coder, sym, ids in (("y", model.y_coder, y_sym, y_ids), ("z", model.z_coder, z_sym, z_ids)):
     stream, over = coder.encode(sym, ids)
@@ -102,27 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   parser = build_parser()
-  try:
-    from sodec_jax.diffusion import benchmark as diffusion_benchmark
-    diffusion_benchmark.add_arguments(parser)
-  except ImportError:
-    diffusion_benchmark = None
+  diffusion_benchmark.add_arguments(parser)
   args = parser.parse_args(argv)
-  if args.what == "entropy":
-    run_entropy(args)
-  elif args.what == "train":  # one training step on 1 and N devices (sodec_jax/benchmarks/train.py)
-    from sodec_jax.benchmarks import train as train_benchmark
-    train_benchmark.run_train(args)
-  elif args.what == "codec":  # jitted encode/decode latency per stage (sodec_jax/benchmarks/codec.py)
-    from sodec_jax.benchmarks import codec as codec_benchmark
-    codec_benchmark.run_codec(args)
-  elif diffusion_benchmark is None:
-    print("sodec_jax.bench: the diffusion benchmarks are not available in this build", file=sys.stderr)
+  try:
+    if args.what == "entropy":
+      run_entropy(args)
+    elif args.what == "train":  # one training step on 1 and N devices (benchmarks/train.py)
+      from sodec_jax.benchmarks import train as train_benchmark
+      train_benchmark.run_train(args)
+    elif args.what == "codec":  # jitted encode/decode latency per stage (benchmarks/codec.py)
+      from sodec_jax.benchmarks import codec as codec_benchmark
+      codec_benchmark.run_codec(args)
+    elif args.what == "unet":   # the SD 2.1 UNet / VAE decoder (benchmarks/diffusion.py)
+      diffusion_benchmark.run_unet(args)
+    else:
+      diffusion_benchmark.run_vae(args)
+  except SodecError as e:
+    print(f"sodec_jax.bench: error: {e}", file=sys.stderr)
     return 1
-  elif args.what == "unet":
-    diffusion_benchmark.run_unet(args)
-  else:
-    diffusion_benchmark.run_vae(args)
   return 0
 
 

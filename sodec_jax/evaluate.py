@@ -189,10 +189,9 @@ def code_image(model, image: np.ndarray, want_x_f: bool) -> dict[str, Any]:
     if model.decoder == bitstream.DECODER_CODEC:
       out["x_f"] = x_hat
     else:
-      import jax.numpy as jnp
       header, y_hat, _ = api.decode_latents(model, data)
-      out["x_f"] = api.to_uint8(np.asarray(model._fidelity(jnp.asarray(y_hat))),
-                                header.height, header.width)
+      out["x_f"] = api.to_uint8(np.asarray(api.fidelity(model, y_hat)), header.height,
+                                header.width)
   return out
 
 

@@ -66,9 +66,9 @@ def test_torch_reference_weights_are_the_inverse_key_map(loaded):
   """state_dict_from_jax fills the independent test reference (tests/reference/hific_torch.py)
   strictly, converts back to identical parameters, and the bench's torch codec computes the same
   as the JAX model."""
-  import jax.numpy as jnp
   from flax import nnx
 
+  from sodec_jax import api
   from sodec_jax.benchmarks import torch_reference as tr
   from sodec_jax.model import build_model
   from sodec_jax.weights.hific import load_hific_state_dict
@@ -85,7 +85,7 @@ def test_torch_reference_weights_are_the_inverse_key_map(loaded):
 
   ours = tr.build_reference(loaded)
   x = np.random.default_rng(0).uniform(size=(1, SIZE, SIZE, 3)).astype(np.float32)
-  y_j, z_j = (np.asarray(v) for v in loaded._analysis(jnp.asarray(x)))
+  y_j, z_j = (np.asarray(v) for v in api.analysis(loaded, x))
   with torch.inference_mode():
     y_t, z_t = ours.analysis(tr._nchw(x, torch.float32))
     y_r = ref.Encoder(tr._nchw(x, torch.float32))
@@ -94,8 +94,8 @@ def test_torch_reference_weights_are_the_inverse_key_map(loaded):
     mu_r, sigma_r = ref.Hyperprior.prior(zt)
     x_t = ours.synthesis(tr._nchw(y_j, torch.float32))
   assert torch.equal(y_t, y_r) and torch.equal(mu_t, mu_r) and torch.equal(sigma_t, sigma_r)
-  mu_j, sigma_j = (np.asarray(v) for v in loaded._prior(jnp.asarray(np.round(z_j))))
-  x_j = np.asarray(loaded._fidelity(jnp.asarray(y_j)))
+  mu_j, sigma_j = (np.asarray(v) for v in api.prior(loaded, np.round(z_j)))
+  x_j = np.asarray(api.fidelity(loaded, y_j))
   for got, want in ((tr._nhwc(y_t), y_j), (tr._nhwc(z_t), z_j), (tr._nhwc(mu_t), mu_j),
                     (tr._nhwc(sigma_t), sigma_j), (tr._nhwc(x_t), x_j)):
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
@@ -108,12 +108,37 @@ def test_batched_coding_equals_the_api(loaded):
   assert len({im.tobytes() for im in images}) == 3
   # Batched XLA convolutions may round differently from batch 1, so files and images are compared
   # through decoding (within 1/255), not bit for bit.
-  files = codec.compress_batch(loaded, images)
-  decoded = codec.decompress_batch(loaded, files)
+  files = api.compress_batch(loaded, images)
+  decoded = api.decompress_batch(loaded, files)
   for im, f, d in zip(images, files, decoded):
     want = api.decompress(loaded, api.compress(loaded, im))
     assert np.abs(api.decompress(loaded, f).astype(int) - want).max() <= 1
     assert np.abs(d.astype(int) - api.decompress(loaded, f)).max() <= 1
+
+
+def test_torch_reference_codes_through_the_api(loaded):
+  """The torch twin's file decodes with the JAX API (and vice versa) within 1/255."""
+  from sodec_jax import api
+  from sodec_jax.benchmarks import codec
+  from sodec_jax.benchmarks import torch_reference as tr
+  ref = tr.build_reference(loaded)
+  image = codec.test_images(SIZE, 1)[0]
+  t_data, j_data = tr.compress(ref, loaded, image), api.compress(loaded, image)
+  assert api.read_header(t_data) == api.read_header(j_data)
+  for data in (t_data, j_data):
+    a, b = api.decompress(loaded, data), tr.decompress(ref, loaded, data)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_bench_user_error_is_one_line(tmp_path, capsys):
+  from sodec_jax import bench
+  capsys.readouterr()
+  code = bench.main(["--what", "codec", "--checkpoint", str(tmp_path / "missing")])
+  err = capsys.readouterr().err
+  assert code == 1
+  assert err.count("\n") == 1 and "does not exist" in err and "Traceback" not in err
+  assert bench.main(["--what", "unet", "--dtype", "float16"]) == 1
+  assert "--dtype must be" in capsys.readouterr().err
 
 
 def test_diffusion_decoder_components():
@@ -138,3 +163,13 @@ def test_diffusion_decoder_components():
   chained = (jnp.asarray(out["x0 + D_m"], jnp.float32) + 1.0) / 2.0
   np.testing.assert_allclose(np.asarray(chained), np.asarray(x_hat), atol=1e-5)
   assert out["UNet (t=999)"].shape == out["H_s + T_s"].shape
+
+
+def test_bench_entropy_codes_the_model_latents(micro_workdir, capsys):
+  from sodec_jax import bench
+  capsys.readouterr()
+  assert bench.main(["--what", "entropy", "--checkpoint", micro_workdir, "--repeats", "1",
+                     "--warmup", "0"]) == 0
+  out = capsys.readouterr().out
+  rows = {line.split()[0] for line in out.splitlines()[2:]}
+  assert rows == {"y", "z", "total"} and "Msym/s" in out

@@ -13,11 +13,13 @@
 
 Per stage, the time is the median over --repeats calls after --warmup calls, with the min-max
 spread; the first call (compilation + one run) is reported apart. With the reference, JAX and
-torch calls alternate (a, b, a, b, ...) so both see the same background load. The stages are a list of
-named steps (`encode_stages` / `decode_stages`): the one-step diffusion decoder adds its own
-(extractor F, projection F_p, H_s/T_s, UNet, D_m) after D_a there. "total" is the public API call
+torch calls alternate (a, b, a, b, ...) so both see the same background load. The stages are a
+list of named steps (`encode_stages` / `decode_stages`, the public steps of `sodec_jax.api`):
+the one-step diffusion decoder adds its own (extractor F, projection F_p, H_s/T_s, UNet, D_m)
+after D_a there. "total" is the public API call
 (`sodec_jax.api.compress` / `decompress`) end to end, host glue included. Throughput runs whole
-batches (1 and 8 images): the neural pieces batched in one jitted call, range coding per image.
+batches (1 and 8 images) through `api.compress_batch` / `decompress_batch`: the neural pieces
+batched in one jitted call, range coding per image.
 """
 from __future__ import annotations
 
@@ -127,48 +129,6 @@ def load_for_bench(checkpoint: str, dtype: str):
   return api.prepare(config, model, loaded.step)
 
 
-# ----------------------------------------------------------------------------- batched coding
-
-
-def compress_batch(loaded, images: list[np.ndarray]) -> list[bytes]:
-  """api.compress over equal-size images with the neural pieces batched (one jitted call each).
-  Same computation as api.compress image by image; batched XLA convolutions may round a float
-  differently, so a rare symbol can differ (decoded images agree within 1/255, tested)."""
-  import jax.numpy as jnp
-
-  from sodec_jax import api
-  from sodec_jax.codec import bitstream
-  from sodec_jax.codec.entropy import scale_indexes
-  h, w = images[0].shape[:2]
-  x = np.concatenate([api.pad_image(im) for im in images])
-  y, z = loaded._analysis(jnp.asarray(x))
-  z_hat = np.round(np.asarray(z))
-  mu, sigma = (np.asarray(a) for a in loaded._prior(jnp.asarray(z_hat)))
-  y_sym = np.round(np.asarray(y) - mu)
-  indexes = scale_indexes(sigma, loaded.scales)
-  out = []
-  for b in range(len(images)):
-    zb, yb = z_hat[b], y_sym[b]
-    z_ids = np.broadcast_to(np.arange(zb.shape[-1], dtype=np.uint16), zb.shape)
-    z_stream, z_over = loaded.z_coder.encode(zb.astype(np.int64), z_ids)
-    y_stream, y_over = loaded.y_coder.encode(yb.astype(np.int64), indexes[b])
-    header = bitstream.Header(loaded.decoder, h, w, loaded.fingerprint, zb.shape, yb.shape)
-    out.append(bitstream.pack(header, [z_stream, y_stream, bitstream.encode_overflow(z_over + y_over)]))
-  return out
-
-
-def decompress_batch(loaded, files: list[bytes]) -> list[np.ndarray]:
-  """api.decompress over files of equal-size images: range decoding per file, D_a batched."""
-  import jax.numpy as jnp
-
-  from sodec_jax import api
-  decoded = [api.decode_latents(loaded, d) for d in files]
-  x, _ = loaded._synthesis(jnp.asarray(np.concatenate([y for _, y, _ in decoded])),
-                           jnp.asarray(np.concatenate([z for _, _, z in decoded])))
-  x = np.asarray(x)
-  return [api.to_uint8(x[b:b + 1], hd.height, hd.width) for b, (hd, _, _) in enumerate(decoded)]
-
-
 # ----------------------------------------------------------------------------- stages
 
 
@@ -181,19 +141,13 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
   import jax.numpy as jnp
 
   from sodec_jax import api
-  x = jnp.asarray(api.pad_image(image))
-  lat = api._latents(loaded, image)
-  z_hat = jnp.asarray(lat["z_hat"])
+  x = jnp.asarray(api.pad_image(image))   # device arrays: the stages time the networks alone
+  lat = api.encode_latents(loaded, image)
+  z_hat = jnp.asarray(lat.z_hat)
   h, w = image.shape[:2]
 
   def range_encode():
-    z, ys = lat["z_hat"][0], lat["y_sym"][0]
-    z_ids = np.broadcast_to(np.arange(z.shape[-1], dtype=np.uint16), z.shape)
-    zs, zo = loaded.z_coder.encode(z.astype(np.int64), z_ids)
-    ystream, yo = loaded.y_coder.encode(ys.astype(np.int64), lat["indexes"][0])
-    from sodec_jax.codec import bitstream
-    header = bitstream.Header(loaded.decoder, h, w, loaded.fingerprint, z.shape, ys.shape)
-    return bitstream.pack(header, [zs, ystream, bitstream.encode_overflow(zo + yo)])
+    return api.pack(loaded, lat, h, w)
 
   t = {}
   if ref is not None:
@@ -202,7 +156,7 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
     from sodec_jax.benchmarks import torch_reference as tr
     dtype = next(ref.parameters()).dtype
     xt = tr._nchw(np.asarray(x), dtype)
-    zt = tr._nchw(lat["z_hat"], dtype)
+    zt = tr._nchw(lat.z_hat, dtype)
 
     def no_grad(f):
       def g():
@@ -212,9 +166,10 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
     t = {"E + H_a": no_grad(lambda: ref.analysis(xt)), "P": no_grad(lambda: ref.prior(zt)),
          "total": lambda: tr.compress(ref, loaded, image)}
   return [
-      Stage("E + H_a", "encode", lambda: _block(loaded._analysis(x)), t.get("E + H_a")),
-      Stage("P", "encode", lambda: _block(loaded._prior(z_hat)), t.get("P")),
-      Stage("range encode", "encode", range_encode, range_encode if ref is not None else None, shared=True),
+      Stage("E + H_a", "encode", lambda: _block(api.analysis(loaded, x)), t.get("E + H_a")),
+      Stage("P", "encode", lambda: _block(api.prior(loaded, z_hat)), t.get("P")),
+      Stage("range encode", "encode", range_encode, range_encode if ref is not None else None,
+            shared=True),
       Stage("total", "encode", lambda: api.compress(loaded, image), t.get("total")),
   ]
 
@@ -224,21 +179,12 @@ def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
 
   from sodec_jax import api
   from sodec_jax.codec import bitstream
-  from sodec_jax.codec.entropy import scale_indexes
-  header, y_hat_np, _ = api.decode_latents(loaded, data)
-  _, (z_stream, y_stream, over_stream) = bitstream.unpack(data, loaded.max_pixels)
-  n = loaded.config.model.hyper_channels
-  z_ids = np.broadcast_to(np.arange(n, dtype=np.uint16), header.z_shape)
-  over0 = bitstream.OverflowReader(over_stream)
-  z_hat_np = loaded.z_coder.decode(z_stream, z_ids, over0).reshape(header.z_shape).astype(np.float32)[None]
-  z_hat = jnp.asarray(z_hat_np)
-  y_idx = scale_indexes(np.asarray(loaded._prior(z_hat)[1]), loaded.scales)[0]
-  y_hat = jnp.asarray(y_hat_np)
+  _, y_hat_np, z_hat_np = api.decode_latents(loaded, data)
+  z_hat, y_hat = jnp.asarray(z_hat_np), jnp.asarray(y_hat_np)
+  mu_sigma = tuple(np.asarray(a) for a in api.prior(loaded, z_hat))
 
-  def range_decode():  # both streams, with the scale indexes P gives (P timed apart)
-    over = bitstream.OverflowReader(over_stream)
-    loaded.z_coder.decode(z_stream, z_ids, over)
-    return loaded.y_coder.decode(y_stream, y_idx, over)
+  def range_decode():  # the container and both streams; P's output given (P is timed apart)
+    return api.decode_latents(loaded, data, lambda _: mu_sigma)
 
   t = {}
   if ref is not None:
@@ -256,9 +202,10 @@ def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
     t = {"P": no_grad(lambda: ref.prior(zt)), "D_a": no_grad(lambda: ref.synthesis(yt)),
          "total": lambda: tr.decompress(ref, loaded, data)}
   stages = [
-      Stage("range decode", "decode", range_decode, range_decode if ref is not None else None, shared=True),
-      Stage("P", "decode", lambda: _block(loaded._prior(z_hat)), t.get("P")),
-      Stage("D_a", "decode", lambda: _block(loaded._fidelity(y_hat)), t.get("D_a")),
+      Stage("range decode", "decode", range_decode, range_decode if ref is not None else None,
+            shared=True),
+      Stage("P", "decode", lambda: _block(api.prior(loaded, z_hat)), t.get("P")),
+      Stage("D_a", "decode", lambda: _block(api.fidelity(loaded, y_hat)), t.get("D_a")),
   ]
   if loaded.decoder == bitstream.DECODER_DIFFUSION:
     stages += diffusion_stages(loaded, y_hat, z_hat)
@@ -293,7 +240,7 @@ def diffusion_stages(loaded, y_hat, z_hat) -> list[Stage]:
     return m.vae_decoder.decode(m.schedule.predict_x0(y_t, eps, t) / m.scaling_factor)
 
   unet, decode = jitted(eps_fn), jitted(image_fn)
-  x_f = loaded._fidelity(y_hat)
+  x_f = api.fidelity(loaded, y_hat)
   c_g = guidance(x_f, z_hat)
   y_t = content(y_hat, z_hat)
   eps = unet(y_t, c_g)
@@ -302,7 +249,7 @@ def diffusion_stages(loaded, y_hat, z_hat) -> list[Stage]:
       Stage("H_s + T_s", "decode", lambda: _block(content(y_hat, z_hat))),
       Stage("UNet (t=999)", "decode", lambda: _block(unet(y_t, c_g))),
       Stage("x0 + D_m", "decode", lambda: _block(decode(y_t, eps))),
-      Stage("decoder (one jit)", "decode", lambda: _block(loaded._synthesis(y_hat, z_hat))),
+      Stage("decoder (one jit)", "decode", lambda: _block(api.reconstruct(loaded, y_hat, z_hat))),
   ]
 
 
@@ -369,9 +316,9 @@ def bench_codec(checkpoint: str, size: int, dtype: str, reference: str, repeats:
                         "max_abs_uint8_diff": int(np.abs(x_jax.astype(int) - x_t.astype(int)).max())}
   for b in batch_sizes:
     batch = images[:b]
-    enc = measure(lambda: compress_batch(loaded, batch), repeats, warmup)
-    files = compress_batch(loaded, batch)
-    dec = measure(lambda: decompress_batch(loaded, files), repeats, warmup)
+    enc = measure(lambda: api.compress_batch(loaded, batch), repeats, warmup)
+    files = api.compress_batch(loaded, batch)
+    dec = measure(lambda: api.decompress_batch(loaded, files), repeats, warmup)
     result["throughput"][b] = {"encode_img_s": 1e3 * b / enc["median_ms"],
                                "decode_img_s": 1e3 * b / dec["median_ms"],
                                "encode": enc, "decode": dec}

@@ -202,49 +202,35 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
   return t.float().permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def latents(ref: TorchCodec, loaded, x: np.ndarray) -> dict:
-  """x float32 [B, H, W, 3] (padded) -> z_hat, mu, sigma, y_sym, indexes (host numpy, NHWC)."""
-  from sodec_jax.codec.entropy import scale_indexes
+def latents(ref: TorchCodec, loaded, x: np.ndarray):
+  """x float32 [B, H, W, 3] (padded) -> sodec_jax.api.Latents computed by the torch networks."""
+  from sodec_jax import api
   dtype = next(ref.parameters()).dtype
   with torch.inference_mode():
     y, z = ref.analysis(_nchw(x, dtype))
     z_hat = torch.round(z.float())
     mu, sigma = ref.prior(z_hat.to(dtype))
-  mu, sigma = _nhwc(mu), _nhwc(sigma)
-  y_sym = np.round(_nhwc(y) - mu)
-  return {"z_hat": _nhwc(z_hat), "mu": mu, "sigma": sigma, "y_sym": y_sym,
-          "indexes": scale_indexes(sigma, loaded.scales)}
+  return api.Latents.from_prior(loaded, _nhwc(y), _nhwc(z_hat), _nhwc(mu), _nhwc(sigma))
 
 
 def compress(ref: TorchCodec, loaded, image: np.ndarray) -> bytes:
-  """torch twin of `sodec_jax.api.compress` (same container, coders and fingerprint)."""
+  """torch twin of `sodec_jax.api.compress`: latents from the torch networks, then `api.pack`
+  (the same rounding, scale indexes, coders, container and fingerprint)."""
   from sodec_jax import api
-  from sodec_jax.codec import bitstream
-  h, w = image.shape[:2]
-  lat = latents(ref, loaded, api.pad_image(image))
-  z_hat, y_sym = lat["z_hat"][0], lat["y_sym"][0]
-  z_ids = np.broadcast_to(np.arange(z_hat.shape[-1], dtype=np.uint16), z_hat.shape)
-  z_stream, z_over = loaded.z_coder.encode(z_hat.astype(np.int64), z_ids)
-  y_stream, y_over = loaded.y_coder.encode(y_sym.astype(np.int64), lat["indexes"][0])
-  header = bitstream.Header(loaded.decoder, h, w, loaded.fingerprint, z_hat.shape, y_sym.shape)
-  return bitstream.pack(header, [z_stream, y_stream, bitstream.encode_overflow(z_over + y_over)])
+  return api.pack(loaded, latents(ref, loaded, api.pad_image(image)), *image.shape[:2])
 
 
 def decompress(ref: TorchCodec, loaded, data: bytes) -> np.ndarray:
-  """torch twin of `sodec_jax.api.decompress` for the codec decoder."""
+  """torch twin of `sodec_jax.api.decompress` for the codec decoder: `api.decode_latents` with
+  the torch prior, then the torch D_a."""
   from sodec_jax import api
-  from sodec_jax.codec import bitstream
-  from sodec_jax.codec.entropy import scale_indexes
   dtype = next(ref.parameters()).dtype
-  header, (z_stream, y_stream, over_stream) = bitstream.unpack(data, loaded.max_pixels)
-  n = loaded.config.model.hyper_channels
-  overflow = bitstream.OverflowReader(over_stream)
-  z_ids = np.broadcast_to(np.arange(n, dtype=np.uint16), header.z_shape)
-  z_hat = loaded.z_coder.decode(z_stream, z_ids, overflow).reshape(header.z_shape).astype(np.float32)[None]
-  with torch.inference_mode():
-    mu, sigma = (_nhwc(t) for t in ref.prior(_nchw(z_hat, dtype)))
-  y_sym = loaded.y_coder.decode(y_stream, scale_indexes(sigma, loaded.scales)[0], overflow)
-  y_hat = y_sym.reshape(header.y_shape)[None].astype(np.float32) + mu
+
+  def torch_prior(z_hat):
+    with torch.inference_mode():
+      return tuple(_nhwc(t) for t in ref.prior(_nchw(z_hat, dtype)))
+
+  header, y_hat, _ = api.decode_latents(loaded, data, torch_prior)
   with torch.inference_mode():
     x = _nhwc(ref.synthesis(_nchw(y_hat, dtype)))
   return api.to_uint8(x, header.height, header.width)

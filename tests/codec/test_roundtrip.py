@@ -28,11 +28,13 @@ def test_roundtrip_odd_sizes_exact_latents(codec_model, size):
   assert (header.height, header.width) == (h, w)
   out = api.decompress(codec_model, data)
   assert out.shape == (h, w, 3) and out.dtype == np.uint8
-  own = api._latents(codec_model, image)
-  _, y_hat, _ = api.decode_latents(codec_model, data)
-  np.testing.assert_array_equal(y_hat, own["y_hat"])  # the decoder sees the encoder's y_hat exactly
+  own = api.encode_latents(codec_model, image)
+  assert api.pack(codec_model, own, h, w) == data  # compress is encode_latents + pack
+  _, y_hat, z_hat = api.decode_latents(codec_model, data)
+  np.testing.assert_array_equal(y_hat, own.y_hat)  # the decoder sees the encoder's y_hat exactly
+  np.testing.assert_array_equal(z_hat, own.z_hat)
   # and the image is D_a(y_hat) of the model's own latent
-  ref = api.to_uint8(np.asarray(codec_model._fidelity(jnp.asarray(own["y_hat"]))), h, w)
+  ref = api.to_uint8(np.asarray(api.fidelity(codec_model, own.y_hat)), h, w)
   np.testing.assert_array_equal(out, ref)
 
 

@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from sodec_jax.errors import SodecError
+
 
 def add_arguments(parser) -> None:
   """Options of the unet/vae benchmarks (the common ones are declared by sodec_jax.bench)."""
@@ -36,7 +38,7 @@ def _dtypes(name: str) -> list[str]:
   if name == "all":
     return ["float32", "bfloat16"]
   if name not in ("float32", "bfloat16"):
-    raise SystemExit(f"--dtype must be float32, bfloat16 or all, not {name!r}")
+    raise SodecError(f"--dtype must be float32, bfloat16 or all, not {name!r}")
   return [name]
 
 
