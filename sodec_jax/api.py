@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sodec_jax.codec import bitstream
+from sodec_jax.codec import bitstream, padding
 from sodec_jax.codec.entropy import (CodingTable, factorized_coding_table, gaussian_coding_table,
                                      scale_indexes, scale_table)
+from sodec_jax.codec.hific import OPTIONAL_FIELDS
 from sodec_jax.errors import SodecError
 from sodec_jax.model import PAD_MULTIPLE, SODEC, build_model
 
@@ -72,7 +73,9 @@ class LoadedModel:
 def fingerprint(config, model: nnx.Module) -> bytes:
   """16-byte hash of the coding-relevant config and every parameter (path, dtype, shape, bytes)."""
   h = hashlib.sha256()
-  h.update(json.dumps({"model": config.model.to_dict(), "entropy": config.entropy.to_dict()},
+  model_cfg = {k: v for k, v in config.model.to_dict().items()  # an optional field at its
+               if not (k in OPTIONAL_FIELDS and OPTIONAL_FIELDS[k] == v)}  # default: as if absent
+  h.update(json.dumps({"model": model_cfg, "entropy": config.entropy.to_dict()},
                       sort_keys=True, default=list).encode())
   from sodec_jax.metrics.vgg16 import FrozenWeight  # frozen extractor weights shape decoding too
   flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, FrozenWeight)))
@@ -118,10 +121,11 @@ def prepare(config, model: SODEC, step: int = 0, *, winograd: bool | None = None
   z_table: CodingTable = factorized_coding_table(model.codec.prior.hyperlatent.numpy_params(),
                                                  config.entropy.tail_mass)
   graphdef, state = nnx.split(decoding_model(model, winograd))
+  latent_multiple = padding.scheme(config.model).latent_multiple
 
   @jax.jit
   def analysis(state, x):
-    return nnx.merge(graphdef, state).analysis(x)
+    return nnx.merge(graphdef, state).analysis(x, latent_multiple)
 
   @jax.jit
   def prior(state, z_hat):
@@ -175,7 +179,7 @@ def _load_converted_codec(folder: str, winograd: bool | None = None) -> LoadedMo
   spec.loader.exec_module(module)
   config = module.get_config()
   for key, value in converted.load_codec_config(folder).items():
-    if key in config.model:
+    if key in config.model or key in OPTIONAL_FIELDS:
       config.model[key] = tuple(value) if isinstance(value, list) else value
   model = build_model(config, nnx.Rngs(0), pretrained=False)
   converted.load_codec_params(folder, model)
@@ -211,7 +215,8 @@ def to_uint8(x: np.ndarray, height: int, width: int) -> np.ndarray:
 # --------------------------------------------------------------------------- the coding path
 def _latents(model: LoadedModel, image: np.ndarray):
   """-> dict with z_hat, mu, sigma, y symbols, scale indexes, y_hat (host numpy arrays)."""
-  y, z = model._analysis(jnp.asarray(pad_image(image)))
+  x = padding.pad_image(image, padding.scheme(model.config.model))
+  y, z = model._analysis(jnp.asarray(x))
   z_hat = np.round(np.asarray(z))
   mu, sigma = (np.asarray(a) for a in model._prior(jnp.asarray(z_hat)))
   y_sym = np.round(np.asarray(y) - mu)

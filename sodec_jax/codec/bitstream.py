@@ -34,6 +34,7 @@ import zlib
 import constriction
 import numpy as np
 
+from sodec_jax.codec import padding
 from sodec_jax.codec.entropy import CodingTable
 from sodec_jax.errors import SodecError
 
@@ -99,8 +100,8 @@ def unpack(data: bytes, max_pixels: int = 1 << 28) -> tuple[Header, list[bytes]]
   if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE) or height * width > max_pixels:
     raise SodecError(f"corrupted .sodec file: implausible image size {height}x{width} "
                      f"(limit {max_pixels} pixels)")
-  z_expect, y_expect = latent_shapes(height, width, zc, yc)
-  if (zh, zw) != z_expect[:2] or (yh, yw) != y_expect[:2] or zc == 0 or yc == 0:
+  sizes = {padding.latent_sizes(height, width, p) for p in padding.SCHEMES.values()}
+  if ((zh, zw), (yh, yw)) not in sizes or zc == 0 or yc == 0:
     raise SodecError(f"corrupted .sodec file: latent shapes {(zh, zw, zc)}/{(yh, yw, yc)} do not "
                      f"match a {height}x{width} image")
   if nstreams != NUM_STREAMS:
