@@ -113,8 +113,8 @@ def likely_cause(missing, unexpected) -> str:
       k.startswith(("Encoder.", "Generator.")) for k in keys):
     return ("its factorized density has other layers: set the same model.factorized_filters "
             "and factorized_last_gate")
-  return (f"it was saved by another version or fork than {UPSTREAM} at commit 7d4e9e7, whose "
-          "module names this converter maps: convert a checkpoint its utils.save_model wrote")
+  return ("it was saved by another version or fork of that code (this converter maps the module "
+          "names of its commit 7d4e9e7): convert a checkpoint its utils.save_model wrote")
 
 
 def check_key_names(keys, model_cfg) -> None:

@@ -306,7 +306,7 @@ def test_wrong_names_are_listed_with_the_likely_cause(checkpoint, tmp_path):
   msg = str(e.value)
   assert ("missing 2: Encoder.conv_block_out.1.bias, Encoder.conv_block_out.1.weight | "
           "unexpected 2: Encoder.conv_out.1.bias, Encoder.conv_out.1.weight") in msg
-  assert "Likely cause: it was saved by another version or fork" in msg
+  assert "Likely cause: it was saved by another version or fork of that code" in msg
   assert "not a HiFiC" not in msg and "looks like" not in msg and "\n" not in msg
   obj["model_state_dict"] = {f"module.{k}": v for k, v in torch.load(
       path, weights_only=True)["model_state_dict"].items()}
