@@ -81,7 +81,8 @@ def test_torch_reference_weights_are_the_inverse_key_map(loaded):
     y_t, z_t = ours.analysis(tr._nchw(x, torch.float32))
     mu_t, sigma_t = ours.prior(tr._nchw(np.round(z_j), torch.float32))
     x_t = ours.synthesis(tr._nchw(y_j, torch.float32))
-    lik_t = ours.Hyperprior.hyperlatent_likelihood.likelihood(tr._nchw(np.round(z_j), torch.float32))
+    density = ours.Hyperprior.hyperlatent_likelihood
+    lik_t = density.likelihood(tr._nchw(np.round(z_j), torch.float32))
   mu_j, sigma_j = (np.asarray(v) for v in loaded._prior(jnp.asarray(np.round(z_j))))
   x_j = np.asarray(loaded._fidelity(jnp.asarray(y_j)))
   lik_j = np.asarray(loaded.model.codec.prior.hyperlatent.likelihood(jnp.asarray(np.round(z_j))))

@@ -223,7 +223,8 @@ class Discriminator(nn.Module):
   def __init__(self, C: int = 220, filters=DISCRIMINATOR_FILTERS, im_channels: int = 3):
     super().__init__()
     context_C_out = 12
-    self.context_conv = nn.Conv2d(C, context_C_out, kernel_size=3, padding=1, padding_mode="reflect")
+    self.context_conv = nn.Conv2d(C, context_C_out, kernel_size=3, padding=1,
+                                  padding_mode="reflect")
     self.context_upsample = nn.Upsample(scale_factor=16, mode="nearest")
     kw = dict(stride=2, padding=1, padding_mode="reflect")
     self.activation = nn.LeakyReLU(negative_slope=0.2)

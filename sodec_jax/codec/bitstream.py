@@ -60,13 +60,6 @@ class Header:
   y_shape: tuple
 
 
-def latent_shapes(height: int, width: int, latent_channels: int, hyper_channels: int,
-                  pad_multiple: int = 64) -> tuple[tuple, tuple]:
-  """(z_shape, y_shape) of an image of this size after padding to `pad_multiple`."""
-  ph, pw = -(-height // pad_multiple) * pad_multiple, -(-width // pad_multiple) * pad_multiple
-  return (ph // 64, pw // 64, hyper_channels), (ph // 16, pw // 16, latent_channels)
-
-
 def pack(header: Header, streams: list[bytes]) -> bytes:
   if len(streams) != NUM_STREAMS or len(header.fingerprint) != 16:
     raise ValueError("pack: need 3 streams and a 16-byte fingerprint")

@@ -2,8 +2,9 @@
 
 The HiFiC PyTorch implementation (github.com/Justin-Tan/high-fidelity-generative-compression,
 commit 7d4e9e7; tests/data/hific_upstream_keys.json lists its paper-size keys and shapes) saves
-`model_state_dict` with keys under `Encoder.`, `Generator.`, `Hyperprior.` (and `Discriminator.`). Each row of `hific_key_map` names a torch
-key, our nnx path under the SODEC model, and how the tensor is laid out:
+`model_state_dict` with keys under `Encoder.`, `Generator.`, `Hyperprior.` (and
+`Discriminator.`). Each row of `hific_key_map` names a torch key, our nnx path under the SODEC
+model, and how the tensor is laid out:
 
   conv     torch Conv2d weight [O, I, kh, kw]           -> kernel [kh, kw, I, O]
   convT    torch ConvTranspose2d weight [I, O, kh, kw]  -> kernel [kh, kw, I, O]
