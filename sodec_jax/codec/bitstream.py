@@ -34,7 +34,6 @@ import zlib
 import constriction
 import numpy as np
 
-from sodec_jax.codec import padding
 from sodec_jax.codec.entropy import CodingTable
 from sodec_jax.errors import SodecError
 
@@ -58,6 +57,13 @@ class Header:
   fingerprint: bytes
   z_shape: tuple
   y_shape: tuple
+
+
+def latent_shapes(height: int, width: int, latent_channels: int, hyper_channels: int,
+                  pad_multiple: int = 64) -> tuple[tuple, tuple]:
+  """(z_shape, y_shape) of an image of this size after padding to `pad_multiple`."""
+  ph, pw = -(-height // pad_multiple) * pad_multiple, -(-width // pad_multiple) * pad_multiple
+  return (ph // 64, pw // 64, hyper_channels), (ph // 16, pw // 16, latent_channels)
 
 
 def pack(header: Header, streams: list[bytes]) -> bytes:
@@ -93,8 +99,8 @@ def unpack(data: bytes, max_pixels: int = 1 << 28) -> tuple[Header, list[bytes]]
   if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE) or height * width > max_pixels:
     raise SodecError(f"corrupted .sodec file: implausible image size {height}x{width} "
                      f"(limit {max_pixels} pixels)")
-  sizes = {padding.latent_sizes(height, width, p) for p in padding.SCHEMES.values()}
-  if ((zh, zw), (yh, yw)) not in sizes or zc == 0 or yc == 0:
+  z_expect, y_expect = latent_shapes(height, width, zc, yc)
+  if (zh, zw) != z_expect[:2] or (yh, yw) != y_expect[:2] or zc == 0 or yc == 0:
     raise SodecError(f"corrupted .sodec file: latent shapes {(zh, zw, zc)}/{(yh, yw, yc)} do not "
                      f"match a {height}x{width} image")
   if nstreams != NUM_STREAMS:

@@ -6,9 +6,11 @@
            src/helpers/utils.py pad_factor): the image reflect-padded bottom/right to a multiple
            of 16, then y reflect-padded bottom/right to a multiple of 4 before H_a.
 
-Either way z is [ceil(H/64), ceil(W/64)] and the decoder's output is cropped to H x W. The
-field is optional in a config (absent = "sodec"), and the fingerprint of a model leaves it out
-at its default, so native models keep their fingerprints.
+Either way y is [4 ceil(H/64), 4 ceil(W/64)] and z [ceil(H/64), ceil(W/64)] (ceil(ceil(H/16)/4)
+= ceil(H/64)), so a .sodec header's shapes are the same; what differs is what y holds past
+ceil(H/16): reflected y ("hific") or the code of a reflected image ("sodec"). The decoder's
+output is cropped to H x W. The field is optional in a config (absent = "sodec"), and a model's
+fingerprint leaves it out at its default, so native models keep their fingerprints.
 """
 from __future__ import annotations
 
@@ -57,10 +59,3 @@ def pad_latent(y, multiple: int):
     return y
   return jnp.pad(y, ((0, 0), (0, _up(h, multiple) - h), (0, _up(w, multiple) - w), (0, 0)),
                  mode="reflect")
-
-
-def latent_sizes(height: int, width: int, pad: Padding) -> tuple[tuple, tuple]:
-  """((z_h, z_w), (y_h, y_w)) of an image of this size under `pad`."""
-  yh = _up(_up(height, pad.image_multiple) // 16, pad.latent_multiple)
-  yw = _up(_up(width, pad.image_multiple) // 16, pad.latent_multiple)
-  return (yh // 4, yw // 4), (yh, yw)
