@@ -370,8 +370,12 @@ def test_paper_size_checkpoint_reproduces_upstream(tmp_path):
   """The same at paper size (C=220, N=320, 9 residual blocks), random weights, 101x133."""
   torch.manual_seed(1)
   ref = perturbed(hific_torch.HiFiC(discriminator_filters=hific_torch.DISCRIMINATOR_FILTERS))
-  with torch.no_grad():   # y-scale latents, as a trained encoder gives (random ones are ~0.1)
-    ref.Encoder.conv_block_out[1].weight.mul_(20.0)
+  # A trained model's regime: y and z of a few units, sigma ~ |y| (random weights give y ~ 0.4,
+  # z = 0 and sigma at its 0.11 floor, so the hyperprior would carry nothing).
+  with torch.no_grad():
+    ref.Encoder.conv_block_out[1].weight.mul_(5.0)
+    ref.Hyperprior.analysis_net.conv3.weight.mul_(20.0)
+    ref.Hyperprior.synthesis_std.conv3.bias.fill_(2.0)
   path = str(tmp_path / "hific_paper.pt")
   from configs import base
   save_upstream_checkpoint(ref, path, upstream_args(base.get_config().model))
