@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.likelihood_bound = 1e-9
   c.model.dtype = "float32"                          # compute dtype of the conv stacks
   c.model.param_dtype = "float32"
+  # Optional, absent here (= native): model.padding ("sodec" | "hific", codec/padding.py) and
+  # model.factorized_last_gate; `convert/from_torch.py hific` sets them for HiFiC checkpoints.
 
   # --- which decoder x_hat comes from: "codec" (D_a, stage 1) or "diffusion" (SODEC) ---------
   c.decoder = "codec"

@@ -5,7 +5,7 @@
     data = sodec_jax.compress(model, image)             # image: uint8 [H, W, 3] -> bytes
     image2 = sodec_jax.decompress(model, data)          # -> uint8 [H, W, 3]
 
-The steps (sodec_jax.api; H', W' = the image padded to a multiple of 64 by pad_image,
+The steps (sodec_jax.api; H', W' = the image padded by pad_image (to 64 natively),
 h = H'/16, w = W'/16, C / N = latent / hyper-latent channels; batch-first NHWC):
   encode_latents(model, image) -> Latents       uint8 [H, W, 3] (or a list of same-size ones)
       z_hat [B, h/4, w/4, N], mu, sigma, y_symbols, indexes, y_hat [B, h, w, C] (numpy)
@@ -48,9 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sodec_jax.codec import bitstream
+from sodec_jax.codec import bitstream, padding
 from sodec_jax.codec.entropy import (CodingTable, factorized_coding_table, gaussian_coding_table,
                                      scale_indexes, scale_table)
+from sodec_jax.codec.hific import OPTIONAL_FIELDS
 from sodec_jax.errors import SodecError
 from sodec_jax.model import PAD_MULTIPLE, SODEC, build_model
 
@@ -86,7 +87,9 @@ class LoadedModel:
 def fingerprint(config, model: nnx.Module) -> bytes:
   """16-byte hash of the coding-relevant config and every parameter (path, dtype, shape, bytes)."""
   h = hashlib.sha256()
-  h.update(json.dumps({"model": config.model.to_dict(), "entropy": config.entropy.to_dict()},
+  model_cfg = {k: v for k, v in config.model.to_dict().items()  # an optional field at its
+               if not (k in OPTIONAL_FIELDS and OPTIONAL_FIELDS[k] == v)}  # default: as if absent
+  h.update(json.dumps({"model": model_cfg, "entropy": config.entropy.to_dict()},
                       sort_keys=True, default=list).encode())
   from sodec_jax.metrics.vgg16 import FrozenWeight  # frozen extractor weights shape decoding too
   flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, FrozenWeight)))
@@ -133,10 +136,11 @@ def prepare(config, model: SODEC, step: int = 0, *, winograd: bool | None = None
   z_table: CodingTable = factorized_coding_table(model.codec.prior.hyperlatent.numpy_params(),
                                                  config.entropy.tail_mass)
   graphdef, state = nnx.split(decoding_model(model, winograd))
+  latent_multiple = padding.scheme(config.model).latent_multiple
 
   @jax.jit
   def jit_analysis(state, x):
-    return nnx.merge(graphdef, state).analysis(x)
+    return nnx.merge(graphdef, state).analysis(x, latent_multiple)
 
   @jax.jit
   def jit_prior(state, z_hat):
@@ -192,7 +196,7 @@ def _load_converted_codec(folder: str, winograd: bool | None = None) -> LoadedMo
   spec.loader.exec_module(module)
   config = module.get_config()
   for key, value in converted.load_codec_config(folder).items():
-    if key in config.model:
+    if key in config.model or key in OPTIONAL_FIELDS:
       config.model[key] = tuple(value) if isinstance(value, list) else value
   model = build_model(config, nnx.Rngs(0), pretrained=False)
   converted.load_codec_params(folder, model)
@@ -211,12 +215,10 @@ def _check_image(image) -> np.ndarray:
   return image
 
 
-def pad_image(image: np.ndarray, multiple: int = PAD_MULTIPLE) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 [1, H', W', 3] in [0, 1], reflect-padded to a multiple."""
-  h, w = image.shape[:2]
-  ph, pw = -(-h // multiple) * multiple - h, -(-w // multiple) * multiple - w
-  x = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect")
-  return (x.astype(np.float32) / 255.0)[None]
+def pad_image(model: LoadedModel, image: np.ndarray) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [1, H', W', 3] in [0, 1], reflect-padded bottom/right as the
+  model codes (codec/padding.py: to a multiple of 64 natively, of 16 for converted HiFiC)."""
+  return padding.pad_image(image, padding.scheme(model.config.model))
 
 
 def to_uint8(x: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -302,7 +304,7 @@ def encode_latents(model: LoadedModel, images) -> Latents:
   if h * w > model.max_pixels or max(h, w) > bitstream.MAX_SIDE:
     raise SodecError(f"image {h}x{w} is larger than this model codes in one file "
                      f"({model.max_pixels} pixels, {bitstream.MAX_SIDE} per side)")
-  y, z = analysis(model, np.concatenate([pad_image(im) for im in batch]))
+  y, z = analysis(model, np.concatenate([pad_image(model, im) for im in batch]))
   z_hat = np.round(np.asarray(z))
   mu, sigma = prior(model, z_hat)
   return Latents.from_prior(model, y, z_hat, mu, sigma)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from sodec_jax.codec.entropy import add_uniform_noise, gaussian_likelihood, quantize_around
 from sodec_jax.codec.hific import Codec
+from sodec_jax.codec.padding import pad_latent
 from sodec_jax.errors import SodecError
 from sodec_jax.layers import ChannelNorm, Conv2d, ConvTranspose2d, ResidualBlock
 
@@ -135,9 +136,10 @@ class SODEC(nnx.Module):
     self.stop_gradient_latents = bool(s.stop_gradient_latents)
 
   # ---- pieces of the coding path (each is jitted by the caller) ------------------------------
-  def analysis(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [B, H, W, 3] -> (y [B, H/16, W/16, C], z [B, H/64, W/64, N])."""
-    y = self.codec.encoder(x)
+  def analysis(self, x: jax.Array, latent_multiple: int = 1) -> tuple[jax.Array, jax.Array]:
+    """x [B, H, W, 3] -> (y [B, H/16, W/16, C], z [B, H/64, W/64, N]); y reflect-padded
+    bottom/right to a multiple of `latent_multiple` first (codec/padding.py)."""
+    y = pad_latent(self.codec.encoder(x), latent_multiple)
     return y, self.codec.hyper_analysis(y)
 
   def prior_parameters(self, z_hat: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -14,8 +14,8 @@ from sodec_jax.discriminator import (Discriminator, SpectralState, hific_discrim
                                      load_hific_discriminator)
 from sodec_jax.errors import SodecError
 from tests.conftest import load_photo
-from tests.reference.hific_discriminator_torch import Discriminator as TorchDiscriminator
-from tests.reference.hific_discriminator_torch import non_saturating_loss
+from sodec_jax.benchmarks.hific_torch import Discriminator as TorchDiscriminator
+from sodec_jax.benchmarks.hific_torch import non_saturating_loss
 
 C = 8  # latent channels (small; the layout does not depend on it)
 

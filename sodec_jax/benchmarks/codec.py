@@ -141,7 +141,7 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
   import jax.numpy as jnp
 
   from sodec_jax import api
-  x = jnp.asarray(api.pad_image(image))   # device arrays: the stages time the networks alone
+  x = jnp.asarray(api.pad_image(loaded, image))   # device arrays: the stages time the networks alone
   lat = api.encode_latents(loaded, image)
   z_hat = jnp.asarray(lat.z_hat)
   h, w = image.shape[:2]

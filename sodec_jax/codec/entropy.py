@@ -81,10 +81,12 @@ class FactorizedPrior(nnx.Module):
   """Non-parametric factorized density of Balle et al. 2018 (App. 6.1), one per channel.
 
   `likelihood(z)`: z [..., C] -> [..., C], the probability mass of the unit bin around z.
+  Gates tanh(a_k) * tanh(.) follow every layer but the last (Balle, CompressAI); `gate_last`
+  adds one after the last layer too, as the HiFiC PyTorch implementation's HyperpriorDensity.
   """
 
   def __init__(self, channels: int, *, filters: Sequence[int] = (3, 3, 3), init_scale: float = 10.0,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               gate_last: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
     dims = (1,) + tuple(filters) + (1,)
     scale = init_scale ** (1.0 / (len(filters) + 1))
     self.channels = channels
@@ -97,7 +99,7 @@ class FactorizedPrior(nnx.Module):
       self.matrices.append(nnx.Param(jnp.full((channels, dims[k + 1], dims[k]), init, param_dtype)))
       self.biases.append(nnx.Param(jax.random.uniform(rngs.params(), (channels, dims[k + 1], 1),
                                                       param_dtype, -0.5, 0.5)))
-      if k < self.num_layers - 1:
+      if k < self.num_layers - 1 or gate_last:
         self.factors.append(nnx.Param(jnp.zeros((channels, dims[k + 1], 1), param_dtype)))
 
   def numpy_params(self) -> dict:
@@ -130,7 +132,7 @@ def logits_cumulative(xp, params: dict, x):
   n = len(params["matrices"])
   for k in range(n):
     logits = xp.matmul(softplus(params["matrices"][k]), logits) + params["biases"][k]
-    if k < n - 1:
+    if k < len(params["factors"]):  # every layer but the last, or all (gate_last)
       logits = logits + xp.tanh(params["factors"][k]) * xp.tanh(logits)
   return logits
 

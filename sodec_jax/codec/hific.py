@@ -15,8 +15,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sodec_jax.codec import padding
 from sodec_jax.codec.entropy import FactorizedPrior, lower_bound
 from sodec_jax.layers import ChannelNorm, Conv2d, ConvTranspose2d, ResidualBlock
+
+# Codec config fields a `model` section may omit, with the value absence means. They are set
+# for checkpoints converted from the HiFiC PyTorch implementation (its padding, codec/padding.py,
+# and its density's gate after the last layer); a fingerprint leaves them out at these values.
+OPTIONAL_FIELDS = {padding.FIELD: padding.DEFAULT, "factorized_last_gate": False}
 
 
 class Encoder(nnx.Module):
@@ -90,13 +96,14 @@ class HyperPrior(nnx.Module):
   """
 
   def __init__(self, latent_channels: int, hyper_channels: int, *, filters=(3, 3, 3),
-               init_scale: float = 10.0, scale_lower_bound: float = 0.11, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               init_scale: float = 10.0, gate_last: bool = False,
+               scale_lower_bound: float = 0.11, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mean_synthesis = HyperSynthesisStack(hyper_channels, latent_channels, **kw)
     self.scale_synthesis = HyperSynthesisStack(hyper_channels, latent_channels, **kw)
     self.hyperlatent = FactorizedPrior(hyper_channels, filters=filters, init_scale=init_scale,
-                                       param_dtype=param_dtype, rngs=rngs)
+                                       gate_last=gate_last, param_dtype=param_dtype, rngs=rngs)
     self.scale_lower_bound = scale_lower_bound
 
   def __call__(self, z_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -153,6 +160,7 @@ class Codec(nnx.Module):
     self.hyper_analysis = HyperAnalysis(c, n, **kw)
     self.prior = HyperPrior(c, n, filters=tuple(cfg.factorized_filters),
                             init_scale=cfg.factorized_init_scale,
+                            gate_last=bool(cfg.get("factorized_last_gate", False)),
                             scale_lower_bound=cfg.scale_lower_bound, **kw)
     self.fidelity_decoder = FidelityDecoder(c, tuple(cfg.decoder_filters),
                                             cfg.decoder_residual_blocks, eps=cfg.channel_norm_eps, **kw)

@@ -636,24 +636,12 @@ def hific_model_config(state: TensorSource, args: Mapping | None = None):
   (latent_channels, hyper_channels, encoder/decoder filters, residual blocks, density filters);
   the rest from configs/base.py. `args` (the checkpoint's) is cross-checked."""
   from configs import base
+  from sodec_jax.weights.hific import HIFIC_PREFIXES, check_key_names
   m = base.get_config().model
-  need = ["Encoder.conv_block1.1.weight", "Encoder.conv_out.1.weight",
-          "Hyperprior.analysis_net.conv1.weight", "Generator.conv_block_init.2.weight"]
-  absent = [k for k in need if k not in state]
-  if absent:
+  if not any(k.startswith(HIFIC_PREFIXES) for k in state.keys()):
     looks = _looks_like(state.keys())
-    raise SodecError("this is not a HiFiC checkpoint: model_state_dict lacks "
-                     + ", ".join(absent) + (f" (it looks like {looks})" if looks else ""))
-  m.encoder_filters = tuple(state.shape(f"Encoder.conv_block{i}.1.weight")[0] for i in range(1, 6)
-                            if f"Encoder.conv_block{i}.1.weight" in state)
-  m.latent_channels = state.shape("Encoder.conv_out.1.weight")[0]
-  m.hyper_channels = state.shape("Hyperprior.analysis_net.conv1.weight")[0]
-  dec = [state.shape("Generator.conv_block_init.2.weight")[0]]
-  for i in range(1, 5):
-    k = f"Generator.upconv_block{i}.0.weight"
-    if k in state:
-      dec.append(state.shape(k)[1])
-  m.decoder_filters = tuple(dec)
+    raise SodecError("this is not a HiFiC checkpoint: model_state_dict has no Encoder./"
+                     "Generator./Hyperprior. keys" + (f" (it looks like {looks})" if looks else ""))
   m.decoder_residual_blocks = len({k.split(".")[1] for k in state.keys()
                                    if k.startswith("Generator.resblock_")})
   n_h = len([k for k in state.keys() if re.fullmatch(r"Hyperprior\.hyperlatent_likelihood\.H_\d+", k)])
@@ -661,6 +649,14 @@ def hific_model_config(state: TensorSource, args: Mapping | None = None):
     # H_k is [C, d_{k+1}, d_k]: the filters are the output widths of all but the last
     m.factorized_filters = tuple(state.shape(f"Hyperprior.hyperlatent_likelihood.H_{k}")[1]
                                  for k in range(n_h - 1))
+  m.factorized_last_gate = True   # upstream's density has (and uses) a_k after its last layer
+  m.padding = "hific"             # and it pads as upstream codes (sodec_jax/codec/padding.py)
+  check_key_names(state.keys(), m)
+  m.encoder_filters = tuple(state.shape(f"Encoder.conv_block{i}.1.weight")[0] for i in range(1, 6))
+  m.latent_channels = state.shape("Encoder.conv_block_out.1.weight")[0]
+  m.hyper_channels = state.shape("Hyperprior.analysis_net.conv1.weight")[0]
+  m.decoder_filters = (state.shape("Generator.conv_block_init.2.weight")[0],) + tuple(
+      state.shape(f"Generator.upconv_block{i}.0.weight")[1] for i in range(1, 5))
   if args:
     for ours, theirs in (("latent_channels", "latent_channels"),
                          ("decoder_residual_blocks", "n_residual_blocks")):

@@ -1,8 +1,10 @@
 """HiFiC PyTorch checkpoint -> our codec (E, H_a, P, D_a): the explicit key map.
 
-The HiFiC PyTorch implementation saves `model_state_dict` with keys under `Encoder.`,
-`Generator.`, `Hyperprior.` (and `Discriminator.`). Each row of `hific_key_map` names a torch
-key, our nnx path under the SODEC model, and how the tensor is laid out:
+The HiFiC PyTorch implementation (github.com/Justin-Tan/high-fidelity-generative-compression,
+commit 7d4e9e7; tests/data/hific_upstream_keys.json lists its paper-size keys and shapes) saves
+`model_state_dict` with keys under `Encoder.`, `Generator.`, `Hyperprior.` (and
+`Discriminator.`). Each row of `hific_key_map` names a torch key, our nnx path under the SODEC
+model, and how the tensor is laid out:
 
   conv     torch Conv2d weight [O, I, kh, kw]           -> kernel [kh, kw, I, O]
   convT    torch ConvTranspose2d weight [I, O, kh, kw]  -> kernel [kh, kw, I, O]
@@ -13,11 +15,13 @@ key, our nnx path under the SODEC model, and how the tensor is laid out:
 |-------------------------------------------------|---------------------------------------------------|
 | Encoder.conv_block1.1 / .2                      | encoder.conv_in / encoder.norm_in                 |
 | Encoder.conv_block{2..5}.1 / .2                 | encoder.down[0..3] / encoder.down_norms[0..3]     |
-| Encoder.conv_out.1                              | encoder.conv_out                                  |
+| Encoder.conv_block_out.1                        | encoder.conv_out                                  |
 | Hyperprior.analysis_net.conv{1,2,3}             | hyper_analysis.conv{1,2,3}                        |
 | Hyperprior.synthesis_mu.conv{1,2,3}             | prior.mean_synthesis.conv{1,2,3}                  |
 | Hyperprior.synthesis_std.conv{1,2,3}            | prior.scale_synthesis.conv{1,2,3}                 |
 | Hyperprior.hyperlatent_likelihood.H_k, b_k, a_k | prior.hyperlatent.matrices[k], biases[k], factors[k] |
+(upstream has a_k for the last layer too, used in its cdf_logits: mapped when the config sets
+`factorized_last_gate`, as `hific_model_config` does for a HiFiC checkpoint)
 | Generator.conv_block_init.0 / .2 / .3           | fidelity_decoder.norm_in / conv_in / norm_head    |
 | Generator.resblock_m.{conv1,norm1,conv2,norm2}  | fidelity_decoder.residual_blocks[m].*             |
 | Generator.upconv_block{1..4}.0 / .1             | fidelity_decoder.up[0..3] / up_norms[0..3]        |
@@ -51,7 +55,7 @@ def hific_key_map(model_cfg) -> list[tuple[str, tuple, str]]:
   for i in range(4):
     _conv(rows, f"{c}.conv_block{i + 2}.1", e + ("down", i))
     _norm(rows, f"{c}.conv_block{i + 2}.2", e + ("down_norms", i))
-  _conv(rows, f"{c}.conv_out.1", e + ("conv_out",))
+  _conv(rows, f"{c}.conv_block_out.1", e + ("conv_out",))
 
   for k in (1, 2, 3):
     _conv(rows, f"Hyperprior.analysis_net.conv{k}", ("codec", "hyper_analysis", f"conv{k}"))
@@ -59,10 +63,11 @@ def hific_key_map(model_cfg) -> list[tuple[str, tuple, str]]:
     _conv(rows, f"Hyperprior.synthesis_std.conv{k}", ("codec", "prior", "scale_synthesis", f"conv{k}"), "convT")
   density = ("codec", "prior", "hyperlatent")
   layers = len(model_cfg.factorized_filters) + 1
+  gate_last = bool(model_cfg.get("factorized_last_gate", False))
   for k in range(layers):
     rows.append((f"Hyperprior.hyperlatent_likelihood.H_{k}", density + ("matrices", k), "copy"))
     rows.append((f"Hyperprior.hyperlatent_likelihood.b_{k}", density + ("biases", k), "copy"))
-    if k < layers - 1:
+    if k < layers - 1 or gate_last:
       rows.append((f"Hyperprior.hyperlatent_likelihood.a_{k}", density + ("factors", k), "copy"))
 
   d, g = ("codec", "fidelity_decoder"), "Generator"
@@ -91,8 +96,43 @@ def _to_ours(arr: np.ndarray, kind: str) -> np.ndarray:
   return arr
 
 
+HIFIC_PREFIXES = ("Encoder.", "Generator.", "Hyperprior.")
+IGNORED_PREFIXES = ("Discriminator.",)  # converted separately (weights/convert.py)
+UPSTREAM = "the HiFiC PyTorch implementation (Justin-Tan/high-fidelity-generative-compression)"
+
+
+def likely_cause(missing, unexpected) -> str:
+  """A sentence naming the likely reason a HiFiC-looking state dict's keys do not match."""
+  keys = list(missing) + list(unexpected)
+  if any(k.startswith("module.") for k in unexpected):
+    return ("its keys start with 'module.' (saved from a DataParallel-wrapped model): re-save "
+            "model.module.state_dict(), as upstream's utils.save_model does")
+  if any(".synthesis_DLMM_params." in k for k in unexpected):
+    return ("it is a latent-mixture model (use_latent_mixture_model=True), which has no "
+            "mean/scale synthesis: only the Gaussian hyperprior converts")
+  if any(".hyperlatent_likelihood." in k for k in keys) and not any(
+      k.startswith(("Encoder.", "Generator.")) for k in keys):
+    return ("its factorized density has other layers: set the same model.factorized_filters "
+            "and factorized_last_gate")
+  return ("it was saved by another version or fork of that code (this converter maps the module "
+          "names of its commit 7d4e9e7): convert a checkpoint its utils.save_model wrote")
+
+
+def check_key_names(keys, model_cfg) -> None:
+  """SodecError (missing and unexpected keys, a few each with counts, and the likely cause)
+  unless `keys` are exactly the key map's for `model_cfg` plus ignored `Discriminator.` keys."""
+  keys = set(keys)
+  mapped = {r[0] for r in hific_key_map(model_cfg)}
+  missing = sorted(mapped - keys)
+  unexpected = sorted(k for k in keys - mapped if not k.startswith(IGNORED_PREFIXES))
+  if missing or unexpected:
+    raise SodecError(f"this HiFiC checkpoint's keys are not those of {UPSTREAM}: "
+                     + mismatch_summary(missing, unexpected, [], limit=4)
+                     + f". Likely cause: {likely_cause(missing, unexpected)}")
+
+
 def load_hific_state_dict(state_dict: dict, model, model_cfg, *,
-                          ignore_prefixes=("Discriminator.",)) -> list[str]:
+                          ignore_prefixes=IGNORED_PREFIXES) -> list[str]:
   """Copies a HiFiC `model_state_dict` (numpy arrays) into `model` (a SODEC built from a config
   whose `.model` is `model_cfg`) in place.
 
@@ -119,14 +159,15 @@ def load_hific_state_dict(state_dict: dict, model, model_cfg, *,
   ignored = sorted(k for k in state_dict if k not in mapped and k.startswith(tuple(ignore_prefixes)))
   unexpected = sorted(k for k in state_dict if k not in mapped and k not in ignored)
   if missing or bad_shape or unexpected:
-    hint = ""
-    if not any(k.startswith(("Encoder.", "Generator.", "Hyperprior.")) for k in state_dict):
-      hint = " (this does not look like a HiFiC checkpoint: no Encoder./Generator./Hyperprior. keys)"
-    elif bad_shape:
-      hint = (" (check the model config: latent_channels, hyper_channels, encoder/decoder filters, "
-              "decoder_residual_blocks must match the checkpoint's args)")
-    raise SodecError("HiFiC state dict does not match the codec" + hint + ": "
-                     + mismatch_summary(missing, unexpected, bad_shape))
+    if not any(k.startswith(HIFIC_PREFIXES) for k in state_dict):
+      hint = ". This does not look like a HiFiC checkpoint: no Encoder./Generator./Hyperprior. keys"
+    elif missing or unexpected:
+      hint = f". Likely cause: {likely_cause(missing, unexpected)}"
+    else:
+      hint = (". Check the model config: latent_channels, hyper_channels, encoder/decoder filters, "
+              "decoder_residual_blocks must match the checkpoint's args")
+    raise SodecError("HiFiC state dict does not match the codec: "
+                     + mismatch_summary(missing, unexpected, bad_shape, limit=4) + hint)
   for path, value in updates.items():
     flat[path].value = value
   nnx.update(model, nnx.from_flat_state(flat))

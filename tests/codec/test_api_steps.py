@@ -15,7 +15,7 @@ def test_steps_compose_to_compress_and_decompress(codec_model, astronaut):
   assert lat.z_hat.shape == (1, 2, 2, n) and lat.y_hat.shape == (1, 8, 8, c)   # padded to 128
   assert lat.indexes.shape == lat.y_symbols.shape and lat.z_indexes.shape == lat.z_hat.shape
   np.testing.assert_array_equal(lat.y_symbols, np.round(lat.y_symbols))
-  y, z = (np.asarray(a) for a in api.analysis(codec_model, api.pad_image(image)))
+  y, z = (np.asarray(a) for a in api.analysis(codec_model, api.pad_image(codec_model, image)))
   np.testing.assert_array_equal(lat.z_hat, np.round(z))
   np.testing.assert_array_equal(lat.y_symbols, np.round(y - lat.mu))
   data = api.pack(codec_model, lat, 70, 100)

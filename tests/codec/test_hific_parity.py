@@ -1,5 +1,6 @@
-"""Our codec equals the HiFiC PyTorch layout (tests/reference/hific_torch.py) with the same
-random weights, through the explicit key map of sodec_jax.weights.hific."""
+"""Our codec equals the HiFiC PyTorch implementation's modules (sodec_jax/benchmarks/hific_torch.py,
+written from the upstream source) with the same random weights, through the explicit key map of
+sodec_jax.weights.hific."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from sodec_jax.errors import SodecError
 from sodec_jax.model import build_model
 from sodec_jax.weights.hific import load_hific_state_dict
 from tests.codec.conftest import load_photo, micro_codec_config
-from tests.reference import hific_torch
+from sodec_jax.benchmarks import hific_torch
 
 
 def _rel(a, b):
@@ -30,9 +31,9 @@ def _nhwc(t):
 def pair():
   config = micro_codec_config()
   m = config.model
+  m.factorized_last_gate = True   # upstream's density gates its last layer too
   torch.manual_seed(0)
-  ref = hific_torch.HiFiCModel(m.latent_channels, m.hyper_channels, m.encoder_filters,
-                               m.decoder_filters, m.decoder_residual_blocks).eval()
+  ref = hific_torch.HiFiC.from_model_config(m).eval()
   with torch.no_grad():  # non-trivial norms and density gates (defaults are 1/0)
     for name, p in ref.named_parameters():
       if name.endswith((".gamma", ".beta")) or ".a_" in name:
@@ -54,7 +55,7 @@ def test_codec_matches_hific_torch(pair):
     y_hat = torch.round(y_ref - mu_ref) + mu_ref
     x_ref = ref.Generator(y_hat)
     lik_z = ref.Hyperprior.hyperlatent_likelihood.likelihood(z_hat + 0.3)
-    lik_y = hific_torch.gaussian_likelihood(y_hat, mu_ref, sigma_ref)
+    lik_y = ref.Hyperprior.latent_likelihood(y_hat, mu_ref, sigma_ref)
   y, z = ours.analysis(jnp.asarray(x))
   assert _rel(y, _nhwc(y_ref)) < 1e-5
   assert _rel(z, _nhwc(z_ref)) < 1e-5
@@ -70,13 +71,13 @@ def test_codec_matches_hific_torch(pair):
 def test_strict_key_map_errors(pair):
   config, _, ours, sd = pair
   bad = dict(sd)
-  del bad["Encoder.conv_out.1.weight"]
+  del bad["Encoder.conv_block_out.1.weight"]
   bad["Encoder.extra.weight"] = np.zeros(3, np.float32)
   bad["Generator.conv_block_out.1.bias"] = np.zeros(7, np.float32)
   with pytest.raises(SodecError) as e:
     load_hific_state_dict(bad, ours, config.model)
   msg = str(e.value)
-  assert "missing 1: Encoder.conv_out.1.weight" in msg
+  assert "missing 1: Encoder.conv_block_out.1.weight" in msg
   assert "unexpected 1: Encoder.extra.weight" in msg
   assert "Generator.conv_block_out.1.bias" in msg
   with pytest.raises(SodecError, match="does not look like a HiFiC"):

@@ -42,7 +42,7 @@ def test_roundtrip_odd_sizes_exact_latents(codec_model, size):
 def test_rate_estimate_matches_bytes(codec_model, name):
   image = load_photo(name)
   data = api.compress(codec_model, image)
-  out = codec_model.model(jnp.asarray(api.pad_image(image)), noise_key=jax.random.key(0), train=False)
+  out = codec_model.model(jnp.asarray(api.pad_image(codec_model, image)), noise_key=jax.random.key(0), train=False)
   est_bits = sum(float(-np.log2(np.asarray(l, np.float64)).sum()) for l in out["likelihoods"].values())
   _, streams = bitstream.unpack(data)
   header_bits = 8 * (len(data) - sum(len(s) for s in streams))

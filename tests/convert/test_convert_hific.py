@@ -1,6 +1,11 @@
-"""hific: a HiFiC PyTorch training checkpoint (HiFiC layout, tests/reference/hific_torch.py, plus
-its spectral-norm Discriminator) -> our codec; outputs compared with the torch modules."""
+"""hific: a checkpoint as the HiFiC PyTorch implementation's utils.save_model writes it
+(sodec_jax/benchmarks/hific_torch.py, whose state_dict() has upstream's keys, plus optimizer
+states, args, epoch/steps and the spectral-norm Discriminator) -> our codec; outputs compared
+with the torch modules, and the key map with upstream's own key list (tests/data)."""
+import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,61 +13,73 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from torch import nn
 
+from sodec_jax.benchmarks import hific_torch
 from sodec_jax.errors import SodecError
 from sodec_jax.model import build_model
 from sodec_jax.weights import convert, converted
 from tests.codec.conftest import load_photo, micro_codec_config
-from tests.convert.conftest import assert_out_clean, errors
-from tests.reference import hific_torch
+from tests.convert.conftest import ROOT, assert_out_clean, errors
 
 TOL = 1e-5
+MANIFEST = os.path.join(ROOT, "tests", "data", "hific_upstream_keys.json")
 
 
-class Discriminator(nn.Module):
-  """The HiFiC implementation's discriminator (module names and spectral norm as there)."""
+def save_upstream_checkpoint(ref: hific_torch.HiFiC, path: str, args: dict) -> None:
+  """torch.save of the dict upstream's src/helpers/utils.py save_model writes (one Adam step
+  taken, so the optimizer states hold tensors)."""
+  hyper = list(ref.Hyperprior.hyperlatent_likelihood.parameters())
+  hyper_ids = {id(p) for p in hyper}
+  disc_ids = {id(p) for p in ref.Discriminator.parameters()}
+  amort = [p for p in ref.parameters() if id(p) not in hyper_ids | disc_ids]
+  opts = {"amort": torch.optim.Adam(amort, lr=1e-4), "hyper": torch.optim.Adam(hyper, lr=1e-4),
+          "disc": torch.optim.Adam(ref.Discriminator.parameters(), lr=1e-4)}
+  for opt in opts.values():
+    for group in opt.param_groups:
+      for p in group["params"]:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad()
+  torch.save({"model_state_dict": ref.state_dict(),
+              "compression_optimizer_state_dict": opts["amort"].state_dict(),
+              "hyperprior_optimizer_state_dict": opts["hyper"].state_dict(),
+              "epoch": 3, "steps": 1234, "args": args,
+              "discriminator_state_dict": ref.Discriminator.state_dict(),
+              "discriminator_optimizer_state_dict": opts["disc"].state_dict()}, path)
 
-  def __init__(self, C, im_channels=3, context_C_out=12, filters=(64, 128, 256, 512)):
-    super().__init__()
-    self.context_conv = nn.Conv2d(C, context_C_out, 3, padding=1, padding_mode="reflect")
-    kw = dict(stride=2, padding=1, padding_mode="reflect")
-    sn = nn.utils.spectral_norm
-    self.conv1 = sn(nn.Conv2d(im_channels + context_C_out, filters[0], 4, **kw))
-    self.conv2 = sn(nn.Conv2d(filters[0], filters[1], 4, **kw))
-    self.conv3 = sn(nn.Conv2d(filters[1], filters[2], 4, **kw))
-    self.conv4 = sn(nn.Conv2d(filters[2], filters[3], 4, **kw))
-    self.conv_out = nn.Conv2d(filters[3], 1, 1)
+
+def upstream_args(m) -> dict:
+  """The kind of `args` dict save_model stores (default_config.hific_args fields)."""
+  return {"name": "hific_v0.1", "latent_channels": m.latent_channels,
+          "n_residual_blocks": m.decoder_residual_blocks, "regime": "low", "lambda_B": 2 ** -4,
+          "normalize_input_image": False, "use_channel_norm": True, "likelihood_type": "gaussian",
+          "model_type": "compression_gan", "model_mode": "training", "image_dims": (3, 256, 256),
+          "lambda_schedule": {"vals": [2.0, 1.0], "steps": [50000]}, "sample_noise": False,
+          "timestamp": "2020_08_30_12:00"}
 
 
-class HiFiCWithDisc(hific_torch.HiFiCModel):
-  def __init__(self, *a, **k):
-    super().__init__(*a, **k)
-    self.Discriminator = Discriminator(a[0], filters=(8, 8, 16, 16))
+def perturbed(ref: hific_torch.HiFiC) -> hific_torch.HiFiC:
+  """Norms and density gates away from their 1/0 init (so a wrong map shows); one power
+  iteration of the spectral norms (so u/v are not their init values)."""
+  with torch.no_grad():
+    for name, p in ref.named_parameters():
+      if name.endswith((".gamma", ".beta")) or ".a_" in name:
+        p.add_(0.1 * torch.randn_like(p))
+    if hasattr(ref, "Discriminator"):
+      ref.Discriminator.train()
+      ref.Discriminator.conv1(torch.zeros(1, 3 + 12, 8, 8))
+  return ref.eval()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
   m = micro_codec_config().model
   torch.manual_seed(0)
-  ref = HiFiCWithDisc(m.latent_channels, m.hyper_channels, tuple(m.encoder_filters),
-                      tuple(m.decoder_filters), m.decoder_residual_blocks).eval()
-  with torch.no_grad():
-    for name, p in ref.named_parameters():
-      if name.endswith((".gamma", ".beta")) or ".a_" in name:
-        p.add_(0.1 * torch.randn_like(p))
-  ref.Discriminator.train()
-  with torch.no_grad():   # a power iteration, so u/v are not their init values
-    ref.Discriminator.conv1(torch.zeros(1, 3 + 12, 8, 8))
-  ref.Discriminator.eval()
-  opt = torch.optim.Adam(ref.parameters(), lr=1e-4)
+  ref = perturbed(hific_torch.HiFiC(m.latent_channels, m.hyper_channels, m.encoder_filters,
+                                    m.decoder_filters, m.decoder_residual_blocks,
+                                    discriminator_filters=(8, 8, 16, 16)))
   path = str(tmp_path_factory.mktemp("hific") / "hific_low.pt")
-  torch.save({"model_state_dict": ref.state_dict(),
-              "compression_optimizer_state_dict": opt.state_dict(),
-              "epoch": 3, "steps": 1234,
-              "args": {"latent_channels": m.latent_channels, "n_residual_blocks": 1,
-                       "regime": "low", "lambda_B": 2 ** -4, "normalize_input_image": False}},
-             path)
+  save_upstream_checkpoint(ref, path, upstream_args(m))
   return path, ref
 
 
@@ -85,6 +102,8 @@ def test_hific_codec(checkpoint, tmp_path):
   for k in ("latent_channels", "hyper_channels", "encoder_filters", "decoder_filters",
             "decoder_residual_blocks", "factorized_filters"):
     assert tuple(np.atleast_1d(cfg[k])) == tuple(np.atleast_1d(micro.model[k])), k
+  assert cfg["padding"] == "hific" and cfg["factorized_last_gate"] is True
+  micro.model.factorized_last_gate = True
   ours = build_model(micro, nnx.Rngs(5))
   converted.load_codec_params(out, ours)
 
@@ -233,3 +252,135 @@ def test_stage4_discriminator_starts_from_a_converted_folder(checkpoint, tmp_pat
   config.loss.discriminator_init = str(tmp_path / "nowhere")
   with pytest.raises(SodecError, match="does not exist.*convert/from_torch.py hific"):
     train.make_discriminator(config)
+
+
+# ----------------------------------------------------------------------------- upstream's keys
+
+
+def _manifest() -> dict:
+  with open(MANIFEST) as f:
+    doc = json.load(f)
+  assert doc["source"]["commit"] == "7d4e9e785932c039df7fb436159600ed8b474a83"
+  return {k: tuple(shape) for k, shape in doc["model_state_dict"]}
+
+
+def test_key_map_covers_upstream_keys_exactly():
+  """Every key of upstream's paper-size model_state_dict is mapped by hific_key_map (with its
+  shape in our layout) or is a Discriminator key the discriminator map takes; nothing else."""
+  from configs import base
+  from sodec_jax.discriminator import hific_discriminator_key_map
+  from sodec_jax.weights.hific import _to_ours, hific_key_map
+  upstream = _manifest()
+  config = base.get_config()
+  config.model.factorized_last_gate = True          # as hific_model_config sets it
+  rows = hific_key_map(config.model)
+  mapped = [r[0] for r in rows]
+  assert len(mapped) == len(set(mapped))
+  disc = {k for k in upstream if k.startswith("Discriminator.")}
+  assert sorted(set(upstream) - disc) == sorted(mapped)
+  assert disc == {"Discriminator." + k for k, _, _ in hific_discriminator_key_map()}
+  shapes = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0), pretrained=False))
+  flat = dict(nnx.to_flat_state(nnx.state(shapes, nnx.Param)))
+  for key, path, kind in rows:
+    got = _to_ours(np.zeros(upstream[key], np.float32), kind).shape
+    assert got == tuple(flat[path].value.shape), (key, got, flat[path].value.shape)
+
+
+def test_reference_modules_have_upstream_keys():
+  """hific_torch.HiFiC at paper size (Discriminator included) has upstream's keys, shapes and
+  key order."""
+  with torch.device("meta"):
+    ref = hific_torch.HiFiC(discriminator_filters=hific_torch.DISCRIMINATOR_FILTERS)
+  assert [(k, tuple(v.shape)) for k, v in ref.state_dict().items()] == list(_manifest().items())
+
+
+def test_wrong_names_are_listed_with_the_likely_cause(checkpoint, tmp_path):
+  path, _ = checkpoint
+  obj = torch.load(path, weights_only=True)
+  sd = obj["model_state_dict"]
+  for leaf in ("weight", "bias"):   # the name an earlier layout guessed for upstream's last conv
+    sd[f"Encoder.conv_out.1.{leaf}"] = sd.pop(f"Encoder.conv_block_out.1.{leaf}")
+  torch.save(obj, tmp_path / "renamed.pt")
+  with pytest.raises(SodecError) as e:
+    convert.convert_hific(str(tmp_path / "renamed.pt"), str(tmp_path / "o"))
+  msg = str(e.value)
+  assert ("missing 2: Encoder.conv_block_out.1.bias, Encoder.conv_block_out.1.weight | "
+          "unexpected 2: Encoder.conv_out.1.bias, Encoder.conv_out.1.weight") in msg
+  assert "Likely cause: it was saved by another version or fork of that code" in msg
+  assert "not a HiFiC" not in msg and "looks like" not in msg and "\n" not in msg
+  obj["model_state_dict"] = {f"module.{k}": v for k, v in torch.load(
+      path, weights_only=True)["model_state_dict"].items()}
+  obj["model_state_dict"]["Encoder.conv_block1.1.weight"] = torch.zeros(1)
+  torch.save(obj, tmp_path / "dp.pt")
+  with pytest.raises(SodecError, match=r"missing \d+: .*\| unexpected \d+: .*Likely cause: its "
+                                       r"keys start with 'module.'"):
+    convert.convert_hific(str(tmp_path / "dp.pt"), str(tmp_path / "o"))
+  assert_out_clean(str(tmp_path / "o"))
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _convert_cli(src: str, out: str) -> str:
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "convert", "from_torch.py"), "hific",
+                      "--src", src, "--out", out], env=env, capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-2000:]
+  return out
+
+
+def code_against_reference(folder: str, ref: hific_torch.HiFiC, image: np.ndarray) -> dict:
+  """Our compress/decompress through a converted folder vs the reference's evaluation path:
+  PSNR of ours against its reconstruction, max uint8 difference, coded bits / its estimate."""
+  from sodec_jax import api
+  from sodec_jax.codec import bitstream
+  model = api.load_model(folder)
+  data = api.compress(model, image)
+  decoded = api.decompress(model, data).astype(np.float64)
+  bits = 8 * sum(len(s) for s in bitstream.unpack(data)[1])
+  x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None].float() / 255.0
+  out = ref.code(x)
+  want = out["reconstruction"][0].permute(1, 2, 0).double().numpy() * 255.0
+  mse = float(np.mean((decoded - want) ** 2))
+  res = {"psnr": 10 * np.log10(255.0 ** 2 / max(mse, 1e-12)),
+         "max_diff": float(np.abs(decoded - np.round(want)).max()),
+         "bit_ratio": bits / out["bits"], "bits": bits, "ref_bits": out["bits"]}
+  print(f"[hific e2e] {image.shape[0]}x{image.shape[1]}: {res}")
+  return res
+
+
+@pytest.mark.parametrize("size", [(96, 160), (101, 133)])
+def test_converted_checkpoint_reproduces_upstream_at_any_size(checkpoint, tmp_path_factory, size):
+  """`convert/from_torch.py hific` on a save_model-style file, then compress/decompress: the
+  reference's reconstruction (image padded to 16, y to 4, as upstream) within 1/255 and its
+  rate estimate within 2%, at a size padded differently from ours (96x160) and an odd one."""
+  path, ref = checkpoint
+  out = str(tmp_path_factory.getbasetemp() / "hific_cli")
+  if not os.path.isdir(out):
+    _convert_cli(path, out)
+  h, w = size
+  image = np.ascontiguousarray(load_photo("astronaut.png")[100:100 + h, 150:150 + w])
+  res = code_against_reference(out, ref, image)
+  assert res["psnr"] >= 50.0 and res["max_diff"] <= 1.0
+  assert abs(res["bit_ratio"] - 1.0) <= 0.02
+
+
+@pytest.mark.slow
+def test_paper_size_checkpoint_reproduces_upstream(tmp_path):
+  """The same at paper size (C=220, N=320, 9 residual blocks), random weights, 101x133."""
+  torch.manual_seed(1)
+  ref = perturbed(hific_torch.HiFiC(discriminator_filters=hific_torch.DISCRIMINATOR_FILTERS))
+  # A trained model's regime: y and z of a few units, sigma ~ |y| (random weights give y ~ 0.4,
+  # z = 0 and sigma at its 0.11 floor, so the hyperprior would carry nothing).
+  with torch.no_grad():
+    ref.Encoder.conv_block_out[1].weight.mul_(5.0)
+    ref.Hyperprior.analysis_net.conv3.weight.mul_(20.0)
+    ref.Hyperprior.synthesis_std.conv3.bias.fill_(2.0)
+  path = str(tmp_path / "hific_paper.pt")
+  from configs import base
+  save_upstream_checkpoint(ref, path, upstream_args(base.get_config().model))
+  out = _convert_cli(path, str(tmp_path / "conv"))
+  image = np.ascontiguousarray(load_photo("astronaut.png")[100:201, 150:283])
+  res = code_against_reference(out, ref, image)
+  assert res["psnr"] >= 50.0 and res["max_diff"] <= 1.0
+  assert abs(res["bit_ratio"] - 1.0) <= 0.02
