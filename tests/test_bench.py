@@ -2,7 +2,6 @@
 PyTorch reference; the reference's weights (inverse HiFiC key map) and the batched coding path."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
