@@ -7,7 +7,8 @@ import os
 import pytest
 
 from configs import stage3
-from sodec_jax import train
+from sodec_jax.train.build import validate_config
+from sodec_jax.train.pipeline import stage_config
 from tests.conftest import ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
@@ -62,4 +63,4 @@ def test_tiny_pipeline_stages_validate():
   from configs import tiny
   c = tiny.get_config()
   for name in c.pipeline.stages:
-    train.validate_config(train.stage_config(c, name))
+    validate_config(stage_config(c, name))
