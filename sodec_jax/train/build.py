@@ -12,13 +12,15 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sodec_jax import pretrained
+from sodec_jax.discriminator import Discriminator, SpectralState
 from sodec_jax.errors import SodecError
+from sodec_jax.weights import converted
 
 
 def validate_config(config) -> None:
   """One-line SodecError for configs training cannot run with."""
   d, t, l = config.data, config.train, config.loss
-  from sodec_jax import pretrained  # pylint: disable=import-outside-toplevel
   pretrained.check_paths(config)
   source = l.get("discriminator_init", "")
   if source and not os.path.isfile(os.path.join(source, "manifest.json")):
@@ -57,17 +59,21 @@ def validate_config(config) -> None:
 
 
 def build_training_model(config):
-  """The model a stage trains: stage 0 (tiny pipeline) the latent-space pretraining, else SODEC."""
+  """The model a stage trains: stage 0 (tiny pipeline) the latent-space pretraining, else SODEC.
+  The one place training constructs a model; the model stack is imported only here, so config
+  checks and --print_config do not load it."""
   rngs = nnx.Rngs(config.seed)
   if config.stage == 0:
-    from sodec_jax.diffusion.pretrain import LatentPretrain  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from sodec_jax.diffusion.pretrain import LatentPretrain
     return LatentPretrain(config, rngs=rngs)
   from sodec_jax.model import build_model  # pylint: disable=import-outside-toplevel
   return build_model(config, rngs)
 
 
 def trainable_filter(config):
-  """nnx filter: the nnx.Params whose '/'-joined path fully matches a config.train.trainable regex."""
+  """nnx filter: the nnx.Params whose '/'-joined path fully matches a regex of
+  config.train.trainable."""
   patterns = [re.compile(p) for p in config.train.trainable]
 
   def keep(path, value):
@@ -122,7 +128,6 @@ def make_optimizer(config):
 def make_discriminator(config):
   """Stage 4: HiFiC's conditional discriminator -> (graphdef, {'params', 'spectral', 'opt_state'},
   its optimizer). Its params and spectral-norm vectors are pure dicts in the train state."""
-  from sodec_jax.discriminator import Discriminator, SpectralState  # pylint: disable=import-outside-toplevel
   source = config.loss.get("discriminator_init", "")
   if source:   # a `convert/from_torch.py hific` folder: HiFiC's trained discriminator
     disc = converted_discriminator(source, config.model.latent_channels)
@@ -137,8 +142,6 @@ def make_discriminator(config):
 def converted_discriminator(folder: str, latent_channels: int):
   """The Discriminator of a `convert/from_torch.py hific` folder (its widths read from the
   converted kernels), loaded strictly; SodecError naming the fix otherwise."""
-  from sodec_jax.discriminator import Discriminator  # pylint: disable=import-outside-toplevel
-  from sodec_jax.weights import converted  # pylint: disable=import-outside-toplevel
   fix = ("--config.loss.discriminator_init takes a `python convert/from_torch.py hific --src "
          "CHECKPOINT.pt --out DIR` folder whose checkpoint held the discriminator")
   if not os.path.isdir(folder):
@@ -153,7 +156,8 @@ def converted_discriminator(folder: str, latent_channels: int):
     context = arrays["context_conv"]["kernel"].shape          # [3, 3, C, context]
     filters = [arrays[f"conv{k}"]["kernel"].shape[-1] for k in range(1, 5)]
   except (KeyError, AttributeError, IndexError) as e:
-    raise SodecError(f"discriminator_init {folder}: unexpected discriminator layout ({e}); {fix}") from None
+    raise SodecError(f"discriminator_init {folder}: unexpected discriminator layout ({e}); "
+                     f"{fix}") from None
   if context[2] != latent_channels:
     raise SodecError(f"discriminator_init {folder} was trained with y_hat of {context[2]} "
                      f"channels, this model has {latent_channels} (model.latent_channels)")

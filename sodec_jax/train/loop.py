@@ -60,7 +60,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.get("pipeline") and config.pipeline.stages:
     return pipeline.run_pipeline(config, workdir, train)
   build.validate_config(config)
-  mesh = parallel.make_mesh(config)  # before anything is written: the batch must divide over the devices
+  mesh = parallel.make_mesh(config)  # before anything is written: the batch must divide
   lpips_graphdef, lpips_state = build.load_lpips(config)
   paths = data.list_images(config.data.train_dir)
   logs.prepare_workdir(config, workdir)
@@ -94,8 +94,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     disc_graphdef, disc_state, disc_tx = build.make_discriminator(config)
     opt_state = {"model": opt_state, "disc": disc_state}  # the checkpoint's opt_state item
   if start:
-    full, opt_state, meta = checkpoints.restore(mngr, start, build.merge_pure(params, frozen), opt_state,
-                                                workdir)
+    full, opt_state, meta = checkpoints.restore(mngr, start, build.merge_pure(params, frozen),
+                                                opt_state, workdir)
     params, frozen = build.split_pure(full, params)
     if meta.get("seed") != config.seed:
       warnings.warn(f"checkpoint {start} was written with seed {meta.get('seed')}")
@@ -107,7 +107,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if mesh.size > 1:
     print(f"data parallel over {mesh.size} devices: {config.data.batch_size // mesh.size} "
           f"images per device (global batch {config.data.batch_size})"
-          + (f"; parameters and optimizer state sharded over {mesh.shape[parallel.FSDP_AXIS]} (fsdp)"
+          + (f"; parameters and optimizer state sharded over "
+             f"{mesh.shape[parallel.FSDP_AXIS]} (fsdp)"
              if parallel.FSDP_AXIS in mesh.axis_names else ""))
   consts = (frozen, rest, lpips_state)
   state_sharding = parallel.param_sharding(mesh, state)
@@ -163,8 +164,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for k, v in metrics.items():
         sums[k] = sums.get(k, 0.0) + float(v)
       count += 1
-      bar.set_postfix(refresh=False, **{k: f"{float(metrics[k]):.4g}" for k in ("loss", "bpp", "psnr")
-                                        if k in metrics})
+      shown = [k for k in ("loss", "bpp", "psnr") if k in metrics]
+      bar.set_postfix(refresh=False, **{k: f"{float(metrics[k]):.4g}" for k in shown})
       bar.update(1)
       done = step + 1
       if done % config.train.log_every == 0 or done == num_steps:
@@ -175,8 +176,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         sums, count, times = {}, 0, []
       if sample_every and done % sample_every == 0 and log.enabled:
         x_f, x_hat = jax.device_get(sample_fn(state["params"], consts, host_batch[:2]))
-        logs.save_sample_grid(os.path.join(workdir, logs.SAMPLES_DIR, f"step_{done}.png"), host_batch[:2],
-                         x_f, x_hat)
+        logs.save_sample_grid(os.path.join(workdir, logs.SAMPLES_DIR, f"step_{done}.png"),
+                              host_batch[:2], x_f, x_hat)
       if done % config.train.checkpoint_every == 0 or done == num_steps:
         save(done)
   finally:

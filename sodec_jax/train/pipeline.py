@@ -36,7 +36,8 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
     try:
       importlib.import_module(f"configs.{name}").apply(c)
     except ModuleNotFoundError:
-      raise SodecError(f"config.pipeline.stages names {name!r}, which has no configs/{name}.py") from None
+      raise SodecError(f"config.pipeline.stages names {name!r}, which has no "
+                       f"configs/{name}.py") from None
   if name in config.pipeline:
     _deep_update(c, config.pipeline[name])
   return c

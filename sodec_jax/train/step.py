@@ -53,7 +53,8 @@ def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc
         loss, terms = losses.sodec_loss(out, x, step, config, lpips, g_loss)
       x_hat = jnp.clip(jax.lax.stop_gradient(out["x_hat"]), 0.0, 1.0)
       terms["psnr"] = jnp.mean(psnr(x, x_hat))
-      return loss, (terms, jax.lax.stop_gradient(out["x_hat"]), jax.lax.stop_gradient(out.get("y_hat")))
+      return loss, (terms, jax.lax.stop_gradient(out["x_hat"]),
+                    jax.lax.stop_gradient(out.get("y_hat")))
 
     params, opt_state = state["params"], state["opt_state"]
     (loss, (terms, x_hat, y_hat)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -77,8 +78,9 @@ def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc
       d_updates, d_opt = disc_tx.update(d_grads, d["opt_state"], d["params"])
       d_finite = finite & jnp.isfinite(d_loss)
       d_keep = lambda new, old: jnp.where(d_finite, new, old)
-      new_state["disc"] = jax.tree.map(d_keep, {"params": optax.apply_updates(d["params"], d_updates),
-                                                "spectral": spectral, "opt_state": d_opt}, d)
+      new_state["disc"] = jax.tree.map(d_keep,
+                                       {"params": optax.apply_updates(d["params"], d_updates),
+                                        "spectral": spectral, "opt_state": d_opt}, d)
       terms = dict(terms, gan_d=d_loss)
     metrics = dict(terms, grad_norm=grad_norm, param_norm=optax.global_norm(new_state["params"]),
                    learning_rate=lr_schedule(step), finite=finite)
