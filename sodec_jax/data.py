@@ -23,9 +23,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from sodec_jax import images
 from sodec_jax.errors import SodecError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 # The photographs shipped inside the scikit-image wheel (skimage/data). Grayscale ones are
 # converted to RGB. Left out on purpose: text, logos, charts, masks, tiny or multi-page files.
@@ -54,7 +53,8 @@ def _warn_skip(path: str, err: Exception) -> None:
 
 
 def list_images(train_dir: str) -> list[str]:
-  """Sorted readable image paths under `train_dir` (recursive); "" = the scikit-image photos.
+  """Sorted readable image paths under `train_dir` (images.list_images: recursive, hidden files
+  and folders left out); "" = the scikit-image photos.
 
   Files whose header PIL cannot read are skipped with a warning. No usable image -> SodecError.
   """
@@ -63,13 +63,7 @@ def list_images(train_dir: str) -> list[str]:
     where = f"the scikit-image photos in {skimage_photo_dir()}"
   else:
     train_dir = os.path.expanduser(train_dir)
-    if not os.path.isdir(train_dir):
-      raise SodecError(f"config.data.train_dir={train_dir!r} is not a directory")
-    candidates = []
-    for root, dirs, files in os.walk(train_dir, followlinks=True):
-      dirs.sort()
-      candidates += [os.path.join(root, f) for f in sorted(files)
-                     if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    candidates = images.list_images(train_dir, "config.data.train_dir")
     where = f"config.data.train_dir={train_dir!r}"
   paths = []
   for path in candidates:
@@ -80,21 +74,9 @@ def list_images(train_dir: str) -> list[str]:
     except Exception as err:  # pylint: disable=broad-except
       _warn_skip(path, err)
   if not paths:
-    raise SodecError(f"no readable images ({', '.join(IMAGE_EXTENSIONS)}) in {where}; "
+    raise SodecError(f"no readable images ({', '.join(images.IMAGE_EXTENSIONS)}) in {where}; "
                      "point --config.data.train_dir at a folder of photos")
   return paths
-
-
-def load_image(path: str) -> np.ndarray:
-  """Decodes an image file to uint8 [H, W, 3] (grayscale/palette/alpha/16-bit -> RGB)."""
-  with Image.open(path) as im:
-    im.load()
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-      a = np.asarray(im, dtype=np.float64)
-      scale = 65535.0 if a.max() > 255 else 255.0
-      a = np.clip(a / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
-      return np.repeat(a[..., None], 3, axis=-1)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def pad_to(img: np.ndarray, size: int) -> np.ndarray:
@@ -161,7 +143,7 @@ class CropLoader:
     if k in self._bad:
       return None
     try:
-      img = load_image(self.paths[k])
+      img = images.read_image(self.paths[k])[0]   # as the CLI and evaluation read it
     except Exception as err:  # pylint: disable=broad-except
       with self._lock:
         if k not in self._bad:

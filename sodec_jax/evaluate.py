@@ -43,8 +43,8 @@ from typing import Any, Callable
 import numpy as np
 
 from sodec_jax.errors import SodecError
+from sodec_jax.images import list_images
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MS_SSIM_MIN_SIDE = 161
 BASE_COLUMNS = ["checkpoint", "image", "height", "width", "bytes", "bpp"]
 TIME_COLUMNS = ["encode_s", "decode_s"]
@@ -53,20 +53,6 @@ HIGHER_IS_BETTER = {"psnr": True, "ms_ssim": True, "lpips": False, "dists": Fals
 
 
 # ----------------------------------------------------------------------------- inputs
-
-
-def list_images(folder: str) -> list[str]:
-  """Image files (by extension) under `folder`, recursive, sorted; hidden files left out."""
-  if not os.path.isdir(folder):
-    raise SodecError(f"--images {folder!r} is not a directory")
-  out = []
-  for root, dirs, files in os.walk(folder, followlinks=True):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    out += [os.path.join(root, f) for f in sorted(files)
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
-  if not out:
-    raise SodecError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {folder}")
-  return out
 
 
 def center_crop(image: np.ndarray, size: int) -> np.ndarray:
@@ -309,7 +295,7 @@ def evaluate(checkpoints: list[str], images: str, out: str, *, center_crop_size:
   from sodec_jax.images import read_image, write_atomic
   from sodec_jax.model import PAD_MULTIPLE
 
-  paths = list_images(images)
+  paths = list_images(images, "--images")
   metrics = Metrics(vgg_weights, dists_weights, niqe_params, clip_iqa)   # bad weights: before any output
   os.makedirs(out, exist_ok=True)
   for note in metrics.notes:

@@ -1,4 +1,5 @@
-"""Reading images from any common file into uint8 RGB, and writing outputs atomically."""
+"""Reading images from any common file into uint8 RGB (the one reader of inference, evaluation
+and training), listing the image files of a folder, and writing outputs atomically."""
 from __future__ import annotations
 
 import os
@@ -10,6 +11,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from sodec_jax.errors import SodecError
 
 Image.MAX_IMAGE_PIXELS = 1 << 28  # same bound as a .sodec file; PIL raises past it
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def list_images(folder: str, what: str) -> list[str]:
+  """Image files (by extension) under `folder`, recursive, sorted; hidden files and folders left
+  out. `what` names the folder's option in the messages ('--images', 'config.data.train_dir').
+  SodecError when `folder` is not a directory or holds no image file."""
+  if not os.path.isdir(folder):
+    raise SodecError(f"{what}={folder!r} is not a directory")
+  out = []
+  for root, dirs, files in os.walk(folder, followlinks=True):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    out += [os.path.join(root, f) for f in sorted(files)
+            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+  if not out:
+    raise SodecError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {what}={folder!r}")
+  return out
 
 
 def to_rgb8(img: Image.Image) -> tuple[np.ndarray, list[str]]:

@@ -12,8 +12,8 @@ if ROOT not in sys.path:  # `configs` is a top-level package of the repository
 
 def load_photo(name: str = "astronaut.png") -> np.ndarray:
   """uint8 [H, W, 3] of a photo bundled with scikit-image (grayscale ones as RGB)."""
-  from sodec_jax import data
-  return data.load_image(os.path.join(data.skimage_photo_dir(), name))
+  from sodec_jax import data, images
+  return images.read_image(os.path.join(data.skimage_photo_dir(), name))[0]
 
 
 def make_micro_config(**overrides):
@@ -87,7 +87,7 @@ def _apply(c, overrides):
 def micro_workdir(tmp_path_factory):
   """A real micro training workdir (stage 1, 2 steps), shared by the tests that only read it
   (evaluation, benchmarks)."""
-  from sodec_jax import train
+  from sodec_jax.train import train
   wd = str(tmp_path_factory.mktemp("micro_run"))
-  train.train(make_micro_config(**{"train.num_steps": 2}), wd)
+  train(make_micro_config(**{"train.num_steps": 2}), wd)
   return wd

@@ -13,9 +13,9 @@ from tests.conftest import ROOT, load_photo, make_micro_config
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
   """A real training workdir: the micro config trained for 2 steps by the real train loop."""
-  from sodec_jax import train
+  from sodec_jax.train import train
   wd = str(tmp_path_factory.mktemp("run"))
-  train.train(make_micro_config(**{"train.num_steps": 2}), wd)
+  train(make_micro_config(**{"train.num_steps": 2}), wd)
   return wd
 
 

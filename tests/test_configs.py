@@ -8,8 +8,9 @@ import os
 import pytest
 
 from configs import stage3
-from sodec_jax import train  # validate_config, stage_config
 from sodec_jax.errors import SodecError
+from sodec_jax.train.build import validate_config
+from sodec_jax.train.pipeline import stage_config
 from tests.conftest import ROOT
 
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
@@ -46,18 +47,18 @@ def test_config_loads(path, tmp_path):
   assert c.stage in (0, 1, 2, 3, 4)
   if c.pipeline.stages:  # the tiny pipeline: every stage validates as it is (no weights needed)
     for name in c.pipeline.stages:
-      train.validate_config(train.stage_config(c, name))
+      validate_config(stage_config(c, name))
     return
   for name in ("data", "loss", "train", "optim"):
     assert name in c
   expected = MISSING_SD21 if c.decoder == "diffusion" else MISSING_VGG
   with pytest.raises(SodecError) as err:
-    train.validate_config(c)
+    validate_config(c)
   assert str(err.value).startswith(expected) and "\n" not in str(err.value), str(err.value)
   # given the weights it asks for (validate_config checks that the folders exist), it validates
   c.diffusion.weights = c.guidance.extractor_weights = str(tmp_path)
   c.lpips.vgg_weights = str(tmp_path / "vgg16.pth")
-  train.validate_config(c)
+  validate_config(c)
 
 
 EXPECTED = {

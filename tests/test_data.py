@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sodec_jax import data
+from sodec_jax import data, images
 from sodec_jax.errors import SodecError
 from tests.conftest import load_photo, make_micro_config
 
@@ -26,7 +26,7 @@ def test_default_is_the_skimage_photos():
 
 def test_empty_or_missing_folder_is_a_clear_error(tmp_path):
   (tmp_path / "notes.txt").write_text("not an image")
-  with pytest.raises(SodecError, match="no readable images.*train_dir"):
+  with pytest.raises(SodecError, match="no image files.*train_dir"):
     data.list_images(str(tmp_path))
   with pytest.raises(SodecError, match="not a directory"):
     data.list_images(str(tmp_path / "nope"))
@@ -65,7 +65,7 @@ def test_grayscale_becomes_rgb_and_small_images_are_padded(tmp_path):
   rng = np.random.default_rng(0)
   assert data.random_crop(small, 64, rng).shape == (64, 64, 3)
   _write(tmp_path / "g.png", gray[:50, :70, 0])
-  assert data.load_image(str(tmp_path / "g.png")).shape == (50, 70, 3)
+  assert images.read_image(str(tmp_path / "g.png"))[0].shape == (50, 70, 3)
 
 
 def test_batches_derive_from_seed_and_step_only():
@@ -85,3 +85,41 @@ def test_each_epoch_visits_every_image_once():
   loader = data.CropLoader(data.list_images("")[:5], 64, seed=3)
   for epoch in range(2):
     assert sorted(loader._permutation(epoch)) == list(range(5))  # pylint: disable=protected-access
+
+
+def _windows(img, size):
+  """Every size x size window of img (uint8 [H, W, 3]), for locating a crop."""
+  h, w = img.shape[:2]
+  return [img[t:t + size, l:l + size] for t in range(h - size + 1) for l in range(w - size + 1)]
+
+
+def test_training_reads_files_as_the_cli_does(tmp_path):
+  """RGBA, 16-bit and EXIF-rotated files: a training crop is a window of what `sodec compress`
+  reads (images.read_image), which composites alpha on white, scales 16-bit by 65535 and
+  applies the EXIF orientation."""
+  photo = load_photo("chelsea.png")[:64, :96]                            # [64, 96, 3]
+  alpha = np.zeros((64, 96), np.uint8)
+  alpha[:, 48:] = 255                                                    # left half transparent
+  _write(tmp_path / "rgba.png", np.dstack([photo, alpha]))
+  sixteen = (photo[..., 0].astype(np.uint16) * 4)                        # max 1020 of 65535
+  Image.fromarray(sixteen).save(tmp_path / "sixteen.png")                # mode I;16
+  exif = Image.Exif()
+  exif[0x0112] = 6                                                       # rotate 90 clockwise
+  Image.fromarray(photo).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
+
+  rgba, _ = images.read_image(str(tmp_path / "rgba.png"))
+  assert (rgba[:, :48] == 255).all() and (rgba[:, 48:] == photo[:, 48:]).all()
+  gray16, _ = images.read_image(str(tmp_path / "sixteen.png"))
+  np.testing.assert_array_equal(gray16[..., 0], np.round(sixteen / 65535 * 255).astype(np.uint8))
+  assert gray16.max() <= 4                                               # not stretched to 255
+  rotated, _ = images.read_image(str(tmp_path / "rotated.jpg"))
+  assert rotated.shape == (96, 64, 3)
+
+  for name, cli in (("rgba.png", rgba), ("sixteen.png", gray16), ("rotated.jpg", rotated)):
+    loader = data.CropLoader([str(tmp_path / name)], 64, seed=0, hflip=False)
+    for i in range(3):
+      crop = loader(i)
+      assert any((w == crop).all() for w in _windows(cli, 64)), (name, i)
+  stored = np.asarray(Image.open(tmp_path / "rotated.jpg").convert("RGB"))  # [64, 96]: unrotated
+  crop = data.CropLoader([str(tmp_path / "rotated.jpg")], 64, seed=0, hflip=False)(0)
+  assert not any((w == crop).all() for w in _windows(stored, 64))

@@ -22,7 +22,8 @@ DRIVER = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 from tests.conftest import make_micro_config
-from sodec_jax import data, train
+from sodec_jax import data
+from sodec_jax.train import run
 
 workdir, num_steps, every, sleep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
 if sleep:
@@ -34,7 +35,7 @@ if sleep:
   data.train_iterator = slow
 c = make_micro_config(**{{"train.num_steps": num_steps, "train.checkpoint_every": every,
                          "train.log_every": 1}})
-sys.exit(train.run(c, workdir))
+sys.exit(run(c, workdir))
 """
 
 

@@ -14,23 +14,24 @@ import json, sys
 sys.path.insert(0, {root!r})
 import jax
 from tests.conftest import make_micro_config
-from sodec_jax import train
+from sodec_jax.train import train
+from sodec_jax.train.parallel import make_mesh, param_sharding
 from sodec_jax.errors import SodecError
 
 workdir, devices, fsdp = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 assert len(jax.devices()) == devices, jax.devices()
 if devices > 1:  # a global batch that does not divide over the devices is a one-line error
   try:
-    train.train(make_micro_config(**{{"data.batch_size": devices + 2}}), workdir + "_bad")
+    train(make_micro_config(**{{"data.batch_size": devices + 2}}), workdir + "_bad")
     raise SystemExit("no error for an indivisible batch")
   except SodecError as err:
     print("ERROR:", err)
 c = make_micro_config(**{{"data.batch_size": 4, "train.num_steps": 5, "train.log_every": 1,
                          "train.checkpoint_every": 5, "train.fsdp": fsdp}})
-train.train(c, workdir)
-mesh = train.make_mesh(c)
+train(c, workdir)
+mesh = make_mesh(c)
 print("MESH", dict(mesh.shape))
-print("KERNEL", tuple(train.param_sharding(mesh, {{"k": jax.numpy.zeros((3, 3, 4, 8))}})["k"].spec))
+print("KERNEL", tuple(param_sharding(mesh, {{"k": jax.numpy.zeros((3, 3, 4, 8))}})["k"].spec))
 """
 
 
@@ -95,10 +96,10 @@ DRIVER_MP = """
 import sys
 sys.path.insert(0, {root!r})
 from tests.conftest import make_micro_config
-from sodec_jax import train
+from sodec_jax.train import run
 c = make_micro_config(**{{"data.batch_size": 4, "train.num_steps": 5, "train.log_every": 1,
                          "train.checkpoint_every": 5}})
-sys.exit(train.run(c, sys.argv[1]))
+sys.exit(run(c, sys.argv[1]))
 """
 
 

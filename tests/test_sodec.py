@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sodec_jax import api, checkpoints, losses, train
+from sodec_jax import api, checkpoints, losses
+from sodec_jax.train import train
 from sodec_jax.codec import bitstream
 from sodec_jax.errors import SodecError
 from sodec_jax.model import build_model
@@ -86,7 +87,7 @@ def test_trainable_set_is_the_stage_table(tmp_path, stage):
   mngr.close()
   checkpoints.save_config(str(start), c0)
   c.init_from = str(start)
-  train.train(c, str(tmp_path / "run"))
+  train(c, str(tmp_path / "run"))
   before, after = _params(str(start), c0), _params(str(tmp_path / "run"), c)
   changed = {k for k in before if not np.array_equal(before[k], after[k])}
   lora = {k for k in before if "/lora/" in k}
@@ -125,7 +126,7 @@ def pipeline_dir(tmp_path_factory):
   for name in c.pipeline.stages:
     c.pipeline[name] = ConfigDict(small)
   wd = str(tmp_path_factory.mktemp("pipe"))
-  train.train(c, wd)
+  train(c, wd)
   return wd
 
 

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sodec_jax import checkpoints, losses, train
+from sodec_jax import checkpoints, losses
+from sodec_jax.train import train
+from sodec_jax.train.logs import SAMPLES_DIR
 from sodec_jax.errors import SodecError
 from sodec_jax.model import build_model
 from tests.conftest import ROOT, make_micro_config
@@ -49,6 +51,86 @@ def test_missing_workdir_and_config_are_one_line_errors(tmp_path):
   assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no such file" in r.stderr
 
 
+def _sections(stdout):
+  """--print_config's output -> {'config': text, 'pretrain': text, ...} (one per '# ' header)."""
+  out, name = {}, None
+  for line in stdout.splitlines():
+    if line.startswith("# "):
+      name = line.split(": ")[-1] if "pipeline stage" in line else line[2:]
+      out[name] = ""
+    else:
+      out[name] += line + "\n"
+  return out
+
+
+def test_print_config_shows_each_pipeline_stage_as_trained(tmp_path):
+  r = _cli("--config", "configs/tiny.py", "--print_config", "--config.train.log_every=7")
+  assert r.returncode == 0, r.stderr
+  parts = _sections(r.stdout)
+  assert list(parts) == ["config", "pretrain", "stage1", "stage2", "stage3", "finetune"]
+  assert all("  log_every: 7\n" in text for text in parts.values())        # the override
+  assert "stage: 0\n" in parts["pretrain"] and "  num_steps: 300\n" in parts["pretrain"]
+  assert "decoder: diffusion\n" in parts["stage2"] and "  num_steps: 150\n" in parts["stage2"]
+  assert "decoder: codec\n" in parts["stage1"] and "  num_steps: 1000\n" in parts["stage1"]
+  assert "stage: 4\n" in parts["finetune"] and "  num_steps: 100\n" in parts["finetune"]
+  from configs import tiny
+  from sodec_jax.train.pipeline import stage_config
+  c = tiny.get_config()
+  c.train.log_every = 7
+  assert parts["stage3"] == str(stage_config(c, "stage3"))     # as run_pipeline would train it
+
+
+def test_print_config_of_a_stage_file_with_an_override(capsys):
+  from sodec_jax.train import main
+  assert main(["train", "--config", "configs/stage2.py", "--config.data.batch_size=3",
+               "--print_config"]) == 0
+  out = capsys.readouterr().out
+  assert list(_sections(out)) == ["config"]
+  assert "  batch_size: 3\n" in out and "decoder: diffusion\n" in out and "stage: 2\n" in out
+
+
+def _write_config(tmp_path, body):
+  """A config file in tmp_path/configs/ that imports configs.base like the real ones, and
+  appends a line to runs.txt each time it is executed."""
+  folder = tmp_path / "configs"
+  folder.mkdir(exist_ok=True)
+  (folder / "base.py").write_text(open(os.path.join(ROOT, "configs", "base.py")).read())
+  path = folder / "x.py"
+  path.write_text(f"open({str(tmp_path / 'runs.txt')!r}, 'a').write('run\\n')\n" + body)
+  return str(path)
+
+
+@pytest.mark.parametrize("body,line,what", [
+    ("from configs import base\n\ndef get_config():\n  c = base.get_config()\n  c.seed = foo\n"
+     "  return c\n", 6, "NameError: name 'foo' is not defined"),
+    ("x = 1 / 0\n", 2, "ZeroDivisionError: division by zero"),
+    ("def get_config(:\n", 2, "SyntaxError: "),
+])
+def test_config_file_error_names_file_and_line(tmp_path, capsys, body, line, what):
+  from sodec_jax.train import main
+  path = _write_config(tmp_path, body)
+  assert main(["train", "--config", path, "--workdir", str(tmp_path / "w")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith(f"error: {path}:{line}: {what}"), err
+  assert not (tmp_path / "w").exists()
+
+
+def test_unknown_override_lists_the_parent_fields_and_runs_the_file_once(tmp_path, capsys):
+  from sodec_jax.train import main
+  path = _write_config(tmp_path, "from configs import base\n\ndef get_config():\n"
+                       "  return base.get_config()\n")
+  assert main(["train", "--config", path, "--workdir", str(tmp_path / "w"),
+               "--config.optim.bogus=3"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  from configs import base
+  fields = ", ".join(sorted(base.get_config().optim.keys()))
+  assert err == [f"error: unknown config field 'optim.bogus' in --config.optim.bogus=3 "
+                 f"(fields of optim: {fields})"]
+  assert (tmp_path / "runs.txt").read_text() == "run\n"                   # executed once
+  assert main(["train", "--config", path, "--print_config", "--config.nope.x=1"]) == 2
+  assert "(fields of config: " in capsys.readouterr().err
+
+
 def test_lpips_without_weights_is_a_one_line_error(tmp_path):
   r = _cli("--config", "configs/stage1.py", "--workdir", str(tmp_path / "w"))
   assert r.returncode == 1
@@ -85,13 +167,13 @@ def _rows(workdir):
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, capsys):
   c4 = make_micro_config(**{"train.num_steps": 4})
   straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-  train.train(c4, straight)
+  train(c4, straight)
   assert "sodec compress photo.png out.sodec --checkpoint " + straight in capsys.readouterr().out
 
-  train.train(make_micro_config(**{"train.num_steps": 2}), resumed)  # "interrupted" at step 2
+  train(make_micro_config(**{"train.num_steps": 2}), resumed)  # "interrupted" at step 2
   with open(os.path.join(resumed, "metrics.jsonl"), "a") as f:  # logged, never checkpointed
     f.write(json.dumps({"step": 3, "loss": -1.0}) + "\n")
-  train.train(c4, resumed)  # the same command again: resumes from checkpoint 2
+  train(c4, resumed)  # the same command again: resumes from checkpoint 2
 
   s1, p1 = _final_params(straight, c4)
   s2, p2 = _final_params(resumed, c4)
@@ -111,9 +193,9 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, capsys):
   # a different config is refused in one line, unless allowed
   changed = make_micro_config(**{"train.num_steps": 4, "optim.learning_rate": 0.5})
   with pytest.raises(SodecError, match="different config.*optim.learning_rate.*allow_config_change"):
-    train.train(changed, resumed)
+    train(changed, resumed)
   changed.train.allow_config_change = True
-  train.train(changed, resumed)  # already at step 4: nothing to do, config.json updated
+  train(changed, resumed)  # already at step 4: nothing to do, config.json updated
   assert checkpoints.load_config(resumed).optim.learning_rate == 0.5
 
 
@@ -128,17 +210,17 @@ def test_non_finite_loss_skips_updates_then_stops(tmp_path, monkeypatch):
   monkeypatch.setattr(losses, "stage1_loss", nan_loss)
   c = make_micro_config(**{"train.num_steps": 8, "train.checkpoint_every": 2})
   with pytest.raises(SodecError, match="not finite for 3 steps in a row.*learning_rate"):
-    train.train(c, str(tmp_path))
+    train(c, str(tmp_path))
   assert checkpoints.latest_step(str(tmp_path)) == 2
   assert [r["step"] for r in _rows(str(tmp_path))] == [1, 2]
 
 
 def test_sample_grids(tmp_path):
   c = make_micro_config(**{"train.num_steps": 4, "train.sample_every": 2})
-  train.train(c, str(tmp_path))
+  train(c, str(tmp_path))
   from PIL import Image
-  names = sorted(os.listdir(tmp_path / train.SAMPLES_DIR))
+  names = sorted(os.listdir(tmp_path / SAMPLES_DIR))
   assert names == ["step_2.png", "step_4.png"]
-  img = np.asarray(Image.open(tmp_path / train.SAMPLES_DIR / "step_4.png"))
+  img = np.asarray(Image.open(tmp_path / SAMPLES_DIR / "step_4.png"))
   assert img.shape == (2 * 64, 3 * 64, 3) and img.dtype == np.uint8
   assert img[:, :64].std() > 0 and img[:, 128:].std() > 0  # the photo and a reconstruction

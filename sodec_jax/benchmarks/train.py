@@ -17,8 +17,6 @@ temporaries) and, where the backend reports it, the device's peak bytes in use.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import statistics
 import sys
 import time
@@ -26,17 +24,6 @@ import time
 import jax
 import numpy as np
 from flax import nnx
-
-
-def load_config(path: str):
-  """get_config() of an experiment file (its directory's parent made importable for `configs`)."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location("_sodec_bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def _cost(compiled) -> dict:
@@ -58,27 +45,28 @@ def _memory(compiled) -> int | None:
 def bench_train(config, device_counts=None, repeats: int = 5, warmup: int = 1,
                 peak_tflops: float = 0.0) -> list[dict]:
   """One result dict per device count (see the module docstring)."""
-  from sodec_jax import data, train  # pylint: disable=import-outside-toplevel
-  train.validate_config(config)
+  from sodec_jax import data  # pylint: disable=import-outside-toplevel
+  from sodec_jax.train import build, parallel, step  # pylint: disable=import-outside-toplevel
+  build.validate_config(config)
   devices = jax.devices()
   counts = device_counts or sorted({1, len(devices)})
-  model = train.build_training_model(config)
-  graphdef, params, frozen, rest = nnx.split(model, train.trainable_filter(config), nnx.Param, ...)
+  model = build.build_training_model(config)
+  graphdef, params, frozen, rest = nnx.split(model, build.trainable_filter(config), nnx.Param, ...)
   params, frozen, rest = (nnx.to_pure_dict(t) for t in (params, frozen, rest))
-  lpips_graphdef, lpips_state = train.load_lpips(config)
-  tx, lr = train.make_optimizer(config)
+  lpips_graphdef, lpips_state = build.load_lpips(config)
+  tx, lr = build.make_optimizer(config)
   disc_graphdef = disc_tx = None
   host_state = {"params": params, "opt_state": tx.init(params)}
   if config.stage == 4 and config.loss.beta > 0:
-    disc_graphdef, host_state["disc"], disc_tx = train.make_discriminator(config)
+    disc_graphdef, host_state["disc"], disc_tx = build.make_discriminator(config)
   batch = next(data.train_iterator(config, 0, data.list_images(config.data.train_dir)))
   results = []
   for n in counts:
-    mesh = train.make_mesh(config, devices[:n])
-    _, batch_sharding = train.shardings(mesh)
+    mesh = parallel.make_mesh(config, devices[:n])
+    _, batch_sharding = parallel.shardings(mesh)
     consts = (frozen, rest, lpips_state)
-    state_sh, consts_sh = train.param_sharding(mesh, host_state), train.param_sharding(mesh, consts)
-    step_fn = train.make_train_step(graphdef, tx, lr, config, lpips_graphdef, disc_graphdef,
+    state_sh, consts_sh = parallel.param_sharding(mesh, host_state), parallel.param_sharding(mesh, consts)
+    step_fn = step.make_train_step(graphdef, tx, lr, config, lpips_graphdef, disc_graphdef,
                                     disc_tx, mesh=mesh, state_sharding=state_sh,
                                     consts_sharding=consts_sh)
     state = jax.device_put(jax.tree.map(np.array, host_state), state_sh)  # a copy: donated below
@@ -122,7 +110,12 @@ def run_train(args) -> list[dict]:
   if not args.config or not args.config.endswith(".py"):
     print("error: --what train needs --config configs/<experiment>.py", file=sys.stderr)
     raise SystemExit(2)
-  config = load_config(args.config)
+  from sodec_jax.train.cli import UsageError, load_config_file  # pylint: disable=import-outside-toplevel
+  try:
+    config = load_config_file(args.config)   # the training command line's reader
+  except UsageError as err:
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(2) from None
   config.pipeline.stages = ()
   counts = [int(c) for c in args.devices.split(",")] if getattr(args, "devices", "") else None
   results = bench_train(config, counts, args.repeats, args.warmup,

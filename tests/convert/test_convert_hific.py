@@ -227,16 +227,16 @@ def test_converted_discriminator_loads_into_ours(checkpoint, tmp_path):
 
 
 def test_stage4_discriminator_starts_from_a_converted_folder(checkpoint, tmp_path):
-  """--config.loss.discriminator_init=DIR: train.make_discriminator starts from the converted
+  """--config.loss.discriminator_init=DIR: make_discriminator (sodec_jax/train/build.py) starts from the converted
   HiFiC discriminator (widths read from it), the same values as a direct torch load."""
-  from sodec_jax import train
+  from sodec_jax.train.build import make_discriminator
   from sodec_jax.discriminator import Discriminator, SpectralState, load_hific_discriminator
   from sodec_jax.errors import SodecError
   path, ref = checkpoint
   out = convert.convert_hific(path, str(tmp_path / "hific"))
   config = micro_codec_config()
   config.loss.discriminator_init = out
-  _, state, _ = train.make_discriminator(config)
+  _, state, _ = make_discriminator(config)
   direct = Discriminator(config.model.latent_channels, filters=(8, 8, 16, 16), rngs=nnx.Rngs(1))
   load_hific_discriminator({k: v.numpy() for k, v in ref.state_dict().items()}, direct)
   want = {"params": nnx.to_pure_dict(nnx.state(direct, nnx.Param)),
@@ -248,10 +248,10 @@ def test_stage4_discriminator_starts_from_a_converted_folder(checkpoint, tmp_pat
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   config.model.latent_channels = 8
   with pytest.raises(SodecError, match="16 channels, this model has 8"):
-    train.make_discriminator(config)
+    make_discriminator(config)
   config.loss.discriminator_init = str(tmp_path / "nowhere")
   with pytest.raises(SodecError, match="does not exist.*convert/from_torch.py hific"):
-    train.make_discriminator(config)
+    make_discriminator(config)
 
 
 # ----------------------------------------------------------------------------- upstream's keys

@@ -1,0 +1,178 @@
+"""What a training run is built from: the checked config, the model, the trainable filter,
+the optimizer, stage 4's discriminator and the frozen LPIPS network; the pure-dict plumbing
+between checkpoints (all params) and the train state (trainable params apart from frozen ones).
+"""
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from sodec_jax import pretrained
+from sodec_jax.discriminator import Discriminator, SpectralState
+from sodec_jax.errors import SodecError
+from sodec_jax.weights import converted
+
+
+def validate_config(config) -> None:
+  """One-line SodecError for configs training cannot run with."""
+  d, t, l = config.data, config.train, config.loss
+  pretrained.check_paths(config)
+  source = l.get("discriminator_init", "")
+  if source and not os.path.isfile(os.path.join(source, "manifest.json")):
+    raise SodecError(f"--config.loss.discriminator_init={source} is not a converted folder: make "
+                     "one with `python convert/from_torch.py hific --src CHECKPOINT.pt --out DIR`")
+  if config.stage not in (0, 1, 2, 3, 4):
+    raise SodecError(f"config.stage={config.stage} must be 0 (tiny SD pretraining), 1, 2, 3 or 4")
+  if config.stage >= 2 and config.get("decoder", "codec") != "diffusion":
+    raise SodecError(f"config.stage={config.stage} trains the diffusion decoder: set "
+                     "--config.decoder=diffusion (configs/stage2.py, stage3.py, finetune.py do)")
+  if config.stage >= 2 and config.loss.beta > 0 and config.stage != 4:
+    raise SodecError("config.loss.beta > 0 (GAN) belongs to stage 4 (configs/finetune.py)")
+  if d.crop_size <= 0 or d.crop_size % 64:
+    raise SodecError(f"config.data.crop_size={d.crop_size} must be a positive multiple of 64")
+  for name in ("data.batch_size", "train.log_every", "train.checkpoint_every"):
+    group, field = name.split(".")
+    if config[group][field] < 1:
+      raise SodecError(f"config.{name}={config[group][field]} must be >= 1")
+  if config.seed < 0:
+    raise SodecError(f"config.seed={config.seed} must be >= 0")
+  if t.num_steps < 0:
+    raise SodecError(f"config.train.num_steps={t.num_steps} must be >= 0")
+  for sched in ("lambda_schedule", "target_schedule"):
+    vals, steps = l[f"{sched}_values"], l[f"{sched}_steps"]
+    if len(vals) != len(steps) + 1:
+      raise SodecError(f"config.loss.{sched}_values needs one more entry than "
+                       f"config.loss.{sched}_steps, got {tuple(vals)} and {tuple(steps)}")
+  if l.lambda_A < l.lambda_B:
+    raise SodecError(f"config.loss.lambda_A={l.lambda_A} must be >= config.loss.lambda_B="
+                     f"{l.lambda_B} (lambda_A applies above the target rate)")
+  if l.k_P > 0 and not config.lpips.vgg_weights:
+    raise SodecError(
+        f"config.loss.k_P={l.k_P} needs LPIPS VGG16 weights: pass "
+        "--config.lpips.vgg_weights=/path/to/vgg16.pth (torchvision layout), or "
+        "--config.loss.k_P=0 to train on MSE alone")
+
+
+def build_training_model(config):
+  """The model a stage trains: stage 0 (tiny pipeline) the latent-space pretraining, else SODEC.
+  The one place training constructs a model; the model stack is imported only here, so config
+  checks and --print_config do not load it."""
+  rngs = nnx.Rngs(config.seed)
+  if config.stage == 0:
+    # pylint: disable-next=import-outside-toplevel
+    from sodec_jax.diffusion.pretrain import LatentPretrain
+    return LatentPretrain(config, rngs=rngs)
+  from sodec_jax.model import build_model  # pylint: disable=import-outside-toplevel
+  return build_model(config, rngs)
+
+
+def trainable_filter(config):
+  """nnx filter: the nnx.Params whose '/'-joined path fully matches a regex of
+  config.train.trainable."""
+  patterns = [re.compile(p) for p in config.train.trainable]
+
+  def keep(path, value):
+    if not isinstance(value, nnx.Param):
+      return False
+    name = "/".join(str(p) for p in path)
+    return any(p.fullmatch(name) for p in patterns)
+  return keep
+
+
+def count_params(tree) -> int:
+  """Number of scalars in all the arrays of `tree`."""
+  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def merge_pure(a: dict, b: dict) -> dict:
+  """Union of two nested pure dicts with disjoint leaves (trainable + frozen = all params)."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = merge_pure(out[k], v) if k in out and isinstance(v, dict) else v
+  return out
+
+
+def split_pure(full: dict, like: dict) -> tuple[dict, dict]:
+  """Splits `full` into (the leaves present in `like`, the rest), keeping the nesting."""
+  inside, outside = {}, {}
+  for k, v in full.items():
+    if k in like and isinstance(v, dict) and isinstance(like[k], dict):
+      i, o = split_pure(v, like[k])
+      if i:
+        inside[k] = i
+      if o:
+        outside[k] = o
+    elif k in like:
+      inside[k] = v
+    else:
+      outside[k] = v
+  return inside, outside
+
+
+def make_optimizer(config):
+  """AdamW with the piecewise-constant lr schedule (and optional global-norm clipping)."""
+  o = config.optim
+  lr = optax.piecewise_constant_schedule(
+      o.learning_rate, {int(s): o.lr_decay_factor for s in o.lr_decay_steps})
+  tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+  if o.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  return tx, lr
+
+
+def make_discriminator(config):
+  """Stage 4: HiFiC's conditional discriminator -> (graphdef, {'params', 'spectral', 'opt_state'},
+  its optimizer). Its params and spectral-norm vectors are pure dicts in the train state."""
+  source = config.loss.get("discriminator_init", "")
+  if source:   # a `convert/from_torch.py hific` folder: HiFiC's trained discriminator
+    disc = converted_discriminator(source, config.model.latent_channels)
+  else:
+    disc = Discriminator(config.model.latent_channels, rngs=nnx.Rngs(config.seed + 1))
+  graphdef, params, spectral = nnx.split(disc, nnx.Param, SpectralState)
+  params, spectral = nnx.to_pure_dict(params), nnx.to_pure_dict(spectral)
+  tx = optax.adam(config.loss.disc_learning_rate, b1=config.optim.b1, b2=config.optim.b2)
+  return graphdef, {"params": params, "spectral": spectral, "opt_state": tx.init(params)}, tx
+
+
+def converted_discriminator(folder: str, latent_channels: int):
+  """The Discriminator of a `convert/from_torch.py hific` folder (its widths read from the
+  converted kernels), loaded strictly; SodecError naming the fix otherwise."""
+  fix = ("--config.loss.discriminator_init takes a `python convert/from_torch.py hific --src "
+         "CHECKPOINT.pt --out DIR` folder whose checkpoint held the discriminator")
+  if not os.path.isdir(folder):
+    raise SodecError(f"discriminator_init {folder!r} does not exist; {fix}")
+  if converted.read_manifest(folder).get("kind") != "hific":
+    raise SodecError(f"discriminator_init {folder} is not a converted HiFiC folder; {fix}")
+  arrays = converted.load_discriminator_arrays(folder)
+  if arrays is None:
+    raise SodecError(f"discriminator_init {folder} has no discriminator/ (the HiFiC checkpoint "
+                     f"held none); {fix}")
+  try:
+    context = arrays["context_conv"]["kernel"].shape          # [3, 3, C, context]
+    filters = [arrays[f"conv{k}"]["kernel"].shape[-1] for k in range(1, 5)]
+  except (KeyError, AttributeError, IndexError) as e:
+    raise SodecError(f"discriminator_init {folder}: unexpected discriminator layout ({e}); "
+                     f"{fix}") from None
+  if context[2] != latent_channels:
+    raise SodecError(f"discriminator_init {folder} was trained with y_hat of {context[2]} "
+                     f"channels, this model has {latent_channels} (model.latent_channels)")
+  disc = nnx.eval_shape(lambda: Discriminator(latent_channels, filters=filters,
+                                              context_channels=context[3], rngs=nnx.Rngs(0)))
+  converted.load_discriminator(folder, disc)
+  return disc
+
+
+def load_lpips(config):
+  """(graphdef, state) of the frozen LPIPS network, or (None, None) when k_P == 0."""
+  if config.loss.k_P <= 0:
+    return None, None
+  path = config.lpips.vgg_weights
+  if not os.path.isfile(path):
+    raise SodecError(f"config.lpips.vgg_weights={path!r} is not a file")
+  from sodec_jax.metrics import load_lpips as _load  # pylint: disable=import-outside-toplevel
+  return nnx.split(_load(path, precision="default"))

@@ -1,0 +1,74 @@
+"""Pipelines: config.pipeline.stages run one after another, each stage's config made by
+`stage_config` (configs/tiny.py runs pretrain, stage1, stage2, stage3 and finetune this way).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from typing import Callable
+
+import ml_collections
+
+from sodec_jax import checkpoints
+from sodec_jax.errors import SodecError
+from sodec_jax.train.logs import METRICS_FILE
+
+
+def _deep_update(config, overrides) -> None:
+  """Writes every leaf of the ConfigDict `overrides` into `config` (nested groups merged)."""
+  for k, v in overrides.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      _deep_update(config[k], v)
+    else:
+      config[k] = v
+
+
+def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """The config of one pipeline stage: the stage file's `apply` (configs/stage2.py, ...) on a
+  copy of `config`, then the pipeline's own overrides `config.pipeline.<name>`."""
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.pipeline.stages = ()
+  if name == "pretrain":
+    c.stage, c.decoder, c.train.trainable = 0, "codec", (".*",)
+  elif name != "stage1":
+    try:
+      importlib.import_module(f"configs.{name}").apply(c)
+    except ModuleNotFoundError:
+      raise SodecError(f"config.pipeline.stages names {name!r}, which has no "
+                       f"configs/{name}.py") from None
+  if name in config.pipeline:
+    _deep_update(c, config.pipeline[name])
+  return c
+
+
+def stage_configs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_collections.ConfigDict]]:
+  """[(stage name, its config as stage_config makes it)] for each of config.pipeline.stages."""
+  return [(name, stage_config(config, name)) for name in config.pipeline.stages]
+
+
+def run_pipeline(config, workdir: str, train: Callable[..., dict]) -> dict:
+  """Runs config.pipeline.stages in WORKDIR/<i>_<stage>/ with `train(stage config, stage dir)`
+  (the loop, handed in), each starting from the ones before (init_from); WORKDIR/pipeline.json
+  lists them, so `--checkpoint WORKDIR` means the last one. Rerunning the command resumes:
+  finished stages are skipped, the current one resumes. Returns the last stage's metrics row."""
+  os.makedirs(workdir, exist_ok=True)
+  names = list(config.pipeline.stages)
+  dirs = [f"{i}_{n}" for i, n in enumerate(names)]
+  with open(os.path.join(workdir, checkpoints.PIPELINE_FILE), "w") as f:
+    json.dump({"stages": dirs, "config": config.name}, f, indent=2)
+  t0, row = time.time(), {}
+  for i, ((name, c), sub) in enumerate(zip(stage_configs(config), dirs)):
+    earlier = [os.path.join(workdir, d) for d in dirs[:i]]
+    c.init_from = ",".join(earlier) if c.stage >= 2 else ""  # stages 0 and 1 start from scratch
+    print(f"=== pipeline stage {i + 1}/{len(names)}: {name} -> {os.path.join(workdir, sub)}")
+    row = train(c, os.path.join(workdir, sub))
+  minutes, seconds = divmod(int(time.time() - t0), 60)
+  print(f"pipeline done in {minutes}m{seconds:02d}s: stages {', '.join(dirs)} in {workdir} "
+        f"(each: config.json, checkpoints/, {METRICS_FILE}, TensorBoard events); --checkpoint "
+        f"{workdir} means the last stage\nnext:\n"
+        f"  sodec compress photo.png out.sodec --checkpoint {workdir}\n"
+        f"  sodec decompress out.sodec out.png --checkpoint {workdir}\n"
+        f"  python -m sodec_jax.evaluate --checkpoint {workdir} --images FOLDER --out eval/")
+  return row
