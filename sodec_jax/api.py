@@ -39,7 +39,8 @@ from sodec_jax.codec import bitstream
 from sodec_jax.codec.entropy import (CodingTable, factorized_coding_table, gaussian_coding_table,
                                      scale_indexes, scale_table)
 from sodec_jax.errors import SodecError
-from sodec_jax.model import PAD_MULTIPLE, SODEC, build_model
+from sodec_jax.model import PAD_MULTIPLE, SODEC
+from sodec_jax.pretrained import build_model
 
 
 @dataclasses.dataclass
@@ -74,7 +75,7 @@ def fingerprint(config, model: nnx.Module) -> bytes:
   h = hashlib.sha256()
   h.update(json.dumps({"model": config.model.to_dict(), "entropy": config.entropy.to_dict()},
                       sort_keys=True, default=list).encode())
-  from sodec_jax.metrics.vgg16 import FrozenWeight  # frozen extractor weights shape decoding too
+  from sodec_jax.layers import FrozenWeight  # frozen extractor weights shape decoding too
   flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, FrozenWeight)))
   for path, var in sorted(flat, key=lambda kv: tuple(map(str, kv[0]))):
     arr = np.ascontiguousarray(np.asarray(var.value))

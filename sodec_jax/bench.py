@@ -3,7 +3,7 @@
   --what entropy   range-coding throughput (symbols/s, encode and decode) on the latents of a
                    real 512x768 photo through a paper-size codec (random weights unless
                    --checkpoint is given).
-  --what unet|vae  jitted SD 2.1 UNet / VAE decoder latency (sodec_jax.diffusion.benchmark).
+  --what unet|vae  jitted SD 2.1 UNet / VAE decoder latency (sodec_jax.benchmarks.diffusion).
   --what codec     jitted codec encode/decode latency per stage, batch 1/8 throughput, optional
                    PyTorch reference (sodec_jax.benchmarks.codec).
   --what train     one training step of --config configs/<experiment>.py on 1 and N devices:
@@ -39,7 +39,7 @@ def run_entropy(args) -> dict:
 
   from configs import base
   from sodec_jax import api
-  from sodec_jax.model import build_model
+  from sodec_jax.pretrained import build_model
   from sodec_jax.codec import bitstream
   from sodec_jax.images import read_image
   import os, skimage
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   parser = build_parser()
   try:
-    from sodec_jax.diffusion import benchmark as diffusion_benchmark
+    from sodec_jax.benchmarks import diffusion as diffusion_benchmark
     diffusion_benchmark.add_arguments(parser)
   except ImportError:
     diffusion_benchmark = None

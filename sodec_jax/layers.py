@@ -16,6 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+
+class FrozenWeight(nnx.Variable):
+  """A fixed (pretrained) weight: a variable that is not an `nnx.Param`, hence never trained
+  (optimizers built with `wrt=nnx.Param` and `nnx.grad` never touch it)."""
+
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 

@@ -84,9 +84,9 @@ def build_training_model(config):
   """The model a stage trains: stage 0 (tiny pipeline) the latent-space pretraining, else SODEC."""
   rngs = nnx.Rngs(config.seed)
   if config.stage == 0:
-    from sodec_jax.diffusion.pretrain import LatentPretrain  # pylint: disable=import-outside-toplevel
-    return LatentPretrain(config, rngs=rngs)
-  from sodec_jax.model import build_model  # pylint: disable=import-outside-toplevel
+    from sodec_jax.pretrained import build_latent_pretrain  # pylint: disable=import-outside-toplevel
+    return build_latent_pretrain(config, rngs)
+  from sodec_jax.pretrained import build_model  # pylint: disable=import-outside-toplevel
   return build_model(config, rngs)
 
 
@@ -395,7 +395,7 @@ def load_lpips(config):
   path = config.lpips.vgg_weights
   if not os.path.isfile(path):
     raise SodecError(f"config.lpips.vgg_weights={path!r} is not a file")
-  from sodec_jax.metrics import load_lpips as _load  # pylint: disable=import-outside-toplevel
+  from sodec_jax.weights.lpips import load_lpips as _load  # pylint: disable=import-outside-toplevel
   return nnx.split(_load(path, precision="default"))
 
 

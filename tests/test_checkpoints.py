@@ -10,7 +10,7 @@ from flax import nnx
 
 from sodec_jax import checkpoints
 from sodec_jax.errors import SodecError
-from sodec_jax.model import build_model
+from sodec_jax.pretrained import build_model
 from tests.conftest import make_micro_config
 
 

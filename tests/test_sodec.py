@@ -13,7 +13,7 @@ from flax import nnx
 from sodec_jax import api, checkpoints, losses, train
 from sodec_jax.codec import bitstream
 from sodec_jax.errors import SodecError
-from sodec_jax.model import build_model
+from sodec_jax.pretrained import build_model
 from tests.conftest import load_photo, make_micro_sodec_config
 
 

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sodec_jax.layers import FrozenWeight
+
 # torchvision `vgg16().features` indices of the convolutions, grouped by stage (pool between stages).
 VGG16_STAGES: tuple[tuple[int, ...], ...] = (
     (0, 2),
@@ -46,10 +48,6 @@ for _idx, (_ci, _co) in VGG16_CONV_CHANNELS.items():
   VGG16_FEATURE_SHAPES[f"features.{_idx}.weight"] = (_co, _ci, 3, 3)
   VGG16_FEATURE_SHAPES[f"features.{_idx}.bias"] = (_co,)
 del _idx, _ci, _co
-
-
-class FrozenWeight(nnx.Variable):
-  """A fixed (pretrained) weight: a variable that is not an `nnx.Param`, hence never trained."""
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -139,7 +137,7 @@ def check_image_pair(x, y, metric: str) -> None:
 
 
 __all__: Sequence[str] = (
-    "FrozenWeight", "VGG16Features", "VGG16_FEATURE_SHAPES", "VGG16_STAGES", "VGG16_TAPS",
+    "VGG16Features", "VGG16_FEATURE_SHAPES", "VGG16_STAGES", "VGG16_TAPS",
     "VGG16_STAGE_CHANNELS", "check_image_pair", "max_pool_2x2", "min_side_for_stages",
     "resolve_precision",
 )

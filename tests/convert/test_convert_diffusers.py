@@ -18,7 +18,8 @@ from diffusers_reference import nchw, nhwc, randomize_
 from sodec_jax.diffusion.autoencoder import tiny_vae_config
 from sodec_jax.diffusion.unet import tiny_unet_config
 from sodec_jax.errors import SodecError
-from sodec_jax.weights import convert, converted, ldm
+from sodec_jax import converters as convert
+from sodec_jax.weights import converted, ldm
 from tests.convert.conftest import ROOT, assert_out_clean, errors
 
 TOL = 1e-5

@@ -12,7 +12,8 @@ import torch_dists
 import torch_lpips
 import torch_vgg16
 from sodec_jax.errors import SodecError
-from sodec_jax.weights import convert, converted
+from sodec_jax import converters as convert
+from sodec_jax.weights import converted
 from sodec_jax.weights.lpips import HEAD_KEYS, lpips_wheel_heads_path
 from tests.convert.conftest import assert_out_clean, errors
 from tests.guidance._tiny_hf import photo_batch, tiny_swin, tiny_vit, torch_forward

@@ -11,8 +11,9 @@ from flax import nnx
 from torch import nn
 
 from sodec_jax.errors import SodecError
-from sodec_jax.model import build_model
-from sodec_jax.weights import convert, converted
+from sodec_jax.pretrained import build_model
+from sodec_jax import converters as convert
+from sodec_jax.weights import converted
 from tests.codec.conftest import load_photo, micro_codec_config
 from tests.convert.conftest import assert_out_clean, errors
 from tests.reference import hific_torch
@@ -194,7 +195,8 @@ def test_converted_hific_is_a_complete_codec(checkpoint, tmp_path):
 
 def test_converted_discriminator_loads_into_ours(checkpoint, tmp_path):
   """The converted discriminator/ fills our Discriminator exactly as the torch state dict does."""
-  from sodec_jax.discriminator import Discriminator, load_hific_discriminator
+  from sodec_jax.discriminator import Discriminator
+  from sodec_jax.weights.hific import load_hific_discriminator
   path, ref = checkpoint
   out = convert.convert_hific(path, str(tmp_path / "hific"))
   c = micro_codec_config().model.latent_channels
@@ -211,7 +213,8 @@ def test_stage4_discriminator_starts_from_a_converted_folder(checkpoint, tmp_pat
   """--config.loss.discriminator_init=DIR: train.make_discriminator starts from the converted
   HiFiC discriminator (widths read from it), the same values as a direct torch load."""
   from sodec_jax import train
-  from sodec_jax.discriminator import Discriminator, SpectralState, load_hific_discriminator
+  from sodec_jax.discriminator import Discriminator, SpectralState
+  from sodec_jax.weights.hific import load_hific_discriminator
   from sodec_jax.errors import SodecError
   path, ref = checkpoint
   out = convert.convert_hific(path, str(tmp_path / "hific"))
