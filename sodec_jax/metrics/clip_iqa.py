@@ -47,8 +47,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sodec_jax.errors import SodecError
-from sodec_jax.guidance.vit import (MLP, LayerNorm, Linear, activation, interpolate_pos_embeddings,
-                                    matmul_precision_scope, read)
+from sodec_jax.guidance.vit import (LayerNorm, Linear, ViTLayer, ViTSpec, activation,
+                                    interpolate_pos_embeddings, read)
 from sodec_jax.layers import FrozenWeight
 from sodec_jax.metrics.vgg16 import resolve_precision
 
@@ -214,43 +214,6 @@ class ClipVisionSpec:
     return 1 + self.grid * self.grid
 
 
-class ClipAttention(nnx.Module):
-  """CLIPAttention: q/k/v/out projections with bias, softmax(q k^T / sqrt(d_head)) v, no mask."""
-
-  def __init__(self, spec: ClipVisionSpec, **kw):
-    d = spec.hidden_size
-    self.heads, self.dh = spec.num_attention_heads, d // spec.num_attention_heads
-    self.precision = kw["precision"]
-    self.q_proj = Linear(d, d, **kw)
-    self.k_proj = Linear(d, d, **kw)
-    self.v_proj = Linear(d, d, **kw)
-    self.out_proj = Linear(d, d, **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x [B, T, D] -> [B, T, D]."""
-    b, t, _ = x.shape
-    q, k, v = (f(x).reshape(b, t, self.heads, self.dh)
-               for f in (self.q_proj, self.k_proj, self.v_proj))
-    with matmul_precision_scope(self.precision):
-      o = jax.nn.dot_product_attention(q, k, v)
-    return self.out_proj(o.reshape(b, t, self.heads * self.dh))
-
-
-class ClipEncoderLayer(nnx.Module):
-  """CLIPEncoderLayer: x + Attn(LN1(x)), then x + MLP(LN2(x)) (fc1, hidden_act, fc2)."""
-
-  def __init__(self, spec: ClipVisionSpec, **kw):
-    ln = dict(eps=spec.layer_norm_eps, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
-    self.layer_norm1 = LayerNorm(spec.hidden_size, **ln)
-    self.self_attn = ClipAttention(spec, **kw)
-    self.layer_norm2 = LayerNorm(spec.hidden_size, **ln)
-    self.mlp = MLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, **kw)
-
-  def __call__(self, x):
-    x = x + self.self_attn(self.layer_norm1(x))
-    return x + self.mlp(self.layer_norm2(x))
-
-
 class ClipVision(nnx.Module):
   """transformers `CLIPVisionModel` + `visual_projection` (`CLIPModel.get_image_features`), NHWC.
 
@@ -280,7 +243,13 @@ class ClipVision(nnx.Module):
     self.position_embedding = frozen(spec.num_positions, d)
     self.pre_layrnorm = LayerNorm(d, eps=spec.layer_norm_eps, dtype=self.dtype,
                                   param_dtype=param_dtype)
-    self.layers = nnx.List([ClipEncoderLayer(spec, **kw) for _ in range(spec.num_hidden_layers)])
+    # CLIPEncoderLayer is the pre-LN block of ViT (x + Attn(LN1(x)), x + MLP(LN2(x)), q/k/v/out
+    # projections with bias, no mask): the one implementation in guidance/vit.py.
+    block = ViTSpec(hidden_size=d, num_hidden_layers=spec.num_hidden_layers,
+                    num_attention_heads=spec.num_attention_heads,
+                    intermediate_size=spec.intermediate_size, hidden_act=spec.hidden_act,
+                    layer_norm_eps=spec.layer_norm_eps)
+    self.layers = nnx.List([ViTLayer(block, **kw) for _ in range(spec.num_hidden_layers)])
     self.post_layernorm = LayerNorm(d, eps=spec.layer_norm_eps, dtype=self.dtype,
                                     param_dtype=param_dtype)
     self.visual_projection = Linear(d, spec.projection_dim, use_bias=False, **kw)

@@ -74,10 +74,12 @@ def vision_table(spec) -> list[tuple[str, str, Callable]]:
   t += norm("vision_model.pre_layrnorm", "pre_layrnorm")
   for i in range(spec.num_hidden_layers):
     src, dst = f"vision_model.encoder.layers.{i}", f"layers.{i}"
-    t += norm(f"{src}.layer_norm1", f"{dst}.layer_norm1")
-    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-      t += linear(f"{src}.self_attn.{name}", f"{dst}.self_attn.{name}")
-    t += norm(f"{src}.layer_norm2", f"{dst}.layer_norm2")
+    # our block is guidance/vit.py's ViTLayer (the same pre-LN block under ViT's names)
+    t += norm(f"{src}.layer_norm1", f"{dst}.layernorm_before")
+    for name, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"),
+                       ("out_proj", "out")):
+      t += linear(f"{src}.self_attn.{name}", f"{dst}.attention.{ours}")
+    t += norm(f"{src}.layer_norm2", f"{dst}.layernorm_after")
     t += linear(f"{src}.mlp.fc1", f"{dst}.mlp.fc1")
     t += linear(f"{src}.mlp.fc2", f"{dst}.mlp.fc2")
   t += norm("vision_model.post_layernorm", "post_layernorm")
@@ -319,5 +321,6 @@ def load_clip_iqa(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
   return model
 
 
-__all__ = ("load_clip_iqa", "build_clip_iqa", "vision_table", "check_clip_config", "split_state", "load_tokenizer", "text_embeddings",
+__all__ = ("load_clip_iqa", "build_clip_iqa", "vision_table", "check_clip_config", "split_state",
+           "load_tokenizer", "text_embeddings",
            "iqa_config", "build_from_folder")

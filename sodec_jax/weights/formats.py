@@ -190,7 +190,8 @@ def torch_load(path: str, *, hint: str = ""):
     if "global" in reason.lower():
       raise SodecError(f"refused to load {path}: it is a pickle that needs more than tensors "
                        f"({reason}), and loading it could run arbitrary code. Only plain state "
-                       f"dicts of tensors are accepted (or use .safetensors){_suffix(hint)}") from None
+                       f"dicts of tensors are accepted (or use .safetensors){_suffix(hint)}"
+                       ) from None
     raise SodecError(f"could not read {path} as a torch file ({reason}){_suffix(hint)}") from None
   except (RuntimeError, OSError, EOFError, ValueError) as e:
     raise SodecError(f"could not read {path} as a torch file ({type(e).__name__}: "

@@ -200,7 +200,8 @@ def load_hific_discriminator(state_dict: dict, disc, *,
     elif bad_shape:
       hint = (" (check latent_channels, filters and context_channels against the checkpoint's "
               "args)")
-    strict.check("HiFiC discriminator state dict", missing, unexpected, bad_shape, hint.strip(" ()"))
+    strict.check("HiFiC discriminator state dict", missing, unexpected, bad_shape,
+                 hint.strip(" ()"))
   for path, value in updates.items():
     flat[path].set_value(jnp.asarray(value))
   nnx.update(disc, nnx.from_flat_state(flat))
