@@ -12,8 +12,8 @@ from flax import nnx
 from sodec_jax.diffusion.autoencoder import AutoencoderKL, VAEConfig
 from sodec_jax.diffusion.schedule import NoiseSchedule
 from sodec_jax.diffusion.unet import UNet2DConditionModel, UNetConfig
-from sodec_jax.errors import SodecError
 from sodec_jax.converters.output import Output, check_dtype, output
+from sodec_jax.errors import SodecError
 from sodec_jax.weights import ldm
 from sodec_jax.weights.diffusers import (LEGACY_VAE_ATTENTION, diffusers_params, expected_keys,
                                          hint_for, weight_file)
@@ -22,8 +22,6 @@ from sodec_jax.weights.ldm import SD21_SCHEDULER
 
 
 def _abstract_unet(config: dict, what: str):
-  from flax import nnx
-  from sodec_jax.diffusion.unet import UNet2DConditionModel, UNetConfig
   if config.get("_class_name") not in (None, "UNet2DConditionModel"):
     raise SodecError(f"{what} holds a {config.get('_class_name')} (config.json), not a "
                      "UNet2DConditionModel")
@@ -32,8 +30,6 @@ def _abstract_unet(config: dict, what: str):
 
 
 def _abstract_vae(config: dict, what: str):
-  from flax import nnx
-  from sodec_jax.diffusion.autoencoder import AutoencoderKL, VAEConfig
   if config.get("_class_name") not in (None, "AutoencoderKL"):
     raise SodecError(f"{what} holds a {config.get('_class_name')} (config.json), not an "
                      "AutoencoderKL")
@@ -86,7 +82,6 @@ SCHEDULER_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedul
 
 
 def _write_scheduler(o: Output, sched: dict) -> None:
-  from sodec_jax.diffusion.schedule import NoiseSchedule
   NoiseSchedule.from_dict(sched)   # validates (prediction_type, beta_schedule)
   o.write_json("scheduler", "config.json", sched)
 

@@ -68,7 +68,6 @@ def _read_heads(path: str) -> dict:
 def convert_dists(src: str, out: str, dtype: str = "float32", *, vgg: str) -> str:
   """DISTS alpha/beta (`src`: the dists-pytorch weights.pt or .safetensors/.npz) + VGG16
   (`vgg`, torchvision layout) -> OUT/{vgg16,dists}/."""
-  from sodec_jax.weights import dists as dw
   check_dtype(dtype)
   if not vgg:
     raise SodecError("dists needs --vgg PATH (the VGG16 ImageNet weights, torchvision layout)")

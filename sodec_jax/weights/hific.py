@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sodec_jax.errors import SodecError
 from sodec_jax.weights import strict
 
 
