@@ -256,8 +256,8 @@ def test_missing_and_misshaped_keys(pipeline, tmp_path):
   (folder / "config.json").write_text(open(os.path.join(root, "unet", "config.json")).read())
   with pytest.raises(SodecError) as e:
     convert.convert_unet(str(folder), str(tmp_path / "out"))
-  assert "1 missing: conv_in.bias" in str(e.value)
-  assert "1 wrong shape: conv_out.weight" in str(e.value)
+  assert "missing 1: conv_in.bias" in str(e.value)
+  assert "mis-shaped 1: conv_out.weight" in str(e.value)
   assert_out_clean(str(tmp_path / "out"))
 
 
