@@ -13,7 +13,7 @@
     python convert/from_torch.py clip-iqa --src clip-vit-base-patch32/ --out /weights/clip-iqa
     python convert/from_torch.py export-lora --src WORKDIR --out lora/
 
-A thin CLI over `sodec_jax.weights.convert` / `sodec_jax.weights.lora_export`. Problems are one
+A thin CLI over `sodec_jax.converters` (and `sodec_jax.converters.lora` for export-lora). Problems are one
 line on stderr ("from_torch: error: ...") and exit status 1; nothing is left in --out.
 """
 from __future__ import annotations
@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> str:
-  from sodec_jax.weights import convert
+  from sodec_jax.converters import CONVERTERS
   if args.command == "export-lora":
-    from sodec_jax.weights.lora_export import export_lora_from_workdir
+    from sodec_jax.converters.lora import export_lora_from_workdir
     return export_lora_from_workdir(args.src, args.out, args.step)
   kw = {}
   if args.command == "sd21":
@@ -82,7 +82,7 @@ def run(args) -> str:
     kw = dict(heads=args.heads)
   elif args.command == "dists":
     kw = dict(vgg=args.vgg)
-  return convert.CONVERTERS[args.command](args.src, args.out, args.dtype, **kw)
+  return CONVERTERS[args.command](args.src, args.out, args.dtype, **kw)
 
 
 def main(argv=None) -> int:

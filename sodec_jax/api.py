@@ -53,7 +53,8 @@ from sodec_jax.codec.entropy import (CodingTable, factorized_coding_table, gauss
                                      scale_indexes, scale_table)
 from sodec_jax.codec.hific import OPTIONAL_FIELDS
 from sodec_jax.errors import SodecError
-from sodec_jax.model import PAD_MULTIPLE, SODEC, build_model
+from sodec_jax.model import PAD_MULTIPLE, SODEC
+from sodec_jax.pretrained import build_model
 
 
 @dataclasses.dataclass
@@ -91,7 +92,7 @@ def fingerprint(config, model: nnx.Module) -> bytes:
                if not (k in OPTIONAL_FIELDS and OPTIONAL_FIELDS[k] == v)}  # default: as if absent
   h.update(json.dumps({"model": model_cfg, "entropy": config.entropy.to_dict()},
                       sort_keys=True, default=list).encode())
-  from sodec_jax.metrics.vgg16 import FrozenWeight  # frozen extractor weights shape decoding too
+  from sodec_jax.layers import FrozenWeight  # frozen extractor weights shape decoding too
   flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, FrozenWeight)))
   for path, var in sorted(flat, key=lambda kv: tuple(map(str, kv[0]))):
     arr = np.ascontiguousarray(np.asarray(var.value))

@@ -47,7 +47,7 @@ def run_entropy(args) -> dict:
   from sodec_jax import api
   from sodec_jax.codec import bitstream
   from sodec_jax.images import read_image
-  from sodec_jax.model import build_model
+  from sodec_jax.pretrained import build_model
 
   if args.checkpoint:
     model = api.load_model(args.checkpoint)

@@ -24,7 +24,8 @@ used as they are. u, v live in `SpectralState` variables (not `nnx.Param`, so an
 `nnx.Param` never sees them); under `nnx.split(model, nnx.Param, ...)` + `nnx.merge` inside
 `jax.jit`, read the updated values back with `nnx.state(merged, SpectralState)`.
 
-Key map (torch key under `Discriminator.` -> our path; conv weights [O, I, kh, kw] ->
+Key map (`sodec_jax.weights.hific.load_hific_discriminator`; torch key under `Discriminator.` ->
+our path; conv weights [O, I, kh, kw] ->
 kernel [kh, kw, I, O] = w.transpose(2, 3, 1, 0); everything else copied as is):
 
   context_conv.weight       -> context_conv.kernel   (transpose)
@@ -50,11 +51,9 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from sodec_jax.errors import SodecError
-from sodec_jax.weights.strict import mismatch_summary
 from sodec_jax.layers import Conv2d
 
 UPSAMPLE = 16  # HiFiC's fixed context upsampling factor (nn.Upsample(scale_factor=16))
@@ -173,74 +172,3 @@ class Discriminator(nnx.Module):
       x = jax.nn.leaky_relu(getattr(self, f"conv{i + 1}")(x, update_stats=update_stats), 0.2)
     logits = self.conv_out(x)
     return logits.reshape(b, -1).astype(jnp.float32)
-
-
-def hific_discriminator_key_map() -> list[tuple[str, tuple, str]]:
-  """(torch key without the `Discriminator.` prefix, our state path, kind) rows.
-
-  kind: "conv" (transpose [O, I, kh, kw] -> [kh, kw, I, O]) or "copy".
-  """
-  rows = [("context_conv.weight", ("context_conv", "kernel"), "conv"),
-          ("context_conv.bias", ("context_conv", "bias"), "copy")]
-  for k in range(1, 5):
-    rows += [(f"conv{k}.weight_orig", (f"conv{k}", "kernel"), "conv"),
-             (f"conv{k}.bias", (f"conv{k}", "bias"), "copy"),
-             (f"conv{k}.weight_u", (f"conv{k}", "u"), "copy"),
-             (f"conv{k}.weight_v", (f"conv{k}", "v"), "copy")]
-  rows += [("conv_out.weight", ("conv_out", "kernel"), "conv"),
-           ("conv_out.bias", ("conv_out", "bias"), "copy")]
-  return rows
-
-
-def _numpy(value) -> np.ndarray:
-  if hasattr(value, "detach"):  # a torch tensor
-    value = value.detach().cpu().numpy()
-  return np.asarray(value, np.float32)
-
-
-def load_hific_discriminator(state_dict: dict, disc: Discriminator, *,
-                             prefix: str = "Discriminator.") -> list[str]:
-  """Copies HiFiC's discriminator weights (and spectral-norm u, v) into `disc` in place.
-
-  `state_dict`: a HiFiC `model_state_dict` or any dict of numpy arrays / torch tensors; only
-  keys starting with `prefix` are considered (pass prefix="" for a bare Discriminator state
-  dict) and the others are returned as the list of ignored keys. Strict under the prefix: every
-  mapped key must be present with the right shape and nothing else may appear; all problems
-  are reported together in one SodecError. The map covers every variable of `disc`, so an
-  abstract module (`nnx.eval_shape(lambda: Discriminator(...))`) can be filled without paying
-  for a random init.
-  """
-  rows = hific_discriminator_key_map()
-  flat = dict(nnx.to_flat_state(nnx.state(disc, nnx.Any(nnx.Param, SpectralState))))
-  ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-  ignored = sorted(k for k in state_dict if not k.startswith(prefix))
-  missing, bad_shape, updates = [], [], {}
-  for key, path, kind in rows:
-    if key not in ours:
-      missing.append(prefix + key)
-      continue
-    value = _numpy(ours[key])
-    torch_shape = value.shape
-    if kind == "conv" and value.ndim == 4:
-      value = value.transpose(2, 3, 1, 0)
-    target = flat[path].get_value()  # an array, or a ShapeDtypeStruct (nnx.eval_shape module)
-    if value.shape != tuple(target.shape):
-      bad_shape.append(f"{prefix}{key}: {torch_shape} -> expected {tuple(target.shape)} (ours, "
-                       f"{kind})")
-      continue
-    updates[path] = value.astype(target.dtype)
-  mapped = {r[0] for r in rows}
-  unexpected = sorted(prefix + k for k in ours if k not in mapped)
-  if missing or bad_shape or unexpected:
-    hint = ""
-    if not ours:
-      hint = f" (no keys start with {prefix!r}; pass prefix='' for a bare discriminator dict)"
-    elif bad_shape:
-      hint = (" (check latent_channels, filters and context_channels against the checkpoint's "
-              "args)")
-    raise SodecError("HiFiC discriminator state dict does not match" + hint + ": "
-                     + mismatch_summary(missing, unexpected, bad_shape))
-  for path, value in updates.items():
-    flat[path].set_value(jnp.asarray(value))
-  nnx.update(disc, nnx.from_flat_state(flat))
-  return ignored

@@ -94,11 +94,11 @@ class Metrics:
     self.names = ["psnr", "ms_ssim"]
     fns: dict[str, Callable] = {"psnr": jax.jit(psnr), "ms_ssim": jax.jit(ms_ssim)}
     if vgg_weights:
-      from sodec_jax.metrics.lpips import load_lpips
+      from sodec_jax.weights.lpips import load_lpips
       fns["lpips"] = self._jit_module(load_lpips(vgg_weights), jax, nnx)
       self.names.append("lpips")
       if dists_weights:
-        from sodec_jax.metrics.dists import load_dists
+        from sodec_jax.weights.dists import load_dists
         fns["dists"] = self._jit_module(load_dists(vgg_weights, dists_weights), jax, nnx)
         self.names.append("dists")
       else:
@@ -116,7 +116,7 @@ class Metrics:
       self.notes.append("NIQE skipped: no --niqe-params (the pristine model: modelparameters.mat "
                         "of the MATLAB niqe_release, or BasicSR's niqe_pris_params.npz)")
     if clip_iqa:
-      from sodec_jax.metrics.clip_iqa import load_clip_iqa
+      from sodec_jax.weights.clip import load_clip_iqa
       module = load_clip_iqa(clip_iqa)
       graphdef, state = nnx.split(module)
       score = jax.jit(lambda s, y: nnx.merge(graphdef, s)(y))

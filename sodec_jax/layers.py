@@ -16,6 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+
+class FrozenWeight(nnx.Variable):
+  """A fixed (pretrained) weight: a variable that is not an `nnx.Param`, hence never trained
+  (optimizers built with `wrt=nnx.Param` and `nnx.grad` never touch it)."""
+
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -350,3 +355,12 @@ class ResidualBlock(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     h = jax.nn.relu(self.norm1(self.conv1(x)))
     return x + self.norm2(self.conv2(h))
+
+
+def resolve_precision(precision, dtype) -> jax.lax.Precision | None:
+  """`None` -> HIGHEST for float32 (no TF32 on GPUs, so results match torch fp32), else DEFAULT."""
+  if precision is None:
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+  if isinstance(precision, str):
+    return jax.lax.Precision[precision.upper()]
+  return precision

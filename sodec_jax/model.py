@@ -1,8 +1,10 @@
-"""SODEC assembly.
+"""SODEC assembly from the modules it is handed.
 
-Today the model is the HiFiC-style codec of stage 1 (E, H_a, P, D_a); the diffusion decoder
-(H_s, T_s, UNet + LoRA, D_m) and the fidelity guidance (F, F_p) attach here as further
-attributes, named as in DESIGN.md.
+The model always holds the HiFiC-style codec (E, H_a, P, D_a: `config.decoder == "codec"`, the
+stage-1 model). With `config.decoder == "diffusion"` it also holds the one-step diffusion decoder
+(H_s, T_s, the SD UNet with LoRA adapters, D_m) and the guidance (F, F_p). The pretrained parts
+(UNet, VAE, extractor F) are built or loaded elsewhere and handed in:
+`sodec_jax.pretrained.build_model(config, rngs)` does both.
 
 Training forward (CompressAI convention):
   out = model(x, noise_key=key, train=True)
@@ -22,7 +24,10 @@ from flax import nnx
 from sodec_jax.codec.entropy import add_uniform_noise, gaussian_likelihood, quantize_around
 from sodec_jax.codec.hific import Codec
 from sodec_jax.codec.padding import pad_latent
+from sodec_jax.diffusion.lora import LoRAConfig, apply_lora
+from sodec_jax.diffusion.schedule import NoiseSchedule
 from sodec_jax.errors import SodecError
+from sodec_jax.guidance.projection import GuidanceProjection
 from sodec_jax.layers import ChannelNorm, Conv2d, ConvTranspose2d, ResidualBlock
 
 #: Spatial factor every input side must be a multiple of (z lives at H/64).
@@ -86,30 +91,32 @@ class SODEC(nnx.Module):
 
   Args:
     config: the experiment ConfigDict.
-    pretrained: load the UNet and VAE from `config.diffusion.weights`; False builds them at random
-      with the right shapes (their weights then come from a checkpoint). The extractor F is
-      always loaded from `config.guidance.extractor_weights` (it is frozen and not checkpointed).
+    unet, vae: the SD UNet2DConditionModel and AutoencoderKL (diffusion configs only; LoRA is
+      attached here and the VAE's encoder dropped). `sodec_jax.pretrained.build_unet/build_vae`
+      make them, pretrained or random with the right shapes.
+    extractor: the frozen guidance extractor F (fidelity guidance only;
+      `sodec_jax.pretrained.build_extractor`).
   """
 
-  def __init__(self, config, *, rngs: nnx.Rngs, pretrained: bool = True):
+  def __init__(self, config, *, rngs: nnx.Rngs, unet=None, vae=None, extractor=None):
     self.codec = Codec(config.model, rngs=rngs)
     self.likelihood_bound = float(config.model.likelihood_bound)
     self.decoder_kind = str(config.get("decoder", "codec"))
     if self.decoder_kind not in ("codec", "diffusion"):
       raise SodecError(f"config.decoder={self.decoder_kind!r}: use 'codec' or 'diffusion'")
     if self.decoder_kind == "diffusion":
-      self._build_diffusion_decoder(config, rngs, pretrained)
+      self._build_diffusion_decoder(config, rngs, unet, vae, extractor)
 
-  def _build_diffusion_decoder(self, config, rngs, pretrained):
-    from sodec_jax import pretrained as pre
-    from sodec_jax.diffusion.lora import LoRAConfig, apply_lora
-    from sodec_jax.diffusion.schedule import NoiseSchedule
-    from sodec_jax.guidance.projection import GuidanceProjection
-
+  def _build_diffusion_decoder(self, config, rngs, unet, vae, extractor):
     s, d, g, m = config.sodec, config.diffusion, config.guidance, config.model
+    if unet is None or vae is None:
+      raise SodecError("config.decoder='diffusion' needs the SD UNet and VAE: build the model "
+                       "with sodec_jax.pretrained.build_model(config, rngs)")
+    if g.mode == "fidelity" and extractor is None:
+      raise SodecError("config.guidance.mode='fidelity' needs the extractor F: build the model "
+                       "with sodec_jax.pretrained.build_model(config, rngs)")
     dtype = jnp.dtype(d.dtype)
     kw = dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
-    unet, vae = pre.build_unet(d, rngs, pretrained), pre.build_vae(d, rngs, pretrained)
     apply_lora(unet, LoRAConfig(rank=int(d.lora_rank), alpha=float(d.lora_alpha),
                                 targets=tuple(d.lora_targets)), rngs=rngs)
     vae.encoder = None  # D_m is the decoder; the encoder is not part of SODEC
@@ -122,8 +129,8 @@ class SODEC(nnx.Module):
     width = unet.config.per_block(unet.config.cross_attention_dim)[0]
     extra = {}
     if g.mode == "fidelity":
-      self.guidance_extractor = pre.build_extractor(g, jnp.dtype(d.dtype), config.seed)
-      extra = dict(zip(("in_tokens", "in_features"), pre.extractor_tokens(self.guidance_extractor)))
+      self.guidance_extractor = extractor
+      extra = dict(zip(("in_tokens", "in_features"), extractor_tokens(extractor)))
     elif g.mode == "hyperprior":
       extra = dict(in_features=m.hyper_channels)
     self.guidance_projection = GuidanceProjection(g.mode, width=width, tokens=g.tokens,
@@ -200,6 +207,10 @@ class SODEC(nnx.Module):
     return {"x_hat": x_hat, "x_f": x_f, "y_hat": y_hat, "z_hat": z_hat, "likelihoods": likelihoods}
 
 
-def build_model(config, rngs: nnx.Rngs, pretrained: bool = True) -> SODEC:
-  """Builds the model described by `config` (the whole experiment ConfigDict)."""
-  return SODEC(config, rngs=rngs, pretrained=pretrained)
+def extractor_tokens(module) -> tuple[int, int]:
+  """(tokens, feature width) of the extractor's last_hidden_state at its native input size."""
+  size = module.spec.image_size
+  graphdef, state = nnx.split(module)
+  x = jax.ShapeDtypeStruct((1, size[0], size[1], 3), jnp.float32)
+  out = jax.eval_shape(lambda s, v: nnx.merge(graphdef, s)(v), state, x)
+  return int(out.shape[1]), int(out.shape[2])

@@ -1,5 +1,6 @@
 """Building the frozen, pretrained parts of SODEC from a config: the SD UNet and VAE (D_m) and
-the guidance extractor F.
+the guidance extractor F; `build_model` hands them to `sodec_jax.model.SODEC` and
+`build_latent_pretrain` to the tiny pipeline's stage 0.
 
 Where the weights come from (config):
   diffusion.unet / diffusion.vae   "sd21" (Stable Diffusion 2.1 sizes), "tiny" (the tiny default's
@@ -170,7 +171,7 @@ def random_tiny_extractor(kind: str, dtype, seed: int):
     from sodec_jax.guidance.swin import Swin, SwinSpec
     module = Swin(SwinSpec(embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
                            image_size=(64, 64), patch_size=(4, 4)), dtype=dtype)
-  from sodec_jax.metrics.vgg16 import FrozenWeight
+  from sodec_jax.layers import FrozenWeight
   flat = dict(nnx.to_flat_state(nnx.state(module, FrozenWeight)))
   key = jax.random.key(seed)
   for i, (path, var) in enumerate(sorted(flat.items(), key=lambda kv: tuple(map(str, kv[0])))):
@@ -186,11 +187,26 @@ def random_tiny_extractor(kind: str, dtype, seed: int):
   return module
 
 
-def extractor_tokens(module) -> tuple[int, int]:
-  """(tokens, feature width) of the extractor's last_hidden_state at its native input size."""
-  size = module.spec.image_size
-  graphdef, state = nnx.split(module)
-  x = jax.ShapeDtypeStruct((1, size[0], size[1], 3), jnp.float32)
-  out = jax.eval_shape(lambda s, v: nnx.merge(graphdef, s)(v), state, x)
-  return int(out.shape[1]), int(out.shape[2])
+def build_model(config, rngs: nnx.Rngs, pretrained: bool = True):
+  """The SODEC model described by `config` (the whole experiment ConfigDict), its frozen and
+  pretrained parts built here and handed over: for a diffusion config the UNet and VAE (loaded
+  from `config.diffusion.weights` when `pretrained`, else random with the right shapes: their
+  weights then come from a checkpoint) and, with fidelity guidance, the extractor F (always
+  loaded: it is frozen and not checkpointed)."""
+  from sodec_jax.model import SODEC
+  parts = {}
+  if config.get("decoder", "codec") == "diffusion":
+    d, g = config.diffusion, config.guidance
+    parts = dict(unet=build_unet(d, rngs, pretrained), vae=build_vae(d, rngs, pretrained))
+    if g.mode == "fidelity":
+      parts["extractor"] = build_extractor(g, jnp.dtype(d.dtype), config.seed)
+  return SODEC(config, rngs=rngs, **parts)
 
+
+def build_latent_pretrain(config, rngs: nnx.Rngs):
+  """Stage 0 of the tiny pipeline (`sodec_jax.latent_pretrain.LatentPretrain`) with its UNet and
+  VAE built from `config.diffusion` (random for the tiny sizes) and handed over."""
+  from sodec_jax.latent_pretrain import LatentPretrain
+  d = config.diffusion
+  vae = build_vae(d, rngs)   # built first: the same random streams as before the split
+  return LatentPretrain(config, unet=build_unet(d, rngs), vae=vae, rngs=rngs)

@@ -63,7 +63,7 @@ def test_torch_reference_weights_are_the_inverse_key_map(loaded):
 
   from sodec_jax import api
   from sodec_jax.benchmarks import torch_reference as tr
-  from sodec_jax.model import build_model
+  from sodec_jax.pretrained import build_model
   from sodec_jax.weights.hific import load_hific_state_dict
   cfg = loaded.config.model
   sd = tr.state_dict_from_jax(loaded.model, cfg)
@@ -140,7 +140,7 @@ def test_diffusion_decoder_components():
 
   from sodec_jax import api
   from sodec_jax.benchmarks.codec import decode_stages
-  from sodec_jax.model import build_model
+  from sodec_jax.pretrained import build_model
   from tests.conftest import load_photo, make_micro_sodec_config
   c = make_micro_sodec_config(2)
   loaded = api.prepare(c, build_model(c, nnx.Rngs(0)))

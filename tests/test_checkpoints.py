@@ -1,5 +1,4 @@
 """The workdir contract: config.json, orbax checkpoints with named items, restore_params."""
-import json
 import os
 
 import jax
@@ -10,7 +9,7 @@ from flax import nnx
 
 from sodec_jax import checkpoints
 from sodec_jax.errors import SodecError
-from sodec_jax.model import build_model
+from sodec_jax.pretrained import build_model
 from tests.conftest import make_micro_config
 
 

@@ -1,6 +1,5 @@
 """The grain training pipeline: image lists, decoding, crops, determinism by step."""
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -41,7 +40,7 @@ def test_unreadable_files_are_skipped_with_a_warning(tmp_path):
 
 
 def test_truncated_file_is_replaced_with_a_warning(tmp_path):
-  good = _write(tmp_path / "a.png", load_photo("coffee.png")[:96, :96])
+  _write(tmp_path / "a.png", load_photo("coffee.png")[:96, :96])
   whole = open(_write(tmp_path / "b.png", load_photo("chelsea.png")), "rb").read()
   (tmp_path / "b.png").write_bytes(whole[: len(whole) // 3])  # header fine, data cut
   paths = data.list_images(str(tmp_path))

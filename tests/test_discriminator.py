@@ -10,8 +10,8 @@ import torch
 from flax import nnx
 
 from sodec_jax import gan
-from sodec_jax.discriminator import (Discriminator, SpectralState, hific_discriminator_key_map,
-                                     load_hific_discriminator)
+from sodec_jax.discriminator import Discriminator, SpectralState
+from sodec_jax.weights.hific import hific_discriminator_key_map, load_hific_discriminator
 from sodec_jax.errors import SodecError
 from tests.conftest import load_photo
 from sodec_jax.benchmarks.hific_torch import Discriminator as TorchDiscriminator

@@ -165,7 +165,7 @@ def test_no_reference_metrics(micro_workdir, photos, no_reference_weights, tmp_p
   import jax.numpy as jnp
 
   from sodec_jax import api
-  from sodec_jax.metrics.clip_iqa import load_clip_iqa
+  from sodec_jax.weights.clip import load_clip_iqa
   from sodec_jax.metrics.niqe import load_niqe_params, niqe
   niqe_path, clip_dir = no_reference_weights
   out = str(tmp_path / "eval")

@@ -14,7 +14,7 @@ from sodec_jax import api, checkpoints, losses
 from sodec_jax.train import train
 from sodec_jax.codec import bitstream
 from sodec_jax.errors import SodecError
-from sodec_jax.model import build_model
+from sodec_jax.pretrained import build_model
 from tests.conftest import load_photo, make_micro_sodec_config
 
 

@@ -14,7 +14,7 @@ from sodec_jax import checkpoints, losses
 from sodec_jax.train import train
 from sodec_jax.train.logs import SAMPLES_DIR
 from sodec_jax.errors import SodecError
-from sodec_jax.model import build_model
+from sodec_jax.pretrained import build_model
 from tests.conftest import ROOT, make_micro_config
 
 # The resume test builds the same jitted step three times: let the later ones reuse the code.

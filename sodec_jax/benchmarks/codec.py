@@ -113,7 +113,7 @@ def load_for_bench(checkpoint: str, dtype: str):
   from flax import nnx
 
   from sodec_jax import api
-  from sodec_jax.model import build_model
+  from sodec_jax.pretrained import build_model
   if checkpoint:
     loaded = api.load_model(checkpoint)
   else:

@@ -141,7 +141,7 @@ def _bench(name, args, build_ours, build_theirs, make_inputs, call_ours, call_th
       row["ratio_jax_over_torch"] = row["jax_ms"] / row["torch_ms"]
     row["peak_rss_mb"] = _peak_rss_mb()
     rows.append(row)
-    del state, compiled, fn
+    state = compiled = fn = run_jax = None   # free the device buffers before the next dtype
   _print_table(rows)
   return {"rows": rows, "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})"}
 

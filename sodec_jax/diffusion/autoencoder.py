@@ -10,7 +10,6 @@ diffusers (encoder.down_blocks.0.resnets.1, decoder.mid_block.attentions.0, quan
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp

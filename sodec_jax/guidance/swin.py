@@ -25,7 +25,7 @@ from sodec_jax.errors import SodecError
 from sodec_jax.guidance.vit import (
     VIT_DEFAULT_MEAN, VIT_DEFAULT_STD, LayerNorm, Linear, MLP, _frozen, _pair,
     interpolate_pos_embeddings, matmul_precision_scope, patch_conv, preprocess, read)
-from sodec_jax.metrics.vgg16 import resolve_precision
+from sodec_jax.layers import resolve_precision
 
 SHIFT_MASK_VALUE = -100.0  # transformers' value for cross-region pairs in shifted windows
 _TORCH_LN_EPS = 1e-5  # nn.LayerNorm default: embeddings.norm and downsample.norm use it

@@ -5,7 +5,7 @@ token features [B, 1 + (H/p)(W/p), D] (CLS first, then patches row by row) to th
 This file also holds the pieces the Swin extractor reuses: frozen `Linear`/`LayerNorm`, the
 activation table, torch-exact bicubic resizing of position-embedding grids, and `preprocess`.
 
-Weights are `FrozenWeight` variables (not `nnx.Param`, see `sodec_jax.metrics.vgg16`): optimizers
+Weights are `FrozenWeight` variables (not `nnx.Param`, see `sodec_jax.layers`): optimizers
 and `nnx.grad` over `nnx.Param` never touch them, and every read goes through `stop_gradient`, while
 gradients still flow to the input image (D_a trains through F in stages 2-4).
 
@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.errors import SodecError
-from sodec_jax.metrics.vgg16 import FrozenWeight, resolve_precision
+from sodec_jax.layers import FrozenWeight
+from sodec_jax.layers import resolve_precision
 
 # transformers' ViTImageProcessor defaults (used when a folder has no preprocessor_config.json).
 VIT_DEFAULT_MEAN = (0.5, 0.5, 0.5)

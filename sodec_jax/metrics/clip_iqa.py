@@ -2,7 +2,7 @@
 Images"): a no-reference quality score in [0, 1], higher is better, from a CLIP ViT in Flax NNX.
 
     # python convert/from_torch.py clip-iqa --src clip-vit-base-patch32/ --out /weights/clip-iqa
-    iqa = load_clip_iqa("/weights/clip-iqa")
+    iqa = sodec_jax.weights.clip.load_clip_iqa("/weights/clip-iqa")
     scores = iqa(x01)                          # x01 [B, H, W, 3] in [0, 1] -> [B]
 
 Definition (as CLIP-IQA / pyiqa's `clipiqa`): prompts ("Good photo.", "Bad photo."); f_img is the
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
@@ -48,18 +47,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sodec_jax.errors import SodecError
-from sodec_jax.guidance.vit import (MLP, LayerNorm, Linear, activation, interpolate_pos_embeddings,
-                                    matmul_precision_scope, read)
-from sodec_jax.metrics.vgg16 import FrozenWeight, resolve_precision
+from sodec_jax.guidance.vit import (LayerNorm, Linear, ViTLayer, ViTSpec, activation,
+                                    interpolate_pos_embeddings, read)
+from sodec_jax.layers import FrozenWeight
+from sodec_jax.layers import resolve_precision
 
 # transformers.image_utils.OPENAI_CLIP_MEAN / OPENAI_CLIP_STD
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROMPTS = ("Good photo.", "Bad photo.")
-KIND = "clip-iqa"          # manifest kind of a converted CLIP-IQA folder
-COMPONENT = "clip_iqa"     # its one component folder
-CONVERT_COMMAND = ("python convert/from_torch.py clip-iqa --src /path/to/clip-vit-base-patch32 "
-                   "--out {out}")
 
 # PIL resample codes (transformers' PILImageResampling) -> jax.image.resize methods.
 _RESAMPLE = {2: "linear", 3: "cubic"}
@@ -218,43 +214,6 @@ class ClipVisionSpec:
     return 1 + self.grid * self.grid
 
 
-class ClipAttention(nnx.Module):
-  """CLIPAttention: q/k/v/out projections with bias, softmax(q k^T / sqrt(d_head)) v, no mask."""
-
-  def __init__(self, spec: ClipVisionSpec, **kw):
-    d = spec.hidden_size
-    self.heads, self.dh = spec.num_attention_heads, d // spec.num_attention_heads
-    self.precision = kw["precision"]
-    self.q_proj = Linear(d, d, **kw)
-    self.k_proj = Linear(d, d, **kw)
-    self.v_proj = Linear(d, d, **kw)
-    self.out_proj = Linear(d, d, **kw)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x [B, T, D] -> [B, T, D]."""
-    b, t, _ = x.shape
-    q, k, v = (f(x).reshape(b, t, self.heads, self.dh)
-               for f in (self.q_proj, self.k_proj, self.v_proj))
-    with matmul_precision_scope(self.precision):
-      o = jax.nn.dot_product_attention(q, k, v)
-    return self.out_proj(o.reshape(b, t, self.heads * self.dh))
-
-
-class ClipEncoderLayer(nnx.Module):
-  """CLIPEncoderLayer: x + Attn(LN1(x)), then x + MLP(LN2(x)) (fc1, hidden_act, fc2)."""
-
-  def __init__(self, spec: ClipVisionSpec, **kw):
-    ln = dict(eps=spec.layer_norm_eps, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
-    self.layer_norm1 = LayerNorm(spec.hidden_size, **ln)
-    self.self_attn = ClipAttention(spec, **kw)
-    self.layer_norm2 = LayerNorm(spec.hidden_size, **ln)
-    self.mlp = MLP(spec.hidden_size, spec.intermediate_size, spec.hidden_act, **kw)
-
-  def __call__(self, x):
-    x = x + self.self_attn(self.layer_norm1(x))
-    return x + self.mlp(self.layer_norm2(x))
-
-
 class ClipVision(nnx.Module):
   """transformers `CLIPVisionModel` + `visual_projection` (`CLIPModel.get_image_features`), NHWC.
 
@@ -263,7 +222,8 @@ class ClipVision(nnx.Module):
     dtype: compute dtype; param_dtype: storage dtype of the frozen weights (default = dtype).
     precision: matmul precision; None -> HIGHEST for float32 compute, DEFAULT otherwise.
 
-  A bare `ClipVision(spec)` holds zeros; weights come from `load_clip_iqa` (converted folder).
+  A bare `ClipVision(spec)` holds zeros; weights come from
+  `sodec_jax.weights.clip.load_clip_iqa` (converted folder).
   """
 
   def __init__(self, spec: ClipVisionSpec, *, dtype=jnp.float32, param_dtype=None, precision=None):
@@ -283,7 +243,13 @@ class ClipVision(nnx.Module):
     self.position_embedding = frozen(spec.num_positions, d)
     self.pre_layrnorm = LayerNorm(d, eps=spec.layer_norm_eps, dtype=self.dtype,
                                   param_dtype=param_dtype)
-    self.layers = nnx.List([ClipEncoderLayer(spec, **kw) for _ in range(spec.num_hidden_layers)])
+    # CLIPEncoderLayer is the pre-LN block of ViT (x + Attn(LN1(x)), x + MLP(LN2(x)), q/k/v/out
+    # projections with bias, no mask): the one implementation in guidance/vit.py.
+    block = ViTSpec(hidden_size=d, num_hidden_layers=spec.num_hidden_layers,
+                    num_attention_heads=spec.num_attention_heads,
+                    intermediate_size=spec.intermediate_size, hidden_act=spec.hidden_act,
+                    layer_norm_eps=spec.layer_norm_eps)
+    self.layers = nnx.List([ViTLayer(block, **kw) for _ in range(spec.num_hidden_layers)])
     self.post_layernorm = LayerNorm(d, eps=spec.layer_norm_eps, dtype=self.dtype,
                                     param_dtype=param_dtype)
     self.visual_projection = Linear(d, spec.projection_dim, use_bias=False, **kw)
@@ -383,71 +349,7 @@ class ClipIQA(nnx.Module):
     return jnp.mean(jax.nn.softmax(pairs, axis=-1)[..., 0], axis=-1)
 
 
-# ----------------------------------------------------------------------------- loading
-
-
-def _read_json(path: str) -> dict:
-  import json
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise SodecError(f"{path} is missing: the converted CLIP-IQA folder is incomplete; convert "
-                     "it again") from None
-  except (OSError, ValueError) as e:
-    raise SodecError(f"could not read {path} ({type(e).__name__}: {e})") from None
-
-
-def build_clip_iqa(config: Mapping[str, Any], *, dtype=jnp.float32, param_dtype=None,
-                   precision=None) -> ClipIQA:
-  """A zero-filled ClipIQA for the converted config.json (`sodec_jax.weights.clip.iqa_config`)."""
-  try:
-    spec = ClipVisionSpec.from_config(config["vision_config"], config["projection_dim"])
-    pre = ClipPreprocess.from_dict(config["preprocess"])
-    prompts = tuple(config["prompts"])
-  except (KeyError, TypeError, ValueError, IndexError) as e:
-    raise SodecError(f"the CLIP-IQA config is malformed ({type(e).__name__}: {e}); convert the "
-                     "checkpoint again") from None
-  return ClipIQA(spec, pre, prompts=prompts, dtype=dtype, param_dtype=param_dtype,
-                 precision=precision)
-
-
-def load_clip_iqa(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
-                  precision=None) -> ClipIQA:
-  """The CLIP-IQA metric from a folder written by `python convert/from_torch.py clip-iqa`.
-
-  dtype: compute dtype of the vision tower (default float32); param_dtype: its storage dtype
-  (default = dtype); precision: None -> HIGHEST for float32.
-  """
-  from sodec_jax.weights.convert import MANIFEST, PARAMS_DIR
-  from sodec_jax.weights.converted import read_manifest, restore_module
-  folder = os.fspath(folder)
-  if not os.path.exists(folder):
-    raise SodecError(f"{folder} does not exist: make it with "
-                     f"`{CONVERT_COMMAND.format(out=folder)}`")
-  if not os.path.isfile(os.path.join(folder, MANIFEST)):
-    if os.path.isfile(os.path.join(folder, "config.json")):
-      raise SodecError(f"{folder} is a model folder, not a converted CLIP-IQA folder (no "
-                       f"{MANIFEST}); convert it first: `python convert/from_torch.py clip-iqa "
-                       f"--src {folder} --out DIR`, then load DIR")
-    raise SodecError(f"{folder} is not a converted CLIP-IQA folder (no {MANIFEST}); make one with "
-                     f"`{CONVERT_COMMAND.format(out=folder)}`")
-  manifest = read_manifest(folder)
-  if manifest.get("kind") != KIND:
-    raise SodecError(f"{folder} holds converted {manifest.get('kind')!r} weights, not CLIP-IQA "
-                     f"ones; make a CLIP-IQA folder with `{CONVERT_COMMAND.format(out='DIR')}`")
-  if COMPONENT not in manifest.get("components", []):
-    raise SodecError(f"{folder} has no {COMPONENT}/ component; convert the checkpoint again")
-  path = os.path.join(folder, COMPONENT)
-  config = _read_json(os.path.join(path, "config.json"))
-  model = nnx.eval_shape(lambda: build_clip_iqa(config, dtype=dtype, param_dtype=param_dtype,
-                                                precision=precision))
-  model = restore_module(model, os.path.join(path, PARAMS_DIR))
-  model.vision.ignored_keys = tuple(manifest.get("ignored_keys", ()))
-  return model
-
-
 __all__: Sequence[str] = (
     "ClipIQA", "ClipVision", "ClipVisionSpec", "ClipPreprocess", "clip_preprocess", "center_crop",
-    "load_clip_iqa", "build_clip_iqa", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "PROMPTS",
+    "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "PROMPTS",
 )

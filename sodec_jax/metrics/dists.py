@@ -27,7 +27,6 @@ file LPIPS uses. All weights are `FrozenWeight` (never trained); gradients flow 
 """
 from __future__ import annotations
 
-import os
 from typing import Mapping
 
 import jax
@@ -35,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sodec_jax.metrics.vgg16 import (VGG16_STAGE_CHANNELS, FrozenWeight, VGG16Features,
+from sodec_jax.layers import FrozenWeight
+from sodec_jax.metrics.vgg16 import (VGG16_STAGE_CHANNELS, VGG16Features,
                                      check_image_pair)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,17 +70,15 @@ class DISTS(nnx.Module):
   """DISTS distance. `__call__(x, y) -> [B]` for NHWC images in [0, 1] (0 = identical).
 
   Args:
-    vgg_state: torchvision-layout VGG16 state dict (`features.{i}.weight|bias`), validated.
+    vgg_state: torchvision-layout VGG16 state dict (`features.{i}.weight|bias`), already
+      validated (`sodec_jax.weights.dists.load_dists` reads and checks the files).
     alpha, beta: arrays with 1475 entries (any shape that flattens to that, e.g. [1, 1475, 1, 1]).
     dtype: VGG compute dtype; the statistics and the score are always computed in float32.
     precision: conv precision; None -> HIGHEST for float32 (matches torch fp32), else DEFAULT.
   """
 
   def __init__(self, vgg_state: Mapping, alpha, beta, *, dtype=jnp.float32, precision=None):
-    from sodec_jax.weights import dists as dists_weights  # lazy: avoids an import cycle
-    from sodec_jax.weights import lpips as lpips_weights
-    vgg_state = lpips_weights.check_vgg16_state(vgg_state)
-    alpha, beta = dists_weights.check_alpha_beta({"alpha": alpha, "beta": beta})
+    alpha, beta = np.asarray(alpha, np.float32), np.asarray(beta, np.float32)
     self.vgg = VGG16Features(vgg_state, dtype=dtype, precision=precision)
     self.alpha = FrozenWeight(jnp.asarray(alpha.reshape(-1), jnp.float32))
     self.beta = FrozenWeight(jnp.asarray(beta.reshape(-1), jnp.float32))
@@ -123,17 +121,5 @@ class DISTS(nnx.Module):
     return 1.0 - jnp.sum(self.per_stage(x, y), axis=0)
 
 
-def load_dists(vgg_weights_path: str | os.PathLike, dists_weights_path: str | os.PathLike,
-               dtype=jnp.float32, precision=None) -> DISTS:
-  """DISTS with the VGG16 ImageNet trunk from `vgg_weights_path` (torchvision layout, .pth or
-  .safetensors) and alpha/beta from `dists_weights_path` (the dists-pytorch wheel's `weights.pt`,
-  or .safetensors / .npz with `alpha` and `beta`). Problems with a file -> SodecError."""
-  from sodec_jax.weights import dists as dists_weights
-  from sodec_jax.weights import lpips as lpips_weights
-  vgg = lpips_weights.load_vgg16(vgg_weights_path)
-  alpha, beta = dists_weights.load_dists_weights(dists_weights_path)
-  return DISTS(vgg, alpha, beta, dtype=dtype, precision=precision)
-
-
-__all__ = ["DISTS", "load_dists", "l2_pool", "hanning_filter", "DISTS_CHANNELS",
+__all__ = ["DISTS", "l2_pool", "hanning_filter", "DISTS_CHANNELS",
            "IMAGENET_MEAN", "IMAGENET_STD"]

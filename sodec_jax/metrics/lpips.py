@@ -4,7 +4,7 @@ Same computation as `lpips.LPIPS(net='vgg', version='0.1')(x, y, normalize=True)
 ScalingLayer on [-1, 1] inputs, VGG16 taps relu1_2 ... relu5_3, per-pixel unit-normalisation over
 channels (eps 1e-10), squared difference, 1x1 linear heads (no bias), spatial mean, sum over the 5
 layers. The heads ship with this package (`lpips_heads.npz`, converted from the lpips wheel); the
-VGG16 ImageNet trunk comes from a file the user gives (`load_lpips(path)`).
+VGG16 ImageNet trunk comes from a file the user gives (`sodec_jax.weights.lpips.load_lpips(path)`).
 
 All weights are `FrozenWeight` variables (not `nnx.Param`): optimizers built with `wrt=nnx.Param`
 and `nnx.grad` never touch them, and the forward pass stops their gradients. Gradients flow to the
@@ -12,15 +12,15 @@ images, so LPIPS can be used as a training loss.
 """
 from __future__ import annotations
 
-import os
-from typing import Mapping, Optional
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sodec_jax.metrics.vgg16 import (VGG16_STAGE_CHANNELS, FrozenWeight, VGG16Features,
+from sodec_jax.layers import FrozenWeight
+from sodec_jax.metrics.vgg16 import (VGG16_STAGE_CHANNELS, VGG16Features,
                                      check_image_pair)
 
 # lpips.ScalingLayer constants (applied to inputs in [-1, 1]).
@@ -46,20 +46,17 @@ class LPIPS(nnx.Module):
 
   Args:
     vgg_state: torchvision-layout VGG16 state dict (`features.{i}.weight|bias`, numpy/jax/torch
-      arrays; `classifier.*` and other extra keys ignored). Validated: SodecError if keys are
-      missing or mis-shaped.
-    heads: `lin{i}.model.1.weight` arrays of shape [1, C, 1, 1]; None -> the shipped heads.
+      arrays; `classifier.*` and other extra keys ignored), already validated (files are read
+      and checked by `sodec_jax.weights.lpips`: `load_vgg16`, `load_lpips`).
+    heads: `lin{i}.model.1.weight` arrays of shape [1, C, 1, 1] (the shipped ones:
+      `sodec_jax.weights.lpips.load_shipped_heads()`).
     dtype: VGG compute/storage dtype (e.g. jnp.bfloat16 for a cheaper training loss); the
       normalisation, heads and reduction always run in float32.
     precision: conv precision; None -> HIGHEST for float32 (matches torch fp32 on GPUs too, where
       the default would use TF32), DEFAULT otherwise. Pass "default" for speed.
   """
 
-  def __init__(self, vgg_state: Mapping, heads: Optional[Mapping] = None, *,
-               dtype=jnp.float32, precision=None):
-    from sodec_jax.weights import lpips as lpips_weights  # lazy: avoids an import cycle
-    vgg_state = lpips_weights.check_vgg16_state(vgg_state)
-    heads = lpips_weights.load_shipped_heads() if heads is None else lpips_weights.check_heads(heads)
+  def __init__(self, vgg_state: Mapping, heads: Mapping, *, dtype=jnp.float32, precision=None):
     self.vgg = VGG16Features(vgg_state, dtype=dtype, precision=precision)
     self.dtype = jnp.dtype(dtype)
     for i, c in enumerate(VGG16_STAGE_CHANNELS):
@@ -94,13 +91,4 @@ class LPIPS(nnx.Module):
     return jnp.sum(self.per_layer(x, y), axis=0)
 
 
-def load_lpips(vgg_weights_path: str | os.PathLike, dtype=jnp.float32, precision=None) -> LPIPS:
-  """LPIPS with the VGG16 ImageNet trunk read from `vgg_weights_path` (torchvision layout, `.pth`
-  read with torch.load(weights_only=True), or `.safetensors` read without torch) and the shipped
-  heads. Problems with the file -> SodecError saying what is wrong."""
-  from sodec_jax.weights import lpips as lpips_weights
-  state = lpips_weights.load_vgg16(vgg_weights_path)
-  return LPIPS(state, dtype=dtype, precision=precision)
-
-
-__all__ = ["LPIPS", "load_lpips", "LPIPS_SHIFT", "LPIPS_SCALE"]
+__all__ = ["LPIPS", "LPIPS_SHIFT", "LPIPS_SCALE"]

@@ -10,12 +10,14 @@ never update them; the forward pass also applies `stop_gradient` to them.
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from sodec_jax.layers import FrozenWeight, resolve_precision
 
 # torchvision `vgg16().features` indices of the convolutions, grouped by stage (pool between stages).
 VGG16_STAGES: tuple[tuple[int, ...], ...] = (
@@ -48,22 +50,9 @@ for _idx, (_ci, _co) in VGG16_CONV_CHANNELS.items():
 del _idx, _ci, _co
 
 
-class FrozenWeight(nnx.Variable):
-  """A fixed (pretrained) weight: a variable that is not an `nnx.Param`, hence never trained."""
-
-
 def max_pool_2x2(x: jax.Array) -> jax.Array:
   """torch `MaxPool2d(2, 2)` (floor mode) on NHWC."""
   return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-
-
-def resolve_precision(precision, dtype) -> Optional[jax.lax.Precision]:
-  """`None` -> HIGHEST for float32 (no TF32 on GPUs, so results match torch fp32), else DEFAULT."""
-  if precision is None:
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
-  if isinstance(precision, str):
-    return jax.lax.Precision[precision.upper()]
-  return precision
 
 
 class VGG16Features(nnx.Module):
@@ -139,7 +128,6 @@ def check_image_pair(x, y, metric: str) -> None:
 
 
 __all__: Sequence[str] = (
-    "FrozenWeight", "VGG16Features", "VGG16_FEATURE_SHAPES", "VGG16_STAGES", "VGG16_TAPS",
+    "VGG16Features", "VGG16_FEATURE_SHAPES", "VGG16_STAGES", "VGG16_TAPS",
     "VGG16_STAGE_CHANNELS", "check_image_pair", "max_pool_2x2", "min_side_for_stages",
-    "resolve_precision",
 )

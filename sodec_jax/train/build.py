@@ -60,15 +60,11 @@ def validate_config(config) -> None:
 
 def build_training_model(config):
   """The model a stage trains: stage 0 (tiny pipeline) the latent-space pretraining, else SODEC.
-  The one place training constructs a model; the model stack is imported only here, so config
-  checks and --print_config do not load it."""
+  The one place training constructs a model."""
   rngs = nnx.Rngs(config.seed)
   if config.stage == 0:
-    # pylint: disable-next=import-outside-toplevel
-    from sodec_jax.diffusion.pretrain import LatentPretrain
-    return LatentPretrain(config, rngs=rngs)
-  from sodec_jax.model import build_model  # pylint: disable=import-outside-toplevel
-  return build_model(config, rngs)
+    return pretrained.build_latent_pretrain(config, rngs)
+  return pretrained.build_model(config, rngs)
 
 
 def trainable_filter(config):
@@ -174,5 +170,5 @@ def load_lpips(config):
   path = config.lpips.vgg_weights
   if not os.path.isfile(path):
     raise SodecError(f"config.lpips.vgg_weights={path!r} is not a file")
-  from sodec_jax.metrics import load_lpips as _load  # pylint: disable=import-outside-toplevel
+  from sodec_jax.weights.lpips import load_lpips as _load  # pylint: disable=import-outside-toplevel
   return nnx.split(_load(path, precision="default"))

@@ -1,6 +1,7 @@
 """A transformers `CLIPModel` folder -> the CLIP-IQA metric (`sodec_jax.metrics.clip_iqa.ClipIQA`).
 
     iqa, info = build_from_folder("clip-vit-base-patch32/")   # what `from_torch.py clip-iqa` runs
+    iqa = load_clip_iqa("/weights/clip-iqa")                    # a converted folder
 
 The folder is what `CLIPModel.save_pretrained` (plus the tokenizer's) writes, or a hub snapshot:
 config.json (model_type "clip"), model.safetensors / pytorch_model.bin (sharded too; read by
@@ -27,8 +28,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+import jax.numpy as jnp
+from flax import nnx
+
 from sodec_jax.errors import SodecError
+from sodec_jax.metrics.clip_iqa import PROMPTS, ClipIQA, ClipPreprocess, ClipVisionSpec
+from sodec_jax.weights import strict
+from sodec_jax.weights.formats import MANIFEST, PARAMS_DIR
 from sodec_jax.weights.transformers import _conv, _linear, _same, assign, read_folder
+
+KIND = "clip-iqa"          # manifest kind of a converted CLIP-IQA folder
+COMPONENT = "clip_iqa"     # its one component folder
+CONVERT_COMMAND = ("python convert/from_torch.py clip-iqa --src /path/to/clip-vit-base-patch32 "
+                   "--out {out}")
 
 # Keys that are neither image tower nor text side: buffers of older checkpoints.
 _IGNORED = (r"^(vision|text)_model\.embeddings\.position_ids$",)
@@ -62,10 +74,12 @@ def vision_table(spec) -> list[tuple[str, str, Callable]]:
   t += norm("vision_model.pre_layrnorm", "pre_layrnorm")
   for i in range(spec.num_hidden_layers):
     src, dst = f"vision_model.encoder.layers.{i}", f"layers.{i}"
-    t += norm(f"{src}.layer_norm1", f"{dst}.layer_norm1")
-    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-      t += linear(f"{src}.self_attn.{name}", f"{dst}.self_attn.{name}")
-    t += norm(f"{src}.layer_norm2", f"{dst}.layer_norm2")
+    # our block is guidance/vit.py's ViTLayer (the same pre-LN block under ViT's names)
+    t += norm(f"{src}.layer_norm1", f"{dst}.layernorm_before")
+    for name, ours in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"),
+                       ("out_proj", "out")):
+      t += linear(f"{src}.self_attn.{name}", f"{dst}.attention.{ours}")
+    t += norm(f"{src}.layer_norm2", f"{dst}.layernorm_after")
     t += linear(f"{src}.mlp.fc1", f"{dst}.mlp.fc1")
     t += linear(f"{src}.mlp.fc2", f"{dst}.mlp.fc2")
   t += norm("vision_model.post_layernorm", "post_layernorm")
@@ -164,10 +178,7 @@ def text_embeddings(config: Mapping[str, Any], state: Mapping[str, np.ndarray], 
   unexpected = sorted(k for k in torch_state if k not in want)
   bad = sorted(f"{k}: {tuple(v.shape)} (expected {want[k]})" for k, v in torch_state.items()
                if k in want and tuple(v.shape) != want[k])
-  if missing or unexpected or bad:
-    from sodec_jax.weights.strict import mismatch_summary
-    raise SodecError(f"the weights in {folder} do not match the CLIPModel its config.json "
-                     f"describes: {mismatch_summary(missing, unexpected, bad)}")
+  strict.check(f"{folder} (the CLIPModel its config.json describes)", missing, unexpected, bad)
   model.load_state_dict(torch_state, strict=False)   # complete: checked above
   n_pos = int(cfg.text_config.max_position_embeddings)
   try:
@@ -208,7 +219,6 @@ def iqa_config(config: Mapping[str, Any], pre: Mapping[str, Any], prompts: Seque
   """What the converter stores as OUT/clip_iqa/config.json (`build_clip_iqa` rebuilds from it;
   `build_from_folder` adds logit_scale and logit_scale_exp)."""
   import dataclasses
-  from sodec_jax.metrics.clip_iqa import ClipPreprocess, ClipVisionSpec
   spec = ClipVisionSpec.from_config(config["vision_config"], config.get("projection_dim", 512))
   preprocess = ClipPreprocess.from_config(pre, spec.image_size)
   vision = {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec)
@@ -226,8 +236,6 @@ def build_from_folder(folder, *, prompts: Sequence[str] | None = None, param_dty
   param_dtype: storage dtype of the image tower (default float32); the prompt embeddings and the
   logit scale stay float32.
   """
-  import jax.numpy as jnp
-  from sodec_jax.metrics.clip_iqa import PROMPTS, build_clip_iqa
   prompts = tuple(prompts or PROMPTS)
   folder = os.fspath(folder)
   if not os.path.isdir(folder):
@@ -250,5 +258,69 @@ def build_from_folder(folder, *, prompts: Sequence[str] | None = None, param_dty
   return model, cfg
 
 
-__all__ = ("vision_table", "check_clip_config", "split_state", "load_tokenizer", "text_embeddings",
+# ----------------------------------------------------------------------------- a converted folder
+
+
+def _read_json(path: str) -> dict:
+  import json
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise SodecError(f"{path} is missing: the converted CLIP-IQA folder is incomplete; convert "
+                     "it again") from None
+  except (OSError, ValueError) as e:
+    raise SodecError(f"could not read {path} ({type(e).__name__}: {e})") from None
+
+
+def build_clip_iqa(config: Mapping[str, Any], *, dtype=jnp.float32, param_dtype=None,
+                   precision=None) -> ClipIQA:
+  """A zero-filled ClipIQA for the converted config.json (`iqa_config`)."""
+  try:
+    spec = ClipVisionSpec.from_config(config["vision_config"], config["projection_dim"])
+    pre = ClipPreprocess.from_dict(config["preprocess"])
+    prompts = tuple(config["prompts"])
+  except (KeyError, TypeError, ValueError, IndexError) as e:
+    raise SodecError(f"the CLIP-IQA config is malformed ({type(e).__name__}: {e}); convert the "
+                     "checkpoint again") from None
+  return ClipIQA(spec, pre, prompts=prompts, dtype=dtype, param_dtype=param_dtype,
+                 precision=precision)
+
+
+def load_clip_iqa(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
+                  precision=None) -> ClipIQA:
+  """The CLIP-IQA metric from a folder written by `python convert/from_torch.py clip-iqa`.
+
+  dtype: compute dtype of the vision tower (default float32); param_dtype: its storage dtype
+  (default = dtype); precision: None -> HIGHEST for float32.
+  """
+  from sodec_jax.weights.converted import read_manifest, restore_module
+  folder = os.fspath(folder)
+  if not os.path.exists(folder):
+    raise SodecError(f"{folder} does not exist: make it with "
+                     f"`{CONVERT_COMMAND.format(out=folder)}`")
+  if not os.path.isfile(os.path.join(folder, MANIFEST)):
+    if os.path.isfile(os.path.join(folder, "config.json")):
+      raise SodecError(f"{folder} is a model folder, not a converted CLIP-IQA folder (no "
+                       f"{MANIFEST}); convert it first: `python convert/from_torch.py clip-iqa "
+                       f"--src {folder} --out DIR`, then load DIR")
+    raise SodecError(f"{folder} is not a converted CLIP-IQA folder (no {MANIFEST}); make one with "
+                     f"`{CONVERT_COMMAND.format(out=folder)}`")
+  manifest = read_manifest(folder)
+  if manifest.get("kind") != KIND:
+    raise SodecError(f"{folder} holds converted {manifest.get('kind')!r} weights, not CLIP-IQA "
+                     f"ones; make a CLIP-IQA folder with `{CONVERT_COMMAND.format(out='DIR')}`")
+  if COMPONENT not in manifest.get("components", []):
+    raise SodecError(f"{folder} has no {COMPONENT}/ component; convert the checkpoint again")
+  path = os.path.join(folder, COMPONENT)
+  config = _read_json(os.path.join(path, "config.json"))
+  model = nnx.eval_shape(lambda: build_clip_iqa(config, dtype=dtype, param_dtype=param_dtype,
+                                                precision=precision))
+  model = restore_module(model, os.path.join(path, PARAMS_DIR))
+  model.vision.ignored_keys = tuple(manifest.get("ignored_keys", ()))
+  return model
+
+
+__all__ = ("load_clip_iqa", "build_clip_iqa", "vision_table", "check_clip_config", "split_state",
+           "load_tokenizer", "text_embeddings",
            "iqa_config", "build_from_folder")

@@ -1,4 +1,4 @@
-"""Load what `python convert/from_torch.py` wrote (see `sodec_jax.weights.convert` for the layout).
+"""Load what `python convert/from_torch.py` wrote (layout: `sodec_jax.converters.output`).
 
     unet = load_unet("/weights/sd21")               # converted sd21 or unet folder, or a raw
     vae = load_vae("/weights/sd21")                 #   diffusers folder (read directly)
@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.errors import SodecError
-from sodec_jax.weights.convert import FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_DIR
+from sodec_jax.weights.formats import FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_DIR
 
 _COMMANDS = {
     "sd21": "python convert/from_torch.py sd21 --src /path/to/stable-diffusion-2-1 --out {out}",
@@ -258,8 +258,8 @@ def load_discriminator_arrays(folder: str) -> dict | None:
 
 def load_discriminator(folder: str, disc) -> None:
   """Copies a converted HiFiC discriminator (OUT/discriminator/) into our `Discriminator`
-  (strictly, through sodec_jax.discriminator.load_hific_discriminator's key map)."""
-  from sodec_jax.discriminator import load_hific_discriminator
+  (strictly, through sodec_jax.weights.hific.load_hific_discriminator's key map)."""
+  from sodec_jax.weights.hific import load_hific_discriminator
   arrays = load_discriminator_arrays(folder)
   if arrays is None:
     raise SodecError(f"{folder} has no discriminator/ (the HiFiC checkpoint held none)")
@@ -289,7 +289,7 @@ def _vgg_state(tree: dict) -> dict:
 def load_lpips(folder: str, dtype=jnp.float32, precision=None):
   """LPIPS-VGG from a converted lpips folder."""
   from sodec_jax.metrics.lpips import LPIPS
-  from sodec_jax.weights.lpips import HEAD_KEYS
+  from sodec_jax.weights.lpips import HEAD_KEYS, check_heads, check_vgg16_state
   folder = os.fspath(folder)
   if not os.path.exists(folder):
     raise _missing(folder, "lpips")
@@ -298,20 +298,24 @@ def load_lpips(folder: str, dtype=jnp.float32, precision=None):
   heads_tree = restore_tree(os.path.join(folder, "lpips", PARAMS_DIR))
   heads = {k: np.asarray(heads_tree[f"lin{i}"], np.float32).reshape(1, -1, 1, 1)
            for i, k in enumerate(HEAD_KEYS)}
-  return LPIPS(vgg, heads, dtype=dtype, precision=precision)
+  return LPIPS(check_vgg16_state(vgg, folder), check_heads(heads, folder), dtype=dtype,
+               precision=precision)
 
 
 def load_dists(folder: str, dtype=jnp.float32, precision=None):
   """DISTS from a converted dists folder."""
   from sodec_jax.metrics.dists import DISTS
+  from sodec_jax.weights.dists import check_alpha_beta
+  from sodec_jax.weights.lpips import check_vgg16_state
   folder = os.fspath(folder)
   if not os.path.exists(folder):
     raise _missing(folder, "dists")
   _component(folder, ("vgg16",), ("dists",), "DISTS metric")
   vgg = _vgg_state(restore_tree(os.path.join(folder, "vgg16", PARAMS_DIR)))
   ab = restore_tree(os.path.join(folder, "dists", PARAMS_DIR))
-  return DISTS(vgg, np.asarray(ab["alpha"]), np.asarray(ab["beta"]), dtype=dtype,
-               precision=precision)
+  alpha, beta = check_alpha_beta({"alpha": np.asarray(ab["alpha"]), "beta": np.asarray(ab["beta"])},
+                                 folder)
+  return DISTS(check_vgg16_state(vgg, folder), alpha, beta, dtype=dtype, precision=precision)
 
 
 __all__ = ["read_manifest", "load_unet", "load_vae", "load_schedule", "load_extractor",

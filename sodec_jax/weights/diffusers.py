@@ -11,15 +11,14 @@ rename table below, and is converted by the transform of its layer type:
     GroupNorm / LayerNorm   scale      <- weight                       (as is)
     all      bias                      <- bias                         (as is)
 
-Strict: missing, unexpected and mis-shaped keys are collected and raised as one SodecError.
-The safetensors path needs no torch; a `.bin` file is read with torch.load(weights_only=True).
+Strict (`sodec_jax.weights.strict`): missing, unexpected and mis-shaped keys are raised together
+as one SodecError. Files are read by `sodec_jax.weights.formats` (safetensors without torch, a
+`.bin` only through torch.load(weights_only=True)).
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 from typing import Callable
 
 import jax.numpy as jnp
@@ -28,6 +27,8 @@ from flax import nnx
 
 from sodec_jax.diffusion.blocks import Conv2d, GroupNorm, LayerNorm, Linear
 from sodec_jax.errors import SodecError
+from sodec_jax.weights import strict
+from sodec_jax.weights.formats import TensorSource, looks_like, np_dtype, open_weights, read_json
 
 # Our module path -> diffusers module path (regex on the dotted path, applied in order).
 RENAMES: tuple[tuple[str, str], ...] = (
@@ -86,94 +87,93 @@ def expected_keys(model: nnx.Module, renames=RENAMES) -> dict[str, tuple]:
   return {k: (m, attr, fn, tuple(getattr(m, attr).shape)) for k, (m, attr, fn) in table.items()}
 
 
-def load_state_dict_into(model: nnx.Module, state_dict: dict[str, np.ndarray], *,
-                         what: str = "model", aliases=()) -> nnx.Module:
-  """Copy a diffusers state dict (numpy arrays) into `model`'s parameters, strictly.
+def _rows(model: nnx.Module, aliases=()) -> list[tuple]:
+  """strict.fill rows: (diffusers key + legacy aliases, (module, attribute), transform, shape)."""
+  rows = []
+  for key, (module, attr, transform, shape) in expected_keys(model).items():
+    prefix, leaf = key.rsplit(".", 1)
+    alts = [re.sub(pattern, repl, prefix) + "." + leaf for pattern, repl in aliases]
+    rows.append(((key, *[a for a in alts if a != key]), (module, attr), transform, shape))
+  return rows
+
+
+def load_state_dict_into(model: nnx.Module, state_dict, *, what: str = "model", aliases=(),
+                         hint=None) -> nnx.Module:
+  """Copy a diffusers state dict (numpy arrays, or a `formats.TensorSource`) into `model`'s
+  parameters, strictly (`sodec_jax.weights.strict`: one SodecError lists every missing,
+  unexpected or mis-shaped key).
 
   `aliases`: extra (pattern, replacement) renames on diffusers keys, tried when a key is missing
-  (legacy names). Raises one SodecError listing every missing, unexpected or mis-shaped key.
+  (legacy names).
   """
-  table = expected_keys(model)
-  used, missing, bad_shape = set(), [], []
-  for key, (module, attr, transform, shape) in table.items():
-    source = key
-    if source not in state_dict:
-      for pattern, repl in aliases:
-        prefix, leaf = key.rsplit(".", 1)
-        alt = re.sub(pattern, repl, prefix) + "." + leaf
-        if alt in state_dict:
-          source = alt
-          break
-    if source not in state_dict:
-      missing.append(key)
-      continue
-    used.add(source)
-    value = transform(np.asarray(state_dict[source]))
-    if tuple(value.shape) != shape:
-      bad_shape.append(f"{source}: {tuple(np.shape(state_dict[source]))} does not convert to {shape}")
-      continue
+  arrays = strict.fill(_rows(model, aliases), state_dict, what=what, hint=hint or "")
+  for (module, attr), value in arrays.items():
     var = getattr(module, attr)
     var.value = jnp.asarray(value, dtype=var.value.dtype)
-  unexpected = sorted(set(state_dict) - used)
-  if missing or unexpected or bad_shape:
-    lines = [f"{what}: the weights do not match the configuration."]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("wrong shape", bad_shape)):
-      if items:
-        lines.append(f"{len(items)} {title}: " + ", ".join(sorted(items)))
-    raise SodecError(" ".join(lines))
   return model
 
 
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """All tensors of a .safetensors file as numpy arrays (bfloat16 via ml_dtypes). No torch."""
-  try:
-    from safetensors.numpy import load_file
-    return load_file(path)
-  except TypeError:   # numpy cannot name bfloat16: parse the (simple) format ourselves
-    pass
-  import ml_dtypes
-  dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-            "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-            "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-  with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-    data = f.read()
-  out = {}
-  for key, info in header.items():
-    if key == "__metadata__":
-      continue
-    start, end = info["data_offsets"]
-    out[key] = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+def _unflatten(flat) -> dict:
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
   return out
 
 
-def read_torch_bin(path: str) -> dict[str, np.ndarray]:
-  """A PyTorch .bin state dict (torch.load(weights_only=True)) as float32/float16 numpy arrays."""
-  try:
-    import torch
-  except ImportError as e:
-    raise SodecError(f"{path} is a PyTorch .bin file: reading it needs torch "
-                     "(or convert the folder to safetensors)") from e
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  return {k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in sd.items()}
+def diffusers_params(model: nnx.Module, source, *, what: str, dtype: str, aliases=(),
+                     hint=None) -> dict:
+  """The pure dict (`nnx.to_pure_dict` layout) of an abstract diffusers-family module filled from
+  `source` (a TensorSource), strictly, through the same key map as `load_state_dict_into`; but
+  tensors are converted one at a time into numpy arrays of `dtype` and nothing is materialised
+  in the module (converting the full UNet needs little more than its converted size)."""
+  npdt = np_dtype(dtype)
+  paths = {id(m): tuple(p) for p, m in nnx.iter_modules(model)}
+  rows = [(names, (module, attr),
+           (lambda t: lambda a: np.ascontiguousarray(t(a).astype(npdt, copy=False)))(transform),
+           shape) for names, (module, attr), transform, shape in _rows(model, aliases)]
+  arrays = strict.fill(rows, source, what=what, hint=hint or "")
+  flat = {paths[id(module)] + (attr,): v for (module, attr), v in arrays.items()}
+  variables = {tuple(k) for k, _ in nnx.to_flat_state(nnx.state(model))}
+  left = sorted(".".join(map(str, p)) for p in variables - set(flat))
+  if left:
+    raise SodecError(f"{what}: the key map does not cover {left[:10]} (a bug in the key map)")
+  return _unflatten(flat)
 
 
-def read_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(config.json as a dict, state dict) of a diffusers model folder."""
-  cfg_path = os.path.join(folder, "config.json")
-  if not os.path.isfile(cfg_path):
-    raise SodecError(f"{folder} is not a diffusers model folder: it has no config.json")
-  with open(cfg_path) as f:
-    config = json.load(f)
+def read_folder(folder: str) -> tuple[dict, TensorSource]:
+  """(config.json as a dict, its weights as a TensorSource) of a diffusers model folder."""
+  config = read_json(os.path.join(folder, "config.json"), f"diffusers model folder {folder}")
+  return config, open_weights(weight_file(folder, "model"))
+
+
+def weight_file(folder: str, what: str) -> str:
+  """The weights file of a diffusers model folder (config.json + diffusion_pytorch_model.*)."""
+  if not os.path.isdir(folder):
+    raise SodecError(f"{folder} is not a folder (expected a diffusers {what} folder with "
+                     "config.json and diffusion_pytorch_model.safetensors)")
+  if not os.path.isfile(os.path.join(folder, "config.json")):
+    raise SodecError(f"{folder} is not a diffusers {what} folder: it has no config.json")
   for name in WEIGHT_FILES:
-    path = os.path.join(folder, name)
-    if os.path.isfile(path):
-      reader: Callable = read_safetensors if name.endswith(".safetensors") else read_torch_bin
-      return config, reader(path)
-  raise SodecError(f"{folder} has no weights: expected one of {', '.join(WEIGHT_FILES)} "
-                   "(sharded checkpoints are not supported)")
+    if os.path.isfile(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  if any(n.endswith(".index.json") for n in os.listdir(folder)):
+    raise SodecError(f"{folder} holds a sharded checkpoint, which is not supported; "
+                     "re-save it with save_pretrained(max_shard_size='20GB')")
+  raise SodecError(f"{folder} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def hint_for(expected: str):
+  """A strict.fill hint: names what the weights look like when they are not a `expected`."""
+  def hint(missing, unexpected):
+    if unexpected and missing:
+      looks = looks_like(unexpected)
+      if looks and expected not in looks:
+        return f"these weights look like {looks}"
+    return ""
+  return hint
 
 
 def abstract_module(build: Callable[[], nnx.Module]) -> nnx.Module:
@@ -194,7 +194,8 @@ def load_unet(folder: str, dtype=jnp.float32, param_dtype=None, **kwargs):
   pdt = dtype if param_dtype is None else param_dtype
   model = abstract_module(lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=pdt,
                                                  rngs=nnx.Rngs(0), **kwargs))
-  return load_state_dict_into(model, state_dict, what=f"UNet weights in {folder}")
+  return load_state_dict_into(model, state_dict, what=f"UNet weights in {folder}",
+                              hint=hint_for("UNet"))
 
 
 def load_vae(folder: str, dtype=jnp.float32, param_dtype=None, **kwargs):
@@ -209,4 +210,4 @@ def load_vae(folder: str, dtype=jnp.float32, param_dtype=None, **kwargs):
   model = abstract_module(lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0),
                                           **kwargs))
   return load_state_dict_into(model, state_dict, what=f"VAE weights in {folder}",
-                              aliases=LEGACY_VAE_ATTENTION)
+                              aliases=LEGACY_VAE_ATTENTION, hint=hint_for("VAE"))

@@ -10,49 +10,18 @@
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Mapping
 
 import numpy as np
 
 from sodec_jax.errors import SodecError
-from sodec_jax.weights.lpips import _to_numpy, _unpickler_reason
+from sodec_jax.weights.formats import load_object, to_numpy
 
 DISTS_TOTAL_CHANNELS = 1475  # 3 + 64 + 128 + 256 + 512 + 512
 
 _NEED = ("DISTS needs its alpha/beta weights: the `weights.pt` file shipped in the dists-pytorch "
          "wheel (a dict with tensors `alpha` and `beta` of shape [1, 1475, 1, 1]), or the same two "
          "arrays as .safetensors/.npz; pass it with --dists-weights PATH")
-
-
-def _read_torch(path: str):
-  try:
-    import torch
-  except ImportError as e:
-    raise SodecError(f"reading {path} needs torch (a .pt is a torch pickle); install torch or "
-                     "convert alpha/beta to .npz/.safetensors. " + _NEED) from e
-  try:
-    return torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    reason = _unpickler_reason(e)
-    if "global" not in reason.lower():  # garbage bytes, not a pickle asking for code
-      raise SodecError(f"could not read {path} as a torch file ({reason}). " + _NEED) from e
-    raise SodecError(f"refused to load {path}: it is a pickle that needs more than tensors "
-                     f"({reason}), and loading it could run arbitrary code. Only plain "
-                     "dicts of tensors are accepted. " + _NEED) from e
-  except Exception as e:  # noqa: BLE001 - any parse failure is a user file problem
-    raise SodecError(f"could not read {path} as a torch file ({type(e).__name__}: {e}). " + _NEED) from e
-
-
-def _read_arrays(path: str, kind: str) -> dict:
-  try:
-    if kind == "safetensors":
-      from safetensors.numpy import load_file
-      return dict(load_file(path))
-    with np.load(path, allow_pickle=False) as z:
-      return {k: z[k] for k in z.files}
-  except Exception as e:  # noqa: BLE001
-    raise SodecError(f"could not read {path} as .{kind} ({type(e).__name__}: {e}). " + _NEED) from e
 
 
 def check_alpha_beta(obj: Mapping, source: str = "the DISTS weights") -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +33,7 @@ def check_alpha_beta(obj: Mapping, source: str = "the DISTS weights") -> tuple[n
     if key not in obj:
       problems.append(f"missing `{key}`")
       continue
-    a = np.asarray(_to_numpy(obj[key]), np.float32)
+    a = np.asarray(to_numpy(obj[key]), np.float32)
     if a.size != DISTS_TOTAL_CHANNELS:
       problems.append(f"`{key}` has shape {tuple(a.shape)} (expected [1, {DISTS_TOTAL_CHANNELS}, 1, 1])")
     elif not np.all(np.isfinite(a)):
@@ -82,13 +51,23 @@ def load_dists_weights(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise SodecError(f"DISTS weights file not found: {path}. " + _NEED)
-  if path.endswith((".safetensors", ".npz")):
-    obj = _read_arrays(path, path.rsplit(".", 1)[1])
-  else:
-    obj = _read_torch(path)
+  obj = load_object(path, hint=_NEED)
   if isinstance(obj, Mapping) and "alpha" not in obj and isinstance(obj.get("state_dict"), Mapping):
     obj = obj["state_dict"]
   return check_alpha_beta(obj, source=path)
 
 
-__all__ = ["load_dists_weights", "check_alpha_beta", "DISTS_TOTAL_CHANNELS"]
+def load_dists(vgg_weights_path: str | os.PathLike, dists_weights_path: str | os.PathLike,
+               dtype=None, precision=None):
+  """DISTS with the VGG16 ImageNet trunk from `vgg_weights_path` (torchvision layout, .pth or
+  .safetensors) and alpha/beta from `dists_weights_path` (the dists-pytorch wheel's `weights.pt`,
+  or .safetensors / .npz with `alpha` and `beta`). Problems with a file -> SodecError."""
+  import jax.numpy as jnp
+  from sodec_jax.metrics.dists import DISTS
+  from sodec_jax.weights.lpips import load_vgg16
+  vgg = load_vgg16(vgg_weights_path)
+  alpha, beta = load_dists_weights(dists_weights_path)
+  return DISTS(vgg, alpha, beta, dtype=dtype or jnp.float32, precision=precision)
+
+
+__all__ = ["load_dists", "load_dists_weights", "check_alpha_beta", "DISTS_TOTAL_CHANNELS"]

@@ -29,11 +29,11 @@ model, and how the tensor is laid out:
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sodec_jax.errors import SodecError
-from sodec_jax.weights.strict import mismatch_summary
+from sodec_jax.weights import strict
 
 
 def _conv(rows, torch_prefix, path, kind="conv"):
@@ -97,7 +97,7 @@ def _to_ours(arr: np.ndarray, kind: str) -> np.ndarray:
 
 
 HIFIC_PREFIXES = ("Encoder.", "Generator.", "Hyperprior.")
-IGNORED_PREFIXES = ("Discriminator.",)  # converted separately (weights/convert.py)
+IGNORED_PREFIXES = ("Discriminator.",)  # converted separately (load_hific_discriminator)
 UPSTREAM = "the HiFiC PyTorch implementation (Justin-Tan/high-fidelity-generative-compression)"
 
 
@@ -126,9 +126,8 @@ def check_key_names(keys, model_cfg) -> None:
   missing = sorted(mapped - keys)
   unexpected = sorted(k for k in keys - mapped if not k.startswith(IGNORED_PREFIXES))
   if missing or unexpected:
-    raise SodecError(f"this HiFiC checkpoint's keys are not those of {UPSTREAM}: "
-                     + mismatch_summary(missing, unexpected, [], limit=4)
-                     + f". Likely cause: {likely_cause(missing, unexpected)}")
+    strict.check(f"this HiFiC checkpoint (keys of {UPSTREAM})", missing, unexpected,
+                 hint=f"likely cause: {likely_cause(missing, unexpected)}", limit=4)
 
 
 def load_hific_state_dict(state_dict: dict, model, model_cfg, *,
@@ -160,15 +159,89 @@ def load_hific_state_dict(state_dict: dict, model, model_cfg, *,
   unexpected = sorted(k for k in state_dict if k not in mapped and k not in ignored)
   if missing or bad_shape or unexpected:
     if not any(k.startswith(HIFIC_PREFIXES) for k in state_dict):
-      hint = ". This does not look like a HiFiC checkpoint: no Encoder./Generator./Hyperprior. keys"
+      hint = "this does not look like a HiFiC checkpoint: no Encoder./Generator./Hyperprior. keys"
     elif missing or unexpected:
-      hint = f". Likely cause: {likely_cause(missing, unexpected)}"
+      hint = f"likely cause: {likely_cause(missing, unexpected)}"
     else:
-      hint = (". Check the model config: latent_channels, hyper_channels, encoder/decoder filters, "
+      hint = ("check the model config: latent_channels, hyper_channels, encoder/decoder filters, "
               "decoder_residual_blocks must match the checkpoint's args")
-    raise SodecError("HiFiC state dict does not match the codec: "
-                     + mismatch_summary(missing, unexpected, bad_shape, limit=4) + hint)
+    strict.check("HiFiC state dict (the codec)", missing, unexpected, bad_shape, hint, limit=4)
   for path, value in updates.items():
     flat[path].value = value
   nnx.update(model, nnx.from_flat_state(flat))
+  return ignored
+
+
+# ----------------------------------------------------------------------------- discriminator
+
+
+def hific_discriminator_key_map() -> list[tuple[str, tuple, str]]:
+  """(torch key without the `Discriminator.` prefix, our state path, kind) rows.
+
+  kind: "conv" (transpose [O, I, kh, kw] -> [kh, kw, I, O]) or "copy".
+  """
+  rows = [("context_conv.weight", ("context_conv", "kernel"), "conv"),
+          ("context_conv.bias", ("context_conv", "bias"), "copy")]
+  for k in range(1, 5):
+    rows += [(f"conv{k}.weight_orig", (f"conv{k}", "kernel"), "conv"),
+             (f"conv{k}.bias", (f"conv{k}", "bias"), "copy"),
+             (f"conv{k}.weight_u", (f"conv{k}", "u"), "copy"),
+             (f"conv{k}.weight_v", (f"conv{k}", "v"), "copy")]
+  rows += [("conv_out.weight", ("conv_out", "kernel"), "conv"),
+           ("conv_out.bias", ("conv_out", "bias"), "copy")]
+  return rows
+
+
+def _numpy(value) -> np.ndarray:
+  if hasattr(value, "detach"):  # a torch tensor
+    value = value.detach().cpu().numpy()
+  return np.asarray(value, np.float32)
+
+
+def load_hific_discriminator(state_dict: dict, disc, *,
+                             prefix: str = "Discriminator.") -> list[str]:
+  """Copies HiFiC's discriminator weights (and spectral-norm u, v) into `disc` in place.
+
+  `state_dict`: a HiFiC `model_state_dict` or any dict of numpy arrays / torch tensors; only
+  keys starting with `prefix` are considered (pass prefix="" for a bare Discriminator state
+  dict) and the others are returned as the list of ignored keys. Strict under the prefix: every
+  mapped key must be present with the right shape and nothing else may appear; all problems
+  are reported together in one SodecError. The map covers every variable of `disc`, so an
+  abstract module (`nnx.eval_shape(lambda: Discriminator(...))`) can be filled without paying
+  for a random init.
+  """
+  rows = hific_discriminator_key_map()
+  from sodec_jax.discriminator import SpectralState
+  flat = dict(nnx.to_flat_state(nnx.state(disc, nnx.Any(nnx.Param, SpectralState))))
+  ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  ignored = sorted(k for k in state_dict if not k.startswith(prefix))
+  missing, bad_shape, updates = [], [], {}
+  for key, path, kind in rows:
+    if key not in ours:
+      missing.append(prefix + key)
+      continue
+    value = _numpy(ours[key])
+    torch_shape = value.shape
+    if kind == "conv" and value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)
+    target = flat[path].get_value()  # an array, or a ShapeDtypeStruct (nnx.eval_shape module)
+    if value.shape != tuple(target.shape):
+      bad_shape.append(f"{prefix}{key}: {torch_shape} -> expected {tuple(target.shape)} (ours, "
+                       f"{kind})")
+      continue
+    updates[path] = value.astype(target.dtype)
+  mapped = {r[0] for r in rows}
+  unexpected = sorted(prefix + k for k in ours if k not in mapped)
+  if missing or bad_shape or unexpected:
+    hint = ""
+    if not ours:
+      hint = f" (no keys start with {prefix!r}; pass prefix='' for a bare discriminator dict)"
+    elif bad_shape:
+      hint = (" (check latent_channels, filters and context_channels against the checkpoint's "
+              "args)")
+    strict.check("HiFiC discriminator state dict", missing, unexpected, bad_shape,
+                 hint.strip(" ()"))
+  for path, value in updates.items():
+    flat[path].set_value(jnp.asarray(value))
+  nnx.update(disc, nnx.from_flat_state(flat))
   return ignored

@@ -205,8 +205,8 @@ def split_single_file(source, unet_keys, unet_cfg: dict, vae_keys, vae_cfg: dict
   """(UNet view, VAE view, ignored keys) of a single-file checkpoint."""
   keys = list(source.keys())
   if not any(k.startswith(UNET_PREFIX) for k in keys):
-    from sodec_jax.weights.convert import _looks_like
-    looks = _looks_like(keys)
+    from sodec_jax.weights.formats import looks_like
+    looks = looks_like(keys)
     raise SodecError(f"{source.name} is not an original Stable Diffusion checkpoint: it has no "
                      f"{UNET_PREFIX}* keys" + (f" (it looks like {looks})" if looks else ""))
   unet = rename_view(source, unet_keys, lambda k: unet_ldm_name(k, unet_cfg), UNET_PREFIX)

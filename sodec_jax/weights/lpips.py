@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import sys
 from pathlib import Path
 from typing import Mapping, Optional
@@ -24,6 +23,8 @@ import numpy as np
 
 from sodec_jax.errors import SodecError
 from sodec_jax.metrics.vgg16 import VGG16_FEATURE_SHAPES, VGG16_STAGE_CHANNELS
+from sodec_jax.weights import strict
+from sodec_jax.weights.formats import load_object, to_numpy, torch_load
 
 HEAD_KEYS = tuple(f"lin{i}.model.1.weight" for i in range(len(VGG16_STAGE_CHANNELS)))
 HEAD_SHAPES = {k: (1, c, 1, 1) for k, c in zip(HEAD_KEYS, VGG16_STAGE_CHANNELS)}
@@ -37,50 +38,8 @@ _NEED_VGG = ("LPIPS needs VGG16 ImageNet weights in torchvision layout (a state 
 # ----------------------------------------------------------------------------- reading files
 
 
-def _to_numpy(v) -> np.ndarray:
-  if isinstance(v, np.ndarray):
-    return v
-  if hasattr(v, "detach"):  # torch.Tensor
-    import torch
-    return v.detach().to(device="cpu", dtype=torch.float32).numpy()
-  return np.asarray(v)
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  try:
-    from safetensors.numpy import load_file
-    return dict(load_file(path))
-  except Exception as e:  # noqa: BLE001 - any parse failure is a user file problem
-    raise SodecError(f"could not read {path} as safetensors ({type(e).__name__}: {e}). "
-                     + _NEED_VGG) from e
-
-
-def _unpickler_reason(e: Exception) -> str:
-  """The useful line of torch's weights_only error (e.g. 'unsupported GLOBAL posix.system'),
-  without its advice to retry with weights_only=False."""
-  for line in str(e).splitlines():
-    line = line.split("WeightsUnpickler error:")[-1].strip()
-    if "unsupported" in line.lower() and "weights_only" not in line:
-      return line.rstrip(".")[:200]
-  return "torch.load(weights_only=True) rejected it"
-
-
-def _read_torch_pickle(path: str) -> dict:
-  try:
-    import torch
-  except ImportError as e:
-    raise SodecError(f"reading {path} needs torch (a .pth is a torch pickle); install torch or "
-                     "convert the file to .safetensors. " + _NEED_VGG) from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    raise SodecError(f"refused to load {path}: it is a pickle that needs more than tensors "
-                     f"({_unpickler_reason(e)}), and loading it could run arbitrary code. Only plain "
-                     "state dicts of tensors are accepted; " + _NEED_VGG) from e
-  except Exception as e:  # noqa: BLE001
-    raise SodecError(f"could not read {path} as a torch state dict ({type(e).__name__}: {e}). "
-                     + _NEED_VGG) from e
-  return obj
+def _read(path: str):
+  return load_object(path, hint=_NEED_VGG)
 
 
 def _unwrap(obj, path: str) -> dict:
@@ -112,19 +71,12 @@ def check_vgg16_state(state: Mapping, source: str = "the VGG16 state dict") -> d
   out = {}
   for k, shape in VGG16_FEATURE_SHAPES.items():
     if k in state:
-      a = _to_numpy(state[k])
+      a = to_numpy(state[k])
       if tuple(a.shape) != shape:
         bad.append(f"{k}: {tuple(a.shape)} (expected {shape})")
       else:
         out[k] = np.asarray(a, dtype=np.float32)
-  if missing or bad:
-    parts = []
-    if missing:
-      parts.append(f"missing keys: {', '.join(missing)}")
-    if bad:
-      parts.append(f"wrong shapes: {'; '.join(bad)}")
-    raise SodecError(f"{source} is not a torchvision VGG16 state dict ({' | '.join(parts)}). "
-                     + _NEED_VGG)
+  strict.check(f"{source} (a torchvision VGG16 state dict)", missing, (), bad, hint=_NEED_VGG)
   return out
 
 
@@ -133,11 +85,7 @@ def load_vgg16(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   if not os.path.isfile(path):
     raise SodecError(f"VGG16 weights file not found: {path}. " + _NEED_VGG)
-  if path.endswith(".safetensors"):
-    obj = _read_safetensors(path)
-  else:
-    obj = _read_torch_pickle(path)
-  return check_vgg16_state(_unwrap(obj, path), source=path)
+  return check_vgg16_state(_unwrap(_read(path), path), source=path)
 
 
 # ----------------------------------------------------------------------------- LPIPS heads
@@ -156,25 +104,23 @@ def lpips_wheel_heads_path() -> Path:
 def heads_from_lpips_wheel(path: Optional[str | os.PathLike] = None) -> dict[str, np.ndarray]:
   """The 5 LPIPS-VGG linear heads from the wheel's vgg.pth, keys `lin{i}.model.1.weight`,
   shapes [1, C, 1, 1], float32 numpy, bit-exact."""
-  import torch
   path = Path(path) if path is not None else lpips_wheel_heads_path()
-  sd = torch.load(path, map_location="cpu", weights_only=True)
-  heads = {k: sd[k].detach().cpu().numpy() for k in HEAD_KEYS}
-  return check_heads(heads, str(path))
+  return check_heads(torch_load(str(path)), str(path))
 
 
 def check_heads(heads: Mapping, source: str = "LPIPS heads") -> dict[str, np.ndarray]:
-  out, problems = {}, []
+  """The 5 heads `lin{i}.model.1.weight` [1, C, 1, 1] as float32 numpy (other keys ignored);
+  missing or mis-shaped -> the strict loader's SodecError."""
+  out, missing, bad = {}, [], []
   for k, shape in HEAD_SHAPES.items():
     if k not in heads:
-      problems.append(f"missing {k}")
+      missing.append(k)
       continue
-    a = np.asarray(_to_numpy(heads[k]))
+    a = np.asarray(to_numpy(heads[k]))
     if a.shape != shape:
-      problems.append(f"{k}: {a.shape} (expected {shape})")
+      bad.append(f"{k}: {a.shape} (expected {shape})")
     out[k] = a.astype(np.float32)
-  if problems:
-    raise SodecError(f"{source}: bad LPIPS heads ({'; '.join(problems)})")
+  strict.check(f"{source} (LPIPS heads)", missing, (), bad)
   return out
 
 
@@ -192,6 +138,18 @@ def load_shipped_heads() -> dict[str, np.ndarray]:
                      "`python -m sodec_jax.weights.lpips`")
   with np.load(SHIPPED_HEADS) as z:
     return check_heads({k: z[k] for k in z.files}, str(SHIPPED_HEADS))
+
+
+def load_lpips(vgg_weights_path: str | os.PathLike, dtype=None, precision=None, *,
+               heads: Optional[Mapping] = None):
+  """LPIPS with the VGG16 ImageNet trunk read from `vgg_weights_path` (torchvision layout, `.pth`
+  read with torch.load(weights_only=True), or `.safetensors` read without torch) and the shipped
+  heads (or `heads`). Problems with the file -> SodecError saying what is wrong."""
+  import jax.numpy as jnp
+  from sodec_jax.metrics.lpips import LPIPS
+  state = load_vgg16(vgg_weights_path)
+  heads = load_shipped_heads() if heads is None else check_heads(heads)
+  return LPIPS(state, heads, dtype=dtype or jnp.float32, precision=precision)
 
 
 if __name__ == "__main__":

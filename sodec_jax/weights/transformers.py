@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
 from sodec_jax.errors import SodecError
+from sodec_jax.weights import strict
+from sodec_jax.weights.formats import open_safetensors, open_weights, to_numpy
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
@@ -38,50 +39,12 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 # ----------------------------------------------------------------------------- reading a folder
 
 
-def _to_numpy(v) -> np.ndarray:
-  if isinstance(v, np.ndarray):
-    return v
-  if hasattr(v, "detach"):  # torch.Tensor (bf16 included)
-    import torch
-    return v.detach().to(device="cpu", dtype=torch.float32).numpy()
-  return np.asarray(v)
-
-
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-  try:
-    from safetensors.numpy import load_file
-    return dict(load_file(str(path)))
-  except Exception as e:  # noqa: BLE001 - any parse failure is a problem with the user's file
-    raise SodecError(f"could not read {path} as safetensors ({type(e).__name__}: {e})") from e
-
-
-def _unpickler_reason(e: Exception) -> str:
-  for line in str(e).splitlines():
-    line = line.split("WeightsUnpickler error:")[-1].strip()
-    if "unsupported" in line.lower() and "weights_only" not in line:
-      return line.rstrip(".")[:200]
-  return "torch.load(weights_only=True) rejected it"
+  return open_safetensors(str(path)).to_dict()
 
 
 def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-  try:
-    import torch
-  except ImportError as e:
-    raise SodecError(f"reading {path} needs torch (it is a torch pickle); install torch or save "
-                     "the model as model.safetensors") from e
-  try:
-    obj = torch.load(str(path), map_location="cpu", weights_only=True)
-  except pickle.UnpicklingError as e:
-    raise SodecError(f"refused to load {path}: it is a pickle that needs more than tensors "
-                     f"({_unpickler_reason(e)}), and loading it could run arbitrary code. Only plain "
-                     "state dicts of tensors are accepted (or use model.safetensors)") from e
-  except Exception as e:  # noqa: BLE001
-    raise SodecError(f"could not read {path} as a torch state dict ({type(e).__name__}: {e})") from e
-  if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-    obj = obj["state_dict"]
-  if not isinstance(obj, Mapping):
-    raise SodecError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
-  return {str(k): _to_numpy(v) for k, v in obj.items()}
+  return open_weights(str(path), hint="or save the model as model.safetensors").to_dict()
 
 
 def _read_sharded(index: Path, reader: Callable[[Path], dict]) -> dict[str, np.ndarray]:
@@ -299,18 +262,9 @@ def assign(module, table, state: Mapping[str, np.ndarray], ignored: list[str], s
     if tuple(np.shape(state[key])) != want:
       bad.append(f"{key}: {tuple(np.shape(state[key]))} (expected {want})")
       continue
-    staged.append((var, fn(np.asarray(_to_numpy(state[key]), np.float32))))
+    staged.append((var, fn(np.asarray(to_numpy(state[key]), np.float32))))
   unexpected = sorted(k for k in state if k not in expected)
-  if missing or bad or unexpected:
-    parts = []
-    if missing:
-      parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-      parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if bad:
-      parts.append(f"wrong shapes ({len(bad)}): {'; '.join(bad)}")
-    raise SodecError(f"{source} does not match the {kind} its config.json describes: "
-                     + " | ".join(parts))
+  strict.check(f"{source} (the {kind} its config.json describes)", missing, unexpected, bad)
   for var, arr in staged:
     var.value = jnp.asarray(arr, var.value.dtype)
   module.ignored_keys = tuple(ignored)

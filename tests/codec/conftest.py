@@ -4,7 +4,7 @@ from flax import nnx
 
 from configs import tiny
 from sodec_jax import api
-from sodec_jax.model import build_model
+from sodec_jax.pretrained import build_model
 from tests.conftest import load_photo  # noqa: F401  (re-exported for the codec tests)
 
 

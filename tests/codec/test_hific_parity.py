@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from sodec_jax.errors import SodecError
-from sodec_jax.model import build_model
+from sodec_jax.pretrained import build_model
 from sodec_jax.weights.hific import load_hific_state_dict
 from tests.codec.conftest import load_photo, micro_codec_config
 from sodec_jax.benchmarks import hific_torch

@@ -64,7 +64,7 @@ def test_decode_in_another_process_is_bit_identical(codec_model, tmp_path):
       sys.path.insert(0, {ROOT!r})
       from flax import nnx
       from sodec_jax import api
-      from sodec_jax.model import build_model
+      from sodec_jax.pretrained import build_model
       from tests.codec.conftest import micro_codec_config
       c = micro_codec_config()
       m = api.prepare(c, build_model(c, nnx.Rngs(0)))
@@ -80,7 +80,7 @@ def test_decode_in_another_process_is_bit_identical(codec_model, tmp_path):
 
 def test_wrong_model_is_a_clear_error(codec_model, astronaut):
   from flax import nnx
-  from sodec_jax.model import build_model
+  from sodec_jax.pretrained import build_model
   from tests.codec.conftest import micro_codec_config
   other = api.prepare(micro_codec_config(), build_model(micro_codec_config(), nnx.Rngs(1)))
   data = api.compress(other, astronaut[:64, :64].copy())
@@ -102,7 +102,7 @@ def test_winograd_decoder_same_bytes_close_image(monkeypatch, astronaut):
   from flax import nnx
 
   from sodec_jax import layers
-  from sodec_jax.model import build_model
+  from sodec_jax.pretrained import build_model
   from tests.codec.conftest import micro_codec_config
   monkeypatch.setattr(layers, "WINOGRAD_MIN_CHANNELS", 8)   # the micro codec is narrow
   c = micro_codec_config()

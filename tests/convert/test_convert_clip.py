@@ -13,8 +13,10 @@ from PIL import Image
 from skimage import data
 
 from sodec_jax.errors import SodecError
-from sodec_jax.metrics.clip_iqa import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROMPTS, load_clip_iqa
-from sodec_jax.weights import convert, converted
+from sodec_jax.metrics.clip_iqa import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROMPTS
+from sodec_jax.weights.clip import load_clip_iqa
+from sodec_jax import converters as convert
+from sodec_jax.weights import converted
 from tests.convert.conftest import assert_out_clean, errors
 from tests.guidance._tiny_hf import tiny_vit
 

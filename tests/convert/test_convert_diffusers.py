@@ -1,6 +1,5 @@
 """sd21 / unet / vae converters: random diffusers models saved for real, converted, loaded, compared;
 the single-file (LDM) layout; and the errors users see."""
-import json
 import os
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from diffusers_reference import nchw, nhwc, randomize_
 from sodec_jax.diffusion.autoencoder import tiny_vae_config
 from sodec_jax.diffusion.unet import tiny_unet_config
 from sodec_jax.errors import SodecError
-from sodec_jax.weights import convert, converted, ldm
+from sodec_jax import converters as convert
+from sodec_jax.weights import converted, ldm
 from tests.convert.conftest import ROOT, assert_out_clean, errors
 
 TOL = 1e-5
@@ -186,7 +186,7 @@ def test_single_file_missing_and_extra_keys(pipeline, tmp_path):
   del sd["model.diffusion_model.out.2.weight"]
   sd["model.diffusion_model.extra.weight"] = np.zeros(3, np.float32)
   save_file(sd, str(tmp_path / "m.safetensors"))
-  with pytest.raises(SodecError, match=r"1 missing: conv_out.weight.*1 unexpected: "
+  with pytest.raises(SodecError, match=r"missing 1: conv_out.weight.*unexpected 1: "
                                        r"model.diffusion_model.extra.weight"):
     convert.convert_sd21(str(tmp_path / "m.safetensors"), str(tmp_path / "out"), config_dir=root)
   assert_out_clean(str(tmp_path / "out"))
@@ -236,7 +236,7 @@ def test_wrong_model_folder(pipeline, tmp_path):
   (folder / "config.json").write_text(open(os.path.join(root, "unet", "config.json")).read())
   os.link(os.path.join(root, "vae", "diffusion_pytorch_model.safetensors"),
           folder / "diffusion_pytorch_model.safetensors")
-  with pytest.raises(SodecError, match=r"missing: .*unexpected: .*Hint: these weights look like "
+  with pytest.raises(SodecError, match=r"missing \d+: .*unexpected \d+: .*Hint: these weights look like "
                                        r"a diffusers VAE"):
     convert.convert_unet(str(folder), str(tmp_path / "out"))
   with pytest.raises(SodecError, match="not a diffusers Stable Diffusion folder"):
@@ -255,8 +255,8 @@ def test_missing_and_misshaped_keys(pipeline, tmp_path):
   (folder / "config.json").write_text(open(os.path.join(root, "unet", "config.json")).read())
   with pytest.raises(SodecError) as e:
     convert.convert_unet(str(folder), str(tmp_path / "out"))
-  assert "1 missing: conv_in.bias" in str(e.value)
-  assert "1 wrong shape: conv_out.weight" in str(e.value)
+  assert "missing 1: conv_in.bias" in str(e.value)
+  assert "mis-shaped 1: conv_out.weight" in str(e.value)
   assert_out_clean(str(tmp_path / "out"))
 
 

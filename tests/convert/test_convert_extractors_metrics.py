@@ -12,7 +12,8 @@ import torch_dists
 import torch_lpips
 import torch_vgg16
 from sodec_jax.errors import SodecError
-from sodec_jax.weights import convert, converted
+from sodec_jax import converters as convert
+from sodec_jax.weights import converted
 from sodec_jax.weights.lpips import HEAD_KEYS, lpips_wheel_heads_path
 from tests.convert.conftest import assert_out_clean, errors
 from tests.guidance._tiny_hf import photo_batch, tiny_swin, tiny_vit, torch_forward
@@ -97,7 +98,7 @@ def test_metric_bad_inputs(vgg_file, tmp_path):
   sd = torch.load(path, weights_only=True)
   del sd["features.28.bias"]
   torch.save(sd, tmp_path / "partial.pth")
-  with pytest.raises(SodecError, match="missing keys: features.28.bias"):
+  with pytest.raises(SodecError, match="missing 1: features.28.bias"):
     convert.convert_lpips(str(tmp_path / "partial.pth"), str(tmp_path / "o"))
   with pytest.raises(SodecError, match="DISTS weights file not found"):
     convert.convert_dists(str(tmp_path / "nope.pt"), str(tmp_path / "o"), vgg=path)

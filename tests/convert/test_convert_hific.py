@@ -16,8 +16,9 @@ from flax import nnx
 
 from sodec_jax.benchmarks import hific_torch
 from sodec_jax.errors import SodecError
-from sodec_jax.model import build_model
-from sodec_jax.weights import convert, converted
+from sodec_jax.pretrained import build_model
+from sodec_jax import converters as convert
+from sodec_jax.weights import converted
 from tests.codec.conftest import load_photo, micro_codec_config
 from tests.convert.conftest import ROOT, assert_out_clean, errors
 
@@ -213,7 +214,8 @@ def test_converted_hific_is_a_complete_codec(checkpoint, tmp_path):
 
 def test_converted_discriminator_loads_into_ours(checkpoint, tmp_path):
   """The converted discriminator/ fills our Discriminator exactly as the torch state dict does."""
-  from sodec_jax.discriminator import Discriminator, load_hific_discriminator
+  from sodec_jax.discriminator import Discriminator
+  from sodec_jax.weights.hific import load_hific_discriminator
   path, ref = checkpoint
   out = convert.convert_hific(path, str(tmp_path / "hific"))
   c = micro_codec_config().model.latent_channels
@@ -229,8 +231,9 @@ def test_converted_discriminator_loads_into_ours(checkpoint, tmp_path):
 def test_stage4_discriminator_starts_from_a_converted_folder(checkpoint, tmp_path):
   """--config.loss.discriminator_init=DIR: make_discriminator (sodec_jax/train/build.py) starts from the converted
   HiFiC discriminator (widths read from it), the same values as a direct torch load."""
+  from sodec_jax.discriminator import Discriminator, SpectralState
   from sodec_jax.train.build import make_discriminator
-  from sodec_jax.discriminator import Discriminator, SpectralState, load_hific_discriminator
+  from sodec_jax.weights.hific import load_hific_discriminator
   from sodec_jax.errors import SodecError
   path, ref = checkpoint
   out = convert.convert_hific(path, str(tmp_path / "hific"))
@@ -268,7 +271,7 @@ def test_key_map_covers_upstream_keys_exactly():
   """Every key of upstream's paper-size model_state_dict is mapped by hific_key_map (with its
   shape in our layout) or is a Discriminator key the discriminator map takes; nothing else."""
   from configs import base
-  from sodec_jax.discriminator import hific_discriminator_key_map
+  from sodec_jax.weights.hific import hific_discriminator_key_map
   from sodec_jax.weights.hific import _to_ours, hific_key_map
   upstream = _manifest()
   config = base.get_config()

@@ -17,7 +17,7 @@ from sodec_jax.diffusion.lora import LoRAConfig, apply_lora, merge_lora
 from sodec_jax.diffusion.unet import tiny_unet_config
 from sodec_jax.errors import SodecError
 from sodec_jax.weights import converted
-from sodec_jax.weights.lora_export import export_lora, export_lora_from_workdir
+from sodec_jax.converters.lora import export_lora, export_lora_from_workdir
 from tests.convert.conftest import errors
 
 
@@ -76,7 +76,7 @@ def test_export_without_adapters(tmp_path):
 def test_workdir_without_unet(tmp_path, capsys):
   from configs import tiny
   from sodec_jax import checkpoints
-  from sodec_jax.model import build_model
+  from sodec_jax.pretrained import build_model
   from tests.codec.conftest import micro_codec_config
   from convert.from_torch import main
   config = micro_codec_config()

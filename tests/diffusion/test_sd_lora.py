@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 from diffusers import UNet2DConditionModel as TUNet
 from flax import nnx
 

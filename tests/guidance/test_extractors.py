@@ -9,7 +9,7 @@ from flax import nnx
 
 from sodec_jax.errors import SodecError
 from sodec_jax.guidance.vit import preprocess, torch_bicubic_matrix
-from sodec_jax.metrics.vgg16 import FrozenWeight
+from sodec_jax.layers import FrozenWeight
 from sodec_jax.weights.transformers import load_swin, load_vit
 from tests.guidance._tiny_hf import photo_batch, rel_err, tiny_swin, tiny_vit, torch_forward
 

@@ -115,8 +115,8 @@ def test_missing_unexpected_and_misshaped_keys_in_one_error(vit_ref, tmp_path):
   with pytest.raises(SodecError) as e:
     load_vit(tmp_path)
   msg = str(e.value)
-  assert "missing keys (1): encoder.layer.0.attention.attention.key.weight" in msg
-  assert "unexpected keys (1): encoder.layer.0.attention.attention.extra.weight" in msg
+  assert "missing 1: encoder.layer.0.attention.attention.key.weight" in msg
+  assert "unexpected 1: encoder.layer.0.attention.attention.extra.weight" in msg
   assert "encoder.layer.0.intermediate.dense.weight: (64, 64) (expected (128, 64))" in msg
 
 

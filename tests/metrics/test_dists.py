@@ -21,9 +21,9 @@ import torch_dists  # noqa: E402
 import torch_vgg16  # noqa: E402
 
 from sodec_jax.errors import SodecError  # noqa: E402
-from sodec_jax.metrics import FrozenWeight  # noqa: E402
-from sodec_jax.metrics.dists import DISTS, hanning_filter, l2_pool, load_dists  # noqa: E402
-from sodec_jax.weights.dists import load_dists_weights  # noqa: E402
+from sodec_jax.layers import FrozenWeight  # noqa: E402
+from sodec_jax.metrics.dists import DISTS, hanning_filter, l2_pool  # noqa: E402
+from sodec_jax.weights.dists import load_dists, load_dists_weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import torch
 from safetensors.numpy import save_file
 
 from sodec_jax.errors import SodecError
-from sodec_jax.metrics import LPIPS, load_lpips
+from sodec_jax.metrics import LPIPS
 from sodec_jax.metrics.vgg16 import VGG16_FEATURE_SHAPES
-from sodec_jax.weights.lpips import load_vgg16
+from sodec_jax.weights.lpips import check_vgg16_state, load_lpips, load_shipped_heads, load_vgg16
 
 
 def _random_vgg(seed=0, classifier=True):
@@ -43,7 +43,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def reference_value(vgg, images):
-  return np.asarray(LPIPS(vgg)(*images))
+  return np.asarray(LPIPS(vgg, load_shipped_heads())(*images))
 
 
 def _check_same(path, vgg, images, reference_value):
@@ -113,7 +113,7 @@ def test_missing_and_misshaped_keys(tmp_path, vgg, suffix):
 def test_in_memory_dict_errors(vgg):
   bad = {k: v for k, v in vgg.items() if k != "features.2.weight"}
   with pytest.raises(SodecError, match="features.2.weight"):
-    LPIPS(bad)
+    check_vgg16_state(bad)
 
 
 class _Evil:

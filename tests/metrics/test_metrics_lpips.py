@@ -17,7 +17,8 @@ import _photos  # noqa: E402
 import torch_lpips  # noqa: E402
 import torch_vgg16  # noqa: E402
 
-from sodec_jax.metrics import LPIPS, FrozenWeight  # noqa: E402
+from sodec_jax.layers import FrozenWeight  # noqa: E402
+from sodec_jax.metrics import LPIPS  # noqa: E402
 from sodec_jax.weights.lpips import heads_from_lpips_wheel, load_shipped_heads  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def models():
   feats = torch_vgg16.vgg16_features(seed=0)
   heads = heads_from_lpips_wheel()
   ref = torch_lpips.TorchLPIPS(feats, heads)
-  ours = LPIPS(torch_vgg16.features_state_dict_numpy(feats))  # shipped heads
+  ours = LPIPS(torch_vgg16.features_state_dict_numpy(feats), load_shipped_heads())
   return ref, ours
 
 
@@ -99,7 +100,7 @@ def test_bfloat16_close(models):
   _, ours = models
   x = _photos.crops((32, 32))
   y = _photos.degrade(x)
-  lo = LPIPS(ours.vgg.to_state_dict(), dtype=jnp.bfloat16)
+  lo = LPIPS(ours.vgg.to_state_dict(), load_shipped_heads(), dtype=jnp.bfloat16)
   a, b = np.asarray(ours(x, y)), np.asarray(lo(x, y))
   assert b.dtype == np.float32
   np.testing.assert_allclose(b, a, rtol=0.1)

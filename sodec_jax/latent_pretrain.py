@@ -4,7 +4,8 @@ No SD 2.1 weights can be downloaded, so the tiny default first trains its small 
 space D_m decodes) and its small UNet (a denoiser on those latents at random timesteps, with an
 empty context) on the bundled photos. SODEC's later stages then start from these weights via
 `init_from`, exactly as the paper's stages start from the pretrained SD 2.1. The attribute
-names (`unet`, `vae_decoder`) match SODEC's so the transfer is by path.
+names (`unet`, `vae_decoder`) match SODEC's so the transfer is by path. The UNet and VAE are
+handed in (`sodec_jax.pretrained.build_latent_pretrain(config, rngs)` builds them).
 """
 from __future__ import annotations
 
@@ -12,17 +13,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sodec_jax import pretrained as pre
 from sodec_jax.diffusion.schedule import NoiseSchedule
 
 
 class LatentPretrain(nnx.Module):
   """`__call__(x [B,H,W,3] in [0,1], noise_key) -> {x_rec, x_hat, kl, denoise}`."""
 
-  def __init__(self, config, *, rngs: nnx.Rngs):
+  def __init__(self, config, *, unet, vae, rngs: nnx.Rngs):
+    del rngs  # nothing of its own is random; kept for the common constructor signature
     d = config.diffusion
-    self.vae_decoder = pre.build_vae(d, rngs)  # the whole AutoencoderKL; SODEC keeps the decoder
-    self.unet = pre.build_unet(d, rngs)
+    self.vae_decoder = vae  # the whole AutoencoderKL; SODEC keeps the decoder
+    self.unet = unet
     self.schedule = NoiseSchedule(prediction_type=d.prediction_type)
     self.context_tokens = int(config.guidance.tokens)
     self.width = int(self.unet.config.per_block(self.unet.config.cross_attention_dim)[0])

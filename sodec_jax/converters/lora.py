@@ -89,7 +89,7 @@ def export_lora(unet: nnx.Module, path: str, *, metadata: dict | None = None) ->
   except OSError as e:
     raise SodecError(f"cannot write {path}: {e.strerror or e}") from None
   try:
-    from sodec_jax.weights.convert import CONVERTER_VERSION
+    from sodec_jax.weights.formats import CONVERTER_VERSION
     meta = {"format": "peft-lora", "converter": f"sodec-jax {CONVERTER_VERSION}",
             **{k: str(v) for k, v in (metadata or {}).items()}}
     save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=meta)
@@ -118,7 +118,7 @@ def find_unet(model: nnx.Module):
 def export_lora_from_workdir(workdir: str, out: str, step: int | None = None) -> str:
   """The LoRA of the UNet in a training workdir's latest (or given) checkpoint -> `out`."""
   from sodec_jax import checkpoints
-  from sodec_jax.model import build_model
+  from sodec_jax.pretrained import build_model
   if not os.path.isdir(workdir):
     raise SodecError(f"--src {workdir} is not a folder (expected a training workdir)")
   if not os.path.isfile(os.path.join(workdir, checkpoints.CONFIG_FILE)):
