@@ -69,7 +69,7 @@ def list_images(train_dir: str) -> list[str]:
   for path in candidates:
     try:
       with Image.open(path) as im:
-        im.size  # pylint: disable=pointless-statement
+        _ = im.size   # reads the header: a file Pillow cannot open is skipped here
       paths.append(path)
     except Exception as err:  # pylint: disable=broad-except
       _warn_skip(path, err)
@@ -133,7 +133,7 @@ class CropLoader:
     self.__dict__.update(state)
     self._lock = threading.Lock()
 
-  @functools.lru_cache(maxsize=4)
+  @functools.lru_cache(maxsize=4)  # noqa: B019 (the loader lives as long as the run)
   def _permutation(self, epoch: int) -> np.ndarray:
     return np.random.default_rng([self.seed, 1, epoch]).permutation(len(self.paths))
 

@@ -120,7 +120,7 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
     procs.append(subprocess.Popen([sys.executable, str(driver), str(wd)], cwd=ROOT, env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   outs = [p.communicate(timeout=300) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
   assert "data parallel over 2 devices" in outs[0][0]
   with open(wd / "metrics.jsonl") as f:

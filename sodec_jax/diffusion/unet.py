@@ -318,7 +318,7 @@ class UNet2DConditionModel(nnx.Module):
       x, s = block(x, temb, context)
       skips.extend(s)
     x = self.mid_block(x, temb, context)
-    for i, block in enumerate(self.up_blocks):
+    for block in self.up_blocks:
       k = len(block.resnets)
       block_skips, skips = skips[-k:], skips[:-k]
       size = skips[-1].shape[1:3] if skips else None   # upsample onto the next skip's grid

@@ -98,7 +98,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                 opt_state, workdir)
     params, frozen = build.split_pure(full, params)
     if meta.get("seed") != config.seed:
-      warnings.warn(f"checkpoint {start} was written with seed {meta.get('seed')}")
+      warnings.warn(f"checkpoint {start} was written with seed {meta.get('seed')}", stacklevel=2)
   state = {"params": params, "opt_state": opt_state}
   if disc_graphdef is not None:
     state = {"params": params, "opt_state": opt_state["model"], "disc": opt_state["disc"]}

@@ -48,8 +48,7 @@ def place(tree, sharding):
   if isinstance(sharding, jax.sharding.Sharding):
     sharding = jax.tree.map(lambda _: sharding, tree)
   return jax.tree.map(
-      lambda x, sh: jax.make_array_from_callback(np.shape(x), sh,
-                                                 lambda idx, v=np.asarray(x): v[idx]),
+      lambda x, sh: _from_host(np.asarray(x), sh),
       tree, sharding)
 
 
@@ -94,3 +93,8 @@ def param_sharding(mesh: jax.sharding.Mesh, tree):
     spec[int(dims[0])] = FSDP_AXIS
     return NamedSharding(mesh, P(*spec))
   return jax.tree.map(one, tree)
+
+
+def _from_host(v: np.ndarray, sharding):
+  """A global array with `sharding` whose every shard is read from the host value `v`."""
+  return jax.make_array_from_callback(v.shape, sharding, lambda idx: v[idx])
