@@ -17,7 +17,6 @@ it expected and the converter command that makes it.
 """
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -25,19 +24,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sodec_jax.errors import SodecError
+from sodec_jax.weights.formats import read_json
 
 SD21_HINT = ("python convert/from_torch.py sd21 --src /path/to/stable-diffusion-2-1-base "
              "--out /weights/sd21   (then --config.diffusion.weights=/weights/sd21)")
 VIT_HINT = ("python convert/from_torch.py vit --src /path/to/vit-large-patch16-224-in21k "
             "--out /weights/vit   (then --config.guidance.extractor_weights=/weights/vit)")
-
-
-def _json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise SodecError(f"cannot read {path}: {e}") from None
 
 
 def check_paths(config) -> None:
@@ -65,7 +57,7 @@ def unet_config(name: str):
     return sd21_unet_config()
   if name == "tiny":
     return tiny_unet_config()
-  return UNetConfig.from_dict(_json(name))
+  return UNetConfig.from_dict(read_json(name))
 
 
 def vae_config(name: str):
@@ -76,7 +68,7 @@ def vae_config(name: str):
   if name == "tiny":
     return VAEConfig(block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
                      up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8)
-  return VAEConfig.from_dict(_json(name))
+  return VAEConfig.from_dict(read_json(name))
 
 
 def _component_folder(weights: str, name: str) -> str:
@@ -90,7 +82,7 @@ def _component_folder(weights: str, name: str) -> str:
 
 def _weights_config(weights: str, name: str) -> dict:
   """The diffusers-style config.json of a component inside a weights folder."""
-  return _json(os.path.join(_component_folder(weights, name), "config.json"))
+  return read_json(os.path.join(_component_folder(weights, name), "config.json"))
 
 
 def build_unet(d, rngs: nnx.Rngs, load: bool = True):

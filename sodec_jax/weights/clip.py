@@ -310,6 +310,10 @@ def load_clip_iqa(folder: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
   if manifest.get("kind") != KIND:
     raise SodecError(f"{folder} holds converted {manifest.get('kind')!r} weights, not CLIP-IQA "
                      f"ones; make a CLIP-IQA folder with `{CONVERT_COMMAND.format(out='DIR')}`")
+  if manifest.get("converter_version") == "1.0":
+    raise SodecError(f"{folder} was converted by sodec-jax converter 1.0, whose CLIP-IQA parameter "
+                     f"names this version no longer reads; convert it again: "
+                     f"`{CONVERT_COMMAND.format(out=folder)}`")
   if COMPONENT not in manifest.get("components", []):
     raise SodecError(f"{folder} has no {COMPONENT}/ component; convert the checkpoint again")
   path = os.path.join(folder, COMPONENT)

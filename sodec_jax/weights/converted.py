@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.errors import SodecError
-from sodec_jax.weights.formats import FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_DIR
+from sodec_jax.weights.formats import FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_DIR, read_json
 
 _COMMANDS = {
     "sd21": "python convert/from_torch.py sd21 --src /path/to/stable-diffusion-2-1 --out {out}",
@@ -63,14 +63,6 @@ def read_manifest(folder: str) -> dict:
     if not os.path.isdir(os.path.join(folder, c)):
       raise SodecError(f"{folder} is incomplete: component {c}/ listed in {MANIFEST} is missing")
   return manifest
-
-
-def _read_json(path: str) -> dict:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError) as e:
-    raise SodecError(f"could not read {path} ({e})") from None
 
 
 def _abstract(tree, dtype=None):
@@ -158,7 +150,7 @@ def _load_diffusers_component(folder, sub, what, module_cls, config_cls, diffuse
   how, path = _locate(folder, sub, ("sd21", sub), what)
   if how == "diffusers":
     return diffusers_loader(path, dtype=dtype, param_dtype=param_dtype, **kwargs)
-  cfg = config_cls.from_dict(_read_json(os.path.join(path, "config.json")))
+  cfg = config_cls.from_dict(read_json(os.path.join(path, "config.json")))
   pdt = dtype if param_dtype is None else param_dtype
   model = nnx.eval_shape(lambda: module_cls(cfg, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0),
                                             **kwargs))
@@ -194,7 +186,7 @@ def load_schedule(folder: str):
     path = os.path.join(folder, "scheduler", "scheduler_config.json")
     if not os.path.isfile(path):
       raise SodecError(f"{folder} has no scheduler/scheduler_config.json (nor a manifest.json)")
-  return NoiseSchedule.from_dict(_read_json(path))
+  return NoiseSchedule.from_dict(read_json(path))
 
 
 def load_extractor(folder: str, dtype=jnp.float32, param_dtype=None, precision=None):
@@ -204,8 +196,8 @@ def load_extractor(folder: str, dtype=jnp.float32, param_dtype=None, precision=N
     raise _missing(folder, "extractor")
   manifest = read_manifest(folder)
   path = _component(folder, ("extractor",), ("vit", "swin"), "guidance extractor")
-  config = _read_json(os.path.join(path, "config.json"))
-  pre = _read_json(os.path.join(path, "preprocessor_config.json"))
+  config = read_json(os.path.join(path, "config.json"))
+  pre = read_json(os.path.join(path, "preprocessor_config.json"))
   pdt = jnp.dtype(param_dtype or dtype)
   kw = dict(dtype=dtype, param_dtype=pdt, precision=precision,
             image_mean=tuple(pre["image_mean"]), image_std=tuple(pre["image_std"]))
@@ -228,7 +220,7 @@ def load_codec_config(folder: str) -> dict:
   if not os.path.exists(folder):
     raise _missing(folder, "hific")
   path = _component(folder, ("codec",), ("hific",), "codec")
-  return _read_json(os.path.join(path, "config.json"))
+  return read_json(os.path.join(path, "config.json"))
 
 
 def load_codec_params(folder: str, model) -> dict:

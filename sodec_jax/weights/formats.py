@@ -27,7 +27,7 @@ from sodec_jax.errors import SodecError
 # The converted-folder format (written by sodec_jax.converters, read by weights.converted).
 FORMAT = "sodec-jax-converted"
 FORMAT_VERSION = 1
-CONVERTER_VERSION = "1.0"
+CONVERTER_VERSION = "1.1"   # 1.1: CLIP-IQA folders name the ViT encoder block like guidance/vit.py
 MANIFEST = "manifest.json"
 PARAMS_DIR = "params"
 DTYPES = ("float32", "bfloat16", "float16")

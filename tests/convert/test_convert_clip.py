@@ -259,3 +259,14 @@ def test_load_errors(clip_out, tmp_path):
   with pytest.raises(SodecError, match="params is missing") as e:
     load_clip_iqa(str(broken))
   assert "\n" not in str(e.value)
+
+
+def test_folder_of_converter_1_0_asks_for_a_new_conversion(clip_out, tmp_path):
+  """Converter 1.0 named CLIP's encoder blocks differently: such a folder is one clear error."""
+  old = tmp_path / "old"
+  shutil.copytree(clip_out, old)
+  manifest = json.loads((old / "manifest.json").read_text())
+  manifest["converter_version"] = "1.0"
+  (old / "manifest.json").write_text(json.dumps(manifest))
+  with pytest.raises(SodecError, match="converter 1.0.*convert it again"):
+    load_clip_iqa(str(old))
