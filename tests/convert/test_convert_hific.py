@@ -309,13 +309,13 @@ def test_wrong_names_are_listed_with_the_likely_cause(checkpoint, tmp_path):
   msg = str(e.value)
   assert ("missing 2: Encoder.conv_block_out.1.bias, Encoder.conv_block_out.1.weight | "
           "unexpected 2: Encoder.conv_out.1.bias, Encoder.conv_out.1.weight") in msg
-  assert "Likely cause: it was saved by another version or fork of that code" in msg
+  assert "Hint: likely cause: it was saved by another version or fork of that code" in msg
   assert "not a HiFiC" not in msg and "looks like" not in msg and "\n" not in msg
   obj["model_state_dict"] = {f"module.{k}": v for k, v in torch.load(
       path, weights_only=True)["model_state_dict"].items()}
   obj["model_state_dict"]["Encoder.conv_block1.1.weight"] = torch.zeros(1)
   torch.save(obj, tmp_path / "dp.pt")
-  with pytest.raises(SodecError, match=r"missing \d+: .*\| unexpected \d+: .*Likely cause: its "
+  with pytest.raises(SodecError, match=r"missing \d+: .*\| unexpected \d+: .*Hint: likely cause: its "
                                        r"keys start with 'module.'"):
     convert.convert_hific(str(tmp_path / "dp.pt"), str(tmp_path / "o"))
   assert_out_clean(str(tmp_path / "o"))
