@@ -11,9 +11,11 @@ import torch
 from diffusers import AutoencoderKL as TVAE
 from diffusers import DDIMScheduler
 from diffusers import UNet2DConditionModel as TUNet
+from flax import nnx
 from safetensors.numpy import save_file
 
 from diffusers_reference import nchw, nhwc, randomize_
+from ldm_layout import ldm_unet, ldm_vae
 from sodec_jax.diffusion.autoencoder import tiny_vae_config
 from sodec_jax.diffusion.unet import tiny_unet_config
 from sodec_jax.errors import SodecError
@@ -116,21 +118,17 @@ def test_bfloat16_storage(pipeline, tmp_path):
 
 
 def _ldm_state_dict(unet, vae):
-  from sodec_jax.weights.diffusers import expected_keys
-  u_cfg, v_cfg = dict(unet.config), dict(vae.config)
-  sd = {}
-  for k, v in unet.state_dict().items():
-    sd[ldm.unet_ldm_name(k, u_cfg)] = v.numpy()
-  for k, v in vae.state_dict().items():
-    a = v.numpy()
-    name = ldm.vae_ldm_name(k, v_cfg)
-    if ".mid.attn_1." in name and name.endswith("weight") and a.ndim == 2:
-      a = a[:, :, None, None]     # LDM's VAE attention projections are 1x1 convs
-    sd[name] = a
+  """The single file's tensors: LDM names from `ldm_layout` (written from the original CompVis
+  modules and checked there by diffusers' own convert_ldm_*_checkpoint), not from our tables."""
+  sd = {k: v.numpy() for k, v in {**ldm_unet(unet), **ldm_vae(vae)}.items()}
   sd["cond_stage_model.model.token_embedding.weight"] = np.zeros((8, 4), np.float32)
   sd["alphas_cumprod"] = np.linspace(1, 0, 10).astype(np.float32)
-  del expected_keys
   return sd
+
+
+def _flat_params(model) -> dict:
+  return {"/".join(map(str, p)): np.asarray(v.value)
+          for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
 def test_ldm_table_known_names():
@@ -175,8 +173,16 @@ def test_sd21_single_file(pipeline, tmp_path, fmt):
   m = converted.read_manifest(out)
   assert m["layout"] == "ldm-single-file" and m["ignored_prefixes"] == ["alphas_cumprod",
                                                                         "cond_stage_model"]
-  check_unet(converted.load_unet(out), unet)
-  check_vae(converted.load_vae(out), vae)
+  ours_unet, ours_vae = converted.load_unet(out), converted.load_vae(out)
+  # the same parameters as the diffusers folders read directly (exactly: float32 both ways)
+  for ours, direct in ((ours_unet, converted.load_unet(root)),
+                       (ours_vae, converted.load_vae(os.path.join(root, "vae")))):
+    a, b = _flat_params(ours), _flat_params(direct)
+    assert sorted(a) == sorted(b)
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  check_unet(ours_unet, unet)
+  check_vae(ours_vae, vae)
   assert converted.load_schedule(out).prediction_type == "v_prediction"
 
 
