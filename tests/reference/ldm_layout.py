@@ -19,8 +19,10 @@ reads, whatever our converter's tables say.
 from __future__ import annotations
 
 import torch
-from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint)
+from diffusers.loaders.single_file_utils import (
+  convert_ldm_unet_checkpoint,
+  convert_ldm_vae_checkpoint,
+)
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
