@@ -5,7 +5,12 @@ under `model.diffusion_model.*`, the VAE under `first_stage_model.*`, the text e
 `cond_stage_model.*` (ignored here) and schedule buffers (`betas`, `alphas_cumprod`, ...,
 ignored). We rename every diffusers key our modules need to its LDM name -- the same table
 diffusers' `convert_from_ckpt` applies in the other direction -- then load through the diffusers
-key map (`sodec_jax.weights.diffusers.expected_keys`).
+key map (`sodec_jax.weights.diffusers.expected_keys`). The tests check these names against
+diffusers' own `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`
+(tests/reference/ldm_layout.py).
+
+The prediction type (epsilon / v_prediction) is not in the tensors: `prediction_type_from_yaml`
+reads it from the original config beside the file; nothing here defaults it.
 
 UNet (prefix `model.diffusion_model.`; n levels, L_b layers in level b, U_b = L_{n-1-b} + 1
 layers in up block b):
