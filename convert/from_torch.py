@@ -3,6 +3,7 @@
 
     python convert/from_torch.py sd21  --src stable-diffusion-2-1/ --out /weights/sd21
     python convert/from_torch.py sd21  --src v2-1_768-ema-pruned.safetensors --out /weights/sd21
+        --prediction-type v_prediction      (single file: or an original .yaml beside it)
     python convert/from_torch.py unet  --src stable-diffusion-2-1/unet --out /weights/unet
     python convert/from_torch.py vae   --src stable-diffusion-2-1/vae  --out /weights/vae
     python convert/from_torch.py hific --src hific_low.pt --out /weights/hific
@@ -44,10 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
   s.add_argument("--config-dir", default=None,
                  help="single file only: a folder with unet/config.json, vae/config.json "
                       "[, scheduler/scheduler_config.json] (default: SD 2.1's)")
+  pt_help = ("the model's prediction type (SD 2.1-768: v_prediction, 2.1-base: epsilon); "
+             "overrides the scheduler's. Required for a single file unless --config-dir has "
+             "scheduler/scheduler_config.json or an original config <name>.yaml lies beside it")
   s.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
-                 help="override the scheduler's prediction type (SD 2.1-768: v_prediction, "
-                      "2.1-base: epsilon)")
-  add("unet", "one diffusers UNet2DConditionModel folder", "e.g. stable-diffusion-2-1/unet")
+                 help=pt_help)
+  s = add("unet", "one diffusers UNet2DConditionModel folder", "e.g. stable-diffusion-2-1/unet")
+  s.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
+                 help="recorded in the manifest (default: ../scheduler/scheduler_config.json "
+                      "beside --src, if any)")
   add("vae", "one diffusers AutoencoderKL folder", "e.g. stable-diffusion-2-1/vae")
   add("hific", "a checkpoint of the HiFiC PyTorch implementation (E, H_a, P, D_a, discriminator)",
       "the torch.save file (model_state_dict, args, ...)")
@@ -78,6 +84,8 @@ def run(args) -> str:
   kw = {}
   if args.command == "sd21":
     kw = dict(config_dir=args.config_dir, prediction_type=args.prediction_type)
+  elif args.command == "unet":
+    kw = dict(prediction_type=args.prediction_type)
   elif args.command == "lpips":
     kw = dict(heads=args.heads)
   elif args.command == "dists":

@@ -12,12 +12,16 @@ Where the weights come from (config):
   guidance.extractor               "vit" | "swin";  guidance.extractor_config: "tiny" or ""
   guidance.extractor_weights       a transformers model folder (or converted `vit`/`swin` folder)
 
+  diffusion.prediction_type        must match the prediction type the weights folder records
+                                   (`check_prediction_type`: one line naming the fix)
+
 A paper-size config started without its weights fails at once with one line naming the folder
 it expected and the converter command that makes it.
 """
 from __future__ import annotations
 
 import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +43,7 @@ def check_paths(config) -> None:
   d, g = config.diffusion, config.guidance
   if d.weights and not os.path.isdir(d.weights):
     raise SodecError(f"config.diffusion.weights={d.weights!r} does not exist; make it with: {SD21_HINT}")
+  check_prediction_type(d)
   if not d.weights and (d.unet != "tiny" or d.vae != "tiny"):
     raise SodecError(f"config.diffusion.weights is empty but unet={d.unet!r} / vae={d.vae!r} need "
                      f"pretrained SD 2.1 weights; make them with: {SD21_HINT}")
@@ -49,6 +54,24 @@ def check_paths(config) -> None:
     if not g.extractor_weights and g.extractor_config != "tiny":
       raise SodecError("config.guidance.mode='fidelity' needs a pretrained extractor: "
                        f"config.guidance.extractor_weights is empty; make it with: {VIT_HINT}")
+
+
+def check_prediction_type(d, warn: bool = False) -> None:
+  """SodecError (one line, naming the fix) when the SD weights in `d.weights` were trained for
+  another prediction type than `d.prediction_type`; a warning (`warn`) when they record none."""
+  if not d.weights or not os.path.isdir(d.weights):
+    return
+  from sodec_jax.weights.converted import recorded_prediction_type
+  found, where = recorded_prediction_type(d.weights)
+  if found is None:
+    if warn:
+      warnings.warn(f"cannot check config.diffusion.prediction_type={d.prediction_type!r} "
+                    f"against the weights: {where}", stacklevel=3)
+    return
+  if found != d.prediction_type:
+    raise SodecError(f"config.diffusion.weights={d.weights!r} is a {found} model ({where}) but "
+                     f"config.diffusion.prediction_type={d.prediction_type!r}; set "
+                     f"--config.diffusion.prediction_type={found}")
 
 
 def unet_config(name: str):
@@ -87,9 +110,13 @@ def _weights_config(weights: str, name: str) -> dict:
 
 def build_unet(d, rngs: nnx.Rngs, load: bool = True):
   """The UNet (eps_theta): pretrained from `d.weights` when `load`, else random with the right
-  shapes (its weights then come from a checkpoint). LoRA is attached by the caller."""
+  shapes (its weights then come from a checkpoint). LoRA is attached by the caller. With
+  `d.weights`, their recorded prediction type must be `d.prediction_type`."""
   from sodec_jax.diffusion.unet import UNet2DConditionModel, UNetConfig
   dtype = jnp.dtype(d.dtype)
+  if d.weights:
+    _component_folder(d.weights, "unet")
+    check_prediction_type(d, warn=True)
   if d.weights and load:
     return _load_component(d.weights, "unet", dtype, remat=bool(d.remat))
   if d.weights:

@@ -78,3 +78,23 @@ def test_ablation_changes_only_its_row(name):
   c = importlib.import_module(f"configs.ablations.{name}").get_config().to_dict()
   base = stage3.get_config().to_dict()
   assert _diff(c, base) - {"name"} == EXPECTED[name]
+
+
+def test_prediction_type_mismatch_is_one_line(tmp_path):
+  """SD weights (here a diffusers pipeline folder's scheduler) of another prediction type than
+  config.diffusion.prediction_type fail validation before anything runs, naming the fix."""
+  c = stage3.get_config()
+  assert c.decoder == "diffusion" and c.diffusion.prediction_type == "epsilon"
+  c.diffusion.weights = c.guidance.extractor_weights = str(tmp_path)
+  c.lpips.vgg_weights = str(tmp_path / "vgg16.pth")
+  (tmp_path / "scheduler").mkdir()
+  (tmp_path / "scheduler" / "scheduler_config.json").write_text(
+      '{"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}')
+  with pytest.raises(SodecError) as err:
+    validate_config(c)
+  msg = str(err.value)
+  assert "\n" not in msg and "is a v_prediction model" in msg, msg
+  assert msg.endswith("config.diffusion.prediction_type='epsilon'; set "
+                      "--config.diffusion.prediction_type=v_prediction"), msg
+  c.diffusion.prediction_type = "v_prediction"
+  validate_config(c)

@@ -189,6 +189,27 @@ def load_schedule(folder: str):
   return NoiseSchedule.from_dict(read_json(path))
 
 
+def recorded_prediction_type(folder: str) -> tuple[str | None, str]:
+  """(prediction type, where it is recorded) of SD weights in `folder`: a converted folder's
+  manifest (`prediction_type`, or its scheduler/config.json for older sd21 folders), or a
+  diffusers pipeline folder's scheduler/scheduler_config.json (diffusers' default "epsilon"
+  when the key is absent); (None, reason) when the folder records none (e.g. a converted `unet`
+  folder made without a scheduler beside it)."""
+  folder = os.fspath(folder)
+  if os.path.isfile(os.path.join(folder, MANIFEST)):
+    manifest = read_manifest(folder)
+    if manifest.get("prediction_type"):
+      return str(manifest["prediction_type"]), os.path.join(folder, MANIFEST)
+    path = os.path.join(folder, "scheduler", "config.json")
+    if "scheduler" in manifest.get("components", []) and os.path.isfile(path):
+      return str(read_json(path).get("prediction_type", "epsilon")), path
+    return None, f"{os.path.join(folder, MANIFEST)} records no prediction_type"
+  path = os.path.join(folder, "scheduler", "scheduler_config.json")
+  if os.path.isfile(path):
+    return str(read_json(path).get("prediction_type", "epsilon")), path
+  return None, f"{folder} has no scheduler/scheduler_config.json"
+
+
 def load_extractor(folder: str, dtype=jnp.float32, param_dtype=None, precision=None):
   """The frozen ViT or Swin (per the manifest) of a converted vit/swin folder."""
   folder = os.fspath(folder)
@@ -310,6 +331,7 @@ def load_dists(folder: str, dtype=jnp.float32, precision=None):
   return DISTS(check_vgg16_state(vgg, folder), alpha, beta, dtype=dtype, precision=precision)
 
 
-__all__ = ["read_manifest", "load_unet", "load_vae", "load_schedule", "load_extractor",
+__all__ = ["read_manifest", "load_unet", "load_vae", "load_schedule", "recorded_prediction_type",
+           "load_extractor",
            "load_codec_config", "load_codec_params", "load_discriminator_arrays", "load_lpips",
            "load_dists", "restore_module", "restore_tree"]

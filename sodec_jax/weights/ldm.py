@@ -5,7 +5,12 @@ under `model.diffusion_model.*`, the VAE under `first_stage_model.*`, the text e
 `cond_stage_model.*` (ignored here) and schedule buffers (`betas`, `alphas_cumprod`, ...,
 ignored). We rename every diffusers key our modules need to its LDM name -- the same table
 diffusers' `convert_from_ckpt` applies in the other direction -- then load through the diffusers
-key map (`sodec_jax.weights.diffusers.expected_keys`).
+key map (`sodec_jax.weights.diffusers.expected_keys`). The tests check these names against
+diffusers' own `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`
+(tests/reference/ldm_layout.py).
+
+The prediction type (epsilon / v_prediction) is not in the tensors: `prediction_type_from_yaml`
+reads it from the original config beside the file; nothing here defaults it.
 
 UNet (prefix `model.diffusion_model.`; n levels, L_b layers in level b, U_b = L_{n-1-b} + 1
 layers in up block b):
@@ -52,11 +57,17 @@ from sodec_jax.errors import SodecError
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
-# stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json (the 768 model: v-prediction).
-SD21_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-                  "num_train_timesteps": 1000, "prediction_type": "v_prediction",
-                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1}
+# The noise schedule of stabilityai/stable-diffusion-2-1(-base) scheduler/scheduler_config.json,
+# the same for both models; they differ only in prediction_type (2.1-base 512: "epsilon", 2.1
+# 768: "v_prediction"), which a single file's tensors cannot tell: it is never defaulted here
+# (see `prediction_type_from_yaml` and the converter's --prediction-type).
+SD21_SCHEDULE = {"_class_name": "DDIMScheduler", "beta_end": 0.012,
+                 "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+                 "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+                 "steps_offset": 1}
+# LatentDiffusion(parameterization=...) in the original configs (ldm/models/diffusion/ddpm.py:
+# "eps" when absent) -> the diffusers prediction_type
+PARAMETERIZATION = {"eps": "epsilon", "v": "v_prediction"}
 
 _RESNET_UNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"),
                 ("time_emb_proj", "emb_layers.1"), ("norm2", "out_layers.0"),
@@ -175,12 +186,13 @@ def default_configs() -> tuple[dict, dict, dict]:
   from sodec_jax.diffusion.unet import UNetConfig
   unet = {"_class_name": "UNet2DConditionModel", **UNetConfig().to_dict()}
   vae = {"_class_name": "AutoencoderKL", **VAEConfig().to_dict()}
-  return unet, vae, dict(SD21_SCHEDULER)
+  return unet, vae, dict(SD21_SCHEDULE)
 
 
 def configs_for(config_dir: str | None) -> tuple[dict, dict, dict]:
   """(unet, vae, scheduler) config dicts: from `config_dir` (unet/config.json, vae/config.json,
-  scheduler/scheduler_config.json; any missing one falls back) or SD 2.1's built in."""
+  scheduler/scheduler_config.json; any missing one falls back) or SD 2.1's built in. The built-in
+  scheduler has no prediction_type (the caller must find one)."""
   unet, vae, sched = default_configs()
   if not config_dir:
     return unet, vae, sched
@@ -199,6 +211,37 @@ def configs_for(config_dir: str | None) -> tuple[dict, dict, dict]:
     else:
       out.append(default)
   return tuple(out)
+
+
+def yaml_beside(path: str) -> str | None:
+  """The original inference config next to a single file (`model.yaml` for `model.ckpt` /
+  `model.safetensors`, the name diffusers and the web UIs look for), or None."""
+  stem = os.path.splitext(path)[0]
+  for ext in (".yaml", ".yml"):
+    if os.path.isfile(stem + ext):
+      return stem + ext
+  return None
+
+
+def prediction_type_from_yaml(path: str) -> str:
+  """The prediction type an original config states: `model.params.parameterization` ("v" ->
+  v_prediction; "eps" or absent -> epsilon, LatentDiffusion's default)."""
+  try:
+    with open(path) as f:
+      text = f.read()
+  except OSError as e:
+    raise SodecError(f"could not read {path} ({e})") from None
+  found = re.findall(r"^\s*parameterization\s*:\s*[\"']?([A-Za-z0-9_]+)[\"']?\s*(?:#.*)?$",
+                     text, flags=re.MULTILINE)
+  if not found:
+    if not re.search(r"^\s*target\s*:\s*ldm\.models\.diffusion\.ddpm\.", text, re.MULTILINE):
+      raise SodecError(f"{path} is not an original Stable Diffusion config (no target: "
+                       "ldm.models.diffusion.ddpm.*); pass --prediction-type epsilon|v_prediction")
+    return "epsilon"
+  if len(set(found)) > 1 or found[0] not in PARAMETERIZATION:
+    raise SodecError(f"{path}: parameterization {', '.join(sorted(set(found)))} is not supported "
+                     "(eps or v); pass --prediction-type epsilon|v_prediction")
+  return PARAMETERIZATION[found[0]]
 
 
 def split_single_file(source, unet_keys, unet_cfg: dict, vae_keys, vae_cfg: dict):

@@ -1,8 +1,10 @@
 """sd21 / unet / vae converters: random diffusers models saved for real, converted, loaded, compared;
 the single-file (LDM) layout; and the errors users see."""
 import os
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,13 +13,16 @@ import torch
 from diffusers import AutoencoderKL as TVAE
 from diffusers import DDIMScheduler
 from diffusers import UNet2DConditionModel as TUNet
+from diffusers_reference import nchw, nhwc, randomize_
+from flax import nnx
+from ldm_layout import ldm_unet, ldm_vae
 from safetensors.numpy import save_file
 
-from diffusers_reference import nchw, nhwc, randomize_
+from sodec_jax import converters as convert
+from sodec_jax import pretrained
 from sodec_jax.diffusion.autoencoder import tiny_vae_config
 from sodec_jax.diffusion.unet import tiny_unet_config
 from sodec_jax.errors import SodecError
-from sodec_jax import converters as convert
 from sodec_jax.weights import converted, ldm
 from tests.convert.conftest import ROOT, assert_out_clean, errors
 
@@ -82,6 +87,8 @@ def test_sd21_folder(pipeline, tmp_path):
   check_vae(converted.load_vae(out), vae)
   sched = converted.load_schedule(out)
   assert sched.prediction_type == "v_prediction"
+  assert m["prediction_type"] == "v_prediction"
+  assert m["prediction_type_from"].endswith("scheduler/scheduler_config.json")
   np.testing.assert_allclose(sched.alphas_cumprod,
                              DDIMScheduler.from_pretrained(os.path.join(root, "scheduler"))
                              .alphas_cumprod.numpy(), rtol=1e-5)
@@ -116,21 +123,17 @@ def test_bfloat16_storage(pipeline, tmp_path):
 
 
 def _ldm_state_dict(unet, vae):
-  from sodec_jax.weights.diffusers import expected_keys
-  u_cfg, v_cfg = dict(unet.config), dict(vae.config)
-  sd = {}
-  for k, v in unet.state_dict().items():
-    sd[ldm.unet_ldm_name(k, u_cfg)] = v.numpy()
-  for k, v in vae.state_dict().items():
-    a = v.numpy()
-    name = ldm.vae_ldm_name(k, v_cfg)
-    if ".mid.attn_1." in name and name.endswith("weight") and a.ndim == 2:
-      a = a[:, :, None, None]     # LDM's VAE attention projections are 1x1 convs
-    sd[name] = a
+  """The single file's tensors: LDM names from `ldm_layout` (written from the original CompVis
+  modules and checked there by diffusers' own convert_ldm_*_checkpoint), not from our tables."""
+  sd = {k: v.numpy() for k, v in {**ldm_unet(unet), **ldm_vae(vae)}.items()}
   sd["cond_stage_model.model.token_embedding.weight"] = np.zeros((8, 4), np.float32)
   sd["alphas_cumprod"] = np.linspace(1, 0, 10).astype(np.float32)
-  del expected_keys
   return sd
+
+
+def _flat_params(model) -> dict:
+  return {"/".join(map(str, p)): np.asarray(v.value)
+          for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
 def test_ldm_table_known_names():
@@ -175,9 +178,111 @@ def test_sd21_single_file(pipeline, tmp_path, fmt):
   m = converted.read_manifest(out)
   assert m["layout"] == "ldm-single-file" and m["ignored_prefixes"] == ["alphas_cumprod",
                                                                         "cond_stage_model"]
-  check_unet(converted.load_unet(out), unet)
-  check_vae(converted.load_vae(out), vae)
+  ours_unet, ours_vae = converted.load_unet(out), converted.load_vae(out)
+  # the same parameters as the diffusers folders read directly (exactly: float32 both ways)
+  for ours, direct in ((ours_unet, converted.load_unet(root)),
+                       (ours_vae, converted.load_vae(os.path.join(root, "vae")))):
+    a, b = _flat_params(ours), _flat_params(direct)
+    assert sorted(a) == sorted(b)
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  check_unet(ours_unet, unet)
+  check_vae(ours_vae, vae)
   assert converted.load_schedule(out).prediction_type == "v_prediction"
+
+
+def _d(weights, prediction_type):
+  """The config.diffusion fields pretrained.build_unet reads."""
+  return SimpleNamespace(weights=weights, prediction_type=prediction_type, dtype="float32",
+                         remat=False, unet="tiny", vae="tiny")
+
+
+def test_prediction_type_recorded_and_checked(pipeline, tmp_path):
+  """A converted (or raw diffusers) v-prediction model under config.diffusion.prediction_type=
+  'epsilon' is one line naming both and the flag; the matching type loads."""
+  root, unet, _ = pipeline
+  out = convert.convert_sd21(root, str(tmp_path / "sd21"))
+  for folder in (out, root):
+    assert converted.recorded_prediction_type(folder)[0] == "v_prediction"
+    with pytest.raises(SodecError) as e:
+      pretrained.build_unet(_d(folder, "epsilon"), nnx.Rngs(0))
+    msg = str(e.value)
+    assert "\n" not in msg and "is a v_prediction model" in msg
+    assert "prediction_type='epsilon'" in msg
+    assert msg.endswith("set --config.diffusion.prediction_type=v_prediction")
+    with pytest.raises(SodecError, match="prediction_type=v_prediction$"):
+      pretrained.build_unet(_d(folder, "epsilon"), nnx.Rngs(0), load=False)
+  check_unet(pretrained.build_unet(_d(out, "v_prediction"), nnx.Rngs(0)), unet)
+  # --prediction-type overrides the scheduler's, and is what the manifest records
+  eps = convert.convert_sd21(root, str(tmp_path / "eps"), prediction_type="epsilon")
+  assert converted.recorded_prediction_type(eps) == ("epsilon",
+                                                     os.path.join(eps, "manifest.json"))
+  assert converted.load_schedule(eps).prediction_type == "epsilon"
+  with pytest.raises(SodecError, match="set --config.diffusion.prediction_type=epsilon"):
+    pretrained.build_unet(_d(eps, "v_prediction"), nnx.Rngs(0))
+  # the unet subcommand takes it from ../scheduler beside --src; alone it records none (warning)
+  u = convert.convert_unet(os.path.join(root, "unet"), str(tmp_path / "u"))
+  assert converted.recorded_prediction_type(u)[0] == "v_prediction"
+  alone = tmp_path / "alone"
+  shutil.copytree(os.path.join(root, "unet"), alone / "unet")
+  u2 = convert.convert_unet(str(alone / "unet"), str(tmp_path / "u2"))
+  assert converted.recorded_prediction_type(u2)[0] is None
+  with pytest.warns(UserWarning, match="cannot check config.diffusion.prediction_type"):
+    pretrained.build_unet(_d(u2, "epsilon"), nnx.Rngs(0))
+
+
+def test_folder_without_scheduler_needs_the_flag(pipeline, tmp_path):
+  root, _, _ = pipeline
+  bare = tmp_path / "bare"
+  for sub in ("unet", "vae"):
+    shutil.copytree(os.path.join(root, sub), bare / sub)
+  with pytest.raises(SodecError, match="no scheduler/scheduler_config.json.*pass --prediction-type "
+                                       "epsilon .*v_prediction"):
+    convert.convert_sd21(str(bare), str(tmp_path / "out"))
+  assert_out_clean(str(tmp_path / "out"))
+  out = convert.convert_sd21(str(bare), str(tmp_path / "out"), prediction_type="v_prediction")
+  assert converted.read_manifest(out)["prediction_type_from"] == "--prediction-type"
+
+
+V_YAML = """model:
+  base_learning_rate: 1.0e-4
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    parameterization: "v"
+    linear_start: 0.00085
+"""
+EPS_YAML = V_YAML.replace('    parameterization: "v"\n', "")
+
+
+def test_single_file_prediction_type(pipeline, tmp_path):
+  """A single file without a scheduler config needs --prediction-type or an original .yaml
+  beside it (model.params.parameterization: "v" -> v_prediction, absent -> epsilon)."""
+  root, unet, vae = pipeline
+  configs = tmp_path / "configs"          # architecture only: no scheduler/
+  for sub in ("unet", "vae"):
+    (configs / sub).mkdir(parents=True)
+    shutil.copy(os.path.join(root, sub, "config.json"), configs / sub / "config.json")
+  path = tmp_path / "model.safetensors"
+  save_file(_ldm_state_dict(unet, vae), str(path))
+  with pytest.raises(SodecError) as e:
+    convert.convert_sd21(str(path), str(tmp_path / "out"), config_dir=str(configs))
+  assert "cannot be read from its tensors" in str(e.value)
+  assert "no original config model.yaml" in str(e.value)
+  assert str(e.value).endswith("--prediction-type v_prediction (SD 2.1, 768)")
+  assert_out_clean(str(tmp_path / "out"))
+  out = convert.convert_sd21(str(path), str(tmp_path / "flag"), config_dir=str(configs),
+                             prediction_type="epsilon")
+  assert converted.load_schedule(out).prediction_type == "epsilon"
+  for text, want in ((V_YAML, "v_prediction"), (EPS_YAML, "epsilon")):
+    (tmp_path / "model.yaml").write_text(text)
+    dest = str(tmp_path / want)
+    out = convert.convert_sd21(str(path), dest, config_dir=str(configs))
+    m = converted.read_manifest(out)
+    assert m["prediction_type"] == want and m["prediction_type_from"].endswith("model.yaml")
+    assert converted.load_schedule(out).prediction_type == want
+  (tmp_path / "model.yaml").write_text("model:\n  target: something.else\n")
+  with pytest.raises(SodecError, match="not an original Stable Diffusion config"):
+    convert.convert_sd21(str(path), str(tmp_path / "bad"), config_dir=str(configs))
 
 
 def test_single_file_missing_and_extra_keys(pipeline, tmp_path):

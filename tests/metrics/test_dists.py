@@ -1,5 +1,14 @@
-"""DISTS (Flax) vs the DISTS_pytorch formula in plain torch: same random VGG16, random positive
-alpha/beta, real photos. And the alpha/beta loader (round trips, bad files, refused pickles)."""
+"""DISTS (Flax) vs golden values of the dists-pytorch package itself (independent), and vs the
+DISTS_pytorch formula re-written in plain torch (tests/reference/torch_dists.py, from
+DISTS_pytorch 0.1's DISTS_pt.py): same random VGG16, random positive alpha/beta, real photos.
+And the alpha/beta loader (round trips, bad files, refused pickles).
+
+dists-pytorch 0.1 is not installed here: DISTS_pt.py imports torchvision (never installed in this
+project) and builds `models.vgg16(pretrained=True)`, a download. Its golden values were computed
+once by tests/reference/upstream_goldens.py, running the wheel's DISTS_pt.py with a stand-in
+`torchvision.models.vgg16` that returns the seed-1 VGG16 of tests/reference/torch_vgg16.py and
+alpha/beta = torch_dists.random_alpha_beta(seed=1); the trunk's layout (torchvision cfg "D") is
+the one part not from upstream."""
 from __future__ import annotations
 
 import os
@@ -63,6 +72,20 @@ def test_matches_torch_reference(models, size):
   same = np.asarray(ours(x, x))
   same_ref = ref(_torch(x), _torch(x)).detach().numpy()
   assert np.abs(same).max() < 1e-4 and np.abs(same - same_ref).max() <= 1e-5
+
+
+# DISTS_pytorch 0.1 DISTS_pt.DISTS(load_weights=False).forward(x, y) on _photos.crops(size) vs
+# _photos.degrade (tests/reference/upstream_goldens.py), float32
+DISTS_PYTORCH = {(64, 64): [0.007013916969299316, 0.00793755054473877],
+                 (75, 53): [0.005591392517089844, 0.008247137069702148]}
+
+
+@pytest.mark.parametrize("size", sorted(DISTS_PYTORCH))
+def test_matches_dists_pytorch_golden(models, size):
+  _, ours, _ = models
+  x = _photos.crops(size)
+  got = np.asarray(jax.jit(lambda a, b: ours(a, b))(x, _photos.degrade(x)), np.float64)
+  np.testing.assert_allclose(got, DISTS_PYTORCH[size], rtol=0, atol=1e-6)
 
 
 def test_gradient_finite_and_matches_torch(models):

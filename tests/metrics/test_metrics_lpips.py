@@ -1,7 +1,19 @@
-"""LPIPS (Flax) vs the lpips package's formula in plain torch, same random VGG16, real heads."""
+"""LPIPS (Flax) vs the lpips package's formula in plain torch (tests/reference/torch_lpips.py), and
+vs the lpips wheel's own `lpips.LPIPS` class (lpips 0.1.4, the independent reference): same
+random VGG16, real heads.
+
+`import lpips` fails here as installed: lpips/pretrained_networks.py does `from torchvision import
+models as tv`, and torchvision is never installed in this project. `test_matches_the_lpips_package`
+therefore puts a stand-in `torchvision` module (only `models.vgg16(pretrained=False).features`,
+returning tests/reference/torch_vgg16.py's torchvision-layout VGG16 `features`) in sys.modules
+while the wheel is imported and `lpips.LPIPS(net="vgg", pnet_rand=True)` is built; everything else
+(ScalingLayer, the slices, normalize_tensor, the NetLinLayer heads read by the wheel from its own
+weights/v0.1/vgg.pth, the spatial average) is the wheel's code. The VGG16 trunk is the one part
+not from upstream (the real weights are ImageNet's; the layout is torchvision's cfg "D")."""
 from __future__ import annotations
 
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -32,6 +44,32 @@ def models():
   return ref, ours
 
 
+@pytest.fixture(scope="module")
+def lpips_package():
+  """The lpips wheel's own LPIPS (VGG, v0.1), its trunk the seed-0 VGG16 of `models`."""
+  feats = torch_vgg16.vgg16_features(seed=0)
+  calls = []
+
+  def vgg16(pretrained=True, **kwargs):
+    calls.append((pretrained, kwargs))
+    return types.SimpleNamespace(features=feats)
+
+  tv = types.ModuleType("torchvision")
+  tv.models = types.ModuleType("torchvision.models")
+  tv.models.vgg16 = vgg16
+  assert "torchvision" not in sys.modules and "lpips" not in sys.modules
+  sys.modules["torchvision"], sys.modules["torchvision.models"] = tv, tv.models
+  try:
+    import lpips
+    net = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True,
+                      verbose=False).eval()
+  finally:   # the stand-in and the wheel leave no trace for later tests
+    for k in [k for k in sys.modules if k.split(".")[0] in ("torchvision", "lpips")]:
+      del sys.modules[k]
+  assert calls == [(False, {})]      # pnet_rand: nothing downloaded, the trunk is ours
+  return net
+
+
 def _torch(x):
   return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
 
@@ -55,6 +93,19 @@ def test_matches_torch_reference(models, size):
   # identical images -> 0
   same = np.asarray(fn(x, x)[0])
   np.testing.assert_allclose(same, 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (72, 56)])
+def test_matches_the_lpips_package(models, lpips_package, size):
+  _, ours = models
+  x = _photos.crops(size)
+  y = _photos.degrade(x)
+  with torch.no_grad():
+    want = lpips_package(_torch(x), _torch(y), normalize=True).reshape(-1).numpy()
+  got = np.asarray(jax.jit(ours)(x, y), np.float64)
+  rel = np.abs(got - want) / np.abs(want)
+  print(f"LPIPS {size} vs lpips.LPIPS: ours {got} lpips {want} rel err {rel}")
+  assert np.all(want > 0) and rel.max() <= 1e-5
 
 
 def test_gradient_finite_and_matches_torch(models):
