@@ -24,20 +24,21 @@ def get_config():
   c.stage = 1
   # the codec at small widths
   c.model.latent_channels = 32
-  c.model.encoder_filters = (8, 16, 24, 32, 48)
+  c.model.encoder_filters = (12, 24, 32, 48, 64)
   c.model.hyper_channels = 24
-  c.model.decoder_filters = (48, 32, 24, 16, 8)
+  c.model.decoder_filters = (64, 48, 32, 24, 12)
   c.model.decoder_residual_blocks = 2
   c.data.crop_size = 128
   c.data.batch_size = 4
+  c.data.holdout = ("astronaut", "coffee")           # validation photos, never trained on
   c.loss.k_P = 0.0                                   # MSE only: LPIPS needs VGG16 weights
   c.loss.target_rate = 1.0
   c.loss.lambda_A = 0.25
   c.loss.lambda_B = 2.0 ** -6
   c.loss.lambda_schedule_steps = (10_000,)
   c.loss.target_schedule_steps = (10_000,)
-  c.optim.learning_rate = 3e-4
-  c.optim.lr_decay_steps = (10_000,)
+  c.optim.learning_rate = 1e-3
+  c.optim.lr_decay_steps = (850,)
   c.train.num_steps = 1000
   c.train.log_every = 50
   c.train.checkpoint_every = 250
@@ -54,8 +55,9 @@ def get_config():
   # the pipeline: stage order and what each stage changes beyond its stage config
   c.pipeline.stages = ("pretrain", "stage1", "stage2", "stage3", "finetune")
   c.pipeline.pretrain = ml_collections.ConfigDict(
-      {"train": {"num_steps": 300}, "optim": {"learning_rate": 1e-3}})
-  small = {"data": {"crop_size": 128, "batch_size": 4}, "optim": {"learning_rate": 3e-4}}
+      {"train": {"num_steps": 300}, "optim": {"learning_rate": 2e-3, "lr_decay_steps": (250,)}})
+  small = {"data": {"crop_size": 128, "batch_size": 4},
+           "optim": {"learning_rate": 5e-4, "lr_decay_steps": (10_000,)}}
   c.pipeline.stage2 = ml_collections.ConfigDict({**small, "train": {"num_steps": 150, "checkpoint_every": 150}})
   c.pipeline.stage3 = ml_collections.ConfigDict(
       {**small, "train": {"num_steps": 150, "checkpoint_every": 150},

@@ -85,3 +85,23 @@ def test_each_epoch_visits_every_image_once():
   loader = data.CropLoader(data.list_images("")[:5], 64, seed=3)
   for epoch in range(2):
     assert sorted(loader._permutation(epoch)) == list(range(5))  # pylint: disable=protected-access
+
+
+def test_holdout_photos_are_kept_out_of_training():
+  paths = data.list_images("")
+  kept = data.exclude_holdout(paths, ("astronaut", "coffee"))
+  names = {os.path.basename(p) for p in kept}
+  assert len(kept) == len(paths) - 2 and not names & {"astronaut.png", "coffee.png"}
+  # hold out every colour photo: then every training crop is grey (R == G == B)
+  stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+  colour = tuple(stem(p) for p in paths if data.load_image(p).std(axis=-1).max() > 0)
+  assert "astronaut" in colour and len(colour) < len(paths)
+  batches = lambda **o: np.concatenate(list(data.train_dataset(
+      make_micro_config(**{"train.num_steps": 6, **o}))))
+  grey = lambda b: bool(np.all(b[..., 0] == b[..., 1]) and np.all(b[..., 1] == b[..., 2]))
+  assert not grey(batches())
+  assert grey(batches(**{"data.holdout": colour}))
+  with pytest.raises(SodecError, match="holdout names astronot"):
+    data.exclude_holdout(paths, ("astronot",))
+  with pytest.raises(SodecError, match="every training image"):
+    data.exclude_holdout(paths[:1], (stem(paths[0]),))
