@@ -37,7 +37,7 @@ def get_config():
   c.loss.lambda_B = 2.0 ** -6
   c.loss.lambda_schedule_steps = (10_000,)
   c.loss.target_schedule_steps = (10_000,)
-  c.optim.learning_rate = 1e-3
+  c.optim.learning_rate = 3e-4
   c.optim.lr_decay_steps = (850,)
   c.train.num_steps = 1000
   c.train.log_every = 50
@@ -55,7 +55,9 @@ def get_config():
   # the pipeline: stage order and what each stage changes beyond its stage config
   c.pipeline.stages = ("pretrain", "stage1", "stage2", "stage3", "finetune")
   c.pipeline.pretrain = ml_collections.ConfigDict(
-      {"train": {"num_steps": 300}, "optim": {"learning_rate": 2e-3, "lr_decay_steps": (250,)}})
+      {"train": {"num_steps": 800, "checkpoint_every": 400},
+       "data": {"crop_size": 64, "batch_size": 8},
+       "optim": {"learning_rate": 2e-3, "lr_decay_steps": (650,)}})
   small = {"data": {"crop_size": 128, "batch_size": 4},
            "optim": {"learning_rate": 5e-4, "lr_decay_steps": (10_000,)}}
   c.pipeline.stage2 = ml_collections.ConfigDict({**small, "train": {"num_steps": 150, "checkpoint_every": 150}})
@@ -63,6 +65,8 @@ def get_config():
       {**small, "train": {"num_steps": 150, "checkpoint_every": 150},
        "loss": {"anneal": {"start": 0.25, "end": 1.0, "steps": 150}}})
   c.pipeline.finetune = ml_collections.ConfigDict(
-      {**small, "train": {"num_steps": 100, "checkpoint_every": 100},
-       "loss": {"anneal": {"start": 1.0, "end": 1.0}}})
+      {"data": small["data"], "train": {"num_steps": 100, "checkpoint_every": 100},
+       "optim": {"learning_rate": 1e-4, "lr_decay_steps": (10_000,), "grad_clip_norm": 0.0},
+       "loss": {"anneal": {"start": 1.0, "end": 1.0}, "beta": 0.015, "gan_warmup_steps": 20,
+                "gan_ramp_steps": 40, "disc_learning_rate": 1e-4}})
   return c

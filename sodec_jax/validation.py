@@ -98,9 +98,9 @@ def validate(model: api.LoadedModel, images: Sequence[np.ndarray],
 
 
 def pipeline_models(workdir: str) -> list[tuple[str, api.LoadedModel]]:
-  """(stage directory name, LoadedModel) of each finished coding stage of a pipeline workdir
-  (the tiny default's; stage 0, the latent pretraining, codes nothing and is left out). A plain
-  training workdir gives itself."""
+  """(stage directory name, LoadedModel) of each coding stage of a pipeline workdir (the tiny
+  default's) that has a checkpoint (its latest); stage 0, the latent pretraining, codes nothing
+  and is left out. A plain training workdir gives itself."""
   path = os.path.join(workdir, checkpoints.PIPELINE_FILE)
   if not os.path.isfile(path):
     return [(os.path.basename(os.path.normpath(workdir)), api.load_model(workdir))]
