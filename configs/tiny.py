@@ -62,7 +62,8 @@ def get_config():
            "optim": {"learning_rate": 5e-4, "lr_decay_steps": (10_000,)}}
   c.pipeline.stage2 = ml_collections.ConfigDict({**small, "train": {"num_steps": 150, "checkpoint_every": 150}})
   c.pipeline.stage3 = ml_collections.ConfigDict(
-      {**small, "train": {"num_steps": 150, "checkpoint_every": 150},
+      {"data": small["data"], "optim": {"learning_rate": 3e-4, "lr_decay_steps": (10_000,)},
+       "train": {"num_steps": 150, "checkpoint_every": 150},
        "loss": {"anneal": {"start": 0.25, "end": 1.0, "steps": 150}}})
   c.pipeline.finetune = ml_collections.ConfigDict(
       {"data": small["data"], "train": {"num_steps": 100, "checkpoint_every": 100},
