@@ -68,6 +68,6 @@ def get_config():
   c.pipeline.finetune = ml_collections.ConfigDict(
       {"data": small["data"], "train": {"num_steps": 100, "checkpoint_every": 100},
        "optim": {"learning_rate": 1e-4, "lr_decay_steps": (10_000,), "grad_clip_norm": 0.0},
-       "loss": {"anneal": {"start": 1.0, "end": 1.0}, "beta": 0.015, "gan_warmup_steps": 20,
+       "loss": {"anneal": {"start": 1.0, "end": 1.0}, "beta": 0.15, "gan_warmup_steps": 20,
                 "gan_ramp_steps": 40, "disc_learning_rate": 1e-4}})
   return c
