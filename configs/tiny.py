@@ -10,8 +10,10 @@ Stages, each in runs/tiny/<i>_<stage>/ and each starting from the ones before:
   stage2    diffusion path warm-up (configs/stage2.py) with a small random frozen ViT as F
   stage3    joint training with rate annealing + alignment (configs/stage3.py)
   finetune  + the conditional GAN (configs/finetune.py)
-`sodec compress/decompress --checkpoint runs/tiny` then use the final stage (the diffusion
-decoder). `--config.pipeline.stages="('stage1',)"` trains the codec alone.
+astronaut and coffee are held out of training (data.holdout): measure any stage on them with
+sodec_jax.validation (real .sodec files). `sodec compress/decompress --checkpoint runs/tiny`
+then use the final stage (the diffusion decoder). `--config.pipeline.stages="('stage1',)"`
+trains the codec alone.
 """
 import ml_collections
 
@@ -60,7 +62,8 @@ def get_config():
        "optim": {"learning_rate": 2e-3, "lr_decay_steps": (650,)}})
   small = {"data": {"crop_size": 128, "batch_size": 4},
            "optim": {"learning_rate": 5e-4, "lr_decay_steps": (10_000,)}}
-  c.pipeline.stage2 = ml_collections.ConfigDict({**small, "train": {"num_steps": 150, "checkpoint_every": 150}})
+  c.pipeline.stage2 = ml_collections.ConfigDict(
+      {**small, "train": {"num_steps": 150, "checkpoint_every": 150}})
   c.pipeline.stage3 = ml_collections.ConfigDict(
       {"data": small["data"], "optim": {"learning_rate": 3e-4, "lr_decay_steps": (10_000,)},
        "train": {"num_steps": 150, "checkpoint_every": 150},

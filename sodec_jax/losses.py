@@ -149,7 +149,7 @@ def gan_weight(step, loss_config) -> jax.Array:
   warmup = float(c.get("gan_warmup_steps", 0))
   ramp = float(c.get("gan_ramp_steps", 0))
   t = jnp.asarray(step, jnp.float32) - warmup
-  frac = jnp.clip((t + 1.0) / max(ramp, 1.0), 0.0, 1.0) if ramp > 0 else (t >= 0).astype(jnp.float32)
+  frac = jnp.clip((t + 1.0) / ramp, 0.0, 1.0) if ramp > 0 else jnp.float32(1.0)
   return jnp.float32(c.beta) * jnp.where(t >= 0, frac, 0.0)
 
 
