@@ -76,6 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.hflip = True
   c.data.worker_count = 0                            # grain worker processes (0 = threads)
   c.data.cache_mb = 1024                             # keep decoded images in RAM if they fit
+  c.data.holdout = ()                                # file names (no extension) kept out of training
 
   # --- loss: lambda * r + k_M * MSE(0..255) + k_P * LPIPS (HiFiC defaults) --------------------
   c.loss = ml_collections.ConfigDict()
@@ -102,6 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.alpha = 1.0
   c.loss.beta = 0.0                                  # GAN weight (stage 4: HiFiC's 0.15)
   c.loss.disc_learning_rate = 1e-4
+  c.loss.gan_warmup_steps = 0                        # stage 4: discriminator-only steps first
+  c.loss.gan_ramp_steps = 0                          # then beta rises linearly over these
   c.loss.discriminator_init = ""   # stage 4: a `convert/from_torch.py hific` folder's discriminator
 
   # LPIPS needs ImageNet VGG16 weights from a local file (torchvision layout, .pth or .safetensors).

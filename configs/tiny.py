@@ -10,8 +10,10 @@ Stages, each in runs/tiny/<i>_<stage>/ and each starting from the ones before:
   stage2    diffusion path warm-up (configs/stage2.py) with a small random frozen ViT as F
   stage3    joint training with rate annealing + alignment (configs/stage3.py)
   finetune  + the conditional GAN (configs/finetune.py)
-`sodec compress/decompress --checkpoint runs/tiny` then use the final stage (the diffusion
-decoder). `--config.pipeline.stages="('stage1',)"` trains the codec alone.
+astronaut and coffee are held out of training (data.holdout): measure any stage on them with
+sodec_jax.validation (real .sodec files). `sodec compress/decompress --checkpoint runs/tiny`
+then use the final stage (the diffusion decoder). `--config.pipeline.stages="('stage1',)"`
+trains the codec alone.
 """
 import ml_collections
 
@@ -24,12 +26,13 @@ def get_config():
   c.stage = 1
   # the codec at small widths
   c.model.latent_channels = 32
-  c.model.encoder_filters = (8, 16, 24, 32, 48)
+  c.model.encoder_filters = (12, 24, 32, 48, 64)
   c.model.hyper_channels = 24
-  c.model.decoder_filters = (48, 32, 24, 16, 8)
+  c.model.decoder_filters = (64, 48, 32, 24, 12)
   c.model.decoder_residual_blocks = 2
   c.data.crop_size = 128
   c.data.batch_size = 4
+  c.data.holdout = ("astronaut", "coffee")           # validation photos, never trained on
   c.loss.k_P = 0.0                                   # MSE only: LPIPS needs VGG16 weights
   c.loss.target_rate = 1.0
   c.loss.lambda_A = 0.25
@@ -37,7 +40,7 @@ def get_config():
   c.loss.lambda_schedule_steps = (10_000,)
   c.loss.target_schedule_steps = (10_000,)
   c.optim.learning_rate = 3e-4
-  c.optim.lr_decay_steps = (10_000,)
+  c.optim.lr_decay_steps = (850,)
   c.train.num_steps = 1000
   c.train.log_every = 50
   c.train.checkpoint_every = 250
@@ -54,13 +57,20 @@ def get_config():
   # the pipeline: stage order and what each stage changes beyond its stage config
   c.pipeline.stages = ("pretrain", "stage1", "stage2", "stage3", "finetune")
   c.pipeline.pretrain = ml_collections.ConfigDict(
-      {"train": {"num_steps": 300}, "optim": {"learning_rate": 1e-3}})
-  small = {"data": {"crop_size": 128, "batch_size": 4}, "optim": {"learning_rate": 3e-4}}
-  c.pipeline.stage2 = ml_collections.ConfigDict({**small, "train": {"num_steps": 150, "checkpoint_every": 150}})
+      {"train": {"num_steps": 800, "checkpoint_every": 400},
+       "data": {"crop_size": 64, "batch_size": 8},
+       "optim": {"learning_rate": 2e-3, "lr_decay_steps": (650,)}})
+  small = {"data": {"crop_size": 128, "batch_size": 4},
+           "optim": {"learning_rate": 5e-4, "lr_decay_steps": (10_000,)}}
+  c.pipeline.stage2 = ml_collections.ConfigDict(
+      {**small, "train": {"num_steps": 150, "checkpoint_every": 150}})
   c.pipeline.stage3 = ml_collections.ConfigDict(
-      {**small, "train": {"num_steps": 150, "checkpoint_every": 150},
+      {"data": small["data"], "optim": {"learning_rate": 3e-4, "lr_decay_steps": (10_000,)},
+       "train": {"num_steps": 150, "checkpoint_every": 150},
        "loss": {"anneal": {"start": 0.25, "end": 1.0, "steps": 150}}})
   c.pipeline.finetune = ml_collections.ConfigDict(
-      {**small, "train": {"num_steps": 100, "checkpoint_every": 100},
-       "loss": {"anneal": {"start": 1.0, "end": 1.0}}})
+      {"data": small["data"], "train": {"num_steps": 100, "checkpoint_every": 100},
+       "optim": {"learning_rate": 1e-4, "lr_decay_steps": (10_000,), "grad_clip_norm": 0.0},
+       "loss": {"anneal": {"start": 1.0, "end": 1.0}, "beta": 0.15, "gan_warmup_steps": 20,
+                "gan_ramp_steps": 40, "disc_learning_rate": 1e-4}})
   return c

@@ -79,6 +79,22 @@ def list_images(train_dir: str) -> list[str]:
   return paths
 
 
+def exclude_holdout(paths: Sequence[str], names: Sequence[str]) -> list[str]:
+  """`paths` without the held-out images: those whose file name without extension is in `names`
+  (config.data.holdout, e.g. ("astronaut", "coffee")). A name matching no path, or no path left,
+  is a SodecError."""
+  names = tuple(names)
+  stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+  missing = sorted(set(names) - {stem(p) for p in paths})
+  if missing:
+    raise SodecError(f"config.data.holdout names {', '.join(missing)}, not among the training "
+                     f"images (file names without extension); fix --config.data.holdout")
+  kept = [p for p in paths if stem(p) not in names]
+  if not kept:
+    raise SodecError("config.data.holdout holds out every training image; hold out fewer")
+  return kept
+
+
 def pad_to(img: np.ndarray, size: int) -> np.ndarray:
   """Pads H and W up to at least `size` (reflect where the image allows it, else edge)."""
   h, w = img.shape[:2]
@@ -186,6 +202,7 @@ def train_dataset(config, start_step: int = 0, paths: Sequence[str] | None = Non
   d = config.data
   if paths is None:
     paths = list_images(d.train_dir)
+  paths = exclude_holdout(paths, d.get("holdout", ()))
   loader = CropLoader(paths, d.crop_size, config.seed, d.hflip, d.get("cache_mb", 1024))
   b = d.batch_size
   end = max(int(config.train.num_steps), start_step)

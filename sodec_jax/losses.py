@@ -141,6 +141,18 @@ def alignment(x, x_f, config, lpips=None) -> jax.Array:
   return value
 
 
+def gan_weight(step, loss_config) -> jax.Array:
+  """The weight of L_g at `step` (stage 4): 0 for the first `gan_warmup_steps` (the
+  discriminator trains alone on the stage-3 generator's outputs), then rising linearly to
+  `beta` over `gan_ramp_steps` (at once when 0)."""
+  c = loss_config
+  warmup = float(c.get("gan_warmup_steps", 0))
+  ramp = float(c.get("gan_ramp_steps", 0))
+  t = jnp.asarray(step, jnp.float32) - warmup
+  frac = jnp.clip((t + 1.0) / ramp, 0.0, 1.0) if ramp > 0 else jnp.float32(1.0)
+  return jnp.float32(c.beta) * jnp.where(t >= 0, frac, 0.0)
+
+
 def sodec_loss(outputs: Mapping, x: jax.Array, step, config, lpips: Callable | None = None,
                gan_generator_loss: jax.Array | None = None):
   """Stages 2-4 (paper Eq. 9, 11, 12): d(x, x_hat) + lambda * r + alpha * L_align + beta * L_g.
@@ -169,7 +181,8 @@ def sodec_loss(outputs: Mapping, x: jax.Array, step, config, lpips: Callable | N
   loss = terms["distortion"] + terms["rate_loss"] + terms["alignment_loss"]
   if gan_generator_loss is not None:
     terms["gan_g"] = gan_generator_loss
-    terms["gan_loss"] = c.beta * gan_generator_loss
+    terms["beta"] = gan_weight(step, c)
+    terms["gan_loss"] = terms["beta"] * gan_generator_loss
     loss = loss + terms["gan_loss"]
   terms["loss"] = loss
   return loss, terms

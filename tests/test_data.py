@@ -122,3 +122,23 @@ def test_training_reads_files_as_the_cli_does(tmp_path):
   stored = np.asarray(Image.open(tmp_path / "rotated.jpg").convert("RGB"))  # [64, 96]: unrotated
   crop = data.CropLoader([str(tmp_path / "rotated.jpg")], 64, seed=0, hflip=False)(0)
   assert not any((w == crop).all() for w in _windows(stored, 64))
+
+
+def test_holdout_photos_are_kept_out_of_training():
+  paths = data.list_images("")
+  kept = data.exclude_holdout(paths, ("astronaut", "coffee"))
+  names = {os.path.basename(p) for p in kept}
+  assert len(kept) == len(paths) - 2 and not names & {"astronaut.png", "coffee.png"}
+  # hold out every colour photo: then every training crop is grey (R == G == B)
+  stem = lambda p: os.path.splitext(os.path.basename(p))[0]
+  colour = tuple(stem(p) for p in paths if images.read_image(p)[0].std(axis=-1).max() > 0)
+  assert "astronaut" in colour and len(colour) < len(paths)
+  batches = lambda **o: np.concatenate(list(data.train_dataset(
+      make_micro_config(**{"train.num_steps": 6, **o}))))
+  grey = lambda b: bool(np.all(b[..., 0] == b[..., 1]) and np.all(b[..., 1] == b[..., 2]))
+  assert not grey(batches())
+  assert grey(batches(**{"data.holdout": colour}))
+  with pytest.raises(SodecError, match="holdout names astronot"):
+    data.exclude_holdout(paths, ("astronot",))
+  with pytest.raises(SodecError, match="every training image"):
+    data.exclude_holdout(paths[:1], (stem(paths[0]),))

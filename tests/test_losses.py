@@ -95,3 +95,21 @@ def test_rate_weight_is_jittable_with_traced_step():
   f = jax.jit(lambda b, s: losses.rate_weight(b, s, c.loss))
   lam, target = f(jnp.float32(0.35), jnp.int32(150))
   assert float(lam) == 2.0 and float(target) == pytest.approx(0.3)
+
+
+def test_gan_weight_warms_up_then_ramps_to_beta():
+  c = _config(**{"loss.beta": 0.15, "loss.gan_warmup_steps": 10, "loss.gan_ramp_steps": 4}).loss
+  got = [float(losses.gan_weight(s, c)) for s in (0, 9, 10, 11, 12, 13, 14, 100)]
+  np.testing.assert_allclose(got, [0, 0, 0.0375, 0.075, 0.1125, 0.15, 0.15, 0.15], rtol=1e-6)
+  c.gan_ramp_steps = 0                                  # no ramp: beta from the first G step
+  assert [float(losses.gan_weight(s, c)) for s in (9, 10)] == [0.0, pytest.approx(0.15)]
+  assert float(jax.jit(lambda s: losses.gan_weight(s, c))(jnp.int32(12))) == pytest.approx(0.15)
+  # sodec_loss adds gan_weight(step) * L_g and reports it
+  x = jnp.full((1, 64, 64, 3), 0.5)
+  out = dict(_outputs(8.0, 8.0, x), x_f=x)
+  cfg = _config(**{"loss.beta": 0.15, "loss.gan_warmup_steps": 10, "loss.gan_ramp_steps": 4,
+                   "loss.rate_mode": "none"})
+  for step, beta in ((5, 0.0), (11, 0.075)):
+    loss, terms = losses.sodec_loss(out, x, step, cfg, gan_generator_loss=jnp.float32(2.0))
+    assert float(terms["beta"]) == pytest.approx(beta)
+    assert float(loss) == pytest.approx(float(terms["distortion"]) + 2.0 * beta)
