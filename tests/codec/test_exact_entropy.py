@@ -136,7 +136,7 @@ def test_derivation_is_bounded_and_deterministic(spread, params):
     assert np.array_equal(a.divisor, b.divisor)
 
 
-# --------------------------------------------------------------------------- tracking the float path
+# ------------------------------------------------------------------------- tracking the float path
 @pytest.mark.parametrize("photo", ["astronaut.png", "coffee.png"])
 def test_integer_indexes_track_the_float_ones(spread, photo):
   lat = api.encode_latents(spread, load_photo(photo))
@@ -150,7 +150,7 @@ def test_integer_indexes_track_the_float_ones(spread, photo):
   assert np.abs(v - np.clip(pre, 0, None)).max() < 1e-3
 
 
-# --------------------------------------------------------------------------- the same indexes anywhere
+# ----------------------------------------------------------------------- the same indexes anywhere
 def test_float_sigma_is_never_read(spread, astronaut):
   """Perturbing P's float sigma by a relative 1e-3 changes no index, on either side; the same
   perturbation does flip float32-sigma indexes (what version 1 read)."""
