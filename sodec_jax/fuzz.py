@@ -8,13 +8,15 @@ to an image or raise SodecError; anything else is a bug. Ends with exactly one l
 
   fuzz: N files, D decoded, E SodecError, O other, slowest T s
 
-(the exit status is non-zero when O > 0 or a file took longer than --max-seconds; the
-traceback of each `other` goes to stderr).
+(the exit status is non-zero when O > 0, a file took longer than --max-seconds, or the peak
+memory of the process grew by more than --max-growth-mib while decoding; the traceback of each
+`other` goes to stderr).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
 import struct
 import sys
 import time
@@ -164,6 +166,8 @@ def main(argv=None) -> int:
                  help="crop the photo to at most this many pixels per side (decode time)")
   p.add_argument("--max-seconds", type=float, default=2.0,
                  help="fail when one file takes longer than this to decode")
+  p.add_argument("--max-growth-mib", type=float, default=512.0,
+                 help="fail when decoding the mutations raises the peak memory by more than this")
   args = p.parse_args(argv)
   try:
     model = api.load_model(args.checkpoint)
@@ -171,9 +175,15 @@ def main(argv=None) -> int:
   except SodecError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  api.decompress(model, data)
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB units)
   result = run(model, data, args.n, args.seed)
+  growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - peak
+  if growth > args.max_growth_mib:
+    print(f"peak memory grew by {growth:.0f} MiB while decoding mutations", file=sys.stderr)
   print(result.line())
-  return 1 if result.other or result.slowest >= args.max_seconds else 0
+  bad = result.other or result.slowest >= args.max_seconds or growth > args.max_growth_mib
+  return 1 if bad else 0
 
 
 if __name__ == "__main__":
