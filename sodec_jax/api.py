@@ -280,12 +280,15 @@ class Latents:
   @classmethod
   def from_prior(cls, model: LoadedModel, y, z_hat, mu, sigma) -> "Latents":
     """Latents from y, z_hat and P's (mu, sigma), whoever computed them (array-likes, NHWC).
-    The indexes come from z_hat alone (model.indexer), never from the float sigma."""
+    The indexes come from z_hat alone (model.indexer), never from the float sigma; they are
+    computed on the host before mu and sigma are fetched, so P (dispatched asynchronously by
+    jax) runs meanwhile."""
+    z_hat = np.asarray(z_hat, np.float32)
+    indexes = model.indexer(z_hat)
     mu, sigma = np.asarray(mu, np.float32), np.asarray(sigma, np.float32)
     y_symbols = np.round(np.asarray(y, np.float32) - mu)
-    z_hat = np.asarray(z_hat, np.float32)
-    return cls(z_hat=z_hat, mu=mu, sigma=sigma, y_symbols=y_symbols,
-               indexes=model.indexer(z_hat), y_hat=y_symbols + mu)
+    return cls(z_hat=z_hat, mu=mu, sigma=sigma, y_symbols=y_symbols, indexes=indexes,
+               y_hat=y_symbols + mu)
 
   def __len__(self) -> int:
     return self.z_hat.shape[0]
@@ -379,11 +382,12 @@ def decode_latents(model: LoadedModel, data: bytes,
   z_hat = z_sym.reshape(header.z_shape).astype(np.float32)[None]
   if not np.all(np.abs(z_hat) < 1e6):
     raise SodecError("corrupted .sodec file: implausible hyper-latent values")
-  mu, sigma = (np.asarray(a) for a in (prior_fn or (lambda z: prior(model, z)))(z_hat))
+  mu_sigma = (prior_fn or (lambda z: prior(model, z)))(z_hat)  # jax: runs while the host works
   if header.version >= 2:
     indexes = model.indexer(z_hat)[0]
   else:  # version 1: float32 sigma indexes, as sodec-jax wrote them before the exact ones
-    indexes = scale_indexes(sigma, model.scales)[0]
+    indexes = scale_indexes(np.asarray(mu_sigma[1]), model.scales)[0]
+  mu = np.asarray(mu_sigma[0])
   y_sym = _from_file(model.y_coder.decode, y_stream, indexes, overflow, version=header.version)
   _from_file(overflow.finish, version=header.version)
   return header, y_sym.reshape(header.y_shape)[None].astype(np.float32) + mu, z_hat

@@ -23,7 +23,7 @@ arithmetic, 80 digits) from the exact table formula scale_min * (max / min)^(j /
 Exactness: every derivation step is an exactly rounded float64 operation on the stored float32
 bits (products by powers of two and by integers < 2^29, one division, floor/round) or decimal
 arithmetic, so every machine derives the same integers. At run time the convolutions are float64
-GEMMs (one per kernel tap) of integer-valued arrays; `derive` asserts that for every output the
+GEMMs (one per output phase, its taps side by side) of integer-valued arrays; `derive` asserts that for every output the
 sum of |W| * A_{l-1} plus |B| is below 2^53, so every partial sum in any order, with or without
 FMA, is an exactly represented integer. The rounding division and clip are int64 numpy ops.
 """
@@ -40,6 +40,7 @@ HIDDEN_SCALE = 1 << 12   # S of the hidden activations (resolution 2^-12)
 OUTPUT_SCALE = 1 << 16   # S of the last layer's output (the pre-lower-bound sigma)
 EXACT_LIMIT = 1 << 53    # float64 represents every integer below this exactly
 _MAX_DIVISOR = 1 << 28   # w (24-bit mantissa) * D stays exact in float64
+_BLOCK_BYTES = 1 << 25   # gathered input per GEMM at run time (32 MiB)
 
 
 def rounding_div(acc: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -90,20 +91,49 @@ class IntegerLayer:
   output_padding: int
 
   def __call__(self, a: np.ndarray) -> np.ndarray:
-    """a int64 [B, H, W, I] -> int64 [B, H', W', O], H' = (H - 1) s - 2 p + k + op."""
+    """a int64 [B, H, W, I] -> int64 [B, H', W', O], H' = (H - 1) s - 2 p + k + op.
+
+    Gather form, one output phase (oh mod s, ow mod s) at a time: out[s m + r] sums
+    x[m + (r + p - kh) / s] @ W[kh] over the taps kh of that phase, as one GEMM of the
+    phase's taps side by side ([rows, taps * I] @ [taps * I, O]) over blocks of output rows
+    (at most ~_BLOCK_BYTES of gathered input at once)."""
     b, h, w, cin = a.shape
     k, s, p, op = self.weight.shape[0], self.stride, self.padding, self.output_padding
     cout = self.weight.shape[3]
     ho, wo = (h - 1) * s - 2 * p + k + op, (w - 1) * s - 2 * p + k + op
-    fh, fw = max((h - 1) * s + k, p + ho), max((w - 1) * s + k, p + wo)
-    full = np.zeros((b, fh, fw, cout), np.float64)
-    x = a.reshape(-1, cin).astype(np.float64)
-    for kh in range(k):          # out[s i + kh - p] += x[i] @ W[kh] (no kernel flip in torch)
-      for kw in range(k):
-        tap = (x @ self.weight[kh, kw]).reshape(b, h, w, cout)
-        full[:, kh:kh + s * h:s, kw:kw + s * w:s] += tap
-    acc = full[:, p:p + ho, p:p + wo].astype(np.int64) + self.bias
-    return np.clip(rounding_div(acc, self.divisor), 0, self.out_max)
+    x = a.astype(np.float64)
+    out = np.empty((b, ho, wo, cout), np.int64)
+    for rh in range(min(s, ho)):
+      taps_h = [(kh, (rh + p - kh) // s) for kh in range(k) if (rh + p - kh) % s == 0]
+      mh = -(-(ho - rh) // s)                                  # output rows of this phase
+      for rw in range(min(s, wo)):
+        taps_w = [(kw, (rw + p - kw) // s) for kw in range(k) if (rw + p - kw) % s == 0]
+        mw = -(-(wo - rw) // s)
+        out[:, rh::s, rw::s] = self._phase(x, taps_h, taps_w, mh, mw)
+    return out
+
+  def _phase(self, x: np.ndarray, taps_h, taps_w, mh: int, mw: int) -> np.ndarray:
+    """One output phase: int64 [B, mh, mw, O] (bias, rounding division and clip applied)."""
+    b, h, w, cin = x.shape
+    cout = self.weight.shape[3]
+    if not taps_h or not taps_w:
+      acc = np.zeros((b, mh, mw, cout), np.int64) + self.bias
+      return np.clip(rounding_div(acc, self.divisor), 0, self.out_max)
+    dh, dw = [d for _, d in taps_h], [d for _, d in taps_w]
+    top, left = max(0, -min(dh)), max(0, -min(dw))
+    xp = np.pad(x, ((0, 0), (top, max(0, mh - 1 + max(dh) - (h - 1))),
+                    (left, max(0, mw - 1 + max(dw) - (w - 1))), (0, 0)))
+    wmat = np.concatenate([self.weight[kh, kw] for kh, _ in taps_h for kw, _ in taps_w])
+    taps = len(taps_h) * len(taps_w)
+    rows = max(1, _BLOCK_BYTES // (8 * mw * taps * cin))
+    out = np.empty((b, mh, mw, cout), np.int64)
+    for m0 in range(0, mh, rows):
+      m1 = min(mh, m0 + rows)
+      cols = np.concatenate([xp[:, top + d0 + m0:top + d0 + m1, left + d1:left + d1 + mw]
+                             for _, d0 in taps_h for _, d1 in taps_w], axis=-1)
+      acc = (cols.reshape(-1, taps * cin) @ wmat).astype(np.int64).reshape(b, m1 - m0, mw, cout)
+      out[:, m0:m1] = np.clip(rounding_div(acc + self.bias, self.divisor), 0, self.out_max)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
