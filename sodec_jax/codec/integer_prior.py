@@ -23,9 +23,10 @@ arithmetic, 80 digits) from the exact table formula scale_min * (max / min)^(j /
 Exactness: every derivation step is an exactly rounded float64 operation on the stored float32
 bits (products by powers of two and by integers < 2^29, one division, floor/round) or decimal
 arithmetic, so every machine derives the same integers. At run time the convolutions are float64
-GEMMs (one per output phase, its taps side by side) of integer-valued arrays; `derive` asserts that for every output the
-sum of |W| * A_{l-1} plus |B| is below 2^53, so every partial sum in any order, with or without
-FMA, is an exactly represented integer. The rounding division and clip are int64 numpy ops.
+GEMMs (one per output phase, its taps side by side) of integer-valued arrays; `derive` asserts
+that for every output the sum of |W| * A_{l-1} over the taps that reach it, plus |B|, is below
+2^53, so every partial sum in any order (BLAS blocking, threads, FMA) is an exactly represented
+integer. The rounding division and clip are int64 numpy ops.
 """
 from __future__ import annotations
 
