@@ -17,8 +17,8 @@ h = H'/16, w = W'/16, C / N = latent / hyper-latent channels; batch-first NHWC):
 The networks alone (jitted, jax arrays out): analysis(model, x [B, H', W', 3]) -> (y, z),
 prior(model, z_hat) -> (mu, sigma), fidelity(model, y_hat) -> x_f = D_a(y_hat).
 
-Coding path (all float work in jitted functions; each runs the same compiled program on the
-encoder and the decoder side, which is what makes decoding bit-exact):
+Coding path (all float work in jitted functions, the same compiled program on the encoder and
+the decoder side; which model codes each symbol is computed with integers only):
   x -> analysis -> (y, z);  z_hat = round(z)
   (mu, sigma) = prior(z_hat)                     # same function, same shapes, both sides
   y symbols = round(y - mu);  scale index = IntegerScaleIndexer(z_hat) (integers only)
@@ -349,10 +349,10 @@ def _from_file(step, *args, version: int = bitstream.VERSION):
   try:
     return step(*args)
   except _RANGE_DECODER_ERRORS as e:
-    where = ("and on the backend " if version < 2 else "")  # v1 indexes follow float rounding
+    where = "build, backend" if version < 2 else "build"  # v1 indexes follow float rounding
     raise SodecError(f"cannot range-decode this .sodec file although its checksum is intact "
                      f"({type(e).__name__}: {e}): it does not match this model or sodec-jax build "
-                     f"(written by another version or altered); decode it with the build {where}"
+                     f"(written by another version or altered); decode it with the {where} "
                      "and --checkpoint that compressed it") from None
 
 
