@@ -1,6 +1,7 @@
 """Pipelines: config.pipeline.stages run one after another, each stage's config made by
 `stage_config` (configs/tiny.py runs pretrain, stage1, stage2, stage3 and finetune this way).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -36,8 +37,9 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
     try:
       importlib.import_module(f"configs.{name}").apply(c)
     except ModuleNotFoundError:
-      raise SodecError(f"config.pipeline.stages names {name!r}, which has no "
-                       f"configs/{name}.py") from None
+      raise SodecError(
+        f"config.pipeline.stages names {name!r}, which has no configs/{name}.py"
+      ) from None
   if name in config.pipeline:
     _deep_update(c, config.pipeline[name])
   return c
@@ -65,10 +67,12 @@ def run_pipeline(config, workdir: str, train: Callable[..., dict]) -> dict:
     print(f"=== pipeline stage {i + 1}/{len(names)}: {name} -> {os.path.join(workdir, sub)}")
     row = train(c, os.path.join(workdir, sub))
   minutes, seconds = divmod(int(time.time() - t0), 60)
-  print(f"pipeline done in {minutes}m{seconds:02d}s: stages {', '.join(dirs)} in {workdir} "
-        f"(each: config.json, checkpoints/, {METRICS_FILE}, TensorBoard events); --checkpoint "
-        f"{workdir} means the last stage\nnext:\n"
-        f"  sodec compress photo.png out.sodec --checkpoint {workdir}\n"
-        f"  sodec decompress out.sodec out.png --checkpoint {workdir}\n"
-        f"  python -m sodec_jax.evaluate --checkpoint {workdir} --images FOLDER --out eval/")
+  print(
+    f"pipeline done in {minutes}m{seconds:02d}s: stages {', '.join(dirs)} in {workdir} "
+    f"(each: config.json, checkpoints/, {METRICS_FILE}, TensorBoard events); --checkpoint "
+    f"{workdir} means the last stage\nnext:\n"
+    f"  sodec compress photo.png out.sodec --checkpoint {workdir}\n"
+    f"  sodec decompress out.sodec out.png --checkpoint {workdir}\n"
+    f"  python -m sodec_jax.evaluate --checkpoint {workdir} --images FOLDER --out eval/"
+  )
   return row
