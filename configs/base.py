@@ -156,5 +156,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The tiny default's latent-space pretraining (stage 0) and multi-stage pipeline; empty here.
   c.pretrain = ml_collections.ConfigDict({"kl_weight": 1e-4})
-  c.pipeline = ml_collections.ConfigDict({"stages": ()})
+  # summary: at the end, each coding stage on data.holdout (full size, real files) ->
+  # a printed table, WORKDIR/summary.json and WORKDIR/summary.png (train/pipeline.py summary)
+  c.pipeline = ml_collections.ConfigDict({"stages": (), "summary": True})
   return c

@@ -39,6 +39,7 @@ def make_micro_config(**overrides):
   c.train.sample_every = 0                           # no sample grids unless a test asks
   c.train.validate_every = 0                         # no held-out validation unless a test asks
   c.train.validate_size = 64
+  c.pipeline.summary = False                         # no held-out summary unless a test asks
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
