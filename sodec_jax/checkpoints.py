@@ -59,7 +59,8 @@ ITEMS = ("params", "opt_state", "meta")
 RESUME_IGNORED = (
     "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.progress", "train.allow_config_change", "train.validate_every", "train.validate_size",
-    "train.guard_db", "train.guard_action", "pipeline.summary", "train.sample_every", "train.fsdp", "data.worker_count",
+    "train.guard_db", "train.guard_action", "pipeline.summary", "train.sample_every",
+    "train.fsdp", "data.worker_count",
     "data.cache_mb", "distributed.coordinator_address", "distributed.num_processes",
     "distributed.process_id",
 )

@@ -98,7 +98,7 @@ def test_pipeline_summary_table_json_and_png(tmp_path, capsys):
   c.data.train_dir, c.data.holdout = str(photos), ("astronaut", "coffee")
   c.pipeline.stages, c.pipeline.summary = ("stage1", "stage2"), True
   small = {"data": {"crop_size": 64, "batch_size": 2},
-           "train": {"num_steps": 2, "checkpoint_every": 2}}
+           "train": {"num_steps": 1, "checkpoint_every": 1}}
   for name in c.pipeline.stages:
     c.pipeline[name] = ConfigDict(small)
   wd = str(tmp_path / "pipe")
