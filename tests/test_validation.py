@@ -7,7 +7,7 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from sodec_jax import api, validation
 from sodec_jax.errors import SodecError
-from sodec_jax.model import build_model
+from sodec_jax.pretrained import build_model
 from tests.conftest import load_photo, make_micro_config
 
 
