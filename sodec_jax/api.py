@@ -17,23 +17,24 @@ h = H'/16, w = W'/16, C / N = latent / hyper-latent channels; batch-first NHWC):
 The networks alone (jitted, jax arrays out): analysis(model, x [B, H', W', 3]) -> (y, z),
 prior(model, z_hat) -> (mu, sigma), fidelity(model, y_hat) -> x_f = D_a(y_hat).
 
-Coding path (all float work in jitted functions; each runs the same compiled program on the
-encoder and the decoder side, which is what makes decoding bit-exact):
+Coding path (all float work in jitted functions, the same compiled program on the encoder and
+the decoder side; which model codes each symbol is computed with integers only):
   x -> analysis -> (y, z);  z_hat = round(z)
   (mu, sigma) = prior(z_hat)                     # same function, same shapes, both sides
-  y symbols = round(y - mu);  scale index = first table scale >= sigma
+  y symbols = round(y - mu);  scale index = IntegerScaleIndexer(z_hat) (integers only)
   streams: z symbols (one factorized model per channel), y symbols (one Gaussian per index)
-Decoding: z_hat -> (mu, sigma) -> y_hat = symbols + mu -> the decoder the header names, one jit:
+Decoding: z_hat -> indexes (integers) -> y symbols; mu = P(z_hat); y_hat = symbols + mu -> the
+decoder the header names, one jit:
   codec:     D_a(y_hat)
   diffusion: D_m(x0(UNet(T_s(y_hat, H_s(z_hat)), 999, F_p(F(D_a(y_hat)))))) (see model.py)
 -> clamp, crop, uint8. Only the container and the range decoding report a bad file
 (SodecError); a failure anywhere else (the networks, memory) is a bug and propagates.
 
-Determinism: on one platform (e.g. any x86-64 CPU with the same jax/XLA version) a file
-decodes bit-identically in any process. Across platforms (CPU <-> GPU) the scale indexes are
-computed from float32 sigma and can flip at a table boundary when the two platforms' XLA
-kernels round differently; a file is guaranteed decodable where sigma is computed with the same
-backend and version (see docs/ARCHITECTURE.md, "Determinism").
+Determinism: which model codes each symbol (the z channel, the y scale index) is computed
+with exact integer arithmetic from the integers z_hat (codec/integer_prior.py), so a file
+decodes on any machine, backend, batch size or XLA version; float differences only move the
+reconstruction (mu and the decoders) by rounding error. Version-1 files (float32 sigma indexes)
+still decode where they were written (see docs/ARCHITECTURE.md, "Determinism").
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sodec_jax.codec import bitstream, padding
+from sodec_jax.codec import bitstream, integer_prior, padding
 from sodec_jax.codec.entropy import (CodingTable, factorized_coding_table, gaussian_coding_table,
                                      scale_indexes, scale_table)
 from sodec_jax.codec.hific import OPTIONAL_FIELDS
@@ -59,8 +60,10 @@ from sodec_jax.pretrained import build_model
 
 @dataclasses.dataclass
 class LoadedModel:
-  """A model ready to code: weights, coding tables and the jitted pieces of the coding path
-  (private: call them through analysis, prior, fidelity and reconstruct)."""
+  """A model ready to code: weights, coding tables, the exact scale indexer and the jitted
+  pieces of the coding path (private: call them through analysis, prior, fidelity and
+  reconstruct). `indexer(z_hat [B, h/4, w/4, N]) -> uint8 [B, h, w, C]`: the y scale indexes
+  of .sodec version 2 (integer arithmetic, identical on every machine)."""
   config: Any
   model: SODEC
   fingerprint: bytes
@@ -68,6 +71,7 @@ class LoadedModel:
   scales: np.ndarray
   y_coder: bitstream.RangeCoder
   z_coder: bitstream.RangeCoder
+  indexer: integer_prior.IntegerScaleIndexer
   _analysis: Any = None
   _prior: Any = None
   _synthesis: Any = None   # (y_hat, z_hat) -> (x_hat, x_f): the whole decoder, one jit
@@ -138,6 +142,9 @@ def prepare(config, model: SODEC, step: int = 0, *, winograd: bool | None = None
                                                  config.entropy.tail_mass)
   graphdef, state = nnx.split(decoding_model(model, winograd))
   latent_multiple = padding.scheme(config.model).latent_multiple
+  indexer = integer_prior.derive(integer_prior.stack_params_of(model.codec.prior.scale_synthesis),
+                                 e.scale_min, e.scale_max, e.scale_levels,
+                                 model.codec.prior.scale_lower_bound)
 
   @jax.jit
   def jit_analysis(state, x):
@@ -157,7 +164,7 @@ def prepare(config, model: SODEC, step: int = 0, *, winograd: bool | None = None
 
   return LoadedModel(
       config=config, model=model, fingerprint=fingerprint(config, model), step=step, scales=scales,
-      y_coder=bitstream.RangeCoder(y_table), z_coder=bitstream.RangeCoder(z_table),
+      y_coder=bitstream.RangeCoder(y_table), z_coder=bitstream.RangeCoder(z_table), indexer=indexer,
       _analysis=lambda x: jit_analysis(state, x), _prior=lambda z: jit_prior(state, z),
       _synthesis=lambda y, z: jit_synthesis(state, y, z),
       _fidelity=lambda y: jit_fidelity(state, y))
@@ -259,9 +266,9 @@ class Latents:
   """What the encoder range-codes; host numpy arrays, batch first (shapes as for `analysis`).
 
   z_hat      float32 [B, h/4, w/4, N]  round(z), coded with one factorized model per channel
-  mu, sigma  float32 [B, h, w, C]      P(z_hat)
+  mu, sigma  float32 [B, h, w, C]      P(z_hat) (float; sigma is not used for coding)
   y_symbols  float32 [B, h, w, C]      round(y - mu), the integers coded for y
-  indexes    uint8/16 [B, h, w, C]     scale-table index per symbol (first scale >= sigma)
+  indexes    uint8/16 [B, h, w, C]     scale-table index per symbol: model.indexer(z_hat)
   y_hat      float32 [B, h, w, C]      y_symbols + mu, what the decoder sees
   """
   z_hat: np.ndarray
@@ -273,11 +280,16 @@ class Latents:
 
   @classmethod
   def from_prior(cls, model: LoadedModel, y, z_hat, mu, sigma) -> "Latents":
-    """Latents from y, z_hat and P's (mu, sigma), whoever computed them (array-likes, NHWC)."""
+    """Latents from y, z_hat and P's (mu, sigma), whoever computed them (array-likes, NHWC).
+    The indexes come from z_hat alone (model.indexer), never from the float sigma; they are
+    computed on the host before mu and sigma are fetched, so P (dispatched asynchronously by
+    jax) runs meanwhile."""
+    z_hat = np.asarray(z_hat, np.float32)
+    indexes = model.indexer(z_hat)
     mu, sigma = np.asarray(mu, np.float32), np.asarray(sigma, np.float32)
     y_symbols = np.round(np.asarray(y, np.float32) - mu)
-    return cls(z_hat=np.asarray(z_hat, np.float32), mu=mu, sigma=sigma, y_symbols=y_symbols,
-               indexes=scale_indexes(sigma, model.scales), y_hat=y_symbols + mu)
+    return cls(z_hat=z_hat, mu=mu, sigma=sigma, y_symbols=y_symbols, indexes=indexes,
+               y_hat=y_symbols + mu)
 
   def __len__(self) -> int:
     return self.z_hat.shape[0]
@@ -332,16 +344,17 @@ def pack(model: LoadedModel, latents: Latents, height: int, width: int) -> bytes
 _RANGE_DECODER_ERRORS = (ValueError, RuntimeError, AssertionError, SodecError)
 
 
-def _from_file(step, *args):
+def _from_file(step, *args, version: int = bitstream.VERSION):
   """Runs one range-decoder / overflow-reader step on file data that passed the CRC; its failure
   means the file was not written by this model and build (or was altered and re-checksummed)."""
   try:
     return step(*args)
   except _RANGE_DECODER_ERRORS as e:
+    where = "build, backend" if version < 2 else "build"  # v1 indexes follow float rounding
     raise SodecError(f"cannot range-decode this .sodec file although its checksum is intact "
                      f"({type(e).__name__}: {e}): it does not match this model or sodec-jax build "
-                     "(written by another version or altered); decode it with the build and "
-                     "--checkpoint that compressed it") from None
+                     f"(written by another version or altered); decode it with the {where} "
+                     "and --checkpoint that compressed it") from None
 
 
 def decode_latents(model: LoadedModel, data: bytes,
@@ -349,8 +362,10 @@ def decode_latents(model: LoadedModel, data: bytes,
   """Range-decodes a .sodec file -> (header, y_hat float32 [1, h, w, C], z_hat [1, h/4, w/4, N]).
 
   `prior_fn`: z_hat -> (mu, sigma), default `prior(model, .)` (a reference implementation can
-  pass its own). Only the container and the range decoding are reported as a bad file
-  (SodecError); an error in the prior or anywhere else is a bug and propagates as it is."""
+  pass its own). The y scale indexes come from z_hat through `model.indexer` (version 2 files)
+  or from the float32 sigma (version 1 files, see codec/bitstream.py). Only the container and
+  the range decoding are reported as a bad file (SodecError); an error in the prior or anywhere
+  else is a bug and propagates as it is."""
   header, (z_stream, y_stream, over_stream) = bitstream.unpack(data, model.max_pixels)
   if header.fingerprint != model.fingerprint:
     raise SodecError(f"this file was written by a different model (fingerprint "
@@ -368,10 +383,14 @@ def decode_latents(model: LoadedModel, data: bytes,
   z_hat = z_sym.reshape(header.z_shape).astype(np.float32)[None]
   if not np.all(np.abs(z_hat) < 1e6):
     raise SodecError("corrupted .sodec file: implausible hyper-latent values")
-  mu, sigma = (np.asarray(a) for a in (prior_fn or (lambda z: prior(model, z)))(z_hat))
-  indexes = scale_indexes(sigma, model.scales)[0]
-  y_sym = _from_file(model.y_coder.decode, y_stream, indexes, overflow)
-  _from_file(overflow.finish)
+  mu_sigma = (prior_fn or (lambda z: prior(model, z)))(z_hat)  # jax: runs while the host works
+  if header.version >= 2:
+    indexes = model.indexer(z_hat)[0]
+  else:  # version 1: float32 sigma indexes, as sodec-jax wrote them before the exact ones
+    indexes = scale_indexes(np.asarray(mu_sigma[1]), model.scales)[0]
+  mu = np.asarray(mu_sigma[0])
+  y_sym = _from_file(model.y_coder.decode, y_stream, indexes, overflow, version=header.version)
+  _from_file(overflow.finish, version=header.version)
   return header, y_sym.reshape(header.y_shape)[None].astype(np.float32) + mu, z_hat
 
 
@@ -392,7 +411,8 @@ def decompress(model: LoadedModel, data: bytes) -> np.ndarray:
 def compress_batch(model: LoadedModel, images: list[np.ndarray]) -> list[bytes]:
   """compress over same-size uint8 [H, W, 3] images, E, H_a and P batched (one jitted call
   each), range coding per image. Batched XLA convolutions may round a float differently from
-  batch 1, so a rare symbol can differ from `compress` (decoded images agree within 1/255)."""
+  batch 1, so a rare symbol can differ from `compress` (decoded images agree within 1/255); the
+  scale indexes are exact functions of each file's z_hat, so every file decodes anywhere."""
   latents = encode_latents(model, list(images))
   h, w = images[0].shape[:2]
   return [pack(model, latents[b], h, w) for b in range(len(latents))]

@@ -67,6 +67,9 @@ def cmd_info(args) -> None:
   print(f"file:         {args.input}")
   print(f"image:        {header.width}x{header.height}")
   print(f"size:         {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp")
+  print(f"format:       version {header.version}"
+        + ("" if header.version >= 2 else " (float scale indexes: decodes on the platform that "
+           "wrote it)"))
   print(f"decoder:      {bitstream.DECODER_NAMES[header.decoder]}")
   print(f"fingerprint:  {header.fingerprint.hex()}")
   print(f"latents:      y {header.y_shape}, z {header.z_shape}")

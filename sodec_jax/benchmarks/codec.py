@@ -138,6 +138,8 @@ def _block(out):
 
 
 def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
+  import dataclasses
+
   import jax.numpy as jnp
 
   from sodec_jax import api
@@ -146,8 +148,9 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
   z_hat = jnp.asarray(lat.z_hat)
   h, w = image.shape[:2]
 
-  def range_encode():
-    return api.pack(loaded, lat, h, w)
+  def range_encode():  # the exact scale indexes (host integer network) + range coding, as
+    # decode_latents computes them inside the range decode stage
+    return api.pack(loaded, dataclasses.replace(lat, indexes=loaded.indexer(lat.z_hat)), h, w)
 
   t = {}
   if ref is not None:

@@ -7,7 +7,9 @@ state dict converted from a HiFiC checkpoint round-trips to the same tensors. Th
 density of z is not run in torch here: both sides range-code with the same host tables
 (`LoadedModel.z_coder`), so only the neural pieces are compared.
 `compress`/`decompress` below are the torch twins of `sodec_jax.api.compress`/`decompress` (same
-padding, rounding, scale indexes, coders and container), used for end-to-end timings.
+padding, rounding, coders and container, and the same exact scale indexes: `api.Latents.from_prior`
+and `api.decode_latents` take them from z_hat through the integer network, never from torch's
+sigma), used for end-to-end timings.
 
 Importing this module imports torch (only the benchmark does).
 """

@@ -1,10 +1,10 @@
 """The .sodec container and range coding of latents (constriction, vectorised per model).
 
-File layout (version 1, big-endian integers):
+File layout (version 2, big-endian integers):
 
   offset  size  field
   0       5     magic b"SODEC"
-  5       1     version (1)
+  5       1     version (2; 1 is still read, see below)
   6       1     decoder the file needs: 0 = codec (D_a), 1 = diffusion (SODEC's one-step decoder)
   7       1     reserved, 0
   8       4     image height (>= 1)
@@ -16,6 +16,12 @@ File layout (version 1, big-endian integers):
   45      4*S   byte length of each stream
   ...           the streams, back to back
   end-4   4     CRC-32 of every byte before it
+
+Versions: the layout is the same; they differ in how a y symbol's scale index (which Gaussian
+codes it) is derived from z_hat. Version 2: by the integer network of
+`codec/integer_prior.py` (integer arithmetic only: the same indexes on every machine). Version 1
+(sodec-jax before the exact indexes): read off P's float32 sigma, so a file decodes only where
+sigma rounds the same as where it was written (same backend and XLA version); still decoded.
 
 Every field is validated (`unpack`) before anything is allocated from it; any problem raises
 SodecError with a message saying what is wrong.
@@ -38,7 +44,8 @@ from sodec_jax.codec.entropy import CodingTable
 from sodec_jax.errors import SodecError
 
 MAGIC = b"SODEC"
-VERSION = 1
+VERSION = 2                     # what `pack` writes
+READABLE_VERSIONS = (1, 2)      # what `unpack` accepts (1: float scale indexes, see above)
 DECODER_CODEC = 0
 DECODER_DIFFUSION = 1
 DECODER_NAMES = {DECODER_CODEC: "codec (fidelity decoder D_a)",
@@ -57,6 +64,7 @@ class Header:
   fingerprint: bytes
   z_shape: tuple
   y_shape: tuple
+  version: int = VERSION
 
 
 def latent_shapes(height: int, width: int, latent_channels: int, hyper_channels: int,
@@ -69,7 +77,9 @@ def latent_shapes(height: int, width: int, latent_channels: int, hyper_channels:
 def pack(header: Header, streams: list[bytes]) -> bytes:
   if len(streams) != NUM_STREAMS or len(header.fingerprint) != 16:
     raise ValueError("pack: need 3 streams and a 16-byte fingerprint")
-  head = _FIXED.pack(MAGIC, VERSION, header.decoder, 0, header.height, header.width,
+  if header.version not in READABLE_VERSIONS:
+    raise ValueError(f"pack: unknown .sodec version {header.version}")
+  head = _FIXED.pack(MAGIC, header.version, header.decoder, 0, header.height, header.width,
                      header.fingerprint, *header.z_shape, *header.y_shape, NUM_STREAMS)
   body = head + struct.pack(f">{NUM_STREAMS}I", *(len(s) for s in streams)) + b"".join(streams)
   return body + struct.pack(">I", zlib.crc32(body))
@@ -88,9 +98,10 @@ def unpack(data: bytes, max_pixels: int = 1 << 28) -> tuple[Header, list[bytes]]
     raise SodecError(f"truncated .sodec file: {len(data)} bytes, a header alone needs {HEADER_MIN}")
   (magic, version, decoder, reserved, height, width, fingerprint,
    zh, zw, zc, yh, yw, yc, nstreams) = _FIXED.unpack_from(data, 0)
-  if version != VERSION:
-    raise SodecError(f"unsupported .sodec version {version} (this sodec-jax reads version {VERSION}); "
-                     "decode it with the sodec-jax release that wrote it")
+  if version not in READABLE_VERSIONS:
+    raise SodecError(f"unsupported .sodec version {version} (this sodec-jax reads versions "
+                     f"{', '.join(map(str, READABLE_VERSIONS))}): decode it with the sodec-jax "
+                     "release that wrote it")
   (crc,) = struct.unpack_from(">I", data, len(data) - 4)
   if zlib.crc32(data[:-4]) != crc:
     raise SodecError("corrupted .sodec file: checksum mismatch (the file was truncated or altered)")
@@ -113,7 +124,7 @@ def unpack(data: bytes, max_pixels: int = 1 << 28) -> tuple[Header, list[bytes]]
   for n in lengths:
     streams.append(data[pos:pos + n])
     pos += n
-  header = Header(decoder, height, width, fingerprint, (zh, zw, zc), (yh, yw, yc))
+  header = Header(decoder, height, width, fingerprint, (zh, zw, zc), (yh, yw, yc), version)
   return header, streams
 
 

@@ -162,8 +162,9 @@ def scale_table(scale_min: float, scale_max: float, levels: int) -> np.ndarray:
 def scale_indexes(scales: np.ndarray, table: np.ndarray) -> np.ndarray:
   """Index of the smallest table scale >= each scale (the last one for larger scales); uint8/16.
 
-  Compared in float32, the dtype the model produces scales in, so the result depends only on
-  the model's float32 output.
+  Compared in float32, the dtype the model produces scales in, so the result depends on how the
+  platform rounded that output: the indexes of .sodec version 1 files only. Version 2 computes
+  them from z_hat with integers (codec/integer_prior.py), the same on every machine.
   """
   t32 = table.astype(np.float32)
   idx = np.searchsorted(t32, np.asarray(scales, np.float32).ravel(), side="left")

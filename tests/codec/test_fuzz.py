@@ -1,68 +1,53 @@
 """Fuzzing the decoder: every malformed input raises SodecError, never anything else.
 
-Mutations: truncations, bit flips, random header bytes, random data, and the same mutations
-with the CRC recomputed (so they reach field validation and the range decoder itself).
+The mutations live in `sodec_jax.fuzz` (`python -m sodec_jax.fuzz` runs them at scale): truncations,
+bit flips, random header bytes and fields, random data, and the same with the CRC recomputed
+(so they reach field validation and the range decoder itself).
 """
+import io
+import os
+import re
 import struct
-import zlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from sodec_jax import api
+from sodec_jax import api, fuzz
 from sodec_jax.codec import bitstream
-from sodec_jax.errors import SodecError
 
-
-def _fix_crc(data: bytes) -> bytes:
-  body = data[:-4]
-  return body + struct.pack(">I", zlib.crc32(body))
-
-
-def _mutations(data: bytes, rng: np.random.Generator):
-  n = len(data)
-  for cut in sorted(set(rng.integers(0, n, 150).tolist()) | {0, 1, 4, 5, 44, n - 1}):
-    yield "truncate", data[:cut]
-  for _ in range(300):
-    b = bytearray(data)
-    for pos in rng.integers(0, n, rng.integers(1, 4)):
-      b[pos] ^= 1 << int(rng.integers(0, 8))
-    yield "bitflip", bytes(b)
-  for _ in range(250):
-    b = bytearray(data)
-    pos = int(rng.integers(5, bitstream.HEADER_MIN - 4))
-    b[pos] = int(rng.integers(0, 256))
-    yield "header+crc", _fix_crc(bytes(b))
-  for _ in range(250):  # payload garbage with a valid checksum: reaches the range decoder
-    b = bytearray(data)
-    lo = bitstream.HEADER_MIN - 4
-    for pos in rng.integers(lo, n - 4, rng.integers(1, 16)):
-      b[pos] = int(rng.integers(0, 256))
-    yield "payload+crc", _fix_crc(bytes(b))
-  for _ in range(60):
-    yield "random", rng.bytes(int(rng.integers(0, 400)))
-  for _ in range(40):
-    yield "magic+random", _fix_crc(bitstream.MAGIC + bytes([1]) + rng.bytes(int(rng.integers(50, 400))))
-  yield "empty", b""
-  yield "not-bytes", "a string"
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_fuzz_decoder_only_raises_sodec_error(codec_model, astronaut):
   data = api.compress(codec_model, np.ascontiguousarray(astronaut[:60, :90]))
-  rng = np.random.default_rng(1234)
-  counts, decoded = {}, 0
-  for kind, blob in _mutations(data, rng):
-    counts[kind] = counts.get(kind, 0) + 1
-    try:
-      out = api.decompress(codec_model, blob)
-    except SodecError as e:
-      assert str(e), kind
-      continue
-    except Exception as e:  # pragma: no cover - this is the failure being tested for
-      pytest.fail(f"{kind} mutation raised {type(e).__name__}: {e}")
-    decoded += 1  # a payload mutation can still be a valid stream: it must decode to an image
-    assert out.dtype == np.uint8 and out.ndim == 3
-  assert sum(counts.values()) >= 1000, counts
+  log = io.StringIO()
+  result = fuzz.run(codec_model, data, 1200, seed=1234, log=log)
+  assert result.other == 0, log.getvalue()[-3000:]
+  assert result.files == 1200 and result.decoded + result.sodec_errors == 1200
+  assert result.decoded > 0 and result.sodec_errors > 0  # both outcomes are reached
+  assert result.slowest < 2.0
+
+
+def test_every_mutation_kind_is_drawn():
+  rng = np.random.default_rng(0)
+  data = bytes(range(256)) * 2
+  kinds = {kind for kind, _ in fuzz.mutations(data, 400, rng)}
+  assert kinds == {k for k, _ in fuzz.KINDS}
+  b = fuzz.mutate(data, "version+crc", rng)
+  assert b[5] in bitstream.READABLE_VERSIONS and fuzz.fix_crc(b) == b
+
+
+def test_fuzz_command(micro_workdir):
+  r = subprocess.run([sys.executable, "-m", "sodec_jax.fuzz", "--checkpoint", micro_workdir,
+                      "--n", "60", "--seed", "3", "--max-side", "64"], cwd=ROOT,
+                     capture_output=True, text=True, timeout=600,
+                     env=dict(os.environ, PYTHONPATH=ROOT))
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert len(lines) == 1 and re.fullmatch(
+      r"fuzz: 60 files, \d+ decoded, \d+ SodecError, 0 other, slowest \d+\.\d+ s", lines[0])
 
 
 def test_specific_messages(codec_model, astronaut):
@@ -75,7 +60,7 @@ def test_specific_messages(codec_model, astronaut):
       data[:5] + bytes([9]) + data[6:]: "version",
   }
   for blob, pattern in cases.items():
-    with pytest.raises(SodecError, match=pattern):
+    with pytest.raises(api.SodecError, match=pattern):
       api.decompress(codec_model, blob)
 
 
@@ -83,5 +68,5 @@ def test_huge_size_claim_is_refused_before_allocation(codec_model, astronaut):
   data = api.compress(codec_model, np.ascontiguousarray(astronaut[:64, :64]))
   b = bytearray(data)
   struct.pack_into(">II", b, 8, 60000, 60000)
-  with pytest.raises(SodecError, match="implausible image size|latent shapes"):
-    api.decompress(codec_model, _fix_crc(bytes(b)))
+  with pytest.raises(api.SodecError, match="implausible image size|latent shapes"):
+    api.decompress(codec_model, fuzz.fix_crc(bytes(b)))
