@@ -4,6 +4,7 @@ Each experiment file (stage1.py, tiny.py, ...) starts from `get_config()` here a
 only what differs. Any field can be overridden on the command line:
     python -m sodec_jax.train --config configs/stage1.py --config.optim.learning_rate=5e-5
 """
+
 import ml_collections
 
 
@@ -15,17 +16,23 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- the HiFiC-style codec: E, H_a, P, D_a ------------------------------------------------
   c.model = ml_collections.ConfigDict()
-  c.model.latent_channels = 220                      # C: channels of y (H/16 x W/16)
+  c.model.latent_channels = 220  # C: channels of y (H/16 x W/16)
   c.model.encoder_filters = (60, 120, 240, 480, 960)  # E: 7x7 conv, then 4 stride-2 3x3 convs
-  c.model.hyper_channels = 320                       # N: channels of z (H/64 x W/64)
-  c.model.decoder_filters = (960, 480, 240, 120, 60)  # D_a: residual width, then 4 stride-2 transposed convs
+  c.model.hyper_channels = 320  # N: channels of z (H/64 x W/64)
+  c.model.decoder_filters = (
+    960,
+    480,
+    240,
+    120,
+    60,
+  )  # D_a: residual width, then 4 stride-2 transposed convs
   c.model.decoder_residual_blocks = 9
   c.model.channel_norm_eps = 1e-3
-  c.model.factorized_filters = (3, 3, 3)             # density model of z
+  c.model.factorized_filters = (3, 3, 3)  # density model of z
   c.model.factorized_init_scale = 10.0
   c.model.scale_lower_bound = 0.11
   c.model.likelihood_bound = 1e-9
-  c.model.dtype = "float32"                          # compute dtype of the conv stacks
+  c.model.dtype = "float32"  # compute dtype of the conv stacks
   c.model.param_dtype = "float32"
   # Optional, absent here (= native): model.padding ("sodec" | "hific", codec/padding.py) and
   # model.factorized_last_gate; `convert/from_torch.py hific` sets them for HiFiC checkpoints.
@@ -35,57 +42,57 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- SODEC's one-step diffusion decoder (stages 2-4) ---------------------------------------
   c.sodec = ml_collections.ConfigDict()
-  c.sodec.hyper_synthesis_channels = 320             # H_s: z_hat -> w at H/16 (our choice)
-  c.sodec.transform_channels = 256                   # T_s width (our choice)
-  c.sodec.transform_blocks = 3                       # T_s residual blocks (our choice)
-  c.sodec.timestep = 999                             # the one step (paper)
-  c.sodec.stop_gradient_latents = False              # stage 2: sg on y_hat and z_hat (Eq. 8)
+  c.sodec.hyper_synthesis_channels = 320  # H_s: z_hat -> w at H/16 (our choice)
+  c.sodec.transform_channels = 256  # T_s width (our choice)
+  c.sodec.transform_blocks = 3  # T_s residual blocks (our choice)
+  c.sodec.timestep = 999  # the one step (paper)
+  c.sodec.stop_gradient_latents = False  # stage 2: sg on y_hat and z_hat (Eq. 8)
 
   c.diffusion = ml_collections.ConfigDict()
-  c.diffusion.unet = "sd21"                          # "sd21" | "tiny" | a diffusers config.json
+  c.diffusion.unet = "sd21"  # "sd21" | "tiny" | a diffusers config.json
   c.diffusion.vae = "sd21"
-  c.diffusion.weights = ""                           # convert/from_torch.py sd21 output, or a diffusers folder
-  c.diffusion.prediction_type = "epsilon"            # SD 2.1-base: epsilon; SD 2.1 (768): v_prediction
-  c.diffusion.dtype = "float32"                      # compute dtype of UNet / VAE / extractor
-  c.diffusion.remat = False                          # rematerialise UNet blocks (training memory)
-  c.diffusion.lora_rank = 16                         # OSCAR's rank
+  c.diffusion.weights = ""  # convert/from_torch.py sd21 output, or a diffusers folder
+  c.diffusion.prediction_type = "epsilon"  # SD 2.1-base: epsilon; SD 2.1 (768): v_prediction
+  c.diffusion.dtype = "float32"  # compute dtype of UNet / VAE / extractor
+  c.diffusion.remat = False  # rematerialise UNet blocks (training memory)
+  c.diffusion.lora_rank = 16  # OSCAR's rank
   c.diffusion.lora_alpha = 16.0
   c.diffusion.lora_targets = ("to_q", "to_k", "to_v", "to_out")
 
   c.guidance = ml_collections.ConfigDict()
-  c.guidance.mode = "fidelity"                       # fidelity | hyperprior | text | none (Table 2)
-  c.guidance.extractor = "vit"                       # vit | swin
-  c.guidance.extractor_weights = ""                  # a transformers ViT/Swin folder
-  c.guidance.extractor_config = ""                   # "tiny": a small random ViT (tiny default only)
-  c.guidance.tokens = 77                             # L (paper); D = the UNet's cross-attention width
-  c.guidance.text_embedding = ""                     # text mode: a [77, D] .npy prompt embedding
+  c.guidance.mode = "fidelity"  # fidelity | hyperprior | text | none (Table 2)
+  c.guidance.extractor = "vit"  # vit | swin
+  c.guidance.extractor_weights = ""  # a transformers ViT/Swin folder
+  c.guidance.extractor_config = ""  # "tiny": a small random ViT (tiny default only)
+  c.guidance.tokens = 77  # L (paper); D = the UNet's cross-attention width
+  c.guidance.text_embedding = ""  # text mode: a [77, D] .npy prompt embedding
 
   # --- entropy coding (range coder tables) ----------------------------------------------------
   c.entropy = ml_collections.ConfigDict()
   c.entropy.scale_min = 0.11
   c.entropy.scale_max = 256.0
-  c.entropy.scale_levels = 64                        # log-spaced scale table
-  c.entropy.tail_mass = 1e-9                         # support of each coded pmf
-  c.entropy.max_pixels = 1 << 28                     # largest image a .sodec file may claim
+  c.entropy.scale_levels = 64  # log-spaced scale table
+  c.entropy.tail_mass = 1e-9  # support of each coded pmf
+  c.entropy.max_pixels = 1 << 28  # largest image a .sodec file may claim
 
   # --- data -----------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.train_dir = ""                              # "" = the photos bundled with scikit-image
+  c.data.train_dir = ""  # "" = the photos bundled with scikit-image
   c.data.crop_size = 256
-  c.data.batch_size = 8                              # global batch
+  c.data.batch_size = 8  # global batch
   c.data.hflip = True
-  c.data.worker_count = 0                            # grain worker processes (0 = threads)
-  c.data.cache_mb = 1024                             # keep decoded images in RAM if they fit
-  c.data.holdout = ()                                # file names (no extension) kept out of training
+  c.data.worker_count = 0  # grain worker processes (0 = threads)
+  c.data.cache_mb = 1024  # keep decoded images in RAM if they fit
+  c.data.holdout = ()  # file names (no extension) kept out of training
 
   # --- loss: lambda * r + k_M * MSE(0..255) + k_P * LPIPS (HiFiC defaults) --------------------
   c.loss = ml_collections.ConfigDict()
-  c.loss.k_M = 0.075 * 2 ** -5
+  c.loss.k_M = 0.075 * 2**-5
   c.loss.k_P = 1.0
-  c.loss.lambda_A = 2.0 ** 1                          # rate weight while bpp > target
-  c.loss.lambda_B = 2.0 ** -4                         # rate weight while bpp <= target
-  c.loss.target_rate = 0.14                          # bpp
-  c.loss.lambda_schedule_values = (2.0, 1.0)          # multiplier on lambda_A / lambda_B
+  c.loss.lambda_A = 2.0**1  # rate weight while bpp > target
+  c.loss.lambda_B = 2.0**-4  # rate weight while bpp <= target
+  c.loss.target_rate = 0.14  # bpp
+  c.loss.lambda_schedule_values = (2.0, 1.0)  # multiplier on lambda_A / lambda_B
   c.loss.lambda_schedule_steps = (50_000,)
   c.loss.target_schedule_values = (0.20 / 0.14, 1.0)  # multiplier on the target rate
   c.loss.target_schedule_steps = (50_000,)
@@ -94,18 +101,18 @@ def get_config() -> ml_collections.ConfigDict:
   # target), "anneal" (stage 3+: lambda(t) from anneal.start to anneal.end), "none" (stage 2).
   c.loss.rate_mode = "hific"
   c.loss.anneal = ml_collections.ConfigDict()
-  c.loss.anneal.start = 2.0                          # the stage-1 rate weight (lambda_A)
-  c.loss.anneal.end = 8.0                            # the larger target weight (low bitrate)
-  c.loss.anneal.steps = 20_000                       # steps to go from start to end
-  c.loss.anneal.shape = "linear"                     # linear | cosine | step | none (end at once)
+  c.loss.anneal.start = 2.0  # the stage-1 rate weight (lambda_A)
+  c.loss.anneal.end = 8.0  # the larger target weight (low bitrate)
+  c.loss.anneal.steps = 20_000  # steps to go from start to end
+  c.loss.anneal.shape = "linear"  # linear | cosine | step | none (end at once)
   # Alignment loss alpha * L_align(x, x_f) (Eq. 10); "merged" adds d(x, x_f) to the distortion.
-  c.loss.alignment = "none"                          # none | mse | mse+lpips | merged
+  c.loss.alignment = "none"  # none | mse | mse+lpips | merged
   c.loss.alpha = 1.0
-  c.loss.beta = 0.0                                  # GAN weight (stage 4: HiFiC's 0.15)
+  c.loss.beta = 0.0  # GAN weight (stage 4: HiFiC's 0.15)
   c.loss.disc_learning_rate = 1e-4
-  c.loss.gan_warmup_steps = 0                        # stage 4: discriminator-only steps first
-  c.loss.gan_ramp_steps = 0                          # then beta rises linearly over these
-  c.loss.discriminator_init = ""   # stage 4: a `convert/from_torch.py hific` folder's discriminator
+  c.loss.gan_warmup_steps = 0  # stage 4: discriminator-only steps first
+  c.loss.gan_ramp_steps = 0  # then beta rises linearly over these
+  c.loss.discriminator_init = ""  # stage 4: a `convert/from_torch.py hific` folder's discriminator
 
   # LPIPS needs ImageNet VGG16 weights from a local file (torchvision layout, .pth or .safetensors).
   c.lpips = ml_collections.ConfigDict()
@@ -117,8 +124,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.weight_decay = 0.0
-  c.optim.grad_clip_norm = 0.0                       # 0 = off
-  c.optim.lr_decay_steps = (500_000,)                # lr x lr_decay_factor at each
+  c.optim.grad_clip_norm = 0.0  # 0 = off
+  c.optim.lr_decay_steps = (500_000,)  # lr x lr_decay_factor at each
   c.optim.lr_decay_factor = 0.1
 
   # --- the loop -----------------------------------------------------------------------------------
@@ -128,18 +135,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 5_000
   c.train.keep_checkpoints = 3
   c.train.progress = True
-  c.train.max_nonfinite_steps = 3                    # stop after this many in a row
-  c.train.sample_every = 0                           # WORKDIR/samples/step_<n>.png (0 = off)
+  c.train.max_nonfinite_steps = 3  # stop after this many in a row
+  c.train.sample_every = 0  # WORKDIR/samples/step_<n>.png (0 = off)
   # Held-out validation and the guard (sodec_jax/train/guard.py): every validate_every steps
   # (0 = off), at a stage's start and end, data.holdout's photos centre-cropped to validate_size
   # go through real .sodec files -> val_psnr / val_bpp / val_ms_ssim rows in metrics.jsonl; the
   # best step by val_psnr is kept and written to best.json (what --checkpoint and init_from load).
   c.train.validate_every = 0
-  c.train.validate_size = 256                        # crop side (MS-SSIM needs >= 161)
-  c.train.guard_db = 3.0                             # drop (dB) below the stage start reported
-  c.train.guard_action = "continue"                  # continue | stop (SodecError naming the stage)
-  c.train.fsdp = 1                                   # >1: shard params + optimizer state over that many devices
-  c.train.allow_config_change = False                # resume a workdir with a different config
+  c.train.validate_size = 256  # crop side (MS-SSIM needs >= 161)
+  c.train.guard_db = 3.0  # drop (dB) below the stage start reported
+  c.train.guard_action = "continue"  # continue | stop (SodecError naming the stage)
+  c.train.fsdp = 1  # >1: shard params + optimizer state over that many devices
+  c.train.allow_config_change = False  # resume a workdir with a different config
   # Which parameters train: regexes over '/'-joined nnx paths of the model's nnx.Params (the
   # stage table of DESIGN.md is data here). Everything else is frozen and not in the optimizer.
   c.train.trainable = ("codec/.*",)
@@ -148,7 +155,8 @@ def get_config() -> ml_collections.ConfigDict:
   # process_id); "" = from the environment (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
   # JAX_PROCESS_ID), and one process when that is unset too.
   c.distributed = ml_collections.ConfigDict(
-      {"coordinator_address": "", "num_processes": 0, "process_id": -1})
+    {"coordinator_address": "", "num_processes": 0, "process_id": -1}
+  )
 
   # Start from earlier stages: comma-separated workdirs whose params are copied where the path
   # and shape match (later dirs win). The frozen SD/extractor weights come from their own paths.

@@ -15,6 +15,7 @@ does not see L_g for `gan_warmup_steps` (D trains alone on the stage-3 outputs w
 spectral norms converge and it learns what x_hat looks like), then beta rises linearly over
 `gan_ramp_steps` so that the adversarial gradient grows from zero instead of arriving at once.
 """
+
 from configs import stage3
 
 
@@ -22,11 +23,11 @@ def apply(c):
   stage3.apply(c)
   c.name = f"{c.name.split('/')[0]}/finetune"
   c.stage = 4
-  c.loss.anneal.start = c.loss.anneal.end             # the final rate weight throughout
+  c.loss.anneal.start = c.loss.anneal.end  # the final rate weight throughout
   c.loss.anneal.shape = "none"
-  c.loss.beta = 0.15                                  # HiFiC's GAN weight (with HiFiC's k_M, k_P)
-  c.loss.gan_warmup_steps = 1_000                     # discriminator-only steps first (our choice)
-  c.loss.gan_ramp_steps = 4_000                       # then beta rises linearly (our choice)
+  c.loss.beta = 0.15  # HiFiC's GAN weight (with HiFiC's k_M, k_P)
+  c.loss.gan_warmup_steps = 1_000  # discriminator-only steps first (our choice)
+  c.loss.gan_ramp_steps = 4_000  # then beta rises linearly (our choice)
   return c
 
 

@@ -3,6 +3,7 @@
 The paper pre-trains at a *higher* bitrate than the final target (smaller rate weight); the
 target rate here is HiFiC's 0.30 bpp setting with lambda_A = 1.
 """
+
 from configs import base
 
 

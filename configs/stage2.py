@@ -7,10 +7,15 @@ only (no rate, no alignment). Start from a stage-1 workdir:
       --config.init_from=runs/stage1 --config.diffusion.weights=/weights/sd21 \\
       --config.guidance.extractor_weights=/weights/vit --config.lpips.vgg_weights=/weights/vgg16.pth
 """
+
 from configs import stage1
 
-DIFFUSION_PATH = ("hyper_synthesis/.*", "transform/.*", "guidance_projection/.*",
-                  r"unet/.*/lora/lora_[ab]")
+DIFFUSION_PATH = (
+  "hyper_synthesis/.*",
+  "transform/.*",
+  "guidance_projection/.*",
+  r"unet/.*/lora/lora_[ab]",
+)
 
 
 def apply(c):
@@ -23,9 +28,9 @@ def apply(c):
   c.loss.rate_mode = "none"
   c.loss.alignment = "none"
   c.loss.beta = 0.0
-  c.optim.learning_rate = 5e-5                       # OSEDiff / OSCAR
+  c.optim.learning_rate = 5e-5  # OSEDiff / OSCAR
   c.data.crop_size = 256
-  c.data.batch_size = 2                              # the paper's batch size
+  c.data.batch_size = 2  # the paper's batch size
   return c
 
 

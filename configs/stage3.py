@@ -4,6 +4,7 @@ Everything but F, D_m and the UNet's base weights trains (UNet through LoRA); th
 is annealed from the stage-1 value up to the final, larger lambda; alignment alpha * MSE(x, x_f)
 keeps D_a faithful. Start from the stage-2 workdir (--config.init_from=runs/stage2).
 """
+
 from configs import stage2
 
 
@@ -14,8 +15,8 @@ def apply(c):
   c.sodec.stop_gradient_latents = False
   c.train.trainable = ("codec/.*",) + stage2.DIFFUSION_PATH
   c.loss.rate_mode = "anneal"
-  c.loss.anneal.start = c.loss.lambda_A              # from the stage-1 weight ...
-  c.loss.anneal.end = 4.0 * c.loss.lambda_A          # ... up to a larger one (lower bitrate)
+  c.loss.anneal.start = c.loss.lambda_A  # from the stage-1 weight ...
+  c.loss.anneal.end = 4.0 * c.loss.lambda_A  # ... up to a larger one (lower bitrate)
   c.loss.alignment = "mse"
   c.loss.alpha = 1.0
   return c

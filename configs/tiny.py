@@ -15,6 +15,7 @@ sodec_jax.validation (real .sodec files). `sodec compress/decompress --checkpoin
 then use the final stage (the diffusion decoder). `--config.pipeline.stages="('stage1',)"`
 trains the codec alone.
 """
+
 import ml_collections
 
 from configs import base
@@ -32,11 +33,11 @@ def get_config():
   c.model.decoder_residual_blocks = 2
   c.data.crop_size = 128
   c.data.batch_size = 4
-  c.data.holdout = ("astronaut", "coffee")           # validation photos, never trained on
-  c.loss.k_P = 0.0                                   # MSE only: LPIPS needs VGG16 weights
+  c.data.holdout = ("astronaut", "coffee")  # validation photos, never trained on
+  c.loss.k_P = 0.0  # MSE only: LPIPS needs VGG16 weights
   c.loss.target_rate = 1.0
   c.loss.lambda_A = 0.25
-  c.loss.lambda_B = 2.0 ** -6
+  c.loss.lambda_B = 2.0**-6
   c.loss.lambda_schedule_steps = (10_000,)
   c.loss.target_schedule_steps = (10_000,)
   c.optim.learning_rate = 3e-4
@@ -44,8 +45,8 @@ def get_config():
   c.train.num_steps = 1000
   c.train.log_every = 50
   c.train.checkpoint_every = 250
-  c.train.sample_every = 250                         # samples/step_<n>.png: original | x_f | x_hat
-  c.train.validate_every = 250                       # held-out astronaut + coffee, 256 px crops
+  c.train.sample_every = 250  # samples/step_<n>.png: original | x_f | x_hat
+  c.train.validate_every = 250  # held-out astronaut + coffee, 256 px crops
   # the diffusion decoder at small widths (used from stage 2 on)
   c.diffusion.unet = "tiny"
   c.diffusion.vae = "tiny"
@@ -58,20 +59,39 @@ def get_config():
   # the pipeline: stage order and what each stage changes beyond its stage config
   c.pipeline.stages = ("pretrain", "stage1", "stage2", "stage3", "finetune")
   c.pipeline.pretrain = ml_collections.ConfigDict(
-      {"train": {"num_steps": 800, "checkpoint_every": 400},
-       "data": {"crop_size": 64, "batch_size": 8},
-       "optim": {"learning_rate": 2e-3, "lr_decay_steps": (650,)}})
-  small = {"data": {"crop_size": 128, "batch_size": 4},
-           "optim": {"learning_rate": 5e-4, "lr_decay_steps": (10_000,)}}
+    {
+      "train": {"num_steps": 800, "checkpoint_every": 400},
+      "data": {"crop_size": 64, "batch_size": 8},
+      "optim": {"learning_rate": 2e-3, "lr_decay_steps": (650,)},
+    }
+  )
+  small = {
+    "data": {"crop_size": 128, "batch_size": 4},
+    "optim": {"learning_rate": 5e-4, "lr_decay_steps": (10_000,)},
+  }
   c.pipeline.stage2 = ml_collections.ConfigDict(
-      {**small, "train": {"num_steps": 150, "checkpoint_every": 150}})
+    {**small, "train": {"num_steps": 150, "checkpoint_every": 150}}
+  )
   c.pipeline.stage3 = ml_collections.ConfigDict(
-      {"data": small["data"], "optim": {"learning_rate": 3e-4, "lr_decay_steps": (10_000,)},
-       "train": {"num_steps": 150, "checkpoint_every": 150},
-       "loss": {"anneal": {"start": 0.25, "end": 1.0, "steps": 150}}})
+    {
+      "data": small["data"],
+      "optim": {"learning_rate": 3e-4, "lr_decay_steps": (10_000,)},
+      "train": {"num_steps": 150, "checkpoint_every": 150},
+      "loss": {"anneal": {"start": 0.25, "end": 1.0, "steps": 150}},
+    }
+  )
   c.pipeline.finetune = ml_collections.ConfigDict(
-      {"data": small["data"], "train": {"num_steps": 100, "checkpoint_every": 100},
-       "optim": {"learning_rate": 1e-4, "lr_decay_steps": (10_000,), "grad_clip_norm": 0.0},
-       "loss": {"anneal": {"start": 1.0, "end": 1.0}, "beta": 0.15, "gan_warmup_steps": 20,
-                "gan_ramp_steps": 40, "disc_learning_rate": 1e-4}})
+    {
+      "data": small["data"],
+      "train": {"num_steps": 100, "checkpoint_every": 100},
+      "optim": {"learning_rate": 1e-4, "lr_decay_steps": (10_000,), "grad_clip_norm": 0.0},
+      "loss": {
+        "anneal": {"start": 1.0, "end": 1.0},
+        "beta": 0.15,
+        "gan_warmup_steps": 20,
+        "gan_ramp_steps": 40,
+        "disc_learning_rate": 1e-4,
+      },
+    }
+  )
   return c

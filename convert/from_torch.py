@@ -17,6 +17,7 @@
 A thin CLI over `sodec_jax.converters` (and `sodec_jax.converters.lora` for export-lora). Problems are one
 line on stderr ("from_torch: error: ...") and exit status 1; nothing is left in --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,51 +36,87 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--src", required=True, help=src_help)
     s.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     if name != "export-lora":
-      s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                     help="storage dtype of the converted parameters (default float32)")
+      s.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="storage dtype of the converted parameters (default float32)",
+      )
     return s
 
-  s = add("sd21", "Stable Diffusion 2.1: UNet, VAE and noise schedule",
-          "a diffusers folder (unet/, vae/, scheduler/) or an original single-file "
-          ".safetensors/.ckpt")
-  s.add_argument("--config-dir", default=None,
-                 help="single file only: a folder with unet/config.json, vae/config.json "
-                      "[, scheduler/scheduler_config.json] (default: SD 2.1's)")
-  pt_help = ("the model's prediction type (SD 2.1-768: v_prediction, 2.1-base: epsilon); "
-             "overrides the scheduler's. Required for a single file unless --config-dir has "
-             "scheduler/scheduler_config.json or an original config <name>.yaml lies beside it")
-  s.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
-                 help=pt_help)
+  s = add(
+    "sd21",
+    "Stable Diffusion 2.1: UNet, VAE and noise schedule",
+    "a diffusers folder (unet/, vae/, scheduler/) or an original single-file .safetensors/.ckpt",
+  )
+  s.add_argument(
+    "--config-dir",
+    default=None,
+    help="single file only: a folder with unet/config.json, vae/config.json "
+    "[, scheduler/scheduler_config.json] (default: SD 2.1's)",
+  )
+  pt_help = (
+    "the model's prediction type (SD 2.1-768: v_prediction, 2.1-base: epsilon); "
+    "overrides the scheduler's. Required for a single file unless --config-dir has "
+    "scheduler/scheduler_config.json or an original config <name>.yaml lies beside it"
+  )
+  s.add_argument(
+    "--prediction-type", default=None, choices=("epsilon", "v_prediction"), help=pt_help
+  )
   s = add("unet", "one diffusers UNet2DConditionModel folder", "e.g. stable-diffusion-2-1/unet")
-  s.add_argument("--prediction-type", default=None, choices=("epsilon", "v_prediction"),
-                 help="recorded in the manifest (default: ../scheduler/scheduler_config.json "
-                      "beside --src, if any)")
+  s.add_argument(
+    "--prediction-type",
+    default=None,
+    choices=("epsilon", "v_prediction"),
+    help="recorded in the manifest (default: ../scheduler/scheduler_config.json "
+    "beside --src, if any)",
+  )
   add("vae", "one diffusers AutoencoderKL folder", "e.g. stable-diffusion-2-1/vae")
-  add("hific", "a checkpoint of the HiFiC PyTorch implementation (E, H_a, P, D_a, discriminator)",
-      "the torch.save file (model_state_dict, args, ...)")
+  add(
+    "hific",
+    "a checkpoint of the HiFiC PyTorch implementation (E, H_a, P, D_a, discriminator)",
+    "the torch.save file (model_state_dict, args, ...)",
+  )
   add("vit", "a transformers ViT folder (guidance extractor)", "save_pretrained folder")
   add("swin", "a transformers Swin folder (guidance extractor)", "save_pretrained folder")
-  s = add("lpips", "VGG16 + LPIPS heads for the LPIPS metric",
-          "VGG16 ImageNet weights in torchvision layout (.pth or .safetensors)")
-  s.add_argument("--heads", default=None,
-                 help="LPIPS linear heads (the lpips wheel's weights/v0.1/vgg.pth); default: the "
-                      "heads shipped with sodec-jax")
-  s = add("dists", "VGG16 + DISTS alpha/beta for the DISTS metric",
-          "DISTS alpha/beta (dists-pytorch's weights.pt, or .safetensors/.npz)")
+  s = add(
+    "lpips",
+    "VGG16 + LPIPS heads for the LPIPS metric",
+    "VGG16 ImageNet weights in torchvision layout (.pth or .safetensors)",
+  )
+  s.add_argument(
+    "--heads",
+    default=None,
+    help="LPIPS linear heads (the lpips wheel's weights/v0.1/vgg.pth); default: the "
+    "heads shipped with sodec-jax",
+  )
+  s = add(
+    "dists",
+    "VGG16 + DISTS alpha/beta for the DISTS metric",
+    "DISTS alpha/beta (dists-pytorch's weights.pt, or .safetensors/.npz)",
+  )
   s.add_argument("--vgg", required=True, help="VGG16 ImageNet weights, torchvision layout")
-  add("clip-iqa", "a transformers CLIPModel folder for the CLIP-IQA metric (image tower + the "
-      "prompt text embeddings, computed here with torch)",
-      "save_pretrained folder: config.json, model.safetensors, tokenizer files")
-  s = add("export-lora", "the UNet's LoRA of a training workdir -> peft/diffusers safetensors",
-          "a sodec-jax training workdir")
+  add(
+    "clip-iqa",
+    "a transformers CLIPModel folder for the CLIP-IQA metric (image tower + the "
+    "prompt text embeddings, computed here with torch)",
+    "save_pretrained folder: config.json, model.safetensors, tokenizer files",
+  )
+  s = add(
+    "export-lora",
+    "the UNet's LoRA of a training workdir -> peft/diffusers safetensors",
+    "a sodec-jax training workdir",
+  )
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   return p
 
 
 def run(args) -> str:
   from sodec_jax.converters import CONVERTERS
+
   if args.command == "export-lora":
     from sodec_jax.converters.lora import export_lora_from_workdir
+
     return export_lora_from_workdir(args.src, args.out, args.step)
   kw = {}
   if args.command == "sd21":
@@ -96,6 +133,7 @@ def run(args) -> str:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   from sodec_jax.errors import SodecError
+
   try:
     out = run(args)
   except SodecError as e:

@@ -36,6 +36,7 @@ decodes on any machine, backend, batch size or XLA version; float differences on
 reconstruction (mu and the decoders) by rounding error. Version-1 files (float32 sigma indexes)
 still decode where they were written (see docs/ARCHITECTURE.md, "Determinism").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,13 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.codec import bitstream, integer_prior, padding
-from sodec_jax.codec.entropy import (CodingTable, factorized_coding_table, gaussian_coding_table,
-                                     scale_indexes, scale_table)
+from sodec_jax.codec.entropy import (
+  CodingTable,
+  factorized_coding_table,
+  gaussian_coding_table,
+  scale_indexes,
+  scale_table,
+)
 from sodec_jax.codec.hific import OPTIONAL_FIELDS
 from sodec_jax.errors import SodecError
 from sodec_jax.model import PAD_MULTIPLE, SODEC
@@ -64,6 +70,7 @@ class LoadedModel:
   pieces of the coding path (private: call them through analysis, prior, fidelity and
   reconstruct). `indexer(z_hat [B, h/4, w/4, N]) -> uint8 [B, h, w, C]`: the y scale indexes
   of .sodec version 2 (integer arithmetic, identical on every machine)."""
+
   config: Any
   model: SODEC
   fingerprint: bytes
@@ -74,8 +81,8 @@ class LoadedModel:
   indexer: integer_prior.IntegerScaleIndexer
   _analysis: Any = None
   _prior: Any = None
-  _synthesis: Any = None   # (y_hat, z_hat) -> (x_hat, x_f): the whole decoder, one jit
-  _fidelity: Any = None    # y_hat -> x_f = D_a(y_hat)
+  _synthesis: Any = None  # (y_hat, z_hat) -> (x_hat, x_f): the whole decoder, one jit
+  _fidelity: Any = None  # y_hat -> x_f = D_a(y_hat)
 
   @property
   def decoder(self) -> int:
@@ -92,11 +99,18 @@ class LoadedModel:
 def fingerprint(config, model: nnx.Module) -> bytes:
   """16-byte hash of the coding-relevant config and every parameter (path, dtype, shape, bytes)."""
   h = hashlib.sha256()
-  model_cfg = {k: v for k, v in config.model.to_dict().items()  # an optional field at its
-               if not (k in OPTIONAL_FIELDS and OPTIONAL_FIELDS[k] == v)}  # default: as if absent
-  h.update(json.dumps({"model": model_cfg, "entropy": config.entropy.to_dict()},
-                      sort_keys=True, default=list).encode())
+  model_cfg = {
+    k: v
+    for k, v in config.model.to_dict().items()  # an optional field at its
+    if not (k in OPTIONAL_FIELDS and OPTIONAL_FIELDS[k] == v)
+  }  # default: as if absent
+  h.update(
+    json.dumps(
+      {"model": model_cfg, "entropy": config.entropy.to_dict()}, sort_keys=True, default=list
+    ).encode()
+  )
   from sodec_jax.layers import FrozenWeight  # frozen extractor weights shape decoding too
+
   flat = nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, FrozenWeight)))
   for path, var in sorted(flat, key=lambda kv: tuple(map(str, kv[0]))):
     arr = np.ascontiguousarray(np.asarray(var.value))
@@ -118,6 +132,7 @@ def decoding_model(model: SODEC, winograd: bool | None = None) -> SODEC:
     path (E, H_a, P) never uses Winograd, so the files are the same bytes either way.
   """
   from sodec_jax.layers import use_subpixel_kernels, use_winograd
+
   if winograd is None:
     winograd = jax.default_backend() == "cpu"
   clone = nnx.clone(model)
@@ -138,13 +153,18 @@ def prepare(config, model: SODEC, step: int = 0, *, winograd: bool | None = None
   e = config.entropy
   scales = scale_table(e.scale_min, e.scale_max, e.scale_levels)
   y_table: CodingTable = gaussian_coding_table(scales, config.entropy.tail_mass)
-  z_table: CodingTable = factorized_coding_table(model.codec.prior.hyperlatent.numpy_params(),
-                                                 config.entropy.tail_mass)
+  z_table: CodingTable = factorized_coding_table(
+    model.codec.prior.hyperlatent.numpy_params(), config.entropy.tail_mass
+  )
   graphdef, state = nnx.split(decoding_model(model, winograd))
   latent_multiple = padding.scheme(config.model).latent_multiple
-  indexer = integer_prior.derive(integer_prior.stack_params_of(model.codec.prior.scale_synthesis),
-                                 e.scale_min, e.scale_max, e.scale_levels,
-                                 model.codec.prior.scale_lower_bound)
+  indexer = integer_prior.derive(
+    integer_prior.stack_params_of(model.codec.prior.scale_synthesis),
+    e.scale_min,
+    e.scale_max,
+    e.scale_levels,
+    model.codec.prior.scale_lower_bound,
+  )
 
   @jax.jit
   def jit_analysis(state, x):
@@ -163,22 +183,33 @@ def prepare(config, model: SODEC, step: int = 0, *, winograd: bool | None = None
     return nnx.merge(graphdef, state).reconstruction(y_hat, z_hat)
 
   return LoadedModel(
-      config=config, model=model, fingerprint=fingerprint(config, model), step=step, scales=scales,
-      y_coder=bitstream.RangeCoder(y_table), z_coder=bitstream.RangeCoder(z_table), indexer=indexer,
-      _analysis=lambda x: jit_analysis(state, x), _prior=lambda z: jit_prior(state, z),
-      _synthesis=lambda y, z: jit_synthesis(state, y, z),
-      _fidelity=lambda y: jit_fidelity(state, y))
+    config=config,
+    model=model,
+    fingerprint=fingerprint(config, model),
+    step=step,
+    scales=scales,
+    y_coder=bitstream.RangeCoder(y_table),
+    z_coder=bitstream.RangeCoder(z_table),
+    indexer=indexer,
+    _analysis=lambda x: jit_analysis(state, x),
+    _prior=lambda z: jit_prior(state, z),
+    _synthesis=lambda y, z: jit_synthesis(state, y, z),
+    _fidelity=lambda y: jit_fidelity(state, y),
+  )
 
 
-def load_model(checkpoint_dir: str, step: int | None = None, *,
-               winograd: bool | None = None) -> LoadedModel:
+def load_model(
+  checkpoint_dir: str, step: int | None = None, *, winograd: bool | None = None
+) -> LoadedModel:
   """Loads the model a training run wrote to `checkpoint_dir` (its --workdir), or a
   `convert/from_torch.py hific` folder. `winograd`: see decoding_model (None: on CPU)."""
   from sodec_jax import checkpoints  # deferred: orbax import is slow and only needed here
 
   if not os.path.isdir(checkpoint_dir):
-    raise SodecError(f"checkpoint directory {checkpoint_dir!r} does not exist: pass the --workdir "
-                     "a training run wrote (e.g. runs/tiny)")
+    raise SodecError(
+      f"checkpoint directory {checkpoint_dir!r} does not exist: pass the --workdir "
+      "a training run wrote (e.g. runs/tiny)"
+    )
   if os.path.isfile(os.path.join(checkpoint_dir, "manifest.json")):
     return _load_converted_codec(checkpoint_dir, winograd)
   config = checkpoints.load_config(checkpoint_dir)
@@ -190,11 +221,15 @@ def load_model(checkpoint_dir: str, step: int | None = None, *,
 def _load_converted_codec(folder: str, winograd: bool | None = None) -> LoadedModel:
   """A `convert/from_torch.py hific` folder is a complete codec (D_a decoder)."""
   import importlib.util
+
   from sodec_jax.weights import converted
+
   kind = converted.read_manifest(folder).get("kind")
   if kind != "hific":
-    raise SodecError(f"{folder} holds converted {kind!r} weights, not a codec: pass a training "
-                     "workdir or a `convert/from_torch.py hific` folder")
+    raise SodecError(
+      f"{folder} holds converted {kind!r} weights, not a codec: pass a training "
+      "workdir or a `convert/from_torch.py hific` folder"
+    )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   base = os.path.join(root, "configs", "base.py")
   if not os.path.isfile(base):
@@ -216,8 +251,10 @@ def _check_image(image) -> np.ndarray:
   if not isinstance(image, np.ndarray):
     raise SodecError(f"compress expects a numpy uint8 array [H, W, 3], got {type(image).__name__}")
   if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-    raise SodecError(f"compress expects a uint8 array of shape [H, W, 3], got {image.dtype} "
-                     f"{image.shape}; use sodec_jax.images.read_image to load and convert files")
+    raise SodecError(
+      f"compress expects a uint8 array of shape [H, W, 3], got {image.dtype} "
+      f"{image.shape}; use sodec_jax.images.read_image to load and convert files"
+    )
   if image.shape[0] < 1 or image.shape[1] < 1:
     raise SodecError(f"empty image {image.shape}")
   return image
@@ -271,6 +308,7 @@ class Latents:
   indexes    uint8/16 [B, h, w, C]     scale-table index per symbol: model.indexer(z_hat)
   y_hat      float32 [B, h, w, C]      y_symbols + mu, what the decoder sees
   """
+
   z_hat: np.ndarray
   mu: np.ndarray
   sigma: np.ndarray
@@ -288,15 +326,16 @@ class Latents:
     indexes = model.indexer(z_hat)
     mu, sigma = np.asarray(mu, np.float32), np.asarray(sigma, np.float32)
     y_symbols = np.round(np.asarray(y, np.float32) - mu)
-    return cls(z_hat=z_hat, mu=mu, sigma=sigma, y_symbols=y_symbols, indexes=indexes,
-               y_hat=y_symbols + mu)
+    return cls(
+      z_hat=z_hat, mu=mu, sigma=sigma, y_symbols=y_symbols, indexes=indexes, y_hat=y_symbols + mu
+    )
 
   def __len__(self) -> int:
     return self.z_hat.shape[0]
 
   def __getitem__(self, b: int) -> "Latents":
     """The b-th image's latents (batch 1)."""
-    return Latents(*(getattr(self, f.name)[b:b + 1] for f in dataclasses.fields(self)))
+    return Latents(*(getattr(self, f.name)[b : b + 1] for f in dataclasses.fields(self)))
 
   @property
   def z_indexes(self) -> np.ndarray:
@@ -315,8 +354,10 @@ def encode_latents(model: LoadedModel, images) -> Latents:
     raise SodecError(f"a batch needs images of one size, got {sorted({im.shape for im in batch})}")
   h, w = batch[0].shape[:2]
   if h * w > model.max_pixels or max(h, w) > bitstream.MAX_SIDE:
-    raise SodecError(f"image {h}x{w} is larger than this model codes in one file "
-                     f"({model.max_pixels} pixels, {bitstream.MAX_SIDE} per side)")
+    raise SodecError(
+      f"image {h}x{w} is larger than this model codes in one file "
+      f"({model.max_pixels} pixels, {bitstream.MAX_SIDE} per side)"
+    )
   y, z = analysis(model, np.concatenate([pad_image(model, im) for im in batch]))
   z_hat = np.round(np.asarray(z))
   mu, sigma = prior(model, z_hat)
@@ -331,12 +372,15 @@ def pack(model: LoadedModel, latents: Latents, height: int, width: int) -> bytes
   z_hat, y_sym = latents.z_hat[0], latents.y_symbols[0]
   c, n = model.config.model.latent_channels, model.config.model.hyper_channels
   if bitstream.latent_shapes(height, width, c, n, PAD_MULTIPLE) != (z_hat.shape, y_sym.shape):
-    raise SodecError(f"latents {z_hat.shape}/{y_sym.shape} are not those of a {height}x{width} "
-                     "image under this model: pass the size of the image they were encoded from")
+    raise SodecError(
+      f"latents {z_hat.shape}/{y_sym.shape} are not those of a {height}x{width} "
+      "image under this model: pass the size of the image they were encoded from"
+    )
   z_stream, z_over = model.z_coder.encode(z_hat.astype(np.int64), latents.z_indexes[0])
   y_stream, y_over = model.y_coder.encode(y_sym.astype(np.int64), latents.indexes[0])
-  header = bitstream.Header(model.decoder, height, width, model.fingerprint, z_hat.shape,
-                            y_sym.shape)
+  header = bitstream.Header(
+    model.decoder, height, width, model.fingerprint, z_hat.shape, y_sym.shape
+  )
   return bitstream.pack(header, [z_stream, y_stream, bitstream.encode_overflow(z_over + y_over)])
 
 
@@ -351,14 +395,17 @@ def _from_file(step, *args, version: int = bitstream.VERSION):
     return step(*args)
   except _RANGE_DECODER_ERRORS as e:
     where = "build, backend" if version < 2 else "build"  # v1 indexes follow float rounding
-    raise SodecError(f"cannot range-decode this .sodec file although its checksum is intact "
-                     f"({type(e).__name__}: {e}): it does not match this model or sodec-jax build "
-                     f"(written by another version or altered); decode it with the {where} "
-                     "and --checkpoint that compressed it") from None
+    raise SodecError(
+      f"cannot range-decode this .sodec file although its checksum is intact "
+      f"({type(e).__name__}: {e}): it does not match this model or sodec-jax build "
+      f"(written by another version or altered); decode it with the {where} "
+      "and --checkpoint that compressed it"
+    ) from None
 
 
-def decode_latents(model: LoadedModel, data: bytes,
-                   prior_fn=None) -> tuple[bitstream.Header, np.ndarray, np.ndarray]:
+def decode_latents(
+  model: LoadedModel, data: bytes, prior_fn=None
+) -> tuple[bitstream.Header, np.ndarray, np.ndarray]:
   """Range-decodes a .sodec file -> (header, y_hat float32 [1, h, w, C], z_hat [1, h/4, w/4, N]).
 
   `prior_fn`: z_hat -> (mu, sigma), default `prior(model, .)` (a reference implementation can
@@ -368,16 +415,22 @@ def decode_latents(model: LoadedModel, data: bytes,
   else is a bug and propagates as it is."""
   header, (z_stream, y_stream, over_stream) = bitstream.unpack(data, model.max_pixels)
   if header.fingerprint != model.fingerprint:
-    raise SodecError(f"this file was written by a different model (fingerprint "
-                     f"{header.fingerprint.hex()}, loaded model {model.fingerprint.hex()}): "
-                     "decode it with the --checkpoint that compressed it")
+    raise SodecError(
+      f"this file was written by a different model (fingerprint "
+      f"{header.fingerprint.hex()}, loaded model {model.fingerprint.hex()}): "
+      "decode it with the --checkpoint that compressed it"
+    )
   if header.decoder != model.decoder:
-    raise SodecError(f"this file needs the {bitstream.DECODER_NAMES[header.decoder]} decoder, "
-                     f"which the loaded model does not have")
+    raise SodecError(
+      f"this file needs the {bitstream.DECODER_NAMES[header.decoder]} decoder, "
+      f"which the loaded model does not have"
+    )
   c, n = model.config.model.latent_channels, model.config.model.hyper_channels
   if header.y_shape[2] != c or header.z_shape[2] != n:
-    raise SodecError(f"latent channels {header.y_shape[2]}/{header.z_shape[2]} in the file do not "
-                     f"match the model's {c}/{n}")
+    raise SodecError(
+      f"latent channels {header.y_shape[2]}/{header.z_shape[2]} in the file do not "
+      f"match the model's {c}/{n}"
+    )
   overflow = bitstream.OverflowReader(over_stream)
   z_sym = _from_file(model.z_coder.decode, z_stream, _channel_ids(header.z_shape), overflow)
   z_hat = z_sym.reshape(header.z_shape).astype(np.float32)[None]
@@ -424,10 +477,11 @@ def decompress_batch(model: LoadedModel, files: list[bytes]) -> list[np.ndarray]
   decoded = [decode_latents(model, d) for d in files]
   if len({(hd.height, hd.width) for hd, _, _ in decoded}) > 1:
     raise SodecError("decompress_batch needs files of one image size; decompress them one by one")
-  x_hat, _ = reconstruct(model, np.concatenate([y for _, y, _ in decoded]),
-                         np.concatenate([z for _, _, z in decoded]))
+  x_hat, _ = reconstruct(
+    model, np.concatenate([y for _, y, _ in decoded]), np.concatenate([z for _, _, z in decoded])
+  )
   x_hat = np.asarray(x_hat)
-  return [to_uint8(x_hat[b:b + 1], hd.height, hd.width) for b, (hd, _, _) in enumerate(decoded)]
+  return [to_uint8(x_hat[b : b + 1], hd.height, hd.width) for b, (hd, _, _) in enumerate(decoded)]
 
 
 def read_header(data: bytes) -> bitstream.Header:

@@ -13,6 +13,7 @@ Times are medians over --repeats calls after --warmup calls; compilation is repo
 A problem the user can fix (a missing checkpoint, a bad option value) is one line on stderr and
 exit status 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,52 +56,90 @@ def run_entropy(args) -> dict:
     config = base.get_config()
     model = api.prepare(config, build_model(config, nnx.Rngs(0)))
   photo, _ = read_image(os.path.join(os.path.dirname(skimage.data.__file__), "motorcycle_left.png"))
-  image = np.ascontiguousarray(np.pad(photo, ((0, max(0, 512 - photo.shape[0])),
-                                              (0, max(0, 768 - photo.shape[1])), (0, 0)),
-                                      mode="reflect")[:512, :768])
+  image = np.ascontiguousarray(
+    np.pad(
+      photo,
+      ((0, max(0, 512 - photo.shape[0])), (0, max(0, 768 - photo.shape[1])), (0, 0)),
+      mode="reflect",
+    )[:512, :768]
+  )
   lat = api.encode_latents(model, image)
   z_sym, z_ids = lat.z_hat[0].astype(np.int64), lat.z_indexes[0]
   y_sym, y_ids = lat.y_symbols[0].astype(np.int64), lat.indexes[0]
   results = {}
-  for name, coder, sym, ids in (("y", model.y_coder, y_sym, y_ids), ("z", model.z_coder, z_sym, z_ids)):
+  for name, coder, sym, ids in (
+    ("y", model.y_coder, y_sym, y_ids),
+    ("z", model.z_coder, z_sym, z_ids),
+  ):
     stream, over = coder.encode(sym, ids)
     enc = _time(lambda: coder.encode(sym, ids), args.repeats, args.warmup)
-    dec = _time(lambda: coder.decode(stream, ids, bitstream.OverflowReader(bitstream.encode_overflow(over))),
-                args.repeats, args.warmup)
+    dec = _time(
+      lambda: coder.decode(stream, ids, bitstream.OverflowReader(bitstream.encode_overflow(over))),
+      args.repeats,
+      args.warmup,
+    )
     n = sym.size
-    results[name] = {"symbols": n, "bytes": len(stream),
-                     "encode_msym_s": n / statistics.median(enc) / 1e6,
-                     "decode_msym_s": n / statistics.median(dec) / 1e6,
-                     "encode_ms": 1e3 * statistics.median(enc), "decode_ms": 1e3 * statistics.median(dec)}
+    results[name] = {
+      "symbols": n,
+      "bytes": len(stream),
+      "encode_msym_s": n / statistics.median(enc) / 1e6,
+      "decode_msym_s": n / statistics.median(dec) / 1e6,
+      "encode_ms": 1e3 * statistics.median(enc),
+      "decode_ms": 1e3 * statistics.median(dec),
+    }
   n = sum(r["symbols"] for r in results.values())
   enc_s = sum(r["encode_ms"] for r in results.values()) / 1e3
   dec_s = sum(r["decode_ms"] for r in results.values()) / 1e3
-  results["total"] = {"symbols": n, "bytes": sum(r["bytes"] for r in results.values()),
-                      "encode_msym_s": n / enc_s / 1e6, "decode_msym_s": n / dec_s / 1e6,
-                      "encode_ms": 1e3 * enc_s, "decode_ms": 1e3 * dec_s}
-  print(f"entropy coding, 512x768 photo, C={model.config.model.latent_channels}, "
-        f"N={model.config.model.hyper_channels} (median of {args.repeats})")
-  print(f"{'latent':>6} {'symbols':>9} {'bytes':>8} {'enc Msym/s':>11} {'dec Msym/s':>11} {'enc ms':>8} {'dec ms':>8}")
+  results["total"] = {
+    "symbols": n,
+    "bytes": sum(r["bytes"] for r in results.values()),
+    "encode_msym_s": n / enc_s / 1e6,
+    "decode_msym_s": n / dec_s / 1e6,
+    "encode_ms": 1e3 * enc_s,
+    "decode_ms": 1e3 * dec_s,
+  }
+  print(
+    f"entropy coding, 512x768 photo, C={model.config.model.latent_channels}, "
+    f"N={model.config.model.hyper_channels} (median of {args.repeats})"
+  )
+  print(
+    f"{'latent':>6} {'symbols':>9} {'bytes':>8} {'enc Msym/s':>11} {'dec Msym/s':>11} {'enc ms':>8} {'dec ms':>8}"
+  )
   for name, r in results.items():
-    print(f"{name:>6} {r['symbols']:>9} {r['bytes']:>8} {r['encode_msym_s']:>11.1f} "
-          f"{r['decode_msym_s']:>11.1f} {r['encode_ms']:>8.2f} {r['decode_ms']:>8.2f}")
+    print(
+      f"{name:>6} {r['symbols']:>9} {r['bytes']:>8} {r['encode_msym_s']:>11.1f} "
+      f"{r['decode_msym_s']:>11.1f} {r['encode_ms']:>8.2f} {r['decode_ms']:>8.2f}"
+    )
   return results
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m sodec_jax.bench", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    prog="python -m sodec_jax.bench",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--what", required=True, choices=["entropy", "unet", "vae", "codec", "train"])
   p.add_argument("--checkpoint", default="", help="a training workdir (default: random weights)")
   p.add_argument("--size", type=int, default=512, help="image side for unet/vae (latent = size/8)")
   p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | all")
-  p.add_argument("--reference", default="", choices=["", "torch"], help="also time the PyTorch reference")
+  p.add_argument(
+    "--reference", default="", choices=["", "torch"], help="also time the PyTorch reference"
+  )
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1)
-  p.add_argument("--config", default="", help="unet/vae: a diffusers-style config.json (default SD 2.1); "
-                 "train: an experiment config, configs/<name>.py")
-  p.add_argument("--devices", default="", help="train: device counts to time, e.g. 1,4 (default 1 and all)")
-  p.add_argument("--peak_tflops", type=float, default=0.0, help="train: device peak TFLOP/s for MFU")
+  p.add_argument(
+    "--config",
+    default="",
+    help="unet/vae: a diffusers-style config.json (default SD 2.1); "
+    "train: an experiment config, configs/<name>.py",
+  )
+  p.add_argument(
+    "--devices", default="", help="train: device counts to time, e.g. 1,4 (default 1 and all)"
+  )
+  p.add_argument(
+    "--peak_tflops", type=float, default=0.0, help="train: device peak TFLOP/s for MFU"
+  )
   return p
 
 
@@ -113,11 +152,13 @@ def main(argv=None) -> int:
       run_entropy(args)
     elif args.what == "train":  # one training step on 1 and N devices (benchmarks/train.py)
       from sodec_jax.benchmarks import train as train_benchmark
+
       train_benchmark.run_train(args)
     elif args.what == "codec":  # jitted encode/decode latency per stage (benchmarks/codec.py)
       from sodec_jax.benchmarks import codec as codec_benchmark
+
       codec_benchmark.run_codec(args)
-    elif args.what == "unet":   # the SD 2.1 UNet / VAE decoder (benchmarks/diffusion.py)
+    elif args.what == "unet":  # the SD 2.1 UNet / VAE decoder (benchmarks/diffusion.py)
       diffusion_benchmark.run_unet(args)
     else:
       diffusion_benchmark.run_vae(args)

@@ -33,6 +33,7 @@ Resume order (what `python -m sodec_jax.train` does when WORKDIR/config.json exi
 what inference (`sodec_jax.load_model`) uses; with no step given it takes best.json's step when
 that checkpoint exists, else the latest (init_from's read_params does the same).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -57,16 +58,29 @@ ITEMS = ("params", "opt_state", "meta")
 
 # Config fields that do not change what training computes: they may differ on resume.
 RESUME_IGNORED = (
-    "train.num_steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.progress", "train.allow_config_change", "train.validate_every", "train.validate_size",
-    "train.guard_db", "train.guard_action", "pipeline.summary", "train.sample_every",
-    "train.fsdp", "data.worker_count",
-    "data.cache_mb", "distributed.coordinator_address", "distributed.num_processes",
-    "distributed.process_id",
+  "train.num_steps",
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.progress",
+  "train.allow_config_change",
+  "train.validate_every",
+  "train.validate_size",
+  "train.guard_db",
+  "train.guard_action",
+  "pipeline.summary",
+  "train.sample_every",
+  "train.fsdp",
+  "data.worker_count",
+  "data.cache_mb",
+  "distributed.coordinator_address",
+  "distributed.num_processes",
+  "distributed.process_id",
 )
 
 
 # --- config -----------------------------------------------------------------------------------
+
 
 def config_to_dict(config) -> dict:
   """Plain JSON-able dict (tuples become lists)."""
@@ -104,8 +118,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     if not isinstance(d, dict):
       raise ValueError("not a JSON object")
   except (OSError, ValueError) as err:
-    raise SodecError(f"{workdir} is not a sodec-jax training directory (no config.json); "
-                     f"pass the --workdir your training wrote ({type(err).__name__})") from None
+    raise SodecError(
+      f"{workdir} is not a sodec-jax training directory (no config.json); "
+      f"pass the --workdir your training wrote ({type(err).__name__})"
+    ) from None
   return ml_collections.ConfigDict(_lists_to_tuples(d))
 
 
@@ -124,8 +140,11 @@ def config_diff(old, new, ignored=RESUME_IGNORED) -> list[str]:
   a, b = _flatten(config_to_dict(old)), _flatten(config_to_dict(new))
   keys = sorted((set(a) | set(b)) - set(ignored))
   missing = "<absent>"
-  return [f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
-          for k in keys if a.get(k, missing) != b.get(k, missing)]
+  return [
+    f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
+    for k in keys
+    if a.get(k, missing) != b.get(k, missing)
+  ]
 
 
 def fingerprint(config, ignored=RESUME_IGNORED) -> str:
@@ -135,6 +154,7 @@ def fingerprint(config, ignored=RESUME_IGNORED) -> str:
 
 
 # --- checkpoints ----------------------------------------------------------------------------
+
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
@@ -146,30 +166,43 @@ def manager(workdir: str, keep: int | None = None, create: bool = True) -> ocp.C
   Only the writer (create=True: training) removes leftover temporaries of interrupted saves; a
   reader (create=False) must not, since they may be the save a running training is writing."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, create=create, cleanup_tmp_directories=create,
-      enable_async_checkpointing=False)
+    max_to_keep=keep,
+    create=create,
+    cleanup_tmp_directories=create,
+    enable_async_checkpointing=False,
+  )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
 def make_meta(step: int, config) -> dict:
-  return {"step": int(step), "seed": int(config.seed), "stage": int(config.stage),
-          "name": str(config.name), "config_fingerprint": fingerprint(config),
-          "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  return {
+    "step": int(step),
+    "seed": int(config.seed),
+    "stage": int(config.stage),
+    "name": str(config.name),
+    "config_fingerprint": fingerprint(config),
+    "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  }
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, config) -> None:
   """Saves params (pure dict), opt_state and meta at `step` (overwrites nothing)."""
-  mngr.save(int(step), args=ocp.args.Composite(
+  mngr.save(
+    int(step),
+    args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       opt_state=ocp.args.StandardSave(opt_state),
-      meta=ocp.args.JsonSave(make_meta(step, config))), force=True)
+      meta=ocp.args.JsonSave(make_meta(step, config)),
+    ),
+    force=True,
+  )
   mngr.wait_until_finished()
 
 
 def _abstract(tree):
   return jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)),
-      tree)
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree
+  )
 
 
 def _check_same(template, restored, what: str, workdir: str, step: int) -> None:
@@ -180,8 +213,10 @@ def _check_same(template, restored, what: str, workdir: str, step: int) -> None:
     if b is None or b.shape != a.shape:
       name = jax.tree_util.keystr(path)
       got = "missing" if b is None else f"shape {b.shape}"
-      raise SodecError(f"checkpoint step {step} in {workdir} does not fit this model: {what}"
-                       f"{name} is {got}, the model needs {a.shape} (different config?)")
+      raise SodecError(
+        f"checkpoint step {step} in {workdir} does not fit this model: {what}"
+        f"{name} is {got}, the model needs {a.shape} (different config?)"
+      )
 
 
 def prune(mngr: ocp.CheckpointManager, keep: int | None, protect=()) -> list[int]:
@@ -207,8 +242,9 @@ def read_best(workdir: str) -> dict | None:
       record = json.load(f)
     int(record["step"])
   except (OSError, ValueError, KeyError, TypeError) as err:
-    raise SodecError(f"{path} is damaged ({type(err).__name__}); delete it to use the latest "
-                     "checkpoint") from None
+    raise SodecError(
+      f"{path} is damaged ({type(err).__name__}); delete it to use the latest checkpoint"
+    ) from None
   return record
 
 
@@ -234,14 +270,19 @@ def default_step(workdir: str, steps) -> int:
 def restore(mngr: ocp.CheckpointManager, step: int, params, opt_state, workdir: str = ""):
   """(params, opt_state, meta) of `step`, shaped like the given templates."""
   try:
-    out = mngr.restore(int(step), args=ocp.args.Composite(
+    out = mngr.restore(
+      int(step),
+      args=ocp.args.Composite(
         params=ocp.args.StandardRestore(_abstract(params)),
         opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-        meta=ocp.args.JsonRestore()))
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
   except Exception as err:  # pylint: disable=broad-except
-    raise SodecError(f"cannot restore checkpoint step {step} in {workdir or mngr.directory}: "
-                     f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                     ) from None
+    raise SodecError(
+      f"cannot restore checkpoint step {step} in {workdir or mngr.directory}: "
+      f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    ) from None
   _check_same(params, out["params"], "params", workdir, step)
   return out["params"], out["opt_state"], dict(out["meta"])
 
@@ -264,14 +305,18 @@ def restore_params(workdir: str, model: nnx.Module, step: int | None = None) -> 
   A pipeline workdir (pipeline.json) means its final finished stage."""
   workdir = resolve_workdir(workdir)
   if not os.path.isdir(checkpoint_dir(workdir)):
-    raise SodecError(f"no checkpoint in {workdir} (no {CHECKPOINT_DIR}/ directory); "
-                     f"train first: python -m sodec_jax.train --config ... --workdir {workdir}")
+    raise SodecError(
+      f"no checkpoint in {workdir} (no {CHECKPOINT_DIR}/ directory); "
+      f"train first: python -m sodec_jax.train --config ... --workdir {workdir}"
+    )
   mngr = manager(workdir, create=False)
   try:
     steps = mngr.all_steps()
     if not steps:
-      raise SodecError(f"no checkpoint in {workdir}; train first: "
-                       f"python -m sodec_jax.train --config ... --workdir {workdir}")
+      raise SodecError(
+        f"no checkpoint in {workdir}; train first: "
+        f"python -m sodec_jax.train --config ... --workdir {workdir}"
+      )
     if step is None:
       step = default_step(workdir, steps)
     elif step not in steps:
@@ -279,12 +324,14 @@ def restore_params(workdir: str, model: nnx.Module, step: int | None = None) -> 
     state = nnx.state(model, nnx.Param)
     template = nnx.to_pure_dict(state)
     try:
-      out = mngr.restore(int(step), args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(_abstract(template))))
+      out = mngr.restore(
+        int(step), args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(template)))
+      )
     except Exception as err:  # pylint: disable=broad-except
-      raise SodecError(f"cannot restore params of step {step} in {workdir}: "
-                       f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                       ) from None
+      raise SodecError(
+        f"cannot restore params of step {step} in {workdir}: "
+        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+      ) from None
     _check_same(template, out["params"], "params", workdir, step)
     nnx.replace_by_pure_dict(state, out["params"])
     nnx.update(model, state)
@@ -296,8 +343,9 @@ def restore_params(workdir: str, model: nnx.Module, step: int | None = None) -> 
 def read_meta(workdir: str, step: int) -> dict[str, Any]:
   mngr = manager(workdir, create=False)
   try:
-    return dict(mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-                ["meta"])
+    return dict(
+      mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    )
   finally:
     mngr.close()
 
@@ -340,8 +388,10 @@ def read_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
 
 
 def _flat(tree) -> dict:
-  return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): leaf
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def init_from(model: nnx.Module, workdirs) -> list[str]:
@@ -358,20 +408,28 @@ def init_from(model: nnx.Module, workdirs) -> list[str]:
       raise SodecError(f"config.init_from: {wd} does not exist")
     src, step = read_params(wd)
     theirs = _flat(src)
-    hits = [k for k, v in theirs.items() if k in ours and tuple(np.shape(v)) == tuple(ours[k].shape)]
+    hits = [
+      k for k, v in theirs.items() if k in ours and tuple(np.shape(v)) == tuple(ours[k].shape)
+    ]
     bad = [k for k, v in theirs.items() if k in ours and tuple(np.shape(v)) != tuple(ours[k].shape)]
     if bad:
-      raise SodecError(f"config.init_from: {wd} step {step} has {len(bad)} parameter(s) with other "
-                       f"shapes than this model (e.g. {bad[0]}): different model config?")
+      raise SodecError(
+        f"config.init_from: {wd} step {step} has {len(bad)} parameter(s) with other "
+        f"shapes than this model (e.g. {bad[0]}): different model config?"
+      )
     for k in hits:
       updates[k] = np.asarray(theirs[k])
     report.append(f"init_from {wd} (step {step}): {len(hits)} of {len(ours)} parameter arrays")
   if not updates:
-    raise SodecError(f"config.init_from: {', '.join(workdirs)} share no parameter with this model "
-                     "(a workdir of another model?)")
+    raise SodecError(
+      f"config.init_from: {', '.join(workdirs)} share no parameter with this model "
+      "(a workdir of another model?)"
+    )
   leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
-  new = [updates.get("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), leaf)
-         for path, leaf in leaves]
+  new = [
+    updates.get("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), leaf)
+    for path, leaf in leaves
+  ]
   new = [jnp.asarray(v, dtype=l.dtype) for v, (_, l) in zip(new, leaves)]
   nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, new))
   nnx.update(model, state)

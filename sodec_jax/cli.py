@@ -7,6 +7,7 @@
 Every user error is one line on stderr ("sodec: error: ...") and exit status 1; outputs are
 written through a temporary file and a rename, so a failed run leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,6 +32,7 @@ def _read_bytes(path: str) -> bytes:
 
 def cmd_compress(args) -> None:
   from sodec_jax import api, images
+
   image, notes = images.read_image(args.input)
   for note in notes:
     print(f"note: {args.input}: {note}", file=sys.stderr)
@@ -41,12 +43,15 @@ def cmd_compress(args) -> None:
   elapsed = time.perf_counter() - t
   images.write_atomic(args.output, data)
   h, w = image.shape[:2]
-  print(f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h}, "
-        f"{elapsed:.2f} s)")
+  print(
+    f"{args.output}: {len(data)} bytes, {8 * len(data) / (h * w):.4f} bpp ({w}x{h}, "
+    f"{elapsed:.2f} s)"
+  )
 
 
 def cmd_decompress(args) -> None:
   from sodec_jax import api, images
+
   data = _read_bytes(args.input)
   api.read_header(data)  # a bad file fails before the model is loaded
   images.image_format(args.output)
@@ -61,15 +66,19 @@ def cmd_decompress(args) -> None:
 
 def cmd_info(args) -> None:
   from sodec_jax.codec import bitstream
+
   data = _read_bytes(args.input)
   header = bitstream.unpack(data)[0]
   pixels = header.height * header.width
   print(f"file:         {args.input}")
   print(f"image:        {header.width}x{header.height}")
   print(f"size:         {len(data)} bytes, {8 * len(data) / pixels:.4f} bpp")
-  print(f"format:       version {header.version}"
-        + ("" if header.version >= 2 else " (float scale indexes: decodes on the platform that "
-           "wrote it)"))
+  print(
+    f"format:       version {header.version}"
+    + (
+      "" if header.version >= 2 else " (float scale indexes: decodes on the platform that wrote it)"
+    )
+  )
   print(f"decoder:      {bitstream.DECODER_NAMES[header.decoder]}")
   print(f"fingerprint:  {header.fingerprint.hex()}")
   print(f"latents:      y {header.y_shape}, z {header.z_shape}")

@@ -10,6 +10,7 @@ no text, masks or synthetic charts), so the tiny config trains offline.
 
 Batches are uint8 arrays [B, crop, crop, 3]; the train step converts them to float32 in [0, 1].
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,9 +30,23 @@ from sodec_jax.errors import SodecError
 # The photographs shipped inside the scikit-image wheel (skimage/data). Grayscale ones are
 # converted to RGB. Left out on purpose: text, logos, charts, masks, tiny or multi-page files.
 SKIMAGE_PHOTOS = (
-    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png",
-    "coffee.png", "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png",
-    "moon.png", "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg",
+  "astronaut.png",
+  "brick.png",
+  "camera.png",
+  "cell.png",
+  "chelsea.png",
+  "clock_motion.png",
+  "coffee.png",
+  "coins.png",
+  "grass.png",
+  "gravel.png",
+  "hubble_deep_field.jpg",
+  "ihc.png",
+  "moon.png",
+  "motorcycle_left.png",
+  "motorcycle_right.png",
+  "retina.jpg",
+  "rocket.jpg",
 )
 
 _log = logging.getLogger(__name__)
@@ -39,6 +54,7 @@ _log = logging.getLogger(__name__)
 
 def skimage_photo_dir() -> str:
   import skimage.data  # pylint: disable=import-outside-toplevel
+
   return os.path.dirname(skimage.data.__file__)
 
 
@@ -69,13 +85,15 @@ def list_images(train_dir: str) -> list[str]:
   for path in candidates:
     try:
       with Image.open(path) as im:
-        _ = im.size   # reads the header: a file Pillow cannot open is skipped here
+        _ = im.size  # reads the header: a file Pillow cannot open is skipped here
       paths.append(path)
     except Exception as err:  # pylint: disable=broad-except
       _warn_skip(path, err)
   if not paths:
-    raise SodecError(f"no readable images ({', '.join(images.IMAGE_EXTENSIONS)}) in {where}; "
-                     "point --config.data.train_dir at a folder of photos")
+    raise SodecError(
+      f"no readable images ({', '.join(images.IMAGE_EXTENSIONS)}) in {where}; "
+      "point --config.data.train_dir at a folder of photos"
+    )
   return paths
 
 
@@ -87,8 +105,10 @@ def exclude_holdout(paths: Sequence[str], names: Sequence[str]) -> list[str]:
   stem = lambda p: os.path.splitext(os.path.basename(p))[0]
   missing = sorted(set(names) - {stem(p) for p in paths})
   if missing:
-    raise SodecError(f"config.data.holdout names {', '.join(missing)}, not among the training "
-                     f"images (file names without extension); fix --config.data.holdout")
+    raise SodecError(
+      f"config.data.holdout names {', '.join(missing)}, not among the training "
+      f"images (file names without extension); fix --config.data.holdout"
+    )
   kept = [p for p in paths if stem(p) not in names]
   if not kept:
     raise SodecError("config.data.holdout holds out every training image; hold out fewer")
@@ -106,13 +126,14 @@ def pad_to(img: np.ndarray, size: int) -> np.ndarray:
   return np.pad(img, pads, mode=mode)
 
 
-def random_crop(img: np.ndarray, size: int, rng: np.random.Generator,
-                hflip: bool = True) -> np.ndarray:
+def random_crop(
+  img: np.ndarray, size: int, rng: np.random.Generator, hflip: bool = True
+) -> np.ndarray:
   img = pad_to(img, size)
   h, w = img.shape[:2]
   top = int(rng.integers(0, h - size + 1))
   left = int(rng.integers(0, w - size + 1))
-  crop = img[top:top + size, left:left + size]
+  crop = img[top : top + size, left : left + size]
   if hflip and rng.random() < 0.5:
     crop = crop[:, ::-1]
   return np.ascontiguousarray(crop)
@@ -125,8 +146,14 @@ class CropLoader:
   Decoded images are kept in memory when they all fit in `cache_mb`.
   """
 
-  def __init__(self, paths: Sequence[str], crop_size: int, seed: int, hflip: bool = True,
-               cache_mb: float = 1024):
+  def __init__(
+    self,
+    paths: Sequence[str],
+    crop_size: int,
+    seed: int,
+    hflip: bool = True,
+    cache_mb: float = 1024,
+  ):
     self.paths = list(paths)
     self.crop_size = crop_size
     self.seed = int(seed)
@@ -135,7 +162,7 @@ class CropLoader:
     for p in self.paths:
       with Image.open(p) as im:
         total += im.size[0] * im.size[1] * 3
-    self._cache = {} if total <= cache_mb * 2 ** 20 else None
+    self._cache = {} if total <= cache_mb * 2**20 else None
     self._lock = threading.Lock()
     self._bad: set[int] = set()
 
@@ -159,7 +186,7 @@ class CropLoader:
     if k in self._bad:
       return None
     try:
-      img = images.read_image(self.paths[k])[0]   # as the CLI and evaluation read it
+      img = images.read_image(self.paths[k])[0]  # as the CLI and evaluation read it
     except Exception as err:  # pylint: disable=broad-except
       with self._lock:
         if k not in self._bad:
@@ -188,15 +215,24 @@ class _ProcessRows:
   [p * B/P, (p + 1) * B/P) of every global batch of B (picklable for grain workers)."""
 
   def __init__(self, batch: int, process_index: int, process_count: int):
-    self.b, self.local, self.offset = batch, batch // process_count, process_index * (batch // process_count)
+    self.b, self.local, self.offset = (
+      batch,
+      batch // process_count,
+      process_index * (batch // process_count),
+    )
 
   def __call__(self, k: int) -> int:
     k = int(k)
     return (k // self.local) * self.b + self.offset + k % self.local
 
 
-def train_dataset(config, start_step: int = 0, paths: Sequence[str] | None = None,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def train_dataset(
+  config,
+  start_step: int = 0,
+  paths: Sequence[str] | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> grain.MapDataset:
   """MapDataset whose element k is the uint8 batch [B, crop, crop, 3] of step start_step + k;
   with process_count P > 1, this process's rows of it: [B/P, crop, crop, 3] (B must divide)."""
   d = config.data
@@ -215,14 +251,20 @@ def train_dataset(config, start_step: int = 0, paths: Sequence[str] | None = Non
   return grain.MapDataset.range(start_step * local, end * local).map(rows).map(loader).batch(local)
 
 
-def train_iterator(config, start_step: int = 0, paths: Sequence[str] | None = None,
-                   process_index: int = 0, process_count: int = 1):
+def train_iterator(
+  config,
+  start_step: int = 0,
+  paths: Sequence[str] | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+):
   """An iterator over the batches of steps start_step, start_step + 1, ... (prefetched); with
   process_count > 1, this process's share of each global batch (train_dataset)."""
   ds = train_dataset(config, start_step, paths, process_index, process_count)
   workers = int(config.data.worker_count)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2 if workers == 0 else 1,
-                                            prefetch_buffer_size=4))
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=2 if workers == 0 else 1, prefetch_buffer_size=4)
+  )
   if workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(it)

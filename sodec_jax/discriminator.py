@@ -44,6 +44,7 @@ concatenated images [x_0..x_{B-1}, x_hat_0..x_hat_{B-1}] with
 `repeat_interleave(y_hat, 2, dim=0)` = [y_0, y_0, y_1, y_1, ...], which mismatches image and
 context for batch > 1; we pair each image with its own y_hat. At batch 1 the two agree.
 """
+
 from __future__ import annotations
 
 import math
@@ -76,13 +77,24 @@ class SpectralConv2d(nnx.Module):
   x [B, H, W, in_ch] -> [B, (H + 2p - k) // stride + 1, ..., out_ch].
   """
 
-  def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
-               padding: int = 0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     k = kernel_size
     fan_in = in_ch * k * k
     bound = 1.0 / math.sqrt(fan_in)  # torch's default Conv2d init
-    self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (k, k, in_ch, out_ch), param_dtype,
-                                               -bound, bound))
+    self.kernel = nnx.Param(
+      jax.random.uniform(rngs.params(), (k, k, in_ch, out_ch), param_dtype, -bound, bound)
+    )
     self.bias = nnx.Param(jax.random.uniform(rngs.params(), (out_ch,), param_dtype, -bound, bound))
     # torch: u, v = normalize(normal(0, 1)) at wrap time, no power iteration until a forward.
     self.u = SpectralState(_normalize(jax.random.normal(rngs.params(), (out_ch,), param_dtype)))
@@ -93,7 +105,7 @@ class SpectralConv2d(nnx.Module):
 
   def weight_matrix(self) -> jax.Array:
     """The unnormalised weight as torch's W_mat [out, in*kh*kw] (float32)."""
-    w = self.kernel[...].astype(jnp.float32)          # [kh, kw, in, out]
+    w = self.kernel[...].astype(jnp.float32)  # [kh, kw, in, out]
     return jnp.transpose(w, (3, 2, 0, 1)).reshape(w.shape[3], -1)
 
   def normalized_kernel(self, update_stats: bool) -> jax.Array:
@@ -117,8 +129,9 @@ class SpectralConv2d(nnx.Module):
     p = self.padding
     if p:
       x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), mode="reflect")
-    y = jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), ((0, 0), (0, 0)),
-                                     dimension_numbers=_DIMS)
+    y = jax.lax.conv_general_dilated(
+      x, kernel, (self.stride, self.stride), ((0, 0), (0, 0)), dimension_numbers=_DIMS
+    )
     return y + self.bias[...].astype(self.dtype)
 
 
@@ -131,25 +144,49 @@ class Discriminator(nnx.Module):
     context_channels: width of the y_hat context branch (HiFiC: 12).
   """
 
-  def __init__(self, latent_channels: int, *, filters: Sequence[int] = (64, 128, 256, 512),
-               context_channels: int = 12, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    latent_channels: int,
+    *,
+    filters: Sequence[int] = (64, 128, 256, 512),
+    context_channels: int = 12,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if len(filters) != 4:
       raise SodecError(f"Discriminator filters must have 4 entries (HiFiC layout), got {filters}")
     self.latent_channels = latent_channels
     self.filters = tuple(int(f) for f in filters)
     self.context_channels = context_channels
     self.dtype = dtype
-    self.context_conv = Conv2d(latent_channels, context_channels, 3, padding=1,
-                               padding_mode="reflect", dtype=dtype, param_dtype=param_dtype,
-                               rngs=rngs)
+    self.context_conv = Conv2d(
+      latent_channels,
+      context_channels,
+      3,
+      padding=1,
+      padding_mode="reflect",
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     widths = (3 + context_channels,) + self.filters
     for i in range(4):
-      setattr(self, f"conv{i + 1}", SpectralConv2d(widths[i], widths[i + 1], 4, stride=2,
-                                                   padding=1, dtype=dtype,
-                                                   param_dtype=param_dtype, rngs=rngs))
-    self.conv_out = Conv2d(self.filters[-1], 1, 1, dtype=dtype, param_dtype=param_dtype,
-                           rngs=rngs)
+      setattr(
+        self,
+        f"conv{i + 1}",
+        SpectralConv2d(
+          widths[i],
+          widths[i + 1],
+          4,
+          stride=2,
+          padding=1,
+          dtype=dtype,
+          param_dtype=param_dtype,
+          rngs=rngs,
+        ),
+      )
+    self.conv_out = Conv2d(self.filters[-1], 1, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, image: jax.Array, y_hat: jax.Array, *, update_stats: bool) -> jax.Array:
     """image [B, H, W, 3] in [0, 1]; y_hat [B, H/16, W/16, C] -> logits [B, N] (dtype float32).
@@ -159,12 +196,16 @@ class Discriminator(nnx.Module):
     """
     b, h, w, c = y_hat.shape
     if image.ndim != 4 or image.shape[-1] != 3 or c != self.latent_channels:
-      raise SodecError(f"Discriminator expects image [B, H, W, 3] and y_hat [B, h, w, "
-                       f"{self.latent_channels}], got {image.shape} and {y_hat.shape}")
+      raise SodecError(
+        f"Discriminator expects image [B, H, W, 3] and y_hat [B, h, w, "
+        f"{self.latent_channels}], got {image.shape} and {y_hat.shape}"
+      )
     if image.shape[:3] != (b, h * UPSAMPLE, w * UPSAMPLE):
-      raise SodecError(f"Discriminator: image {image.shape[1:3]} must be {UPSAMPLE}x the y_hat "
-                       f"grid {(h, w)} (and the batch sizes equal): got image {image.shape}, "
-                       f"y_hat {y_hat.shape}")
+      raise SodecError(
+        f"Discriminator: image {image.shape[1:3]} must be {UPSAMPLE}x the y_hat "
+        f"grid {(h, w)} (and the batch sizes equal): got image {image.shape}, "
+        f"y_hat {y_hat.shape}"
+      )
     ctx = jax.nn.leaky_relu(self.context_conv(y_hat), 0.2)
     ctx = jnp.repeat(jnp.repeat(ctx, UPSAMPLE, axis=1), UPSAMPLE, axis=2)  # nearest x16
     x = jnp.concatenate([image.astype(self.dtype), ctx.astype(self.dtype)], axis=-1)

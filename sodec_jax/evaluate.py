@@ -28,6 +28,7 @@ its weights is left out with a note (never an error). No-reference, on the decod
 before anything is written.
 Unreadable images are skipped and listed in summary.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,14 @@ from sodec_jax.images import list_images
 MS_SSIM_MIN_SIDE = 161
 BASE_COLUMNS = ["checkpoint", "image", "height", "width", "bytes", "bpp"]
 TIME_COLUMNS = ["encode_s", "decode_s"]
-HIGHER_IS_BETTER = {"psnr": True, "ms_ssim": True, "lpips": False, "dists": False,
-                    "niqe": False, "clip_iqa": True}
+HIGHER_IS_BETTER = {
+  "psnr": True,
+  "ms_ssim": True,
+  "lpips": False,
+  "dists": False,
+  "niqe": False,
+  "clip_iqa": True,
+}
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -60,7 +67,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   h, w = image.shape[:2]
   ch, cw = min(h, size), min(w, size)
   top, left = (h - ch) // 2, (w - cw) // 2
-  return np.ascontiguousarray(image[top:top + ch, left:left + cw])
+  return np.ascontiguousarray(image[top : top + ch, left : left + cw])
 
 
 def image_name(path: str, root: str) -> str:
@@ -83,48 +90,62 @@ class Metrics:
   """Jitted metric functions on uint8 pairs; LPIPS / DISTS / NIQE / CLIP-IQA only when their
   weights are given (NIQE and CLIP-IQA score the decoded image alone)."""
 
-  def __init__(self, vgg_weights: str = "", dists_weights: str = "", niqe_params: str = "",
-               clip_iqa: str = ""):
+  def __init__(
+    self, vgg_weights: str = "", dists_weights: str = "", niqe_params: str = "", clip_iqa: str = ""
+  ):
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from sodec_jax.metrics import ms_ssim, psnr
+
     self.notes: list[str] = []
     self.names = ["psnr", "ms_ssim"]
     fns: dict[str, Callable] = {"psnr": jax.jit(psnr), "ms_ssim": jax.jit(ms_ssim)}
     if vgg_weights:
       from sodec_jax.weights.lpips import load_lpips
+
       fns["lpips"] = self._jit_module(load_lpips(vgg_weights), jax, nnx)
       self.names.append("lpips")
       if dists_weights:
         from sodec_jax.weights.dists import load_dists
+
         fns["dists"] = self._jit_module(load_dists(vgg_weights, dists_weights), jax, nnx)
         self.names.append("dists")
       else:
-        self.notes.append("DISTS skipped: no --dists-weights (alpha/beta: the weights.pt of the "
-                          "dists-pytorch wheel)")
+        self.notes.append(
+          "DISTS skipped: no --dists-weights (alpha/beta: the weights.pt of the "
+          "dists-pytorch wheel)"
+        )
     else:
-      self.notes.append("LPIPS and DISTS skipped: no --vgg-weights (torchvision VGG16 ImageNet "
-                        "weights, .pth or .safetensors)")
+      self.notes.append(
+        "LPIPS and DISTS skipped: no --vgg-weights (torchvision VGG16 ImageNet "
+        "weights, .pth or .safetensors)"
+      )
     if niqe_params:
       from sodec_jax.metrics.niqe import load_niqe_params, niqe
+
       params = load_niqe_params(niqe_params)
       fns["niqe"] = lambda x, y: niqe(y, params)
       self.names.append("niqe")
     else:
-      self.notes.append("NIQE skipped: no --niqe-params (the pristine model: modelparameters.mat "
-                        "of the MATLAB niqe_release, or BasicSR's niqe_pris_params.npz)")
+      self.notes.append(
+        "NIQE skipped: no --niqe-params (the pristine model: modelparameters.mat "
+        "of the MATLAB niqe_release, or BasicSR's niqe_pris_params.npz)"
+      )
     if clip_iqa:
       from sodec_jax.weights.clip import load_clip_iqa
+
       module = load_clip_iqa(clip_iqa)
       graphdef, state = nnx.split(module)
       score = jax.jit(lambda s, y: nnx.merge(graphdef, s)(y))
       fns["clip_iqa"] = lambda x, y: score(state, jnp.asarray(y[None] / np.float32(255.0)))
       self.names.append("clip_iqa")
     else:
-      self.notes.append("CLIP-IQA skipped: no --clip-iqa (a `convert/from_torch.py clip-iqa` "
-                        "folder made from a transformers CLIP checkpoint)")
+      self.notes.append(
+        "CLIP-IQA skipped: no --clip-iqa (a `convert/from_torch.py clip-iqa` "
+        "folder made from a transformers CLIP checkpoint)"
+      )
     self._fns = fns
 
   @staticmethod
@@ -145,7 +166,7 @@ class Metrics:
       elif name == "niqe":
         try:
           out[name] = float(self._fns[name](None, decoded))
-        except SodecError:   # smaller than one 96x96 NIQE block: empty, as MS-SSIM
+        except SodecError:  # smaller than one 96x96 NIQE block: empty, as MS-SSIM
           out[name] = float("nan")
       elif name == "clip_iqa":
         out[name] = float(np.asarray(self._fns[name](None, decoded))[0])
@@ -165,6 +186,7 @@ def code_image(model, image: np.ndarray, want_x_f: bool) -> dict[str, Any]:
   decoder it is computed apart (one extra D_a call, not timed)."""
   from sodec_jax import api
   from sodec_jax.codec import bitstream
+
   t0 = time.perf_counter()
   data = api.compress(model, image)
   t1 = time.perf_counter()
@@ -176,8 +198,7 @@ def code_image(model, image: np.ndarray, want_x_f: bool) -> dict[str, Any]:
       out["x_f"] = x_hat
     else:
       header, y_hat, _ = api.decode_latents(model, data)
-      out["x_f"] = api.to_uint8(np.asarray(api.fidelity(model, y_hat)), header.height,
-                                header.width)
+      out["x_f"] = api.to_uint8(np.asarray(api.fidelity(model, y_hat)), header.height, header.width)
   return out
 
 
@@ -191,20 +212,31 @@ def _mean(values) -> float | None:
 
 def write_csv(path: str, rows: list[dict], columns: list[str]) -> None:
   from sodec_jax.images import write_atomic
+
   buf = io.StringIO()
   w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
   w.writeheader()
   for r in rows:
-    w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else
-                    (f"{v:.6g}" if isinstance(v, float) else v)) for k, v in r.items()})
+    w.writerow(
+      {
+        k: (
+          ""
+          if isinstance(v, float) and math.isnan(v)
+          else (f"{v:.6g}" if isinstance(v, float) else v)
+        )
+        for k, v in r.items()
+      }
+    )
   write_atomic(path, buf.getvalue().encode())
 
 
 def rd_plots(out_dir: str, rows: list[dict], labels: list[str], metrics: list[str]) -> list[str]:
   """bpp vs each metric: per-image dots and per-checkpoint means (joined in bpp order)."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   paths = []
   for metric in metrics:
     if not any(not math.isnan(r[metric]) for r in rows):
@@ -212,7 +244,11 @@ def rd_plots(out_dir: str, rows: list[dict], labels: list[str], metrics: list[st
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
     means = []
     for i, label in enumerate(labels):
-      pts = [(r["bpp"], r[metric]) for r in rows if r["checkpoint"] == label and not math.isnan(r[metric])]
+      pts = [
+        (r["bpp"], r[metric])
+        for r in rows
+        if r["checkpoint"] == label and not math.isnan(r[metric])
+      ]
       if not pts:
         continue
       b, m = np.array(pts).T
@@ -224,8 +260,11 @@ def rd_plots(out_dir: str, rows: list[dict], labels: list[str], metrics: list[st
       b, m = np.array(sorted(means)).T
       ax.plot(b, m, "-", color="0.3", lw=1, label="means, by rate")
     arrow = "higher is better" if HIGHER_IS_BETTER[metric] else "lower is better"
-    ax.set(xlabel="bpp (from .sodec bytes)", ylabel=f"{metric.upper()} ({arrow})",
-           title=f"rate-distortion: {metric.upper()}")
+    ax.set(
+      xlabel="bpp (from .sodec bytes)",
+      ylabel=f"{metric.upper()} ({arrow})",
+      title=f"rate-distortion: {metric.upper()}",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -253,12 +292,16 @@ def detail_window(image: np.ndarray, size: int) -> tuple[int, int]:
   return pos
 
 
-def grid_plot(path: str, name: str, original: np.ndarray, panels: list[tuple[str, np.ndarray]]) -> None:
+def grid_plot(
+  path: str, name: str, original: np.ndarray, panels: list[tuple[str, np.ndarray]]
+) -> None:
   """Top row: full images with the crop box; bottom row: the zoomed crop."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   from matplotlib.patches import Rectangle
+
   h, w = original.shape[:2]
   size = max(min(h, w, 160), min(h, w) // 4)
   top, left = detail_window(original, size)
@@ -270,7 +313,7 @@ def grid_plot(path: str, name: str, original: np.ndarray, panels: list[tuple[str
     a.imshow(img, interpolation="lanczos")
     a.add_patch(Rectangle((left - 0.5, top - 0.5), size, size, fill=False, ec="red", lw=1))
     a.set_title(title, fontsize=8)
-    b.imshow(img[top:top + size, left:left + size], interpolation="nearest")
+    b.imshow(img[top : top + size, left : left + size], interpolation="nearest")
     for ax in (a, b):
       ax.set_xticks([])
       ax.set_yticks([])
@@ -283,20 +326,35 @@ def grid_plot(path: str, name: str, original: np.ndarray, panels: list[tuple[str
 # ----------------------------------------------------------------------------- the run
 
 
-def evaluate(checkpoints: list[str], images: str, out: str, *, center_crop_size: int = 0,
-             limit: int = 0, vgg_weights: str = "", dists_weights: str = "",
-             niqe_params: str = "", clip_iqa: str = "", grids: int = 3, plots: bool = True,
-             progress: bool | None = None, log=print) -> dict:
+def evaluate(
+  checkpoints: list[str],
+  images: str,
+  out: str,
+  *,
+  center_crop_size: int = 0,
+  limit: int = 0,
+  vgg_weights: str = "",
+  dists_weights: str = "",
+  niqe_params: str = "",
+  clip_iqa: str = "",
+  grids: int = 3,
+  plots: bool = True,
+  progress: bool | None = None,
+  log=print,
+) -> dict:
   """Runs the evaluation and writes every output; returns the summary dict."""
   from tqdm import tqdm
 
-  from sodec_jax import api, checkpoints as ckpt_lib
+  from sodec_jax import api
+  from sodec_jax import checkpoints as ckpt_lib
   from sodec_jax.codec import bitstream
   from sodec_jax.images import read_image, write_atomic
   from sodec_jax.model import PAD_MULTIPLE
 
   paths = list_images(images, "--images")
-  metrics = Metrics(vgg_weights, dists_weights, niqe_params, clip_iqa)   # bad weights: before any output
+  metrics = Metrics(
+    vgg_weights, dists_weights, niqe_params, clip_iqa
+  )  # bad weights: before any output
   os.makedirs(out, exist_ok=True)
   for note in metrics.notes:
     log(f"note: {note}")
@@ -316,8 +374,13 @@ def evaluate(checkpoints: list[str], images: str, out: str, *, center_crop_size:
     done = 0
     ckpt_rows = []
     compiled: set = set()
-    bar = tqdm(paths, desc=label, unit="img", disable=(not progress) if progress is not None else None,
-               total=min(len(paths), limit) if limit else len(paths))
+    bar = tqdm(
+      paths,
+      desc=label,
+      unit="img",
+      disable=(not progress) if progress is not None else None,
+      total=min(len(paths), limit) if limit else len(paths),
+    )
     for path in bar:
       if limit and done >= limit:
         break
@@ -340,8 +403,14 @@ def evaluate(checkpoints: list[str], images: str, out: str, *, center_crop_size:
       stem = os.path.splitext(name)[0].replace("/", "__")
       write_atomic(os.path.join(sodec_dir, stem + ".sodec"), r["data"])
       h, w = image.shape[:2]
-      row = {"checkpoint": label, "image": name, "height": h, "width": w, "bytes": len(r["data"]),
-             "bpp": 8.0 * len(r["data"]) / (h * w)}
+      row = {
+        "checkpoint": label,
+        "image": name,
+        "height": h,
+        "width": w,
+        "bytes": len(r["data"]),
+        "bpp": 8.0 * len(r["data"]) / (h * w),
+      }
       row.update(metrics(image, r["x_hat"]))
       row.update(encode_s=r["encode_s"], decode_s=r["decode_s"])
       rows.append(row)
@@ -353,17 +422,32 @@ def evaluate(checkpoints: list[str], images: str, out: str, *, center_crop_size:
         if model.decoder == bitstream.DECODER_CODEC:
           g["panels"].append((f"{label}: x_hat = x_f (codec decoder)\n{tag}", r["x_hat"]))
         else:
-          g["panels"] += [(f"{label}: x_f = D_a(y_hat)", r["x_f"]), (f"{label}: x_hat\n{tag}", r["x_hat"])]
+          g["panels"] += [
+            (f"{label}: x_f = D_a(y_hat)", r["x_f"]),
+            (f"{label}: x_hat\n{tag}", r["x_hat"]),
+          ]
     bar.close()
     means = {k: _mean(r[k] for r in ckpt_rows) for k in ["bpp"] + metrics.names + TIME_COLUMNS}
     counts = {k: sum(1 for r in ckpt_rows if not math.isnan(r[k])) for k in metrics.names}
-    summary_ckpts.append({
-        "label": label, "checkpoint": os.path.abspath(checkpoint), "step": model.step,
-        "fingerprint": model.fingerprint.hex(), "decoder": bitstream.DECODER_NAMES[model.decoder],
-        "images": len(ckpt_rows), "mean": means, "metric_counts": counts,
-        "config": ckpt_lib.config_to_dict(model.config)})
-    log(f"{label}: {len(ckpt_rows)} images, " + ", ".join(
-        f"{k} {v:.4f}" for k, v in means.items() if v is not None and k not in TIME_COLUMNS))
+    summary_ckpts.append(
+      {
+        "label": label,
+        "checkpoint": os.path.abspath(checkpoint),
+        "step": model.step,
+        "fingerprint": model.fingerprint.hex(),
+        "decoder": bitstream.DECODER_NAMES[model.decoder],
+        "images": len(ckpt_rows),
+        "mean": means,
+        "metric_counts": counts,
+        "config": ckpt_lib.config_to_dict(model.config),
+      }
+    )
+    log(
+      f"{label}: {len(ckpt_rows)} images, "
+      + ", ".join(
+        f"{k} {v:.4f}" for k, v in means.items() if v is not None and k not in TIME_COLUMNS
+      )
+    )
     del model
 
   notes = list(metrics.notes)
@@ -374,51 +458,104 @@ def evaluate(checkpoints: list[str], images: str, out: str, *, center_crop_size:
   if skipped:
     log(f"note: {len(skipped)} unreadable image(s) skipped (listed in summary.json)")
   write_csv(os.path.join(out, "results.csv"), rows, columns)
-  outputs = {"results": "results.csv", "sodec_files": "sodec/<checkpoint>/", "rd_plots": [], "grids": []}
+  outputs = {
+    "results": "results.csv",
+    "sodec_files": "sodec/<checkpoint>/",
+    "rd_plots": [],
+    "grids": [],
+  }
   if plots and rows:
-    outputs["rd_plots"] = [os.path.basename(p) for p in rd_plots(out, rows, label_order, metrics.names)]
+    outputs["rd_plots"] = [
+      os.path.basename(p) for p in rd_plots(out, rows, label_order, metrics.names)
+    ]
     for name, g in grid_data.items():
       fname = "grid_" + os.path.splitext(name)[0].replace("/", "__") + ".png"
       grid_plot(os.path.join(out, fname), name, g["original"], g["panels"])
       outputs["grids"].append(fname)
   import jax
+
   summary = {
-      "protocol": {"images": os.path.abspath(images), "center_crop": center_crop_size or None,
-                   "limit": limit or None, "listed": len(paths),
-                   "bpp": "8 * bytes of the .sodec file / (height * width of the coded image)"},
-      "metrics": metrics.names, "checkpoints": summary_ckpts,
-      "skipped": [{"image": k, "reason": v} for k, v in skipped.items()],
-      "notes": notes, "outputs": outputs,
-      "environment": {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
-                      "platform": jax.devices()[0].platform,
-                      "date": time.strftime("%Y-%m-%d %H:%M:%S")}}
-  write_atomic(os.path.join(out, "summary.json"),
-               (json.dumps(summary, indent=2, allow_nan=False, default=str) + "\n").encode())
-  log(f"wrote {out}/results.csv ({len(rows)} rows), summary.json, "
-      f"{len(outputs['rd_plots'])} RD plots, {len(outputs['grids'])} grids")
+    "protocol": {
+      "images": os.path.abspath(images),
+      "center_crop": center_crop_size or None,
+      "limit": limit or None,
+      "listed": len(paths),
+      "bpp": "8 * bytes of the .sodec file / (height * width of the coded image)",
+    },
+    "metrics": metrics.names,
+    "checkpoints": summary_ckpts,
+    "skipped": [{"image": k, "reason": v} for k, v in skipped.items()],
+    "notes": notes,
+    "outputs": outputs,
+    "environment": {
+      "jax": jax.__version__,
+      "device": str(jax.devices()[0].device_kind),
+      "platform": jax.devices()[0].platform,
+      "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    },
+  }
+  write_atomic(
+    os.path.join(out, "summary.json"),
+    (json.dumps(summary, indent=2, allow_nan=False, default=str) + "\n").encode(),
+  )
+  log(
+    f"wrote {out}/results.csv ({len(rows)} rows), summary.json, "
+    f"{len(outputs['rd_plots'])} RD plots, {len(outputs['grids'])} grids"
+  )
   return summary
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m sodec_jax.evaluate", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", nargs="+", required=True, metavar="DIR",
-                 help="one or more training workdirs (or converted checkpoints)")
+  p = argparse.ArgumentParser(
+    prog="python -m sodec_jax.evaluate",
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  p.add_argument(
+    "--checkpoint",
+    nargs="+",
+    required=True,
+    metavar="DIR",
+    help="one or more training workdirs (or converted checkpoints)",
+  )
   p.add_argument("--images", required=True, metavar="FOLDER", help="folder of images (recursive)")
   p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-  p.add_argument("--center-crop", type=int, default=0, metavar="N",
-                 help="code the central NxN crop (the paper's DIV2K/CLIC protocol: 512); 0 = full images")
+  p.add_argument(
+    "--center-crop",
+    type=int,
+    default=0,
+    metavar="N",
+    help="code the central NxN crop (the paper's DIV2K/CLIC protocol: 512); 0 = full images",
+  )
   p.add_argument("--limit", type=int, default=0, metavar="N", help="at most N images (0 = all)")
-  p.add_argument("--vgg-weights", default="", metavar="PATH",
-                 help="torchvision VGG16 weights (.pth/.safetensors) for LPIPS and DISTS")
-  p.add_argument("--dists-weights", default="", metavar="PATH",
-                 help="DISTS alpha/beta (the dists-pytorch wheel's weights.pt, or .npz/.safetensors)")
-  p.add_argument("--niqe-params", default="", metavar="PATH",
-                 help="NIQE pristine model: the MATLAB niqe_release's modelparameters.mat or "
-                      "BasicSR's niqe_pris_params.npz")
-  p.add_argument("--clip-iqa", default="", metavar="DIR",
-                 help="a `convert/from_torch.py clip-iqa` folder (from a transformers CLIP checkpoint)")
-  p.add_argument("--grids", type=int, default=3, metavar="N", help="side-by-side grids for the first N images")
+  p.add_argument(
+    "--vgg-weights",
+    default="",
+    metavar="PATH",
+    help="torchvision VGG16 weights (.pth/.safetensors) for LPIPS and DISTS",
+  )
+  p.add_argument(
+    "--dists-weights",
+    default="",
+    metavar="PATH",
+    help="DISTS alpha/beta (the dists-pytorch wheel's weights.pt, or .npz/.safetensors)",
+  )
+  p.add_argument(
+    "--niqe-params",
+    default="",
+    metavar="PATH",
+    help="NIQE pristine model: the MATLAB niqe_release's modelparameters.mat or "
+    "BasicSR's niqe_pris_params.npz",
+  )
+  p.add_argument(
+    "--clip-iqa",
+    default="",
+    metavar="DIR",
+    help="a `convert/from_torch.py clip-iqa` folder (from a transformers CLIP checkpoint)",
+  )
+  p.add_argument(
+    "--grids", type=int, default=3, metavar="N", help="side-by-side grids for the first N images"
+  )
   p.add_argument("--no-plots", action="store_true", help="write results.csv and summary.json only")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
   return p
@@ -427,13 +564,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   if args.center_crop < 0 or args.limit < 0 or args.grids < 0:
-    print("sodec_jax.evaluate: error: --center-crop, --limit and --grids must be >= 0", file=sys.stderr)
+    print(
+      "sodec_jax.evaluate: error: --center-crop, --limit and --grids must be >= 0", file=sys.stderr
+    )
     return 1
   try:
-    evaluate(args.checkpoint, args.images, args.out, center_crop_size=args.center_crop,
-             limit=args.limit, vgg_weights=args.vgg_weights, dists_weights=args.dists_weights,
-             niqe_params=args.niqe_params, clip_iqa=args.clip_iqa, grids=args.grids, plots=not args.no_plots,
-             progress=False if args.no_progress else None)
+    evaluate(
+      args.checkpoint,
+      args.images,
+      args.out,
+      center_crop_size=args.center_crop,
+      limit=args.limit,
+      vgg_weights=args.vgg_weights,
+      dists_weights=args.dists_weights,
+      niqe_params=args.niqe_params,
+      clip_iqa=args.clip_iqa,
+      grids=args.grids,
+      plots=not args.no_plots,
+      progress=False if args.no_progress else None,
+    )
   except SodecError as e:
     print(f"sodec_jax.evaluate: error: {e}", file=sys.stderr)
     return 1

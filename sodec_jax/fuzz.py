@@ -12,6 +12,7 @@ to an image or raise SodecError; anything else is a bug. Ends with exactly one l
 memory of the process grew by more than --max-growth-mib while decoding; the traceback of each
 `other` goes to stderr).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,35 @@ from sodec_jax.codec import bitstream
 from sodec_jax.errors import SodecError
 
 # (kind, weight): how often each mutation family is drawn
-KINDS = (("truncate", 3), ("bitflip", 6), ("header", 2), ("header+crc", 5), ("field+crc", 4),
-         ("payload+crc", 5), ("version+crc", 1), ("random", 1), ("magic+random", 1))
+KINDS = (
+  ("truncate", 3),
+  ("bitflip", 6),
+  ("header", 2),
+  ("header+crc", 5),
+  ("field+crc", 4),
+  ("payload+crc", 5),
+  ("version+crc", 1),
+  ("random", 1),
+  ("magic+random", 1),
+)
 # The header's fields after the magic (offset, struct format) as codec/bitstream.py writes them
-_FIELDS = ((5, ">B"), (6, ">B"), (7, ">B"), (8, ">I"), (12, ">I"), (32, ">H"), (34, ">H"),
-           (36, ">H"), (38, ">H"), (40, ">H"), (42, ">H"), (44, ">B"), (45, ">I"), (49, ">I"),
-           (53, ">I"))
+_FIELDS = (
+  (5, ">B"),
+  (6, ">B"),
+  (7, ">B"),
+  (8, ">I"),
+  (12, ">I"),
+  (32, ">H"),
+  (34, ">H"),
+  (36, ">H"),
+  (38, ">H"),
+  (40, ">H"),
+  (42, ">H"),
+  (44, ">B"),
+  (45, ">I"),
+  (49, ">I"),
+  (53, ">I"),
+)
 
 
 def fix_crc(data: bytes) -> bytes:
@@ -57,7 +81,7 @@ def mutate(data: bytes, kind: str, rng: np.random.Generator) -> bytes:
   n = len(data)
   head = bitstream.HEADER_MIN - 4
   if kind == "truncate":
-    return data[:int(rng.integers(0, n))]
+    return data[: int(rng.integers(0, n))]
   if kind == "bitflip":
     b = bytearray(data)
     for pos in rng.integers(0, n, int(rng.integers(1, 4))):
@@ -113,8 +137,10 @@ class Result:
   slowest: float = 0.0
 
   def line(self) -> str:
-    return (f"fuzz: {self.files} files, {self.decoded} decoded, {self.sodec_errors} SodecError, "
-            f"{self.other} other, slowest {self.slowest:.3f} s")
+    return (
+      f"fuzz: {self.files} files, {self.decoded} decoded, {self.sodec_errors} SodecError, "
+      f"{self.other} other, slowest {self.slowest:.3f} s"
+    )
 
 
 def run(model: api.LoadedModel, data: bytes, n: int, seed: int, log=sys.stderr) -> Result:
@@ -146,10 +172,12 @@ def run(model: api.LoadedModel, data: bytes, n: int, seed: int, log=sys.stderr) 
 
 def _photo(path: str | None, max_side: int) -> np.ndarray:
   from sodec_jax import images
+
   if path is None:
     import os
 
     from sodec_jax import data
+
     path = os.path.join(data.skimage_photo_dir(), "astronaut.png")
   image = images.read_image(path)[0]
   return np.ascontiguousarray(image[:max_side, :max_side])
@@ -160,14 +188,27 @@ def main(argv=None) -> int:
   p.add_argument("--checkpoint", required=True, help="a training --workdir or converted codec")
   p.add_argument("--n", type=int, default=10000, help="number of mutated files to decode")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--image", default=None,
-                 help="photo to compress (default: scikit-image's astronaut)")
-  p.add_argument("--max-side", type=int, default=128,
-                 help="crop the photo to at most this many pixels per side (decode time)")
-  p.add_argument("--max-seconds", type=float, default=2.0,
-                 help="fail when one file takes longer than this to decode")
-  p.add_argument("--max-growth-mib", type=float, default=512.0,
-                 help="fail when decoding the mutations raises the peak memory by more than this")
+  p.add_argument(
+    "--image", default=None, help="photo to compress (default: scikit-image's astronaut)"
+  )
+  p.add_argument(
+    "--max-side",
+    type=int,
+    default=128,
+    help="crop the photo to at most this many pixels per side (decode time)",
+  )
+  p.add_argument(
+    "--max-seconds",
+    type=float,
+    default=2.0,
+    help="fail when one file takes longer than this to decode",
+  )
+  p.add_argument(
+    "--max-growth-mib",
+    type=float,
+    default=512.0,
+    help="fail when decoding the mutations raises the peak memory by more than this",
+  )
   args = p.parse_args(argv)
   try:
     model = api.load_model(args.checkpoint)

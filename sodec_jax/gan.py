@@ -12,6 +12,7 @@ Discriminator inputs (`real_fake_logits`): real = (x, stop_grad(y_hat)), fake = 
 stop_grad(y_hat)); for the discriminator step x_hat is stop-grad as well (HiFiC's
 `x_gen.detach()` when train_generator is False).
 """
+
 from __future__ import annotations
 
 import jax
@@ -30,8 +31,15 @@ def generator_loss(logits_fake: jax.Array) -> jax.Array:
   return jnp.mean(jax.nn.softplus(-logits_fake.astype(jnp.float32)))
 
 
-def real_fake_logits(disc, x: jax.Array, x_hat: jax.Array, y_hat: jax.Array, *,
-                     update_stats: bool, train_generator: bool) -> tuple[jax.Array, jax.Array]:
+def real_fake_logits(
+  disc,
+  x: jax.Array,
+  x_hat: jax.Array,
+  y_hat: jax.Array,
+  *,
+  update_stats: bool,
+  train_generator: bool,
+) -> tuple[jax.Array, jax.Array]:
   """One discriminator forward on [x; x_hat] (so one power iteration, as HiFiC) -> (real, fake).
 
   x, x_hat [B, H, W, 3] in [0, 1]; y_hat [B, H/16, W/16, C] (always stop-grad).
@@ -43,6 +51,9 @@ def real_fake_logits(disc, x: jax.Array, x_hat: jax.Array, y_hat: jax.Array, *,
   if not train_generator:
     x_hat = jax.lax.stop_gradient(x_hat)
   b = x.shape[0]
-  logits = disc(jnp.concatenate([x, x_hat.astype(x.dtype)], axis=0),
-                jnp.concatenate([y, y], axis=0), update_stats=update_stats)
+  logits = disc(
+    jnp.concatenate([x, x_hat.astype(x.dtype)], axis=0),
+    jnp.concatenate([y, y], axis=0),
+    update_stats=update_stats,
+  )
   return logits[:b], logits[b:]

@@ -1,5 +1,6 @@
 """Reading images from any common file into uint8 RGB (the one reader of inference, evaluation
 and training), listing the image files of a folder, and writing outputs atomically."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,11 @@ def list_images(folder: str, what: str) -> list[str]:
   out = []
   for root, dirs, files in os.walk(folder, followlinks=True):
     dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    out += [os.path.join(root, f) for f in sorted(files)
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    out += [
+      os.path.join(root, f)
+      for f in sorted(files)
+      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
+    ]
   if not out:
     raise SodecError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {what}={folder!r}")
   return out
@@ -43,7 +47,9 @@ def to_rgb8(img: Image.Image) -> tuple[np.ndarray, list[str]]:
     return np.repeat(arr[..., None], 3, axis=-1), notes
   if mode == "F":
     arr = np.asarray(img, dtype=np.float64)
-    arr = np.clip(np.round(arr * (255.0 if arr.max(initial=0) <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+    arr = np.clip(np.round(arr * (255.0 if arr.max(initial=0) <= 1.0 else 1.0)), 0, 255).astype(
+      np.uint8
+    )
     notes.append("floating-point grayscale image converted to 8-bit RGB")
     return np.repeat(arr[..., None], 3, axis=-1), notes
   if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
@@ -70,11 +76,16 @@ def read_image(path: str) -> tuple[np.ndarray, list[str]]:
     with Image.open(path) as img:
       img.load()
       transposed = ImageOps.exif_transpose(img)
-      notes = ["EXIF orientation applied"] if transposed is not img and \
-          img.getexif().get(0x0112, 1) != 1 else []
+      notes = (
+        ["EXIF orientation applied"]
+        if transposed is not img and img.getexif().get(0x0112, 1) != 1
+        else []
+      )
       arr, more = to_rgb8(transposed)
   except UnidentifiedImageError:
-    raise SodecError(f"{path} is not an image file that can be read (PNG, JPEG, TIFF, BMP, WebP, ...)") from None
+    raise SodecError(
+      f"{path} is not an image file that can be read (PNG, JPEG, TIFF, BMP, WebP, ...)"
+    ) from None
   except Image.DecompressionBombError:
     raise SodecError(f"{path} is too large (over {Image.MAX_IMAGE_PIXELS} pixels)") from None
   except PermissionError:
@@ -112,21 +123,32 @@ def write_atomic(path: str, data: bytes) -> None:
     raise
 
 
-_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".tif": "TIFF",
-            ".tiff": "TIFF", ".webp": "WEBP", ".ppm": "PPM"}
+_FORMATS = {
+  ".png": "PNG",
+  ".jpg": "JPEG",
+  ".jpeg": "JPEG",
+  ".bmp": "BMP",
+  ".tif": "TIFF",
+  ".tiff": "TIFF",
+  ".webp": "WEBP",
+  ".ppm": "PPM",
+}
 
 
 def image_format(path: str) -> str:
   """The PIL format the extension of `path` names; SodecError for an unknown extension."""
   ext = os.path.splitext(path)[1].lower()
   if ext not in _FORMATS:
-    raise SodecError(f"unknown image extension {ext!r} for {path}; use one of {', '.join(sorted(_FORMATS))}")
+    raise SodecError(
+      f"unknown image extension {ext!r} for {path}; use one of {', '.join(sorted(_FORMATS))}"
+    )
   return _FORMATS[ext]
 
 
 def encode_image(image: np.ndarray, path: str) -> bytes:
   """uint8 [H, W, 3] -> file bytes in the format the extension of `path` names."""
   import io
+
   fmt = image_format(path)
   buf = io.BytesIO()
   kwargs = {"quality": 100} if fmt in ("JPEG", "WEBP") else {}

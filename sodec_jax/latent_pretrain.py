@@ -7,6 +7,7 @@ empty context) on the bundled photos. SODEC's later stages then start from these
 names (`unet`, `vae_decoder`) match SODEC's so the transfer is by path. The UNet and VAE are
 handed in (`sodec_jax.pretrained.build_latent_pretrain(config, rngs)` builds them).
 """
+
 from __future__ import annotations
 
 import jax
@@ -42,6 +43,14 @@ class LatentPretrain(nnx.Module):
     noisy = self.schedule.add_noise(latents, noise, t)
     context = jnp.zeros((b, self.context_tokens, self.width), jnp.float32)
     pred = self.unet(noisy, t, context).astype(jnp.float32)
-    target = noise if self.schedule.prediction_type == "epsilon" else \
-        self.schedule.velocity(latents, noise, t)
-    return {"x_rec": x_rec, "x_hat": x_rec, "kl": kl, "denoise": jnp.mean(jnp.square(pred - target))}
+    target = (
+      noise
+      if self.schedule.prediction_type == "epsilon"
+      else self.schedule.velocity(latents, noise, t)
+    )
+    return {
+      "x_rec": x_rec,
+      "x_hat": x_rec,
+      "kl": kl,
+      "denoise": jnp.mean(jnp.square(pred - target)),
+    }

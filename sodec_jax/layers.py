@@ -6,6 +6,7 @@ outputs. Kernels are stored HWIO: a torch Conv2d weight [O, I, kh, kw] maps to
 `kernel = w.transpose(2, 3, 1, 0)`, a ConvTranspose2d weight [I, O, kh, kw] to
 `kernel = w.transpose(2, 3, 0, 1)`.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,6 +21,7 @@ from flax import nnx
 class FrozenWeight(nnx.Variable):
   """A fixed (pretrained) weight: a variable that is not an `nnx.Param`, hence never trained
   (optimizers built with `wrt=nnx.Param` and `nnx.grad` never touch it)."""
+
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -49,27 +51,45 @@ class Conv2d(nnx.Module):
     padding_mode: "zeros" or "reflect" (ReflectionPad2d before the conv).
   """
 
-  def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
-               padding: int | Sequence[int] = 0, padding_mode: str = "zeros",
-               use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int | Sequence[int] = 0,
+    padding_mode: str = "zeros",
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if padding_mode not in ("zeros", "reflect"):
       raise ValueError(f"padding_mode must be 'zeros' or 'reflect', got {padding_mode!r}")
     k = kernel_size
     fan_in = in_ch * k * k
-    self.kernel = nnx.Param(_torch_uniform(rngs.params(), (k, k, in_ch, out_ch), fan_in, param_dtype))
-    self.bias = nnx.Param(_torch_uniform(rngs.params(), (out_ch,), fan_in, param_dtype)) if use_bias else None
+    self.kernel = nnx.Param(
+      _torch_uniform(rngs.params(), (k, k, in_ch, out_ch), fan_in, param_dtype)
+    )
+    self.bias = (
+      nnx.Param(_torch_uniform(rngs.params(), (out_ch,), fan_in, param_dtype)) if use_bias else None
+    )
     self.stride = stride
     self.padding = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
     self.padding_mode = padding_mode
     self.dtype = dtype
-    self.winograd: WinogradKernel | None = None   # set by use_winograd (inference only)
+    self.winograd: WinogradKernel | None = None  # set by use_winograd (inference only)
 
   def winograd_eligible(self, min_channels: int) -> bool:
     """3x3, stride 1, float32 compute, >= min_channels in and out (any padding mode)."""
     k, _, cin, cout = self.kernel.shape
-    return (k == 3 and self.stride == 1 and jnp.dtype(self.dtype) == jnp.float32
-            and min(cin, cout) >= min_channels)
+    return (
+      k == 3
+      and self.stride == 1
+      and jnp.dtype(self.dtype) == jnp.float32
+      and min(cin, cout) >= min_channels
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
@@ -101,12 +121,13 @@ def _valid_conv_cpu(x: jax.Array, kernel: jax.Array, s: int) -> jax.Array:
   960-channel conv; docs/PERFORMANCE.md). Padding by a multiple of the stride keeps every
   output of the VALID window at a fixed offset, so the result is the same function."""
   k = kernel.shape[0]
-  m = max(1, -(-(k // 2) // s))          # margin, in output positions
+  m = max(1, -(-(k // 2) // s))  # margin, in output positions
   h_out = (x.shape[1] - k) // s + 1
   w_out = (x.shape[2] - k) // s + 1
-  y = jax.lax.conv_general_dilated(x, kernel, (s, s), ((m * s, m * s), (m * s, m * s)),
-                                   dimension_numbers=_DIMS)
-  return y[:, m:m + h_out, m:m + w_out]
+  y = jax.lax.conv_general_dilated(
+    x, kernel, (s, s), ((m * s, m * s), (m * s, m * s)), dimension_numbers=_DIMS
+  )
+  return y[:, m : m + h_out, m : m + w_out]
 
 
 # ----------------------------------------------------------------------------- Winograd F(4x4, 3x3)
@@ -115,22 +136,31 @@ def _valid_conv_cpu(x: jax.Array, kernel: jax.Array, s: int) -> jax.Array:
 # matrix products in a transformed domain: 36 / (16 * 9) = 1/4 of the direct method's
 # multiplications. Y = A^T [(G g G^T) * (B^T d B)] A per tile, with these matrices
 # (interpolation points 0, +-1, +-2, infinity).
-_WINOGRAD_BT = np.array([[4, 0, -5, 0, 1, 0],
-                         [0, -4, -4, 1, 1, 0],
-                         [0, 4, -4, -1, 1, 0],
-                         [0, -2, -1, 2, 1, 0],
-                         [0, 2, -1, -2, 1, 0],
-                         [0, 4, 0, -5, 0, 1]], np.float64)
-_WINOGRAD_G = np.array([[1 / 4, 0, 0],
-                        [-1 / 6, -1 / 6, -1 / 6],
-                        [-1 / 6, 1 / 6, -1 / 6],
-                        [1 / 24, 1 / 12, 1 / 6],
-                        [1 / 24, -1 / 12, 1 / 6],
-                        [0, 0, 1]], np.float64)
-_WINOGRAD_AT = np.array([[1, 1, 1, 1, 1, 0],
-                         [0, 1, -1, 2, -2, 0],
-                         [0, 1, 1, 4, 4, 0],
-                         [0, 1, -1, 8, -8, 1]], np.float64)
+_WINOGRAD_BT = np.array(
+  [
+    [4, 0, -5, 0, 1, 0],
+    [0, -4, -4, 1, 1, 0],
+    [0, 4, -4, -1, 1, 0],
+    [0, -2, -1, 2, 1, 0],
+    [0, 2, -1, -2, 1, 0],
+    [0, 4, 0, -5, 0, 1],
+  ],
+  np.float64,
+)
+_WINOGRAD_G = np.array(
+  [
+    [1 / 4, 0, 0],
+    [-1 / 6, -1 / 6, -1 / 6],
+    [-1 / 6, 1 / 6, -1 / 6],
+    [1 / 24, 1 / 12, 1 / 6],
+    [1 / 24, -1 / 12, 1 / 6],
+    [0, 0, 1],
+  ],
+  np.float64,
+)
+_WINOGRAD_AT = np.array(
+  [[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float64
+)
 WINOGRAD_TILE = 4
 # Below this many input or output channels the transforms cost more than the saved products
 # (measured on CPU: 3x3, 128 -> 128 at 128x128 is 1.7x slower; 220 -> 960 at 32x32 2.2x faster).
@@ -155,8 +185,11 @@ def use_winograd(module: nnx.Module, *, min_channels: int | None = None) -> int:
   min_channels = WINOGRAD_MIN_CHANNELS if min_channels is None else min_channels
   changed = 0
   for _, conv in nnx.iter_graph(module):
-    if not (isinstance(conv, nnx.Module) and hasattr(conv, "winograd_eligible")
-            and conv.winograd_eligible(min_channels)):
+    if not (
+      isinstance(conv, nnx.Module)
+      and hasattr(conv, "winograd_eligible")
+      and conv.winograd_eligible(min_channels)
+    ):
       continue
     conv.winograd = nnx.data(WinogradKernel(winograd_kernel(conv.kernel[...])))
     changed += 1
@@ -170,9 +203,12 @@ def winograd_kernel(kernel: jax.Array) -> jax.Array:
   if kernel.shape[:2] != (3, 3):
     raise ValueError(f"Winograd F(4x4, 3x3) needs a 3x3 kernel, got {kernel.shape}")
   _, _, cin, cout = kernel.shape
-  transform = jnp.asarray(np.kron(_WINOGRAD_G, _WINOGRAD_G), jnp.float32)   # [36, 9]
-  u = jnp.matmul(transform, kernel.astype(jnp.float32).reshape(9, cin * cout),
-                 precision=jax.lax.Precision.HIGHEST)
+  transform = jnp.asarray(np.kron(_WINOGRAD_G, _WINOGRAD_G), jnp.float32)  # [36, 9]
+  u = jnp.matmul(
+    transform,
+    kernel.astype(jnp.float32).reshape(9, cin * cout),
+    precision=jax.lax.Precision.HIGHEST,
+  )
   return u.reshape(36, cin, cout).astype(kernel.dtype)
 
 
@@ -181,8 +217,11 @@ def _combine(parts: Sequence[jax.Array], matrix: np.ndarray) -> list[jax.Array]:
   slices and the weighted sums into one elementwise loop)."""
   out = []
   for row in matrix:
-    terms = [float(c) * parts[i] if c not in (1.0, -1.0) else (parts[i] if c == 1.0 else -parts[i])
-             for i, c in enumerate(row) if c != 0.0]
+    terms = [
+      float(c) * parts[i] if c not in (1.0, -1.0) else (parts[i] if c == 1.0 else -parts[i])
+      for i, c in enumerate(row)
+      if c != 0.0
+    ]
     acc = terms[0]
     for t in terms[1:]:
       acc = acc + t
@@ -203,15 +242,20 @@ def winograd_conv3x3(x: jax.Array, u: jax.Array) -> jax.Array:
   h, w = hp - 2, wp - 2
   th, tw = -(-h // t), -(-w // t)
   x = jnp.pad(x, ((0, 0), (0, t * th + 2 - hp), (0, t * tw + 2 - wp), (0, 0)))
-  rows = _combine([x[:, i:i + t * th:t] for i in range(t + 2)], _WINOGRAD_BT)   # 6 x [B, th, Wp, I]
-  v = [c for r in rows for c in _combine([r[:, :, j:j + t * tw:t] for j in range(t + 2)],
-                                         _WINOGRAD_BT)]                        # 36 x [B, th, tw, I]
+  rows = _combine(
+    [x[:, i : i + t * th : t] for i in range(t + 2)], _WINOGRAD_BT
+  )  # 6 x [B, th, Wp, I]
+  v = [
+    c
+    for r in rows
+    for c in _combine([r[:, :, j : j + t * tw : t] for j in range(t + 2)], _WINOGRAD_BT)
+  ]  # 36 x [B, th, tw, I]
   v = jnp.stack(v).reshape(36, b * th * tw, cin)
-  m = jnp.einsum("kni,kio->kno", v, u.astype(x.dtype))                          # 36 GEMMs
+  m = jnp.einsum("kni,kio->kno", v, u.astype(x.dtype))  # 36 GEMMs
   m = m.reshape(t + 2, t + 2, b, th, tw, -1)
-  rows = _combine([m[i] for i in range(t + 2)], _WINOGRAD_AT)                   # 4 x [6, B, th, tw, O]
+  rows = _combine([m[i] for i in range(t + 2)], _WINOGRAD_AT)  # 4 x [6, B, th, tw, O]
   y = jnp.stack([jnp.stack(_combine([r[j] for j in range(t + 2)], _WINOGRAD_AT)) for r in rows])
-  y = y.transpose(2, 3, 0, 4, 1, 5).reshape(b, t * th, t * tw, -1)             # [B, 4th, 4tw, O]
+  y = y.transpose(2, 3, 0, 4, 1, 5).reshape(b, t * th, t * tw, -1)  # [B, 4th, 4tw, O]
   return y[:, :h, :w]
 
 
@@ -222,17 +266,32 @@ class ConvTranspose2d(nnx.Module):
   H' = (H - 1) * stride - 2 * padding + kernel_size + output_padding.
   """
 
-  def __init__(self, in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
-               padding: int = 0, output_padding: int = 0, use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_ch: int,
+    out_ch: int,
+    kernel_size: int,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    output_padding: int = 0,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     k = kernel_size
     fan_in = out_ch * k * k  # torch computes fan_in from weight.shape[1] for transposed convs
-    self.kernel = nnx.Param(_torch_uniform(rngs.params(), (k, k, in_ch, out_ch), fan_in, param_dtype))
-    self.bias = nnx.Param(_torch_uniform(rngs.params(), (out_ch,), fan_in, param_dtype)) if use_bias else None
+    self.kernel = nnx.Param(
+      _torch_uniform(rngs.params(), (k, k, in_ch, out_ch), fan_in, param_dtype)
+    )
+    self.bias = (
+      nnx.Param(_torch_uniform(rngs.params(), (out_ch,), fan_in, param_dtype)) if use_bias else None
+    )
     self.stride, self.padding, self.output_padding = stride, padding, output_padding
     self.kernel_size = k
     self.dtype = dtype
-    self.subpixel: SubpixelKernel | None = None   # set by use_subpixel_kernels (inference only)
+    self.subpixel: SubpixelKernel | None = None  # set by use_subpixel_kernels (inference only)
 
   @property
   def is_subpixel(self) -> bool:
@@ -250,8 +309,9 @@ class ConvTranspose2d(nnx.Module):
     else:
       lo, hi = k - 1 - p, k - 1 - p + op
       kernel = jnp.flip(self.kernel[...], axis=(0, 1)).astype(self.dtype)
-      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((lo, hi), (lo, hi)),
-                                       lhs_dilation=(s, s), dimension_numbers=_DIMS)
+      y = jax.lax.conv_general_dilated(
+        x, kernel, (1, 1), ((lo, hi), (lo, hi)), lhs_dilation=(s, s), dimension_numbers=_DIMS
+      )
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -284,7 +344,7 @@ def subpixel_kernel(kernel: jax.Array, s: int, p: int) -> jax.Array:
   tap, lo, hi = _subpixel_taps(k, s, p)
   span = hi - lo + 1
   padded = jnp.pad(kernel, ((0, 1), (0, 1), (0, 0), (0, 0)))
-  big = padded[tap[:, :, None, None], tap[None, None, :, :]]                  # [a, ra, b, rb, I, O]
+  big = padded[tap[:, :, None, None], tap[None, None, :, :]]  # [a, ra, b, rb, I, O]
   return big.transpose(0, 2, 4, 1, 3, 5).reshape(span, span, cin, s * s * cout)
 
 
@@ -309,7 +369,9 @@ def use_subpixel_kernels(module: nnx.Module) -> int:
   changed = 0
   for _, conv in nnx.iter_graph(module):
     if isinstance(conv, ConvTranspose2d) and conv.is_subpixel:
-      big = jax.jit(subpixel_kernel, static_argnums=(1, 2))(conv.kernel[...], conv.stride, conv.padding)
+      big = jax.jit(subpixel_kernel, static_argnums=(1, 2))(
+        conv.kernel[...], conv.stride, conv.padding
+      )
       conv.subpixel = nnx.data(SubpixelKernel(big))
       changed += 1
   return changed
@@ -322,8 +384,9 @@ class ChannelNorm(nnx.Module):
   variance (torch.var's default), as the reference implementation.
   """
 
-  def __init__(self, channels: int, *, eps: float = 1e-3, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+  def __init__(
+    self, channels: int, *, eps: float = 1e-3, dtype=jnp.float32, param_dtype=jnp.float32
+  ):
     self.gamma = nnx.Param(jnp.ones((channels,), param_dtype))
     self.beta = nnx.Param(jnp.zeros((channels,), param_dtype))
     self.eps = eps
@@ -344,8 +407,15 @@ class ResidualBlock(nnx.Module):
   x [B, H, W, C] -> [B, H, W, C].
   """
 
-  def __init__(self, channels: int, *, eps: float = 1e-3, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    *,
+    eps: float = 1e-3,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(padding=1, padding_mode="reflect", dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.conv1 = Conv2d(channels, channels, 3, **kw)
     self.norm1 = ChannelNorm(channels, eps=eps, dtype=dtype, param_dtype=param_dtype)
@@ -360,7 +430,9 @@ class ResidualBlock(nnx.Module):
 def resolve_precision(precision, dtype) -> jax.lax.Precision | None:
   """`None` -> HIGHEST for float32 (no TF32 on GPUs, so results match torch fp32), else DEFAULT."""
   if precision is None:
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+    return (
+      jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+    )
   if isinstance(precision, str):
     return jax.lax.Precision[precision.upper()]
   return precision

@@ -7,6 +7,7 @@ the target rate and lambda_B at or below it; lambda_A, lambda_B are multiplied b
 piecewise-constant `loss.lambda_schedule_*` and the target by `loss.target_schedule_*`
 (`values[i]` applies from `steps[i-1]` on, exactly HiFiC's `get_scheduled_params`).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
@@ -50,8 +51,9 @@ def rate_weight(batch_bpp, step, loss_config):
   """HiFiC's switching rate weight and the (scheduled) target: (lambda, target_bpp)."""
   c = loss_config
   mult = piecewise_constant(step, c.lambda_schedule_steps, c.lambda_schedule_values)
-  target = c.target_rate * piecewise_constant(step, c.target_schedule_steps,
-                                              c.target_schedule_values)
+  target = c.target_rate * piecewise_constant(
+    step, c.target_schedule_steps, c.target_schedule_values
+  )
   lam = jnp.where(jax.lax.stop_gradient(batch_bpp) > target, c.lambda_A * mult, c.lambda_B * mult)
   return lam, target
 
@@ -68,13 +70,13 @@ def stage1_loss(outputs: Mapping, x: jax.Array, step, config, lpips: Callable | 
   lam, target = rate_weight(rate, step, c)
   mse = mse_255(x, outputs["x_hat"])
   terms = {
-      "bpp": rate,
-      **parts,
-      "lambda": lam,
-      "target_bpp": target,
-      "rate_loss": lam * rate,
-      "mse": mse,
-      "mse_loss": c.k_M * mse,
+    "bpp": rate,
+    **parts,
+    "lambda": lam,
+    "target_bpp": target,
+    "rate_loss": lam * rate,
+    "mse": mse,
+    "mse_loss": c.k_M * mse,
   }
   loss = terms["rate_loss"] + terms["mse_loss"]
   if c.k_P > 0:
@@ -153,8 +155,14 @@ def gan_weight(step, loss_config) -> jax.Array:
   return jnp.float32(c.beta) * jnp.where(t >= 0, frac, 0.0)
 
 
-def sodec_loss(outputs: Mapping, x: jax.Array, step, config, lpips: Callable | None = None,
-               gan_generator_loss: jax.Array | None = None):
+def sodec_loss(
+  outputs: Mapping,
+  x: jax.Array,
+  step,
+  config,
+  lpips: Callable | None = None,
+  gan_generator_loss: jax.Array | None = None,
+):
   """Stages 2-4 (paper Eq. 9, 11, 12): d(x, x_hat) + lambda * r + alpha * L_align + beta * L_g.
 
   The rate weight follows `loss.rate_mode`: "none" (stage 2), "anneal" (stage 3+: lambda(t)),

@@ -15,6 +15,7 @@ Training forward (CompressAI convention):
   out["z_hat"]        [B, H/64, W/64, N]  round(z); z + U(-1/2, 1/2) when training (HiFiC)
   out["likelihoods"]  {"y": like y_hat, "z": like z_hat}, floored at model.likelihood_bound
 """
+
 from __future__ import annotations
 
 import jax
@@ -41,10 +42,19 @@ class HyperSynthesis(nnx.Module):
   z_hat [B, h, w, N] -> w [B, 4h, 4w, channels] (at the resolution of y).
   """
 
-  def __init__(self, hyper_channels: int, channels: int, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    hyper_channels: int,
+    channels: int,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.up1 = ConvTranspose2d(hyper_channels, channels, 5, stride=2, padding=2, output_padding=1, **kw)
+    self.up1 = ConvTranspose2d(
+      hyper_channels, channels, 5, stride=2, padding=2, output_padding=1, **kw
+    )
     self.up2 = ConvTranspose2d(channels, channels, 5, stride=2, padding=2, output_padding=1, **kw)
     self.conv = Conv2d(channels, channels, 3, padding=1, **kw)
 
@@ -62,13 +72,24 @@ class Transform(nnx.Module):
   y_hat [B, h, w, C], w [B, h, w, Cw] -> y_t [B, 2h, 2w, latent_channels] (64x64x4 for 512x512).
   """
 
-  def __init__(self, latent_channels_in: int, w_channels: int, channels: int, blocks: int,
-               out_channels: int = 4, *, eps: float = 1e-3, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    latent_channels_in: int,
+    w_channels: int,
+    channels: int,
+    blocks: int,
+    out_channels: int = 4,
+    *,
+    eps: float = 1e-3,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     norm = dict(eps=eps, dtype=dtype, param_dtype=param_dtype)
-    self.conv_in = Conv2d(latent_channels_in + w_channels, channels, 3, padding=1,
-                          padding_mode="reflect", **kw)
+    self.conv_in = Conv2d(
+      latent_channels_in + w_channels, channels, 3, padding=1, padding_mode="reflect", **kw
+    )
     self.norm_in = ChannelNorm(channels, **norm)
     self.blocks = nnx.List([ResidualBlock(channels, eps=eps, **kw) for _ in range(blocks)])
     self.up = ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1, **kw)
@@ -110,22 +131,36 @@ class SODEC(nnx.Module):
   def _build_diffusion_decoder(self, config, rngs, unet, vae, extractor):
     s, d, g, m = config.sodec, config.diffusion, config.guidance, config.model
     if unet is None or vae is None:
-      raise SodecError("config.decoder='diffusion' needs the SD UNet and VAE: build the model "
-                       "with sodec_jax.pretrained.build_model(config, rngs)")
+      raise SodecError(
+        "config.decoder='diffusion' needs the SD UNet and VAE: build the model "
+        "with sodec_jax.pretrained.build_model(config, rngs)"
+      )
     if g.mode == "fidelity" and extractor is None:
-      raise SodecError("config.guidance.mode='fidelity' needs the extractor F: build the model "
-                       "with sodec_jax.pretrained.build_model(config, rngs)")
+      raise SodecError(
+        "config.guidance.mode='fidelity' needs the extractor F: build the model "
+        "with sodec_jax.pretrained.build_model(config, rngs)"
+      )
     dtype = jnp.dtype(d.dtype)
     kw = dict(dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype), rngs=rngs)
-    apply_lora(unet, LoRAConfig(rank=int(d.lora_rank), alpha=float(d.lora_alpha),
-                                targets=tuple(d.lora_targets)), rngs=rngs)
+    apply_lora(
+      unet,
+      LoRAConfig(rank=int(d.lora_rank), alpha=float(d.lora_alpha), targets=tuple(d.lora_targets)),
+      rngs=rngs,
+    )
     vae.encoder = None  # D_m is the decoder; the encoder is not part of SODEC
     vae.quant_conv = None
     self.unet, self.vae_decoder = unet, vae
     latent = unet.config.in_channels
     self.hyper_synthesis = HyperSynthesis(m.hyper_channels, s.hyper_synthesis_channels, **kw)
-    self.transform = Transform(m.latent_channels, s.hyper_synthesis_channels, s.transform_channels,
-                               s.transform_blocks, latent, eps=m.channel_norm_eps, **kw)
+    self.transform = Transform(
+      m.latent_channels,
+      s.hyper_synthesis_channels,
+      s.transform_channels,
+      s.transform_blocks,
+      latent,
+      eps=m.channel_norm_eps,
+      **kw,
+    )
     width = unet.config.per_block(unet.config.cross_attention_dim)[0]
     extra = {}
     if g.mode == "fidelity":
@@ -133,9 +168,15 @@ class SODEC(nnx.Module):
       extra = dict(zip(("in_tokens", "in_features"), extractor_tokens(extractor)))
     elif g.mode == "hyperprior":
       extra = dict(in_features=m.hyper_channels)
-    self.guidance_projection = GuidanceProjection(g.mode, width=width, tokens=g.tokens,
-                                                  text_embedding=g.text_embedding, dtype=dtype,
-                                                  rngs=rngs, **extra)
+    self.guidance_projection = GuidanceProjection(
+      g.mode,
+      width=width,
+      tokens=g.tokens,
+      text_embedding=g.text_embedding,
+      dtype=dtype,
+      rngs=rngs,
+      **extra,
+    )
     self.guidance_mode = g.mode
     self.schedule = NoiseSchedule(prediction_type=d.prediction_type)
     self.timestep = int(s.timestep)
@@ -169,7 +210,9 @@ class SODEC(nnx.Module):
     """y_t = T_s(y_hat, H_s(z_hat)) [B, H/8, W/8, 4]."""
     return self.transform(y_hat, self.hyper_synthesis(z_hat))
 
-  def diffusion_reconstruction(self, y_hat: jax.Array, z_hat: jax.Array, x_f: jax.Array) -> jax.Array:
+  def diffusion_reconstruction(
+    self, y_hat: jax.Array, z_hat: jax.Array, x_f: jax.Array
+  ) -> jax.Array:
     """The one-step decoder: y_t -> eps = UNet(y_t, t, c_g) -> x0 (Eq. 5) -> D_m(x0 / s) in [0, 1]
     (unclamped). y_hat [B, h, w, C], z_hat [B, h/4, w/4, N], x_f [B, 16h, 16w, 3]."""
     y_t = self.content_variable(y_hat, z_hat)
@@ -198,8 +241,8 @@ class SODEC(nnx.Module):
     y_hat = quantize_around(y, mu) if train else jnp.round(y - mu) + mu
     y_rate = add_uniform_noise(y, jax.random.fold_in(noise_key, 1)) if train else y_hat
     likelihoods = {
-        "y": gaussian_likelihood(y_rate, mu, sigma, self.likelihood_bound),
-        "z": self.codec.prior.hyperlatent.likelihood(z_noisy, self.likelihood_bound),
+      "y": gaussian_likelihood(y_rate, mu, sigma, self.likelihood_bound),
+      "z": self.codec.prior.hyperlatent.likelihood(z_noisy, self.likelihood_bound),
     }
     if self.decoder_kind == "diffusion" and self.stop_gradient_latents:  # stage 2 (Eq. 8)
       y_hat, z_hat = jax.lax.stop_gradient(y_hat), jax.lax.stop_gradient(z_hat)

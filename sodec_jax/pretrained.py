@@ -18,6 +18,7 @@ Where the weights come from (config):
 A paper-size config started without its weights fails at once with one line naming the folder
 it expected and the converter command that makes it.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,10 +31,14 @@ from flax import nnx
 from sodec_jax.errors import SodecError
 from sodec_jax.weights.formats import read_json
 
-SD21_HINT = ("python convert/from_torch.py sd21 --src /path/to/stable-diffusion-2-1-base "
-             "--out /weights/sd21   (then --config.diffusion.weights=/weights/sd21)")
-VIT_HINT = ("python convert/from_torch.py vit --src /path/to/vit-large-patch16-224-in21k "
-            "--out /weights/vit   (then --config.guidance.extractor_weights=/weights/vit)")
+SD21_HINT = (
+  "python convert/from_torch.py sd21 --src /path/to/stable-diffusion-2-1-base "
+  "--out /weights/sd21   (then --config.diffusion.weights=/weights/sd21)"
+)
+VIT_HINT = (
+  "python convert/from_torch.py vit --src /path/to/vit-large-patch16-224-in21k "
+  "--out /weights/vit   (then --config.guidance.extractor_weights=/weights/vit)"
+)
 
 
 def check_paths(config) -> None:
@@ -42,18 +47,26 @@ def check_paths(config) -> None:
     return
   d, g = config.diffusion, config.guidance
   if d.weights and not os.path.isdir(d.weights):
-    raise SodecError(f"config.diffusion.weights={d.weights!r} does not exist; make it with: {SD21_HINT}")
+    raise SodecError(
+      f"config.diffusion.weights={d.weights!r} does not exist; make it with: {SD21_HINT}"
+    )
   check_prediction_type(d)
   if not d.weights and (d.unet != "tiny" or d.vae != "tiny"):
-    raise SodecError(f"config.diffusion.weights is empty but unet={d.unet!r} / vae={d.vae!r} need "
-                     f"pretrained SD 2.1 weights; make them with: {SD21_HINT}")
+    raise SodecError(
+      f"config.diffusion.weights is empty but unet={d.unet!r} / vae={d.vae!r} need "
+      f"pretrained SD 2.1 weights; make them with: {SD21_HINT}"
+    )
   if g.mode == "fidelity":
     if g.extractor_weights and not os.path.isdir(g.extractor_weights):
-      raise SodecError(f"config.guidance.extractor_weights={g.extractor_weights!r} does not exist; "
-                       f"make it with: {VIT_HINT}")
+      raise SodecError(
+        f"config.guidance.extractor_weights={g.extractor_weights!r} does not exist; "
+        f"make it with: {VIT_HINT}"
+      )
     if not g.extractor_weights and g.extractor_config != "tiny":
-      raise SodecError("config.guidance.mode='fidelity' needs a pretrained extractor: "
-                       f"config.guidance.extractor_weights is empty; make it with: {VIT_HINT}")
+      raise SodecError(
+        "config.guidance.mode='fidelity' needs a pretrained extractor: "
+        f"config.guidance.extractor_weights is empty; make it with: {VIT_HINT}"
+      )
 
 
 def check_prediction_type(d, warn: bool = False) -> None:
@@ -62,20 +75,27 @@ def check_prediction_type(d, warn: bool = False) -> None:
   if not d.weights or not os.path.isdir(d.weights):
     return
   from sodec_jax.weights.converted import recorded_prediction_type
+
   found, where = recorded_prediction_type(d.weights)
   if found is None:
     if warn:
-      warnings.warn(f"cannot check config.diffusion.prediction_type={d.prediction_type!r} "
-                    f"against the weights: {where}", stacklevel=3)
+      warnings.warn(
+        f"cannot check config.diffusion.prediction_type={d.prediction_type!r} "
+        f"against the weights: {where}",
+        stacklevel=3,
+      )
     return
   if found != d.prediction_type:
-    raise SodecError(f"config.diffusion.weights={d.weights!r} is a {found} model ({where}) but "
-                     f"config.diffusion.prediction_type={d.prediction_type!r}; set "
-                     f"--config.diffusion.prediction_type={found}")
+    raise SodecError(
+      f"config.diffusion.weights={d.weights!r} is a {found} model ({where}) but "
+      f"config.diffusion.prediction_type={d.prediction_type!r}; set "
+      f"--config.diffusion.prediction_type={found}"
+    )
 
 
 def unet_config(name: str):
   from sodec_jax.diffusion.unet import UNetConfig, sd21_unet_config, tiny_unet_config
+
   if name == "sd21":
     return sd21_unet_config()
   if name == "tiny":
@@ -86,20 +106,30 @@ def unet_config(name: str):
 def vae_config(name: str):
   """'sd21', 'tiny' (4 levels, so 8x down like SD's VAE, narrow), or a diffusers config.json."""
   from sodec_jax.diffusion.autoencoder import VAEConfig, sd21_vae_config
+
   if name == "sd21":
     return sd21_vae_config()
   if name == "tiny":
-    return VAEConfig(block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-                     up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8)
+    return VAEConfig(
+      block_out_channels=(16, 16, 32, 32),
+      down_block_types=("DownEncoderBlock2D",) * 4,
+      up_block_types=("UpDecoderBlock2D",) * 4,
+      layers_per_block=1,
+      norm_num_groups=8,
+    )
   return VAEConfig.from_dict(read_json(name))
 
 
 def _component_folder(weights: str, name: str) -> str:
   if not os.path.isdir(weights):
-    raise SodecError(f"config.diffusion.weights={weights!r} does not exist; make it with: {SD21_HINT}")
+    raise SodecError(
+      f"config.diffusion.weights={weights!r} does not exist; make it with: {SD21_HINT}"
+    )
   folder = os.path.join(weights, name)
   if not os.path.isdir(folder):
-    raise SodecError(f"config.diffusion.weights={weights!r} has no {name}/ folder; make one with: {SD21_HINT}")
+    raise SodecError(
+      f"config.diffusion.weights={weights!r} has no {name}/ folder; make one with: {SD21_HINT}"
+    )
   return folder
 
 
@@ -113,6 +143,7 @@ def build_unet(d, rngs: nnx.Rngs, load: bool = True):
   shapes (its weights then come from a checkpoint). LoRA is attached by the caller. With
   `d.weights`, their recorded prediction type must be `d.prediction_type`."""
   from sodec_jax.diffusion.unet import UNet2DConditionModel, UNetConfig
+
   dtype = jnp.dtype(d.dtype)
   if d.weights:
     _component_folder(d.weights, "unet")
@@ -124,14 +155,17 @@ def build_unet(d, rngs: nnx.Rngs, load: bool = True):
   elif d.unet == "tiny" or not load:
     cfg = unet_config(d.unet)
   else:
-    raise SodecError(f"config.diffusion.unet={d.unet!r} needs pretrained weights: "
-                     f"--config.diffusion.weights=DIR is empty; make DIR with: {SD21_HINT}")
+    raise SodecError(
+      f"config.diffusion.unet={d.unet!r} needs pretrained weights: "
+      f"--config.diffusion.weights=DIR is empty; make DIR with: {SD21_HINT}"
+    )
   return UNet2DConditionModel(cfg, dtype=dtype, remat=bool(d.remat), rngs=rngs)
 
 
 def build_vae(d, rngs: nnx.Rngs, load: bool = True):
   """The SD VAE (D_m is its decoder); pretrained or random as `build_unet`."""
   from sodec_jax.diffusion.autoencoder import AutoencoderKL, VAEConfig
+
   dtype = jnp.dtype(d.dtype)
   if d.weights and load:
     return _load_component(d.weights, "vae", dtype)
@@ -140,8 +174,10 @@ def build_vae(d, rngs: nnx.Rngs, load: bool = True):
   elif d.vae == "tiny" or not load:
     cfg = vae_config(d.vae)
   else:
-    raise SodecError(f"config.diffusion.vae={d.vae!r} needs pretrained weights: "
-                     f"--config.diffusion.weights=DIR is empty; make DIR with: {SD21_HINT}")
+    raise SodecError(
+      f"config.diffusion.vae={d.vae!r} needs pretrained weights: "
+      f"--config.diffusion.weights=DIR is empty; make DIR with: {SD21_HINT}"
+    )
   return AutoencoderKL(cfg, dtype=dtype, rngs=rngs)
 
 
@@ -149,9 +185,11 @@ def _load_component(weights: str, name: str, dtype, **kwargs):
   _component_folder(weights, name)
   if os.path.isfile(os.path.join(weights, "manifest.json")):
     from sodec_jax.weights import converted  # converted orbax folders (convert/from_torch.py)
+
     loader = converted.load_unet if name == "unet" else converted.load_vae
     return loader(weights, dtype=dtype, **kwargs)
   from sodec_jax.weights import diffusers
+
   folder = _component_folder(weights, name)
   loader = diffusers.load_unet if name == "unet" else diffusers.load_vae
   return loader(folder, dtype=dtype, **kwargs)
@@ -167,16 +205,22 @@ def build_extractor(g, dtype, seed: int):
     raise SodecError(f"config.guidance.extractor={g.extractor!r}: use 'vit' or 'swin'")
   if g.extractor_weights:
     if not os.path.isdir(g.extractor_weights):
-      raise SodecError(f"config.guidance.extractor_weights={g.extractor_weights!r} does not exist; "
-                       f"make it with: {VIT_HINT}")
+      raise SodecError(
+        f"config.guidance.extractor_weights={g.extractor_weights!r} does not exist; "
+        f"make it with: {VIT_HINT}"
+      )
     if os.path.isfile(os.path.join(g.extractor_weights, "manifest.json")):
       from sodec_jax.weights import converted
+
       return converted.load_extractor(g.extractor_weights, dtype=dtype)
     from sodec_jax.weights import transformers as tw
+
     return (tw.load_vit if g.extractor == "vit" else tw.load_swin)(g.extractor_weights, dtype=dtype)
   if g.extractor_config != "tiny":
-    raise SodecError("config.guidance.mode='fidelity' needs a pretrained extractor: "
-                     f"--config.guidance.extractor_weights=DIR is empty; make DIR with: {VIT_HINT}")
+    raise SodecError(
+      "config.guidance.mode='fidelity' needs a pretrained extractor: "
+      f"--config.guidance.extractor_weights=DIR is empty; make DIR with: {VIT_HINT}"
+    )
   return random_tiny_extractor(g.extractor, dtype, seed)
 
 
@@ -184,13 +228,34 @@ def random_tiny_extractor(kind: str, dtype, seed: int):
   """A small frozen extractor with random weights (the tiny default has no pretrained ViT)."""
   if kind == "vit":
     from sodec_jax.guidance.vit import ViT, ViTSpec
-    module = ViT(ViTSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=128, image_size=(64, 64), patch_size=(8, 8)), dtype=dtype)
+
+    module = ViT(
+      ViTSpec(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=(64, 64),
+        patch_size=(8, 8),
+      ),
+      dtype=dtype,
+    )
   else:
     from sodec_jax.guidance.swin import Swin, SwinSpec
-    module = Swin(SwinSpec(embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
-                           image_size=(64, 64), patch_size=(4, 4)), dtype=dtype)
+
+    module = Swin(
+      SwinSpec(
+        embed_dim=32,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=4,
+        image_size=(64, 64),
+        patch_size=(4, 4),
+      ),
+      dtype=dtype,
+    )
   from sodec_jax.layers import FrozenWeight
+
   flat = dict(nnx.to_flat_state(nnx.state(module, FrozenWeight)))
   key = jax.random.key(seed)
   for i, (path, var) in enumerate(sorted(flat.items(), key=lambda kv: tuple(map(str, kv[0])))):
@@ -213,6 +278,7 @@ def build_model(config, rngs: nnx.Rngs, pretrained: bool = True):
   weights then come from a checkpoint) and, with fidelity guidance, the extractor F (always
   loaded: it is frozen and not checkpointed)."""
   from sodec_jax.model import SODEC
+
   parts = {}
   if config.get("decoder", "codec") == "diffusion":
     d, g = config.diffusion, config.guidance
@@ -226,6 +292,7 @@ def build_latent_pretrain(config, rngs: nnx.Rngs):
   """Stage 0 of the tiny pipeline (`sodec_jax.latent_pretrain.LatentPretrain`) with its UNet and
   VAE built from `config.diffusion` (random for the tiny sizes) and handed over."""
   from sodec_jax.latent_pretrain import LatentPretrain
+
   d = config.diffusion
-  vae = build_vae(d, rngs)   # built first: the same random streams as before the split
+  vae = build_vae(d, rngs)  # built first: the same random streams as before the split
   return LatentPretrain(config, unet=build_unet(d, rngs), vae=vae, rngs=rngs)

@@ -11,6 +11,7 @@ MS-SSIM compare the original with `api.decompress` of those bytes. MS-SSIM (5 sc
 both sides >= 161 pixels; smaller images are left out of its mean (`ms_ssim_images` counts the
 ones in it).
 """
+
 from __future__ import annotations
 
 import json
@@ -31,14 +32,19 @@ def holdout_paths(config) -> list[str]:
   config.data.train_dir ("" = the scikit-image photos), in the order the names are given."""
   names = tuple(config.data.get("holdout", ()))
   if not names:
-    raise SodecError("config.data.holdout is empty: name the photos to validate on, e.g. "
-                     "--config.data.holdout=\"('astronaut', 'coffee')\"")
-  by_stem = {os.path.splitext(os.path.basename(p))[0]: p
-             for p in data.list_images(config.data.train_dir)}
+    raise SodecError(
+      "config.data.holdout is empty: name the photos to validate on, e.g. "
+      "--config.data.holdout=\"('astronaut', 'coffee')\""
+    )
+  by_stem = {
+    os.path.splitext(os.path.basename(p))[0]: p for p in data.list_images(config.data.train_dir)
+  }
   missing = [n for n in names if n not in by_stem]
   if missing:
-    raise SodecError(f"config.data.holdout names {', '.join(missing)}, not among the images of "
-                     f"config.data.train_dir; fix --config.data.holdout")
+    raise SodecError(
+      f"config.data.holdout names {', '.join(missing)}, not among the images of "
+      f"config.data.train_dir; fix --config.data.holdout"
+    )
   return [by_stem[n] for n in names]
 
 
@@ -50,7 +56,7 @@ def holdout_images(config) -> list[np.ndarray]:
 def psnr_u8(a: np.ndarray, b: np.ndarray) -> float:
   """PSNR in dB of two uint8 images (peak 255), in float64."""
   mse = np.mean(np.square(a.astype(np.float64) - b.astype(np.float64)))
-  return float("inf") if mse == 0 else float(10.0 * np.log10(255.0 ** 2 / mse))
+  return float("inf") if mse == 0 else float(10.0 * np.log10(255.0**2 / mse))
 
 
 def ms_ssim_u8(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -58,6 +64,7 @@ def ms_ssim_u8(a: np.ndarray, b: np.ndarray) -> float | None:
   if min(a.shape[:2]) < MS_SSIM_MIN_SIDE:
     return None
   from sodec_jax.metrics import ms_ssim  # pylint: disable=import-outside-toplevel
+
   x = np.asarray(a, np.float32)[None] / 255.0
   y = np.asarray(b, np.float32)[None] / 255.0
   return float(np.asarray(ms_ssim(x, y))[0])
@@ -69,12 +76,19 @@ def code_one(model: api.LoadedModel, image: np.ndarray) -> tuple[np.ndarray, dic
   blob = api.compress(model, image)
   decoded = api.decompress(model, blob)
   h, w = image.shape[:2]
-  return decoded, {"height": h, "width": w, "bytes": len(blob), "bpp": 8.0 * len(blob) / (h * w),
-                   "psnr": psnr_u8(image, decoded), "ms_ssim": ms_ssim_u8(image, decoded)}
+  return decoded, {
+    "height": h,
+    "width": w,
+    "bytes": len(blob),
+    "bpp": 8.0 * len(blob) / (h * w),
+    "psnr": psnr_u8(image, decoded),
+    "ms_ssim": ms_ssim_u8(image, decoded),
+  }
 
 
-def validate(model: api.LoadedModel, images: Sequence[np.ndarray],
-             return_decoded: bool = False) -> dict:
+def validate(
+  model: api.LoadedModel, images: Sequence[np.ndarray], return_decoded: bool = False
+) -> dict:
   """Mean bpp (real files), PSNR and MS-SSIM over `images` (uint8 [H, W, 3] each).
 
   Returns {"bpp", "psnr", "ms_ssim" (None when no image allows it), "ms_ssim_images",
@@ -88,10 +102,13 @@ def validate(model: api.LoadedModel, images: Sequence[np.ndarray],
     rows.append(row)
     decoded.append(out)
   ssims = [r["ms_ssim"] for r in rows if r["ms_ssim"] is not None]
-  result = {"bpp": float(np.mean([r["bpp"] for r in rows])),
-            "psnr": float(np.mean([r["psnr"] for r in rows])),
-            "ms_ssim": float(np.mean(ssims)) if ssims else None,
-            "ms_ssim_images": len(ssims), "images": rows}
+  result = {
+    "bpp": float(np.mean([r["bpp"] for r in rows])),
+    "psnr": float(np.mean([r["psnr"] for r in rows])),
+    "ms_ssim": float(np.mean(ssims)) if ssims else None,
+    "ms_ssim_images": len(ssims),
+    "images": rows,
+  }
   if return_decoded:
     result["decoded"] = decoded
   return result
@@ -117,19 +134,22 @@ def pipeline_models(workdir: str) -> list[tuple[str, api.LoadedModel]]:
   return out
 
 
-def summary_grid(images: Sequence[np.ndarray], models: Sequence[tuple[str, api.LoadedModel]],
-                 ) -> tuple[np.ndarray, list[list[dict]]]:
+def summary_grid(
+  images: Sequence[np.ndarray],
+  models: Sequence[tuple[str, api.LoadedModel]],
+) -> tuple[np.ndarray, list[list[dict]]]:
   """One row per image: original | each model's decode (through a .sodec file), each panel
   captioned with its label, bpp and PSNR -> (uint8 [rows*(h+16), (1+models)*w, 3], metrics[i][j]).
   Images are centre-cropped to the smallest height and width among them so the rows align."""
   from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
+
   h = min(im.shape[0] for im in images)
   w = min(im.shape[1] for im in images)
   caption = 16
   rows, metrics = [], []
   for image in images:
     top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
-    image = np.ascontiguousarray(image[top:top + h, left:left + w])
+    image = np.ascontiguousarray(image[top : top + h, left : left + w])
     panels, labels, row_metrics = [image], ["original"], []
     for label, model in models:
       out, m = code_one(model, image)
@@ -146,11 +166,13 @@ def summary_grid(images: Sequence[np.ndarray], models: Sequence[tuple[str, api.L
   return np.concatenate(rows, axis=0), metrics
 
 
-def summary_png(path: str, models: Sequence[tuple[str, api.LoadedModel]],
-                images: Sequence[np.ndarray]) -> list[list[dict]]:
+def summary_png(
+  path: str, models: Sequence[tuple[str, api.LoadedModel]], images: Sequence[np.ndarray]
+) -> list[list[dict]]:
   """Writes `summary_grid` as a PNG at `path` (e.g. original | each stage, two held-out photos)
   and returns its metrics."""
   from sodec_jax.images import write_image  # pylint: disable=import-outside-toplevel
+
   grid, metrics = summary_grid(images, models)
   write_image(path, grid)
   return metrics

@@ -1,4 +1,5 @@
 """Shared test helpers: real photos from scikit-image and a micro config that trains in seconds."""
+
 import os
 import sys
 
@@ -13,6 +14,7 @@ if ROOT not in sys.path:  # `configs` is a top-level package of the repository
 def load_photo(name: str = "astronaut.png") -> np.ndarray:
   """uint8 [H, W, 3] of a photo bundled with scikit-image (grayscale ones as RGB)."""
   from sodec_jax import data, images
+
   return images.read_image(os.path.join(data.skimage_photo_dir(), name))[0]
 
 
@@ -22,9 +24,10 @@ def make_micro_config(**overrides):
   overrides: {"optim.learning_rate": 1e-3, ...}
   """
   from configs import tiny
+
   c = tiny.get_config()
   c.name = "micro"
-  c.pipeline.stages = ()                             # one stage (stage 1), not the tiny pipeline
+  c.pipeline.stages = ()  # one stage (stage 1), not the tiny pipeline
   c.model.latent_channels = 8
   c.model.encoder_filters = (4, 4, 8, 8, 8)
   c.model.hyper_channels = 4
@@ -36,10 +39,10 @@ def make_micro_config(**overrides):
   c.train.log_every = 1
   c.train.checkpoint_every = 2
   c.train.progress = False
-  c.train.sample_every = 0                           # no sample grids unless a test asks
-  c.train.validate_every = 0                         # no held-out validation unless a test asks
+  c.train.sample_every = 0  # no sample grids unless a test asks
+  c.train.validate_every = 0  # no held-out validation unless a test asks
   c.train.validate_size = 64
-  c.pipeline.summary = False                         # no held-out summary unless a test asks
+  c.pipeline.summary = False  # no held-out summary unless a test asks
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")
@@ -62,6 +65,7 @@ def micro_config():
 def make_micro_sodec_config(stage: int = 2, **overrides):
   """The micro codec with the tiny diffusion decoder (tiny UNet / VAE / random ViT) at `stage`."""
   import importlib
+
   c = make_micro_config()
   c.diffusion.unet = c.diffusion.vae = "tiny"
   c.diffusion.lora_rank, c.diffusion.lora_alpha = 2, 2.0
@@ -71,7 +75,9 @@ def make_micro_sodec_config(stage: int = 2, **overrides):
   if stage == 0:
     c.stage, c.train.trainable = 0, (".*",)
   elif stage >= 2:
-    importlib.import_module({2: "configs.stage2", 3: "configs.stage3", 4: "configs.finetune"}[stage]).apply(c)
+    importlib.import_module(
+      {2: "configs.stage2", 3: "configs.stage3", 4: "configs.finetune"}[stage]
+    ).apply(c)
     c.data.crop_size, c.data.batch_size = 64, 2
   return _apply(c, overrides)
 
@@ -91,6 +97,7 @@ def micro_workdir(tmp_path_factory):
   """A real micro training workdir (stage 1, 2 steps), shared by the tests that only read it
   (evaluation, benchmarks)."""
   from sodec_jax.train import train
+
   wd = str(tmp_path_factory.mktemp("micro_run"))
   train(make_micro_config(**{"train.num_steps": 2}), wd)
   return wd

@@ -1,5 +1,6 @@
 """python -m sodec_jax.bench --what codec on a real (micro) training workdir, with and without the
 PyTorch reference; the reference's weights (inverse HiFiC key map) and the batched coding path."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,13 +13,17 @@ SIZE = 128  # HiFiC's hyper-analysis needs y >= 8x8 in torch (its reflect pad 2 
 @pytest.fixture(scope="module")
 def loaded(micro_workdir):
   from sodec_jax import api
+
   return api.load_model(micro_workdir)
 
 
 def _bench(capsys, *args):
   from sodec_jax import bench
+
   capsys.readouterr()
-  code = bench.main(["--what", "codec", "--size", str(SIZE), "--repeats", "1", "--warmup", "1", *args])
+  code = bench.main(
+    ["--what", "codec", "--size", str(SIZE), "--repeats", "1", "--warmup", "1", *args]
+  )
   out = capsys.readouterr().out
   assert code == 0
   return out
@@ -34,16 +39,32 @@ def test_bench_codec_without_reference(micro_workdir, capsys):
 
 def test_bench_codec_with_torch_reference(micro_workdir):
   from sodec_jax.benchmarks import codec
+
   lines = []
-  r = codec.bench_codec(micro_workdir, SIZE, "float32", "torch", repeats=1, warmup=0, batch_sizes=(1, 2),
-                        log=lines.append)
+  r = codec.bench_codec(
+    micro_workdir,
+    SIZE,
+    "float32",
+    "torch",
+    repeats=1,
+    warmup=0,
+    batch_sizes=(1, 2),
+    log=lines.append,
+  )
   out = "\n".join(lines)
   assert "JAX/torch" in out and "(same host code)" in out and "torch threads:" in out
   assert "same .sodec bytes" in out
   ratios = {(s["side"], s["name"]): s["ratio"] for s in r["stages"]}
-  assert set(ratios) == {("encode", "E + H_a"), ("encode", "P"), ("encode", "range encode"),
-                         ("encode", "total"), ("decode", "range decode"), ("decode", "P"),
-                         ("decode", "D_a"), ("decode", "total")}
+  assert set(ratios) == {
+    ("encode", "E + H_a"),
+    ("encode", "P"),
+    ("encode", "range encode"),
+    ("encode", "total"),
+    ("decode", "range decode"),
+    ("decode", "P"),
+    ("decode", "D_a"),
+    ("decode", "total"),
+  }
   assert all(np.isfinite(v) and v > 0 for v in ratios.values())
   assert r["parity"]["max_abs_uint8_diff"] <= 1
   assert set(r["throughput"]) == {1, 2} and r["throughput"][2]["decode_img_s"] > 0
@@ -65,10 +86,11 @@ def test_torch_reference_weights_are_the_inverse_key_map(loaded):
   from sodec_jax.benchmarks import torch_reference as tr
   from sodec_jax.pretrained import build_model
   from sodec_jax.weights.hific import load_hific_state_dict
+
   cfg = loaded.config.model
   sd = tr.state_dict_from_jax(loaded.model, cfg)
   gate = f"Hyperprior.hyperlatent_likelihood.a_{len(cfg.factorized_filters)}"
-  assert not np.any(sd.pop(gate))   # a native model has no last gate: zeros fill upstream's
+  assert not np.any(sd.pop(gate))  # a native model has no last gate: zeros fill upstream's
   fresh = build_model(loaded.config, nnx.Rngs(1))
   load_hific_state_dict(sd, fresh, cfg)
   a = dict(nnx.to_flat_state(nnx.state(loaded.model, nnx.Param)))
@@ -87,14 +109,21 @@ def test_torch_reference_weights_are_the_inverse_key_map(loaded):
   mu_j, sigma_j = (np.asarray(v) for v in api.prior(loaded, np.round(z_j)))
   x_j = np.asarray(api.fidelity(loaded, y_j))
   lik_j = np.asarray(loaded.model.codec.prior.hyperlatent.likelihood(jnp.asarray(np.round(z_j))))
-  for got, want in ((tr._nhwc(y_t), y_j), (tr._nhwc(z_t), z_j), (tr._nhwc(mu_t), mu_j),
-                    (tr._nhwc(sigma_t), sigma_j), (tr._nhwc(x_t), x_j), (tr._nhwc(lik_t), lik_j)):
+  for got, want in (
+    (tr._nhwc(y_t), y_j),
+    (tr._nhwc(z_t), z_j),
+    (tr._nhwc(mu_t), mu_j),
+    (tr._nhwc(sigma_t), sigma_j),
+    (tr._nhwc(x_t), x_j),
+    (tr._nhwc(lik_t), lik_j),
+  ):
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
 
 
 def test_batched_coding_equals_the_api(loaded):
   from sodec_jax import api
   from sodec_jax.benchmarks import codec
+
   images = codec.test_images(SIZE, 3)
   assert len({im.tobytes() for im in images}) == 3
   # Batched XLA convolutions may round differently from batch 1, so files and images are compared
@@ -112,6 +141,7 @@ def test_torch_reference_codes_through_the_api(loaded):
   from sodec_jax import api
   from sodec_jax.benchmarks import codec
   from sodec_jax.benchmarks import torch_reference as tr
+
   ref = tr.build_reference(loaded)
   image = codec.test_images(SIZE, 1)[0]
   t_data, j_data = tr.compress(ref, loaded, image), api.compress(loaded, image)
@@ -123,6 +153,7 @@ def test_torch_reference_codes_through_the_api(loaded):
 
 def test_bench_user_error_is_one_line(tmp_path, capsys):
   from sodec_jax import bench
+
   capsys.readouterr()
   code = bench.main(["--what", "codec", "--checkpoint", str(tmp_path / "missing")])
   err = capsys.readouterr().err
@@ -142,13 +173,23 @@ def test_diffusion_decoder_components():
   from sodec_jax.benchmarks.codec import decode_stages
   from sodec_jax.pretrained import build_model
   from tests.conftest import load_photo, make_micro_sodec_config
+
   c = make_micro_sodec_config(2)
   loaded = api.prepare(c, build_model(c, nnx.Rngs(0)))
   data = api.compress(loaded, load_photo("chelsea.png")[:64, :96])
   stages = decode_stages(loaded, data)
   names = [s.name for s in stages]
-  assert names == ["range decode", "P", "D_a", "F + F_p (guidance)", "H_s + T_s", "UNet (t=999)",
-                   "x0 + D_m", "decoder (one jit)", "total"]
+  assert names == [
+    "range decode",
+    "P",
+    "D_a",
+    "F + F_p (guidance)",
+    "H_s + T_s",
+    "UNet (t=999)",
+    "x0 + D_m",
+    "decoder (one jit)",
+    "total",
+  ]
   out = {s.name: s.jax() for s in stages}
   x_hat, _ = out["decoder (one jit)"]
   chained = (jnp.asarray(out["x0 + D_m"], jnp.float32) + 1.0) / 2.0
@@ -158,9 +199,14 @@ def test_diffusion_decoder_components():
 
 def test_bench_entropy_codes_the_model_latents(micro_workdir, capsys):
   from sodec_jax import bench
+
   capsys.readouterr()
-  assert bench.main(["--what", "entropy", "--checkpoint", micro_workdir, "--repeats", "1",
-                     "--warmup", "0"]) == 0
+  assert (
+    bench.main(
+      ["--what", "entropy", "--checkpoint", micro_workdir, "--repeats", "1", "--warmup", "0"]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   rows = {line.split()[0] for line in out.splitlines()[2:]}
   assert rows == {"y", "z", "total"} and "Msym/s" in out

@@ -1,4 +1,5 @@
 """The workdir contract: config.json, orbax checkpoints with named items, restore_params."""
+
 import os
 
 import jax

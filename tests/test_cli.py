@@ -1,4 +1,5 @@
 """The `sodec` command line on real files: round trip, info, and every user error as one line."""
+
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from tests.conftest import ROOT, load_photo, make_micro_config
 def workdir(tmp_path_factory):
   """A real training workdir: the micro config trained for 2 steps by the real train loop."""
   from sodec_jax.train import train
+
   wd = str(tmp_path_factory.mktemp("run"))
   train(make_micro_config(**{"train.num_steps": 2}), wd)
   return wd
@@ -36,17 +38,37 @@ def sodec(capsys):
     if check:
       assert code == 0, err
     return _Result(code, out, err)
+
   return run
 
 
 def test_console_script_in_a_subprocess(workdir, tmp_path):
   src = tmp_path / "p.png"
   Image.fromarray(load_photo("astronaut.png")[:64, :64]).save(src)
-  r = subprocess.run([sys.executable, "-m", "sodec_jax.cli", "compress", str(src), str(tmp_path / "p.sodec"),
-                      "--checkpoint", workdir], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sodec_jax.cli",
+      "compress",
+      str(src),
+      str(tmp_path / "p.sodec"),
+      "--checkpoint",
+      workdir,
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 0 and "bpp" in r.stdout, r.stderr
-  r = subprocess.run([sys.executable, "-m", "sodec_jax.cli", "info", str(tmp_path / "nothing.sodec")],
-                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [sys.executable, "-m", "sodec_jax.cli", "info", str(tmp_path / "nothing.sodec")],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "no such file" in r.stderr
 
 
@@ -64,7 +86,13 @@ def test_compress_info_decompress(workdir, tmp_path, sodec):
   assert "bpp" in r.stdout
   info = sodec("info", str(tmp_path / "cat.sodec")).stdout
   assert "150x100" in info and "codec" in info and "fingerprint" in info
-  sodec("decompress", str(tmp_path / "cat.sodec"), str(tmp_path / "cat_hat.png"), "--checkpoint", workdir)
+  sodec(
+    "decompress",
+    str(tmp_path / "cat.sodec"),
+    str(tmp_path / "cat_hat.png"),
+    "--checkpoint",
+    workdir,
+  )
   out = np.asarray(Image.open(tmp_path / "cat_hat.png"))
   assert out.shape == (100, 150, 3) and out.dtype == np.uint8
 
@@ -85,15 +113,42 @@ def test_user_errors_are_one_line(workdir, tmp_path, sodec):
   good = tmp_path / "p.png"
   Image.fromarray(load_photo("astronaut.png")[:64, :64]).save(good)
   cases = [
-      (("compress", str(tmp_path / "missing.png"), str(tmp_path / "o.sodec"), "--checkpoint", workdir), "no such file"),
-      (("compress", str(tmp_path / "text.png"), str(tmp_path / "o.sodec"), "--checkpoint", workdir), "not an image"),
-      (("compress", str(tmp_path), str(tmp_path / "o.sodec"), "--checkpoint", workdir), "directory"),
-      (("compress", str(good), str(tmp_path / "nodir" / "o.sodec"), "--checkpoint", workdir), "does not exist"),
-      (("compress", str(good), str(tmp_path / "o.sodec"), "--checkpoint", str(tmp_path / "nope")), "does not exist"),
-      (("compress", str(good), str(tmp_path / "o.sodec"), "--checkpoint", str(tmp_path)), "config.json"),
-      (("decompress", str(tmp_path / "bad.sodec"), str(tmp_path / "o.png"), "--checkpoint", workdir), "truncated"),
-      (("decompress", str(good), str(tmp_path / "o.png"), "--checkpoint", workdir), "not a .sodec file"),
-      (("info", str(tmp_path / "missing.sodec")), "no such file"),
+    (
+      (
+        "compress",
+        str(tmp_path / "missing.png"),
+        str(tmp_path / "o.sodec"),
+        "--checkpoint",
+        workdir,
+      ),
+      "no such file",
+    ),
+    (
+      ("compress", str(tmp_path / "text.png"), str(tmp_path / "o.sodec"), "--checkpoint", workdir),
+      "not an image",
+    ),
+    (("compress", str(tmp_path), str(tmp_path / "o.sodec"), "--checkpoint", workdir), "directory"),
+    (
+      ("compress", str(good), str(tmp_path / "nodir" / "o.sodec"), "--checkpoint", workdir),
+      "does not exist",
+    ),
+    (
+      ("compress", str(good), str(tmp_path / "o.sodec"), "--checkpoint", str(tmp_path / "nope")),
+      "does not exist",
+    ),
+    (
+      ("compress", str(good), str(tmp_path / "o.sodec"), "--checkpoint", str(tmp_path)),
+      "config.json",
+    ),
+    (
+      ("decompress", str(tmp_path / "bad.sodec"), str(tmp_path / "o.png"), "--checkpoint", workdir),
+      "truncated",
+    ),
+    (
+      ("decompress", str(good), str(tmp_path / "o.png"), "--checkpoint", workdir),
+      "not a .sodec file",
+    ),
+    (("info", str(tmp_path / "missing.sodec")), "no such file"),
   ]
   for args, pattern in cases:
     assert_one_line_error(sodec(*args, check=False), pattern)
@@ -106,6 +161,13 @@ def test_unknown_output_extension(workdir, tmp_path, sodec):
   src = tmp_path / "p.png"
   Image.fromarray(load_photo("astronaut.png")[:64, :64]).save(src)
   sodec("compress", str(src), str(tmp_path / "p.sodec"), "--checkpoint", workdir)
-  r = sodec("decompress", str(tmp_path / "p.sodec"), str(tmp_path / "p.xyz"), "--checkpoint", workdir, check=False)
+  r = sodec(
+    "decompress",
+    str(tmp_path / "p.sodec"),
+    str(tmp_path / "p.xyz"),
+    "--checkpoint",
+    workdir,
+    check=False,
+  )
   assert_one_line_error(r, "unknown image extension")
   assert not (tmp_path / "p.xyz").exists()

@@ -1,6 +1,7 @@
 """Every experiment config loads and validates (a paper config without its weights is the one-line
 error naming them; given them, the rest validates), and the ablations differ from stage 3 exactly
 where their table row says."""
+
 import glob
 import importlib
 import os
@@ -35,10 +36,14 @@ def _diff(a, b, prefix=""):
 
 # The first missing weights validate_config reports: SD 2.1 for a diffusion config (checked first),
 # else the LPIPS VGG16 weights when the loss uses LPIPS.
-MISSING_SD21 = ("config.diffusion.weights is empty but unet='sd21' / vae='sd21' need pretrained "
-                "SD 2.1 weights; make them with: python convert/from_torch.py sd21 ")
-MISSING_VGG = ("config.loss.k_P=1.0 needs LPIPS VGG16 weights: pass "
-               "--config.lpips.vgg_weights=/path/to/vgg16.pth")
+MISSING_SD21 = (
+  "config.diffusion.weights is empty but unet='sd21' / vae='sd21' need pretrained "
+  "SD 2.1 weights; make them with: python convert/from_torch.py sd21 "
+)
+MISSING_VGG = (
+  "config.loss.k_P=1.0 needs LPIPS VGG16 weights: pass "
+  "--config.lpips.vgg_weights=/path/to/vgg16.pth"
+)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
@@ -62,14 +67,18 @@ def test_config_loads(path, tmp_path):
 
 
 EXPECTED = {
-    "guidance_none": {"guidance.mode"}, "guidance_text": {"guidance.mode"},
-    "guidance_hyperprior": {"guidance.mode"}, "guidance_fidelity": set(),
-    "alignment_none": {"loss.alignment"}, "alignment_mse_lpips": {"loss.alignment"},
-    "alignment_merged": {"loss.alignment"}, "alignment_mse": set(),
-    "strategy_frozen_vae": {"sodec.stop_gradient_latents", "train.trainable", "loss.rate_mode"},
-    "strategy_joint_matched": {"loss.anneal.shape"},
-    "strategy_low_to_high": {"loss.anneal.start", "loss.anneal.end"},
-    "strategy_rate_annealing": set(),
+  "guidance_none": {"guidance.mode"},
+  "guidance_text": {"guidance.mode"},
+  "guidance_hyperprior": {"guidance.mode"},
+  "guidance_fidelity": set(),
+  "alignment_none": {"loss.alignment"},
+  "alignment_mse_lpips": {"loss.alignment"},
+  "alignment_merged": {"loss.alignment"},
+  "alignment_mse": set(),
+  "strategy_frozen_vae": {"sodec.stop_gradient_latents", "train.trainable", "loss.rate_mode"},
+  "strategy_joint_matched": {"loss.anneal.shape"},
+  "strategy_low_to_high": {"loss.anneal.start", "loss.anneal.end"},
+  "strategy_rate_annealing": set(),
 }
 
 
@@ -89,12 +98,15 @@ def test_prediction_type_mismatch_is_one_line(tmp_path):
   c.lpips.vgg_weights = str(tmp_path / "vgg16.pth")
   (tmp_path / "scheduler").mkdir()
   (tmp_path / "scheduler" / "scheduler_config.json").write_text(
-      '{"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}')
+    '{"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"}'
+  )
   with pytest.raises(SodecError) as err:
     validate_config(c)
   msg = str(err.value)
   assert "\n" not in msg and "is a v_prediction model" in msg, msg
-  assert msg.endswith("config.diffusion.prediction_type='epsilon'; set "
-                      "--config.diffusion.prediction_type=v_prediction"), msg
+  assert msg.endswith(
+    "config.diffusion.prediction_type='epsilon'; set "
+    "--config.diffusion.prediction_type=v_prediction"
+  ), msg
   c.diffusion.prediction_type = "v_prediction"
   validate_config(c)

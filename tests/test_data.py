@@ -1,4 +1,5 @@
 """The grain training pipeline: image lists, decoding, crops, determinism by step."""
+
 import os
 
 import numpy as np
@@ -51,7 +52,7 @@ def test_truncated_file_is_replaced_with_a_warning(tmp_path):
   ref = load_photo("coffee.png")[:96, :96]
   for c in crops:  # every crop comes from the good image
     assert c.shape == (64, 64, 3)
-    assert any((ref[t:t + 64, l:l + 64] == c).all() for t in range(33) for l in range(33))
+    assert any((ref[t : t + 64, l : l + 64] == c).all() for t in range(33) for l in range(33))
 
 
 def test_grayscale_becomes_rgb_and_small_images_are_padded(tmp_path):
@@ -89,28 +90,28 @@ def test_each_epoch_visits_every_image_once():
 def _windows(img, size):
   """Every size x size window of img (uint8 [H, W, 3]), for locating a crop."""
   h, w = img.shape[:2]
-  return [img[t:t + size, l:l + size] for t in range(h - size + 1) for l in range(w - size + 1)]
+  return [img[t : t + size, l : l + size] for t in range(h - size + 1) for l in range(w - size + 1)]
 
 
 def test_training_reads_files_as_the_cli_does(tmp_path):
   """RGBA, 16-bit and EXIF-rotated files: a training crop is a window of what `sodec compress`
   reads (images.read_image), which composites alpha on white, scales 16-bit by 65535 and
   applies the EXIF orientation."""
-  photo = load_photo("chelsea.png")[:64, :96]                            # [64, 96, 3]
+  photo = load_photo("chelsea.png")[:64, :96]  # [64, 96, 3]
   alpha = np.zeros((64, 96), np.uint8)
-  alpha[:, 48:] = 255                                                    # left half transparent
+  alpha[:, 48:] = 255  # left half transparent
   _write(tmp_path / "rgba.png", np.dstack([photo, alpha]))
-  sixteen = (photo[..., 0].astype(np.uint16) * 4)                        # max 1020 of 65535
-  Image.fromarray(sixteen).save(tmp_path / "sixteen.png")                # mode I;16
+  sixteen = photo[..., 0].astype(np.uint16) * 4  # max 1020 of 65535
+  Image.fromarray(sixteen).save(tmp_path / "sixteen.png")  # mode I;16
   exif = Image.Exif()
-  exif[0x0112] = 6                                                       # rotate 90 clockwise
+  exif[0x0112] = 6  # rotate 90 clockwise
   Image.fromarray(photo).save(tmp_path / "rotated.jpg", exif=exif, quality=95)
 
   rgba, _ = images.read_image(str(tmp_path / "rgba.png"))
   assert (rgba[:, :48] == 255).all() and (rgba[:, 48:] == photo[:, 48:]).all()
   gray16, _ = images.read_image(str(tmp_path / "sixteen.png"))
   np.testing.assert_array_equal(gray16[..., 0], np.round(sixteen / 65535 * 255).astype(np.uint8))
-  assert gray16.max() <= 4                                               # not stretched to 255
+  assert gray16.max() <= 4  # not stretched to 255
   rotated, _ = images.read_image(str(tmp_path / "rotated.jpg"))
   assert rotated.shape == (96, 64, 3)
 
@@ -133,8 +134,9 @@ def test_holdout_photos_are_kept_out_of_training():
   stem = lambda p: os.path.splitext(os.path.basename(p))[0]
   colour = tuple(stem(p) for p in paths if images.read_image(p)[0].std(axis=-1).max() > 0)
   assert "astronaut" in colour and len(colour) < len(paths)
-  batches = lambda **o: np.concatenate(list(data.train_dataset(
-      make_micro_config(**{"train.num_steps": 6, **o}))))
+  batches = lambda **o: np.concatenate(
+    list(data.train_dataset(make_micro_config(**{"train.num_steps": 6, **o})))
+  )
   grey = lambda b: bool(np.all(b[..., 0] == b[..., 1]) and np.all(b[..., 1] == b[..., 2]))
   assert not grey(batches())
   assert grey(batches(**{"data.holdout": colour}))

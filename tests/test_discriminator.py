@@ -1,4 +1,5 @@
 """HiFiC conditional discriminator and non-saturating GAN losses vs a plain-torch reference."""
+
 import math
 
 import jax
@@ -10,12 +11,12 @@ import torch
 from flax import nnx
 
 from sodec_jax import gan
-from sodec_jax.discriminator import Discriminator, SpectralState
-from sodec_jax.weights.hific import hific_discriminator_key_map, load_hific_discriminator
-from sodec_jax.errors import SodecError
-from tests.conftest import load_photo
 from sodec_jax.benchmarks.hific_torch import Discriminator as TorchDiscriminator
 from sodec_jax.benchmarks.hific_torch import non_saturating_loss
+from sodec_jax.discriminator import Discriminator, SpectralState
+from sodec_jax.errors import SodecError
+from sodec_jax.weights.hific import hific_discriminator_key_map, load_hific_discriminator
+from tests.conftest import load_photo
 
 C = 8  # latent channels (small; the layout does not depend on it)
 
@@ -27,8 +28,8 @@ def _rel(a, b):
 
 def _inputs(batch=1, size=64, seed=0):
   photo = load_photo("astronaut.png").astype(np.float32) / 255.0
-  crops = [photo[40 + 96 * i:40 + 96 * i + size, 180:180 + size] for i in range(batch)]
-  x = np.stack(crops)                                              # [B, H, W, 3] in [0, 1]
+  crops = [photo[40 + 96 * i : 40 + 96 * i + size, 180 : 180 + size] for i in range(batch)]
+  x = np.stack(crops)  # [B, H, W, 3] in [0, 1]
   y = np.random.default_rng(seed).normal(size=(batch, size // 16, size // 16, C)).astype(np.float32)
   return x, y
 
@@ -64,8 +65,9 @@ def test_eval_mode_matches_torch():
   print(f"eval logits rel err {err:.2e}")
   assert err <= 1e-5
   np.testing.assert_array_equal(np.asarray(ours.conv1.u[...]), u_before)  # no update in eval
-  np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(got)),
-                             torch.sigmoid(torch.from_numpy(want)).numpy(), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(jax.nn.sigmoid(got)), torch.sigmoid(torch.from_numpy(want)).numpy(), atol=1e-6
+  )
 
 
 def test_training_mode_power_iteration_matches_torch():
@@ -85,7 +87,9 @@ def test_training_mode_power_iteration_matches_torch():
       assert eu <= 1e-5 and ev <= 1e-5, (k, eu, ev)
   # after the updates, eval mode agrees again with the updated u, v
   ref.eval()
-  assert _rel(ours(jnp.asarray(x), jnp.asarray(y), update_stats=False), _torch_call(ref, x, y)) <= 1e-5
+  assert (
+    _rel(ours(jnp.asarray(x), jnp.asarray(y), update_stats=False), _torch_call(ref, x, y)) <= 1e-5
+  )
 
 
 def test_d_loss_gradient_matches_torch():
@@ -105,8 +109,14 @@ def test_d_loss_gradient_matches_torch():
 
   def loss_fn(params):
     disc = nnx.merge(graphdef, params, rest)
-    real, fake = gan.real_fake_logits(disc, jnp.asarray(x), jnp.asarray(x_hat), jnp.asarray(y),
-                                      update_stats=True, train_generator=False)
+    real, fake = gan.real_fake_logits(
+      disc,
+      jnp.asarray(x),
+      jnp.asarray(x_hat),
+      jnp.asarray(y),
+      update_stats=True,
+      train_generator=False,
+    )
     return gan.discriminator_loss(real, fake)
 
   loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -117,8 +127,12 @@ def test_d_loss_gradient_matches_torch():
     err = _rel(grads[f"conv{k}"]["kernel"], g_t)
     print(f"conv{k} kernel grad rel err {err:.2e}")
     assert err <= 1e-4
-  assert _rel(grads["context_conv"]["kernel"],
-              ref.context_conv.weight.grad.numpy().transpose(2, 3, 1, 0)) <= 1e-4
+  assert (
+    _rel(
+      grads["context_conv"]["kernel"], ref.context_conv.weight.grad.numpy().transpose(2, 3, 1, 0)
+    )
+    <= 1e-4
+  )
 
 
 def test_losses_closed_forms():
@@ -130,11 +144,18 @@ def test_losses_closed_forms():
   assert math.isclose(float(gan.discriminator_loss(real, fake)), want, rel_tol=1e-6)
   assert math.isclose(float(gan.generator_loss(fake)), math.log1p(math.exp(2.0)), rel_tol=1e-6)
   # large logits stay finite (softplus, not log(sigmoid))
-  assert np.isfinite(float(gan.discriminator_loss(jnp.full((1, 2), -200.0), jnp.full((1, 2), 200.0))))
+  assert np.isfinite(
+    float(gan.discriminator_loss(jnp.full((1, 2), -200.0), jnp.full((1, 2), 200.0)))
+  )
   rng = np.random.default_rng(0)
-  lr, lf = rng.normal(size=(2, 16)).astype(np.float32) * 3, rng.normal(size=(2, 16)).astype(np.float32) * 3
+  lr, lf = (
+    rng.normal(size=(2, 16)).astype(np.float32) * 3,
+    rng.normal(size=(2, 16)).astype(np.float32) * 3,
+  )
   d_t, g_t = non_saturating_loss(torch.from_numpy(lr), torch.from_numpy(lf))
-  assert math.isclose(float(gan.discriminator_loss(jnp.asarray(lr), jnp.asarray(lf))), float(d_t), rel_tol=1e-6)
+  assert math.isclose(
+    float(gan.discriminator_loss(jnp.asarray(lr), jnp.asarray(lf))), float(d_t), rel_tol=1e-6
+  )
   assert math.isclose(float(gan.generator_loss(jnp.asarray(lf))), float(g_t), rel_tol=1e-6)
 
 
@@ -164,16 +185,18 @@ def test_gradients_flow_where_they_should():
     return gan.generator_loss(fake)
 
   def d_loss(x_hat, y_hat, disc):
-    real, fake = gan.real_fake_logits(disc, x, x_hat, y_hat, update_stats=False,
-                                      train_generator=False)
+    real, fake = gan.real_fake_logits(
+      disc, x, x_hat, y_hat, update_stats=False, train_generator=False
+    )
     return gan.discriminator_loss(real, fake)
 
   x_hat = x * 0.9 + 0.05
   gx, gy = nnx.jit(jax.grad(g_loss, argnums=(0, 1)))(x_hat, jnp.asarray(y), model.discriminator)
   assert float(jnp.abs(gx).max()) > 0
   assert float(jnp.abs(gy).max()) == 0  # y_hat is stop-grad
-  gx, gy, gd = nnx.jit(nnx.grad(d_loss, argnums=(0, 1, 2)))(x_hat, jnp.asarray(y),
-                                                            model.discriminator)
+  gx, gy, gd = nnx.jit(nnx.grad(d_loss, argnums=(0, 1, 2)))(
+    x_hat, jnp.asarray(y), model.discriminator
+  )
   assert float(jnp.abs(gx).max()) == 0 and float(jnp.abs(gy).max()) == 0  # x_hat, y_hat stop-grad
   assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(gd))  # every D param learns
 
@@ -192,8 +215,12 @@ def test_gradients_flow_where_they_should():
   jax.tree.map(np.testing.assert_array_equal, disc_before, disc_after)
 
   # discriminator step: only D params, u/v are not among them
-  grads = nnx.jit(nnx.grad(lambda m: d_loss(x * m.gen_scale[...], y, m.discriminator),
-                           argnums=nnx.DiffState(0, _is_disc_param)))(model)
+  grads = nnx.jit(
+    nnx.grad(
+      lambda m: d_loss(x * m.gen_scale[...], y, m.discriminator),
+      argnums=nnx.DiffState(0, _is_disc_param),
+    )
+  )(model)
   paths = [p for p, _ in nnx.to_flat_state(grads)]
   assert paths and all(p[0] == "discriminator" and p[-1] in ("kernel", "bias") for p in paths)
 
@@ -206,12 +233,15 @@ def _d_step_fn(graphdef, tx, x, x_hat, y, copy):
   def d_step(params, rest, opt_state):
     def loss_fn(params):
       merged = nnx.merge(graphdef, params, rest, copy=copy)
-      real, fake = gan.real_fake_logits(merged, x, x_hat, y, update_stats=True,
-                                        train_generator=False)
+      real, fake = gan.real_fake_logits(
+        merged, x, x_hat, y, update_stats=True, train_generator=False
+      )
       return gan.discriminator_loss(real, fake), nnx.to_pure_dict(nnx.state(merged, SpectralState))
+
     (loss, spectral), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), spectral, opt_state, loss
+
   return d_step
 
 
@@ -243,15 +273,18 @@ def test_split_merge_under_jit_keeps_spectral_updates(pure_rest):
   assert np.isfinite(float(loss))
   for k in range(1, 5):
     for n in "uv":
-      np.testing.assert_allclose(np.asarray(spectral[f"conv{k}"][n]),
-                                 np.asarray(want[f"conv{k}"][n]), rtol=1e-5, atol=1e-7)
+      np.testing.assert_allclose(
+        np.asarray(spectral[f"conv{k}"][n]), np.asarray(want[f"conv{k}"][n]), rtol=1e-5, atol=1e-7
+      )
   assert not np.allclose(np.asarray(spectral["conv1"]["u"]), u0)  # it did move
   # the caller's state is untouched until it writes the new values back
   np.testing.assert_array_equal(
-      np.asarray(rest["conv1"]["u"] if pure_rest else rest["conv1"]["u"][...]), u0)
+    np.asarray(rest["conv1"]["u"] if pure_rest else rest["conv1"]["u"][...]), u0
+  )
   if pure_rest:
-    rest = {k: dict(v, **spectral.get(k, {})) if isinstance(v, dict) else v
-            for k, v in rest.items()}
+    rest = {
+      k: dict(v, **spectral.get(k, {})) if isinstance(v, dict) else v for k, v in rest.items()
+    }
   else:
     nnx.replace_by_pure_dict(rest, spectral)
   _, spectral2, _, _ = d_step(new_params, rest, opt_state)
@@ -259,8 +292,9 @@ def test_split_merge_under_jit_keeps_spectral_updates(pure_rest):
   eager = nnx.merge(graphdef, new_params, rest, copy=True)
   gan.real_fake_logits(eager, x, x_hat, y, update_stats=True, train_generator=False)
   want2 = nnx.to_pure_dict(nnx.state(eager, SpectralState))
-  np.testing.assert_allclose(np.asarray(spectral2["conv1"]["v"]), np.asarray(want2["conv1"]["v"]),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(spectral2["conv1"]["v"]), np.asarray(want2["conv1"]["v"]), rtol=1e-4, atol=1e-6
+  )
   assert not np.allclose(np.asarray(spectral2["conv1"]["v"]), np.asarray(spectral["conv1"]["v"]))
   # the updated state merges back into a module
   disc2 = nnx.merge(graphdef, new_params, rest, copy=True)
@@ -284,8 +318,8 @@ def test_loader_is_strict():
   assert "unexpected 1: Discriminator.conv2.weight" in msg
   assert "mis-shaped 1: Discriminator.conv_out.weight" in msg
   with pytest.raises(SodecError, match="no keys start with"):
-    load_hific_discriminator({k[len("Discriminator."):]: v for k, v in sd.items()}, disc)
-  bare = {k[len("Discriminator."):]: v for k, v in sd.items() if k.startswith("Discriminator.")}
+    load_hific_discriminator({k[len("Discriminator.") :]: v for k, v in sd.items()}, disc)
+  bare = {k[len("Discriminator.") :]: v for k, v in sd.items() if k.startswith("Discriminator.")}
   assert load_hific_discriminator(bare, disc, prefix="") == []
 
 

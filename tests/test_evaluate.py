@@ -1,4 +1,5 @@
 """python -m sodec_jax.evaluate on a few real photos with a real (micro) training workdir."""
+
 from __future__ import annotations
 
 import csv
@@ -44,6 +45,7 @@ def metric_weights(tmp_path_factory):
 
 def _run(*args):
   from sodec_jax import evaluate
+
   return evaluate.main([*args, "--no-progress"])
 
 
@@ -57,20 +59,52 @@ def test_all_outputs_with_every_metric(micro_workdir, photos, metric_weights, tm
   from sodec_jax import api
   from sodec_jax.images import read_image
   from sodec_jax.metrics import psnr
+
   out = str(tmp_path / "eval")
   vgg, dists = metric_weights
-  assert _run("--checkpoint", micro_workdir, micro_workdir, "--images", photos, "--out", out,
-              "--vgg-weights", vgg, "--dists-weights", dists, "--grids", "2") == 0
+  assert (
+    _run(
+      "--checkpoint",
+      micro_workdir,
+      micro_workdir,
+      "--images",
+      photos,
+      "--out",
+      out,
+      "--vgg-weights",
+      vgg,
+      "--dists-weights",
+      dists,
+      "--grids",
+      "2",
+    )
+    == 0
+  )
   cols, rows = _rows(out)
-  assert cols == ["checkpoint", "image", "height", "width", "bytes", "bpp", "psnr", "ms_ssim",
-                  "lpips", "dists", "encode_s", "decode_s"]
+  assert cols == [
+    "checkpoint",
+    "image",
+    "height",
+    "width",
+    "bytes",
+    "bpp",
+    "psnr",
+    "ms_ssim",
+    "lpips",
+    "dists",
+    "encode_s",
+    "decode_s",
+  ]
   labels = [os.path.basename(micro_workdir), os.path.basename(micro_workdir) + "_2"]
   assert [(r["checkpoint"], r["image"]) for r in rows] == [
-      (l, n) for l in labels for n in ("astronaut.png", "chelsea.png", "sub/coffee.jpg")]
+    (l, n) for l in labels for n in ("astronaut.png", "chelsea.png", "sub/coffee.jpg")
+  ]
   model = api.load_model(micro_workdir)
   for r in rows:
     # bpp comes from the real file on disk, which decodes to the scored image
-    f = os.path.join(out, "sodec", r["checkpoint"], os.path.splitext(r["image"])[0].replace("/", "__") + ".sodec")
+    f = os.path.join(
+      out, "sodec", r["checkpoint"], os.path.splitext(r["image"])[0].replace("/", "__") + ".sodec"
+    )
     data = open(f, "rb").read()
     h, w = int(r["height"]), int(r["width"])
     assert int(r["bytes"]) == len(data)
@@ -93,8 +127,14 @@ def test_all_outputs_with_every_metric(micro_workdir, photos, metric_weights, tm
   assert [s["image"] for s in summary["skipped"]] == ["broken.png"]
   assert any("NIQE" in n for n in summary["notes"])
   files = set(os.listdir(out))
-  assert {"rd_psnr.png", "rd_ms_ssim.png", "rd_lpips.png", "rd_dists.png",
-          "grid_astronaut.png", "grid_chelsea.png"} <= files
+  assert {
+    "rd_psnr.png",
+    "rd_ms_ssim.png",
+    "rd_lpips.png",
+    "rd_dists.png",
+    "grid_astronaut.png",
+    "grid_chelsea.png",
+  } <= files
   assert "grid_sub__coffee.png" not in files  # --grids 2
   for name in ("rd_psnr.png", "grid_astronaut.png"):
     with Image.open(os.path.join(out, name)) as im:
@@ -105,32 +145,75 @@ def test_all_outputs_with_every_metric(micro_workdir, photos, metric_weights, tm
 
 def test_center_crop_limit_and_missing_weights(micro_workdir, photos, tmp_path, capsys):
   out = str(tmp_path / "eval")
-  assert _run("--checkpoint", micro_workdir, "--images", photos, "--out", out,
-              "--center-crop", "64", "--limit", "2", "--no-plots") == 0
+  assert (
+    _run(
+      "--checkpoint",
+      micro_workdir,
+      "--images",
+      photos,
+      "--out",
+      out,
+      "--center-crop",
+      "64",
+      "--limit",
+      "2",
+      "--no-plots",
+    )
+    == 0
+  )
   cols, rows = _rows(out)
   assert "lpips" not in cols and "dists" not in cols
   assert [(r["image"], r["height"], r["width"]) for r in rows] == [
-      ("astronaut.png", "64", "64"), ("chelsea.png", "64", "64")]
+    ("astronaut.png", "64", "64"),
+    ("chelsea.png", "64", "64"),
+  ]
   summary = json.load(open(os.path.join(out, "summary.json")))
   assert summary["protocol"]["center_crop"] == 64 and summary["protocol"]["limit"] == 2
   assert any("--vgg-weights" in n for n in summary["notes"])
-  assert summary["outputs"]["rd_plots"] == [] and not any(f.endswith(".png") for f in os.listdir(out))
+  assert summary["outputs"]["rd_plots"] == [] and not any(
+    f.endswith(".png") for f in os.listdir(out)
+  )
   assert "note: LPIPS and DISTS skipped" in capsys.readouterr().out
 
 
 def test_user_errors_are_one_line(micro_workdir, photos, tmp_path, capsys):
-  assert _run("--checkpoint", micro_workdir, "--images", str(tmp_path / "nope"), "--out", str(tmp_path / "o")) == 1
+  assert (
+    _run(
+      "--checkpoint",
+      micro_workdir,
+      "--images",
+      str(tmp_path / "nope"),
+      "--out",
+      str(tmp_path / "o"),
+    )
+    == 1
+  )
   assert "is not a directory" in capsys.readouterr().err
-  assert _run("--checkpoint", str(tmp_path / "no_run"), "--images", photos, "--out", str(tmp_path / "o")) == 1
+  assert (
+    _run("--checkpoint", str(tmp_path / "no_run"), "--images", photos, "--out", str(tmp_path / "o"))
+    == 1
+  )
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and "does not exist" in err
-  assert _run("--checkpoint", micro_workdir, "--images", photos, "--out", str(tmp_path / "o"),
-              "--vgg-weights", str(tmp_path / "missing.pth")) == 1
+  assert (
+    _run(
+      "--checkpoint",
+      micro_workdir,
+      "--images",
+      photos,
+      "--out",
+      str(tmp_path / "o"),
+      "--vgg-weights",
+      str(tmp_path / "missing.pth"),
+    )
+    == 1
+  )
   assert "VGG16 weights file not found" in capsys.readouterr().err
 
 
 def test_center_crop_and_detail_window():
   from sodec_jax.evaluate import center_crop, detail_window
+
   img = load_photo("astronaut.png")
   c = center_crop(img, 100)
   assert c.shape == (100, 100, 3) and np.array_equal(c, img[206:306, 206:306])
@@ -147,11 +230,15 @@ def no_reference_weights(tmp_path_factory):
   tiny random CLIP-IQA folder (transformers CLIPModel + an offline tokenizer, through the CLI)."""
   from convert.from_torch import main
   from tests.convert.test_convert_clip import tiny_clip, tiny_tokenizer
+
   d = tmp_path_factory.mktemp("noref")
   rng = np.random.default_rng(0)
   a = rng.normal(size=(36, 36))
-  np.savez(d / "niqe_pris_params.npz", mu_pris_param=rng.normal(size=(1, 36)),
-           cov_pris_param=a @ a.T / 36 + np.eye(36))
+  np.savez(
+    d / "niqe_pris_params.npz",
+    mu_pris_param=rng.normal(size=(1, 36)),
+    cov_pris_param=a @ a.T / 36 + np.eye(36),
+  )
   tok = tiny_tokenizer()
   tiny_clip(tok).save_pretrained(d / "clip_src")
   tok.save_pretrained(d / "clip_src")
@@ -165,18 +252,52 @@ def test_no_reference_metrics(micro_workdir, photos, no_reference_weights, tmp_p
   import jax.numpy as jnp
 
   from sodec_jax import api
-  from sodec_jax.weights.clip import load_clip_iqa
   from sodec_jax.metrics.niqe import load_niqe_params, niqe
+  from sodec_jax.weights.clip import load_clip_iqa
+
   niqe_path, clip_dir = no_reference_weights
   out = str(tmp_path / "eval")
-  assert _run("--checkpoint", micro_workdir, "--images", photos, "--out", out, "--grids", "0",
-              "--niqe-params", niqe_path, "--clip-iqa", clip_dir) == 0
+  assert (
+    _run(
+      "--checkpoint",
+      micro_workdir,
+      "--images",
+      photos,
+      "--out",
+      out,
+      "--grids",
+      "0",
+      "--niqe-params",
+      niqe_path,
+      "--clip-iqa",
+      clip_dir,
+    )
+    == 0
+  )
   cols, rows = _rows(out)
-  assert cols == ["checkpoint", "image", "height", "width", "bytes", "bpp", "psnr", "ms_ssim",
-                  "niqe", "clip_iqa", "encode_s", "decode_s"]
-  model, params, clip = api.load_model(micro_workdir), load_niqe_params(niqe_path), load_clip_iqa(clip_dir)
+  assert cols == [
+    "checkpoint",
+    "image",
+    "height",
+    "width",
+    "bytes",
+    "bpp",
+    "psnr",
+    "ms_ssim",
+    "niqe",
+    "clip_iqa",
+    "encode_s",
+    "decode_s",
+  ]
+  model, params, clip = (
+    api.load_model(micro_workdir),
+    load_niqe_params(niqe_path),
+    load_clip_iqa(clip_dir),
+  )
   for r in rows:
-    f = os.path.join(out, "sodec", r["checkpoint"], os.path.splitext(r["image"])[0].replace("/", "__") + ".sodec")
+    f = os.path.join(
+      out, "sodec", r["checkpoint"], os.path.splitext(r["image"])[0].replace("/", "__") + ".sodec"
+    )
     decoded = api.decompress(model, open(f, "rb").read())
     want = float(clip(jnp.asarray(decoded[None] / np.float32(255.0)))[0])
     assert 0.0 <= float(r["clip_iqa"]) <= 1.0
@@ -196,10 +317,14 @@ def test_bad_no_reference_weights_stop_before_writing(micro_workdir, photos, tmp
   out = tmp_path / "o"
   bad = tmp_path / "bad.npz"
   np.savez(bad, something_else=np.zeros(3))
-  for flag, value, words in [("--niqe-params", str(tmp_path / "missing.mat"), "NIQE"),
-                             ("--niqe-params", str(bad), "NIQE"),
-                             ("--clip-iqa", str(tmp_path), "CLIP-IQA")]:
-    assert _run("--checkpoint", micro_workdir, "--images", photos, "--out", str(out), flag, value) == 1
+  for flag, value, words in [
+    ("--niqe-params", str(tmp_path / "missing.mat"), "NIQE"),
+    ("--niqe-params", str(bad), "NIQE"),
+    ("--clip-iqa", str(tmp_path), "CLIP-IQA"),
+  ]:
+    assert (
+      _run("--checkpoint", micro_workdir, "--images", photos, "--out", str(out), flag, value) == 1
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("sodec_jax.evaluate: error:"), err
     assert words in err

@@ -1,6 +1,7 @@
 """Faults with real signals, each training run in its own process: SIGTERM (preemption) saves a
 checkpoint and exits 0; a run killed with SIGKILL and restarted with the same command ends where
 an uninterrupted run ends."""
+
 import json
 import os
 import random
@@ -9,8 +10,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import jax
+import numpy as np
 
 from sodec_jax import checkpoints
 from tests.conftest import ROOT
@@ -50,9 +51,14 @@ def _env():
 
 
 def _start(driver, workdir, num_steps, every, sleep=0.0):
-  return subprocess.Popen([sys.executable, driver, workdir, str(num_steps), str(every), str(sleep)],
-                          cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  return subprocess.Popen(
+    [sys.executable, driver, workdir, str(num_steps), str(every), str(sleep)],
+    cwd=ROOT,
+    env=_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _finish(proc, timeout=180):

@@ -1,4 +1,5 @@
 """Stage-1 loss terms against hand computations (HiFiC rate switching and schedules)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,26 +10,38 @@ from tests.conftest import make_micro_config
 
 
 def _config(**kw):
-  c = make_micro_config(**{"loss.lambda_A": 2.0, "loss.lambda_B": 2.0 ** -4,
-                           "loss.target_rate": 0.3, "loss.k_M": 0.075 * 2 ** -5, "loss.k_P": 0.0,
-                           "loss.lambda_schedule_values": (2.0, 1.0),
-                           "loss.lambda_schedule_steps": (100,),
-                           "loss.target_schedule_values": (0.2 / 0.14, 1.0),
-                           "loss.target_schedule_steps": (100,), **kw})
+  c = make_micro_config(
+    **{
+      "loss.lambda_A": 2.0,
+      "loss.lambda_B": 2.0**-4,
+      "loss.target_rate": 0.3,
+      "loss.k_M": 0.075 * 2**-5,
+      "loss.k_P": 0.0,
+      "loss.lambda_schedule_values": (2.0, 1.0),
+      "loss.lambda_schedule_steps": (100,),
+      "loss.target_schedule_values": (0.2 / 0.14, 1.0),
+      "loss.target_schedule_steps": (100,),
+      **kw,
+    }
+  )
   return c
 
 
 def _outputs(bits_y, bits_z, x_hat, b=1, h=64, w=64):
   """Likelihoods whose information content is exactly bits_y + bits_z bits."""
   ny, nz = b * (h // 16) * (w // 16) * 16, b * (h // 64) * (w // 64) * 64
-  return {"x_hat": x_hat,
-          "likelihoods": {"y": jnp.full((b, h // 16, w // 16, 16), 2.0 ** (-bits_y / ny)),
-                          "z": jnp.full((b, h // 64, w // 64, 64), 2.0 ** (-bits_z / nz))}}
+  return {
+    "x_hat": x_hat,
+    "likelihoods": {
+      "y": jnp.full((b, h // 16, w // 16, 16), 2.0 ** (-bits_y / ny)),
+      "z": jnp.full((b, h // 64, w // 64, 64), 2.0 ** (-bits_z / nz)),
+    },
+  }
 
 
 def test_piecewise_constant_matches_hific_get_scheduled_params():
   # HiFiC: idx = first i with step < steps[i]  -> values[number of boundaries <= step]
-  for step, want in [(0, 2.0), (99, 2.0), (100, 1.0), (10 ** 6, 1.0)]:
+  for step, want in [(0, 2.0), (99, 2.0), (100, 1.0), (10**6, 1.0)]:
     assert float(losses.piecewise_constant(step, (100,), (2.0, 1.0))) == want
   assert float(losses.piecewise_constant(25, (10, 20, 30), (1, 2, 3, 4))) == 3
   assert float(losses.piecewise_constant(5, (), (0.5,))) == 0.5
@@ -48,13 +61,16 @@ def test_mse_is_on_0_255_pixels():
   assert float(losses.mse_255(x, y)) == pytest.approx(4.0, rel=1e-5)
 
 
-@pytest.mark.parametrize("step,bpp,lam,target", [
-    (0, 0.5, 2.0 * 2.0, 0.3 * 0.2 / 0.14),      # above the (scheduled) target: lambda_A * 2
-    (0, 0.35, 2.0 ** -4 * 2.0, 0.3 * 0.2 / 0.14),  # 0.35 < 0.4286: lambda_B * 2
-    (100, 0.35, 2.0, 0.3),                     # after the switch: target 0.3 -> lambda_A * 1
-    (100, 0.2, 2.0 ** -4, 0.3),                # below: lambda_B * 1
-    (100, 0.3, 2.0 ** -4, 0.3),                # at the target counts as below (HiFiC: >)
-])
+@pytest.mark.parametrize(
+  "step,bpp,lam,target",
+  [
+    (0, 0.5, 2.0 * 2.0, 0.3 * 0.2 / 0.14),  # above the (scheduled) target: lambda_A * 2
+    (0, 0.35, 2.0**-4 * 2.0, 0.3 * 0.2 / 0.14),  # 0.35 < 0.4286: lambda_B * 2
+    (100, 0.35, 2.0, 0.3),  # after the switch: target 0.3 -> lambda_A * 1
+    (100, 0.2, 2.0**-4, 0.3),  # below: lambda_B * 1
+    (100, 0.3, 2.0**-4, 0.3),  # at the target counts as below (HiFiC: >)
+  ],
+)
 def test_stage1_loss_rate_switching_and_schedules(step, bpp, lam, target):
   c = _config()
   x = jnp.zeros((1, 64, 64, 3))
@@ -77,8 +93,10 @@ def test_stage1_loss_lpips_term_and_gradients():
   c = _config(**{"loss.k_P": 0.5})
   x = jnp.zeros((2, 64, 64, 3))
   fake_lpips = lambda a, b: jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))
+
   def f(x_hat):
     return losses.stage1_loss(_outputs(100.0, 10.0, x_hat, b=2), x, 0, c, fake_lpips)
+
   x_hat = jnp.full((2, 64, 64, 3), 0.1)
   loss, t = f(x_hat)
   assert float(t["lpips"]) == pytest.approx(0.1, rel=1e-5)
@@ -101,14 +119,20 @@ def test_gan_weight_warms_up_then_ramps_to_beta():
   c = _config(**{"loss.beta": 0.15, "loss.gan_warmup_steps": 10, "loss.gan_ramp_steps": 4}).loss
   got = [float(losses.gan_weight(s, c)) for s in (0, 9, 10, 11, 12, 13, 14, 100)]
   np.testing.assert_allclose(got, [0, 0, 0.0375, 0.075, 0.1125, 0.15, 0.15, 0.15], rtol=1e-6)
-  c.gan_ramp_steps = 0                                  # no ramp: beta from the first G step
+  c.gan_ramp_steps = 0  # no ramp: beta from the first G step
   assert [float(losses.gan_weight(s, c)) for s in (9, 10)] == [0.0, pytest.approx(0.15)]
   assert float(jax.jit(lambda s: losses.gan_weight(s, c))(jnp.int32(12))) == pytest.approx(0.15)
   # sodec_loss adds gan_weight(step) * L_g and reports it
   x = jnp.full((1, 64, 64, 3), 0.5)
   out = dict(_outputs(8.0, 8.0, x), x_f=x)
-  cfg = _config(**{"loss.beta": 0.15, "loss.gan_warmup_steps": 10, "loss.gan_ramp_steps": 4,
-                   "loss.rate_mode": "none"})
+  cfg = _config(
+    **{
+      "loss.beta": 0.15,
+      "loss.gan_warmup_steps": 10,
+      "loss.gan_ramp_steps": 4,
+      "loss.rate_mode": "none",
+    }
+  )
   for step, beta in ((5, 0.0), (11, 0.075)):
     loss, terms = losses.sodec_loss(out, x, step, cfg, gan_generator_loss=jnp.float32(2.0))
     assert float(terms["beta"]) == pytest.approx(beta)

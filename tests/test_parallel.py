@@ -1,5 +1,6 @@
 """Data parallel training: 4 simulated CPU devices (XLA_FLAGS, set before jax is imported, hence
 subprocesses) follow the same loss curve as 1 device for the same global batch."""
+
 import json
 import os
 import subprocess
@@ -39,11 +40,18 @@ def _run(tmp_path, devices, fsdp=1):
   driver = tmp_path / "driver.py"
   driver.write_text(DRIVER.format(root=ROOT))
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                      f" --xla_force_host_platform_device_count={devices}").strip()
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+  ).strip()
   wd = tmp_path / f"w{devices}_{fsdp}"
-  r = subprocess.run([sys.executable, str(driver), str(wd), str(devices), str(fsdp)], cwd=ROOT, env=env,
-                     capture_output=True, text=True, timeout=300)
+  r = subprocess.run(
+    [sys.executable, str(driver), str(wd), str(devices), str(fsdp)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   with open(wd / "metrics.jsonl") as f:
     return [json.loads(line) for line in f], r.stdout
@@ -55,8 +63,10 @@ def test_four_devices_follow_the_one_device_loss_curve(tmp_path):
   assert "MESH {'data': 1}" in out1 and "MESH {'data': 4}" in out4
   assert "data parallel over 4 devices: 1 images per device (global batch 4)" in out4
   err = [l for l in out4.splitlines() if l.startswith("ERROR:")]
-  assert err and "config.data.batch_size=6 is the global batch and must divide over the 4 " \
-      "devices" in err[0], out4
+  assert (
+    err
+    and "config.data.batch_size=6 is the global batch and must divide over the 4 devices" in err[0]
+  ), out4
   assert [r["step"] for r in rows1] == [r["step"] for r in rows4] == [1, 2, 3, 4, 5]
   worst = 0.0
   for r1, r4 in zip(rows1, rows4):
@@ -75,8 +85,11 @@ def test_fsdp_follows_the_one_device_loss_curve(tmp_path):
   assert "MESH {'data': 2, 'fsdp': 2}" in out4
   assert "parameters and optimizer state sharded over 2 (fsdp)" in out4
   assert "KERNEL (None, None, None, 'fsdp')" in out4, out4
-  worst = max(abs(r1[k] - r4[k]) / max(abs(r1[k]), 1e-12)
-              for r1, r4 in zip(rows1, rows4) for k in ("loss", "bpp", "mse", "grad_norm"))
+  worst = max(
+    abs(r1[k] - r4[k]) / max(abs(r1[k]), 1e-12)
+    for r1, r4 in zip(rows1, rows4)
+    for k in ("loss", "bpp", "mse", "grad_norm")
+  )
   print(f"1 device vs 4 devices (data 2 x fsdp 2): largest relative difference {worst:.3g}")
   assert len(rows4) == 5 and worst <= 5e-6  # measured 5.6e-7 (margin as above)
 
@@ -84,6 +97,7 @@ def test_fsdp_follows_the_one_device_loss_curve(tmp_path):
 def test_bench_train_reports_step_time_flops_and_memory():
   from sodec_jax.benchmarks import train as train_bench
   from tests.conftest import make_micro_config
+
   (r,) = train_bench.bench_train(make_micro_config(), [1], repeats=2, warmup=1)
   assert r["devices"] == 1 and r["global_batch"] == r["per_device_batch"] == 2
   assert r["compile_s"] > 0 and r["step_s"] > 0
@@ -105,6 +119,7 @@ sys.exit(run(c, sys.argv[1]))
 
 def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
   import socket
+
   rows1, _ = _run(tmp_path, 1)
   driver = tmp_path / "driver_mp.py"
   driver.write_text(DRIVER_MP.format(root=ROOT))
@@ -114,11 +129,24 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
   wd = tmp_path / "mp"
   procs = []
   for i in range(2):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-               JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+      JAX_NUM_PROCESSES="2",
+      JAX_PROCESS_ID=str(i),
+    )
     env.pop("XLA_FLAGS", None)
-    procs.append(subprocess.Popen([sys.executable, str(driver), str(wd)], cwd=ROOT, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs.append(
+      subprocess.Popen(
+        [sys.executable, str(driver), str(wd)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+    )
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
@@ -126,9 +154,13 @@ def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
   with open(wd / "metrics.jsonl") as f:
     rows2 = [json.loads(line) for line in f]
   assert [r["step"] for r in rows2] == [1, 2, 3, 4, 5]
-  worst = max(abs(r1[k] - r2[k]) / max(abs(r1[k]), 1e-12)
-              for r1, r2 in zip(rows1, rows2) for k in ("loss", "bpp", "mse", "grad_norm"))
+  worst = max(
+    abs(r1[k] - r2[k]) / max(abs(r1[k]), 1e-12)
+    for r1, r2 in zip(rows1, rows2)
+    for k in ("loss", "bpp", "mse", "grad_norm")
+  )
   print(f"1 process vs 2 processes: largest relative difference {worst:.3g} over 5 steps")
   assert worst <= 5e-6  # measured 7.5e-7 (margin as above)
   from sodec_jax import checkpoints
+
   assert checkpoints.latest_step(str(wd)) == 5

@@ -1,6 +1,7 @@
 """SODEC end to end (issue #6): the one-step diffusion decoder's shapes, the stage table as
 trainable sets, stop-gradient, rate annealing, guidance, and a tiny pipeline that compresses
 and decompresses a real photo through the diffusion decoder."""
+
 import math
 import os
 
@@ -11,10 +12,10 @@ import pytest
 from flax import nnx
 
 from sodec_jax import api, checkpoints, losses
-from sodec_jax.train import train
 from sodec_jax.codec import bitstream
 from sodec_jax.errors import SodecError
 from sodec_jax.pretrained import build_model
+from sodec_jax.train import train
 from tests.conftest import load_photo, make_micro_sodec_config
 
 
@@ -22,7 +23,7 @@ from tests.conftest import load_photo, make_micro_sodec_config
 def test_shapes_through_the_diffusion_decoder(hw):
   c = make_micro_sodec_config(2)
   m = build_model(c, nnx.Rngs(0))
-  x = jnp.asarray(load_photo("coffee.png")[:hw[0], :hw[1]][None] / 255.0, jnp.float32)
+  x = jnp.asarray(load_photo("coffee.png")[: hw[0], : hw[1]][None] / 255.0, jnp.float32)
   out = m(x, noise_key=jax.random.key(0))
   h, w = hw
   assert out["x_hat"].shape == (1, h, w, 3) and out["x_hat"].dtype == jnp.float32
@@ -43,11 +44,14 @@ def test_fidelity_guidance_depends_on_x_f():
 
 def test_rate_annealing_schedule_values():
   from ml_collections import ConfigDict
+
   a = ConfigDict({"start": 1.0, "end": 5.0, "steps": 100, "shape": "linear"})
   assert [float(losses.annealed_lambda(s, a)) for s in (0, 50, 100, 1000)] == [1.0, 3.0, 5.0, 5.0]
   a.shape = "cosine"
   assert math.isclose(float(losses.annealed_lambda(50, a)), 3.0, rel_tol=1e-6)
-  assert math.isclose(float(losses.annealed_lambda(25, a)), 1 + 4 * (1 - math.cos(math.pi / 4)) / 2, rel_tol=1e-6)
+  assert math.isclose(
+    float(losses.annealed_lambda(25, a)), 1 + 4 * (1 - math.cos(math.pi / 4)) / 2, rel_tol=1e-6
+  )
   a.shape = "step"
   assert [float(losses.annealed_lambda(s, a)) for s in (0, 99, 100)] == [1.0, 1.0, 5.0]
   a.shape = "none"
@@ -61,6 +65,7 @@ def test_stage2_stop_gradient_reaches_no_encoder_parameter():
 
   def loss(model):
     return losses.sodec_loss(model(x, noise_key=jax.random.key(0)), x, 0, c)[0]
+
   grads = nnx.grad(loss)(m)
   flat = {"/".join(map(str, k)): np.asarray(v.value) for k, v in nnx.to_flat_state(grads)}
   for name in ("codec/encoder", "codec/hyper_analysis", "codec/prior"):
@@ -72,7 +77,10 @@ def test_stage2_stop_gradient_reaches_no_encoder_parameter():
 def _params(workdir, config):
   m = build_model(config, nnx.Rngs(7))
   checkpoints.restore_params(workdir, m)
-  return {"/".join(map(str, k)): np.asarray(v.value) for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
+  return {
+    "/".join(map(str, k)): np.asarray(v.value)
+    for k, v in nnx.to_flat_state(nnx.state(m, nnx.Param))
+  }
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -93,8 +101,10 @@ def test_trainable_set_is_the_stage_table(tmp_path, stage):
   lora = {k for k in before if "/lora/" in k}
   unet_base = {k for k in before if k.startswith("unet/") and k not in lora}
   vae = {k for k in before if k.startswith("vae_decoder/")}
-  frozen_codec = {k for k in before if k.startswith(("codec/encoder", "codec/hyper_analysis", "codec/prior"))}
-  assert not changed & (unet_base | vae)                  # never trained
+  frozen_codec = {
+    k for k in before if k.startswith(("codec/encoder", "codec/hyper_analysis", "codec/prior"))
+  }
+  assert not changed & (unet_base | vae)  # never trained
   assert {k for k in lora if k.endswith("lora_b")} <= changed  # LoRA trains (B starts at zero)
   assert any(k.startswith("transform/") for k in changed)
   if stage == 2:
@@ -106,10 +116,25 @@ def test_trainable_set_is_the_stage_table(tmp_path, stage):
 def test_paper_config_without_weights_is_one_line(tmp_path):
   import subprocess
   import sys
+
   from tests.conftest import ROOT
-  r = subprocess.run([sys.executable, "-m", "sodec_jax.train", "--config", "configs/stage2.py",
-                      "--workdir", str(tmp_path / "w"), "--config.loss.k_P=0"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=300)
+
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sodec_jax.train",
+      "--config",
+      "configs/stage2.py",
+      "--workdir",
+      str(tmp_path / "w"),
+      "--config.loss.k_P=0",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert r.returncode == 1
   lines = r.stderr.strip().splitlines()
   assert len(lines) == 1 and "convert/from_torch.py sd21" in lines[0], r.stderr
@@ -121,8 +146,12 @@ def pipeline_dir(tmp_path_factory):
   """A micro pipeline: pretrain -> stage1 -> stage2 -> finetune, 2 steps each."""
   c = make_micro_sodec_config(1)
   c.pipeline.stages = ("pretrain", "stage1", "stage2", "finetune")
-  small = {"data": {"crop_size": 64, "batch_size": 2}, "train": {"num_steps": 2, "checkpoint_every": 2}}
+  small = {
+    "data": {"crop_size": 64, "batch_size": 2},
+    "train": {"num_steps": 2, "checkpoint_every": 2},
+  }
   from ml_collections import ConfigDict
+
   for name in c.pipeline.stages:
     c.pipeline[name] = ConfigDict(small)
   wd = str(tmp_path_factory.mktemp("pipe"))

@@ -1,4 +1,5 @@
 """The training entry point: flags and one-line errors, metrics, resume == uninterrupted run."""
+
 import json
 import os
 import subprocess
@@ -11,30 +12,40 @@ import pytest
 from flax import nnx
 
 from sodec_jax import checkpoints, losses
-from sodec_jax.train import train
-from sodec_jax.train.logs import SAMPLES_DIR
 from sodec_jax.errors import SodecError
 from sodec_jax.pretrained import build_model
+from sodec_jax.train import train
+from sodec_jax.train.logs import SAMPLES_DIR
 from tests.conftest import ROOT, make_micro_config
 
 # The resume test builds the same jitted step three times: let the later ones reuse the code.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("SODEC_TEST_JAX_CACHE", "/tmp/sodec_jax_test_cache"))
+jax.config.update(
+  "jax_compilation_cache_dir", os.environ.get("SODEC_TEST_JAX_CACHE", "/tmp/sodec_jax_test_cache")
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "sodec_jax.train", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "sodec_jax.train", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
-@pytest.mark.parametrize("args,pattern", [
+@pytest.mark.parametrize(
+  "args,pattern",
+  [
     (["--config.data.bogus=3"], "unknown config field 'data.bogus'"),
     (["--config.data.batch_size=abc"], "--config.data.batch_size=abc"),
     (["--config.train.num_steps=1.5"], "--config.train.num_steps=1.5"),
     (["--bogus=1"], "Unknown command line flag 'bogus'"),
-])
+  ],
+)
 def test_bad_override_is_a_one_line_error(tmp_path, args, pattern):
   r = _cli("--config", "configs/tiny.py", "--workdir", str(tmp_path / "w"), *args)
   assert r.returncode == 2, r.stderr
@@ -46,9 +57,12 @@ def test_bad_override_is_a_one_line_error(tmp_path, args, pattern):
 def test_missing_workdir_and_config_are_one_line_errors(tmp_path):
   r = _cli("--config", "configs/tiny.py")
   assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-      "error: --workdir is required: the directory for config, checkpoints and metrics"]
+    "error: --workdir is required: the directory for config, checkpoints and metrics"
+  ]
   r = _cli("--config", "configs/nope.py", "--workdir", str(tmp_path))
-  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no such file" in r.stderr
+  assert (
+    r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "no such file" in r.stderr
+  )
 
 
 def _sections(stdout):
@@ -68,22 +82,26 @@ def test_print_config_shows_each_pipeline_stage_as_trained(tmp_path):
   assert r.returncode == 0, r.stderr
   parts = _sections(r.stdout)
   assert list(parts) == ["config", "pretrain", "stage1", "stage2", "stage3", "finetune"]
-  assert all("  log_every: 7\n" in text for text in parts.values())        # the override
+  assert all("  log_every: 7\n" in text for text in parts.values())  # the override
   assert "stage: 0\n" in parts["pretrain"] and "  num_steps: 800\n" in parts["pretrain"]
   assert "decoder: diffusion\n" in parts["stage2"] and "  num_steps: 150\n" in parts["stage2"]
   assert "decoder: codec\n" in parts["stage1"] and "  num_steps: 1000\n" in parts["stage1"]
   assert "stage: 4\n" in parts["finetune"] and "  num_steps: 100\n" in parts["finetune"]
   from configs import tiny
   from sodec_jax.train.pipeline import stage_config
+
   c = tiny.get_config()
   c.train.log_every = 7
-  assert parts["stage3"] == str(stage_config(c, "stage3"))     # as run_pipeline would train it
+  assert parts["stage3"] == str(stage_config(c, "stage3"))  # as run_pipeline would train it
 
 
 def test_print_config_of_a_stage_file_with_an_override(capsys):
   from sodec_jax.train import main
-  assert main(["train", "--config", "configs/stage2.py", "--config.data.batch_size=3",
-               "--print_config"]) == 0
+
+  assert (
+    main(["train", "--config", "configs/stage2.py", "--config.data.batch_size=3", "--print_config"])
+    == 0
+  )
   out = capsys.readouterr().out
   assert list(_sections(out)) == ["config"]
   assert "  batch_size: 3\n" in out and "decoder: diffusion\n" in out and "stage: 2\n" in out
@@ -100,14 +118,22 @@ def _write_config(tmp_path, body):
   return str(path)
 
 
-@pytest.mark.parametrize("body,line,what", [
-    ("from configs import base\n\ndef get_config():\n  c = base.get_config()\n  c.seed = foo\n"
-     "  return c\n", 6, "NameError: name 'foo' is not defined"),
+@pytest.mark.parametrize(
+  "body,line,what",
+  [
+    (
+      "from configs import base\n\ndef get_config():\n  c = base.get_config()\n  c.seed = foo\n"
+      "  return c\n",
+      6,
+      "NameError: name 'foo' is not defined",
+    ),
     ("x = 1 / 0\n", 2, "ZeroDivisionError: division by zero"),
     ("def get_config(:\n", 2, "SyntaxError: "),
-])
+  ],
+)
 def test_config_file_error_names_file_and_line(tmp_path, capsys, body, line, what):
   from sodec_jax.train import main
+
   path = _write_config(tmp_path, body)
   assert main(["train", "--config", path, "--workdir", str(tmp_path / "w")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
@@ -117,16 +143,23 @@ def test_config_file_error_names_file_and_line(tmp_path, capsys, body, line, wha
 
 def test_unknown_override_lists_the_parent_fields_and_runs_the_file_once(tmp_path, capsys):
   from sodec_jax.train import main
-  path = _write_config(tmp_path, "from configs import base\n\ndef get_config():\n"
-                       "  return base.get_config()\n")
-  assert main(["train", "--config", path, "--workdir", str(tmp_path / "w"),
-               "--config.optim.bogus=3"]) == 2
+
+  path = _write_config(
+    tmp_path, "from configs import base\n\ndef get_config():\n  return base.get_config()\n"
+  )
+  assert (
+    main(["train", "--config", path, "--workdir", str(tmp_path / "w"), "--config.optim.bogus=3"])
+    == 2
+  )
   err = capsys.readouterr().err.strip().splitlines()
   from configs import base
+
   fields = ", ".join(sorted(base.get_config().optim.keys()))
-  assert err == [f"error: unknown config field 'optim.bogus' in --config.optim.bogus=3 "
-                 f"(fields of optim: {fields})"]
-  assert (tmp_path / "runs.txt").read_text() == "run\n"                   # executed once
+  assert err == [
+    f"error: unknown config field 'optim.bogus' in --config.optim.bogus=3 "
+    f"(fields of optim: {fields})"
+  ]
+  assert (tmp_path / "runs.txt").read_text() == "run\n"  # executed once
   assert main(["train", "--config", path, "--print_config", "--config.nope.x=1"]) == 2
   assert "(fields of config: " in capsys.readouterr().err
 
@@ -135,16 +168,25 @@ def test_lpips_without_weights_is_a_one_line_error(tmp_path):
   r = _cli("--config", "configs/stage1.py", "--workdir", str(tmp_path / "w"))
   assert r.returncode == 1
   assert r.stderr.strip().splitlines() == [
-      "error: config.loss.k_P=1.0 needs LPIPS VGG16 weights: pass "
-      "--config.lpips.vgg_weights=/path/to/vgg16.pth (torchvision layout), or "
-      "--config.loss.k_P=0 to train on MSE alone"]
+    "error: config.loss.k_P=1.0 needs LPIPS VGG16 weights: pass "
+    "--config.lpips.vgg_weights=/path/to/vgg16.pth (torchvision layout), or "
+    "--config.loss.k_P=0 to train on MSE alone"
+  ]
 
 
 def test_overrides_reach_config_json(tmp_path):
   wd = tmp_path / "w"
-  r = _cli("--config", "configs/tiny.py", "--workdir", str(wd), "--config.train.num_steps=0", "--config.pipeline.stages=()",
-           "--config.optim.learning_rate=0.002", "--config.model.encoder_filters=(4,4,8,8,8)",
-           "--config.train.progress=False")
+  r = _cli(
+    "--config",
+    "configs/tiny.py",
+    "--workdir",
+    str(wd),
+    "--config.train.num_steps=0",
+    "--config.pipeline.stages=()",
+    "--config.optim.learning_rate=0.002",
+    "--config.model.encoder_filters=(4,4,8,8,8)",
+    "--config.train.progress=False",
+  )
   assert r.returncode == 0, r.stderr
   saved = json.loads((wd / "config.json").read_text())
   assert saved["optim"]["learning_rate"] == 0.002
@@ -178,13 +220,26 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, capsys):
   s1, p1 = _final_params(straight, c4)
   s2, p2 = _final_params(resumed, c4)
   assert s1 == s2 == 4
-  jax.tree.map(np.testing.assert_array_equal, p1, p2)   # exactly: the README says so
+  jax.tree.map(np.testing.assert_array_equal, p1, p2)  # exactly: the README says so
 
   rows1, rows2 = _rows(straight), _rows(resumed)
   assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [1, 2, 3, 4]
   for r1, r2 in zip(rows1, rows2):
-    for k in ("loss", "bpp", "bpp_y", "bpp_z", "mse", "mse_loss", "rate_loss", "lambda",
-              "target_bpp", "psnr", "learning_rate", "grad_norm", "param_norm"):
+    for k in (
+      "loss",
+      "bpp",
+      "bpp_y",
+      "bpp_z",
+      "mse",
+      "mse_loss",
+      "rate_loss",
+      "lambda",
+      "target_bpp",
+      "psnr",
+      "learning_rate",
+      "grad_norm",
+      "param_norm",
+    ):
       assert r1[k] == r2[k], (k, r1[k], r2[k])
   assert all(np.isfinite(r["loss"]) for r in rows1)
   assert "step_time" in rows1[-1]
@@ -192,7 +247,9 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, capsys):
 
   # a different config is refused in one line, unless allowed
   changed = make_micro_config(**{"train.num_steps": 4, "optim.learning_rate": 0.5})
-  with pytest.raises(SodecError, match="different config.*optim.learning_rate.*allow_config_change"):
+  with pytest.raises(
+    SodecError, match="different config.*optim.learning_rate.*allow_config_change"
+  ):
     train(changed, resumed)
   changed.train.allow_config_change = True
   train(changed, resumed)  # already at step 4: nothing to do, config.json updated
@@ -219,6 +276,7 @@ def test_sample_grids(tmp_path):
   c = make_micro_config(**{"train.num_steps": 4, "train.sample_every": 2})
   train(c, str(tmp_path))
   from PIL import Image
+
   names = sorted(os.listdir(tmp_path / SAMPLES_DIR))
   assert names == ["step_2.png", "step_4.png"]
   img = np.asarray(Image.open(tmp_path / SAMPLES_DIR / "step_4.png"))

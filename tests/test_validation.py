@@ -1,5 +1,6 @@
 """Held-out validation through real .sodec files: bpp from the file size, PSNR as scikit-image
 computes it, MS-SSIM only where the image is large enough, and the summary grid."""
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -45,7 +46,7 @@ def test_holdout_images_and_summary_grid(codec, tmp_path):
   metrics = validation.summary_png(path, [("a", codec), ("b", codec)], crops)
   grid = np.asarray(__import__("PIL.Image").Image.open(path).convert("RGB"))
   assert grid.shape == (2 * (96 + 16), 3 * 160, 3)
-  np.testing.assert_array_equal(grid[16:112, :160], crops[0])           # the original panel
+  np.testing.assert_array_equal(grid[16:112, :160], crops[0])  # the original panel
   out = api.decompress(codec, api.compress(codec, crops[1]))
-  np.testing.assert_array_equal(grid[128:, 320:], out)                   # row 2, model b
+  np.testing.assert_array_equal(grid[128:, 320:], out)  # row 2, model b
   assert metrics[1][1]["psnr"] == pytest.approx(validation.psnr_u8(crops[1], out))

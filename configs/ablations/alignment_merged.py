@@ -1,4 +1,5 @@
 """Table 3 (iii): no separate L_align; d(x, x_f) merged into the main distortion term."""
+
 from configs import stage3
 
 

@@ -1,4 +1,5 @@
 """Table 3 (iv): the paper's MSE-only alignment loss (= configs/stage3.py)."""
+
 from configs import stage3
 
 

@@ -1,4 +1,5 @@
 """Table 3 (ii): alignment loss k_M * MSE + k_P * LPIPS between x and x_f."""
+
 from configs import stage3
 
 

@@ -1,4 +1,5 @@
 """Table 3 (i): no alignment loss: D_a gets no direct supervision in stage 3."""
+
 from configs import stage3
 
 

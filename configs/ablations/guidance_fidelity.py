@@ -1,4 +1,5 @@
 """Table 2 (iv): the paper's fidelity guidance F_p(F(D_a(y_hat))) (= configs/stage3.py)."""
+
 from configs import stage3
 
 

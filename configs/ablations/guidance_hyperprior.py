@@ -1,4 +1,5 @@
 """Table 2 (iii): semantic guidance from the hyperprior z_hat, as DiffEIC."""
+
 from configs import stage3
 
 

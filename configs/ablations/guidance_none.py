@@ -1,4 +1,5 @@
 """Table 2 (i): no explicit guidance: one learned context for every image (stage 3)."""
+
 from configs import stage3
 
 

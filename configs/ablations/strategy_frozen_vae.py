@@ -1,5 +1,6 @@
 """Table 4 (i): the whole VAE compression module (E, H_a, P) stays frozen in stage 3: no rate
 term can act, so the bitrate stays at the stage-1 (high) value."""
+
 from configs import stage2, stage3
 
 

@@ -1,5 +1,6 @@
 """Table 4 (ii): joint training without annealing: the final rate weight from the first step
 (tune --config.loss.anneal.end so the final bpp matches the annealed run's)."""
+
 from configs import stage3
 
 

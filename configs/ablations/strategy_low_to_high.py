@@ -1,5 +1,6 @@
 """Table 4 (iii): a low-to-high bpp curriculum: the rate penalty is progressively relaxed
 (lambda goes from the large final value down to the stage-1 value)."""
+
 from configs import stage3
 
 

@@ -1,4 +1,5 @@
 """Table 4 (iv): the paper's high-to-low bpp rate annealing (= configs/stage3.py)."""
+
 from configs import stage3
 
 

@@ -21,6 +21,7 @@ after D_a there. "total" is the public API call
 batches (1 and 8 images) through `api.compress_batch` / `decompress_batch`: the neural pieces
 batched in one jitted call, range coding per image.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,11 +38,12 @@ BATCH_SIZES = (1, 8)
 @dataclasses.dataclass
 class Stage:
   """One named step of the coding path; `jax` and `torch` run it once (blocking)."""
+
   name: str
-  side: str                               # "encode" | "decode"
+  side: str  # "encode" | "decode"
   jax: Callable[[], Any]
   torch: Optional[Callable[[], Any]] = None
-  shared: bool = False                    # the same host code on both sides (range coding)
+  shared: bool = False  # the same host code on both sides (range coding)
 
 
 def measure(fn: Callable[[], Any], repeats: int, warmup: int) -> dict:
@@ -55,17 +57,26 @@ def measure(fn: Callable[[], Any], repeats: int, warmup: int) -> dict:
     t = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t)
-  return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-          "max_ms": 1e3 * max(times), "first_call_ms": 1e3 * first, "repeats": len(times)}
+  return {
+    "median_ms": 1e3 * statistics.median(times),
+    "min_ms": 1e3 * min(times),
+    "max_ms": 1e3 * max(times),
+    "first_call_ms": 1e3 * first,
+    "repeats": len(times),
+  }
 
 
-def measure_pair(fa: Callable[[], Any], fb: Callable[[], Any], repeats: int, warmup: int) -> tuple[dict, dict]:
+def measure_pair(
+  fa: Callable[[], Any], fb: Callable[[], Any], repeats: int, warmup: int
+) -> tuple[dict, dict]:
   """`measure` for two functions with their calls interleaved (a, b, a, b, ...), so that on a
   shared machine both see the same background load."""
+
   def run(fn, out):
     t = time.perf_counter()
     fn()
     out.append(time.perf_counter() - t)
+
   firsts, ta, tb = [], [], []
   run(fa, firsts)
   run(fb, firsts)
@@ -77,8 +88,14 @@ def measure_pair(fa: Callable[[], Any], fb: Callable[[], Any], repeats: int, war
     run(fb, tb)
 
   def stats(times, first):
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-            "max_ms": 1e3 * max(times), "first_call_ms": 1e3 * first, "repeats": len(times)}
+    return {
+      "median_ms": 1e3 * statistics.median(times),
+      "min_ms": 1e3 * min(times),
+      "max_ms": 1e3 * max(times),
+      "first_call_ms": 1e3 * first,
+      "repeats": len(times),
+    }
+
   return stats(ta, firsts[0]), stats(tb, firsts[1])
 
 
@@ -96,6 +113,7 @@ def test_images(size: int, n: int) -> list[np.ndarray]:
   """n different size x size uint8 photos (centre crops of scikit-image's bundled photos)."""
   from sodec_jax import data
   from sodec_jax.images import read_image
+
   out = []
   paths = data.skimage_photos()
   for k in range(n):
@@ -103,7 +121,7 @@ def test_images(size: int, n: int) -> list[np.ndarray]:
     img = data.pad_to(img, size)
     h, w = img.shape[:2]
     top, left = (h - size) // 2, (w - size) // 2
-    out.append(np.ascontiguousarray(img[top:top + size, left:left + size]))
+    out.append(np.ascontiguousarray(img[top : top + size, left : left + size]))
   return out
 
 
@@ -114,10 +132,12 @@ def load_for_bench(checkpoint: str, dtype: str):
 
   from sodec_jax import api
   from sodec_jax.pretrained import build_model
+
   if checkpoint:
     loaded = api.load_model(checkpoint)
   else:
     from configs import base
+
     config = base.get_config()
     loaded = api.prepare(config, build_model(config, nnx.Rngs(0)))
   if jnp.dtype(dtype) == jnp.dtype(loaded.config.model.dtype):
@@ -134,6 +154,7 @@ def load_for_bench(checkpoint: str, dtype: str):
 
 def _block(out):
   import jax
+
   return jax.block_until_ready(out)
 
 
@@ -143,7 +164,8 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
   import jax.numpy as jnp
 
   from sodec_jax import api
-  x = jnp.asarray(api.pad_image(loaded, image))   # device arrays: the stages time the networks alone
+
+  x = jnp.asarray(api.pad_image(loaded, image))  # device arrays: the stages time the networks alone
   lat = api.encode_latents(loaded, image)
   z_hat = jnp.asarray(lat.z_hat)
   h, w = image.shape[:2]
@@ -157,6 +179,7 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
     import torch
 
     from sodec_jax.benchmarks import torch_reference as tr
+
     dtype = next(ref.parameters()).dtype
     xt = tr._nchw(np.asarray(x), dtype)
     zt = tr._nchw(lat.z_hat, dtype)
@@ -165,15 +188,21 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
       def g():
         with torch.inference_mode():
           return f()
+
       return g
-    t = {"E + H_a": no_grad(lambda: ref.analysis(xt)), "P": no_grad(lambda: ref.prior(zt)),
-         "total": lambda: tr.compress(ref, loaded, image)}
+
+    t = {
+      "E + H_a": no_grad(lambda: ref.analysis(xt)),
+      "P": no_grad(lambda: ref.prior(zt)),
+      "total": lambda: tr.compress(ref, loaded, image),
+    }
   return [
-      Stage("E + H_a", "encode", lambda: _block(api.analysis(loaded, x)), t.get("E + H_a")),
-      Stage("P", "encode", lambda: _block(api.prior(loaded, z_hat)), t.get("P")),
-      Stage("range encode", "encode", range_encode, range_encode if ref is not None else None,
-            shared=True),
-      Stage("total", "encode", lambda: api.compress(loaded, image), t.get("total")),
+    Stage("E + H_a", "encode", lambda: _block(api.analysis(loaded, x)), t.get("E + H_a")),
+    Stage("P", "encode", lambda: _block(api.prior(loaded, z_hat)), t.get("P")),
+    Stage(
+      "range encode", "encode", range_encode, range_encode if ref is not None else None, shared=True
+    ),
+    Stage("total", "encode", lambda: api.compress(loaded, image), t.get("total")),
   ]
 
 
@@ -182,6 +211,7 @@ def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
 
   from sodec_jax import api
   from sodec_jax.codec import bitstream
+
   _, y_hat_np, z_hat_np = api.decode_latents(loaded, data)
   z_hat, y_hat = jnp.asarray(z_hat_np), jnp.asarray(y_hat_np)
   mu_sigma = tuple(np.asarray(a) for a in api.prior(loaded, z_hat))
@@ -194,6 +224,7 @@ def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
     import torch
 
     from sodec_jax.benchmarks import torch_reference as tr
+
     dtype = next(ref.parameters()).dtype
     zt, yt = tr._nchw(z_hat_np, dtype), tr._nchw(y_hat_np, dtype)
 
@@ -201,14 +232,20 @@ def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
       def g():
         with torch.inference_mode():
           return f()
+
       return g
-    t = {"P": no_grad(lambda: ref.prior(zt)), "D_a": no_grad(lambda: ref.synthesis(yt)),
-         "total": lambda: tr.decompress(ref, loaded, data)}
+
+    t = {
+      "P": no_grad(lambda: ref.prior(zt)),
+      "D_a": no_grad(lambda: ref.synthesis(yt)),
+      "total": lambda: tr.decompress(ref, loaded, data),
+    }
   stages = [
-      Stage("range decode", "decode", range_decode, range_decode if ref is not None else None,
-            shared=True),
-      Stage("P", "decode", lambda: _block(api.prior(loaded, z_hat)), t.get("P")),
-      Stage("D_a", "decode", lambda: _block(api.fidelity(loaded, y_hat)), t.get("D_a")),
+    Stage(
+      "range decode", "decode", range_decode, range_decode if ref is not None else None, shared=True
+    ),
+    Stage("P", "decode", lambda: _block(api.prior(loaded, z_hat)), t.get("P")),
+    Stage("D_a", "decode", lambda: _block(api.fidelity(loaded, y_hat)), t.get("D_a")),
   ]
   if loaded.decoder == bitstream.DECODER_DIFFUSION:
     stages += diffusion_stages(loaded, y_hat, z_hat)
@@ -226,6 +263,7 @@ def diffusion_stages(loaded, y_hat, z_hat) -> list[Stage]:
   from flax import nnx
 
   from sodec_jax import api
+
   graphdef, state = nnx.split(api.decoding_model(loaded.model))
 
   def jitted(fn):
@@ -248,29 +286,40 @@ def diffusion_stages(loaded, y_hat, z_hat) -> list[Stage]:
   y_t = content(y_hat, z_hat)
   eps = unet(y_t, c_g)
   return [
-      Stage("F + F_p (guidance)", "decode", lambda: _block(guidance(x_f, z_hat))),
-      Stage("H_s + T_s", "decode", lambda: _block(content(y_hat, z_hat))),
-      Stage("UNet (t=999)", "decode", lambda: _block(unet(y_t, c_g))),
-      Stage("x0 + D_m", "decode", lambda: _block(decode(y_t, eps))),
-      Stage("decoder (one jit)", "decode", lambda: _block(api.reconstruct(loaded, y_hat, z_hat))),
+    Stage("F + F_p (guidance)", "decode", lambda: _block(guidance(x_f, z_hat))),
+    Stage("H_s + T_s", "decode", lambda: _block(content(y_hat, z_hat))),
+    Stage("UNet (t=999)", "decode", lambda: _block(unet(y_t, c_g))),
+    Stage("x0 + D_m", "decode", lambda: _block(decode(y_t, eps))),
+    Stage("decoder (one jit)", "decode", lambda: _block(api.reconstruct(loaded, y_hat, z_hat))),
   ]
 
 
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def bench_codec(checkpoint: str, size: int, dtype: str, reference: str, repeats: int, warmup: int,
-                batch_sizes=BATCH_SIZES, log=print) -> dict:
+def bench_codec(
+  checkpoint: str,
+  size: int,
+  dtype: str,
+  reference: str,
+  repeats: int,
+  warmup: int,
+  batch_sizes=BATCH_SIZES,
+  log=print,
+) -> dict:
   import jax
 
   from sodec_jax import api
+
   loaded = load_for_bench(checkpoint, dtype)
   images = test_images(size, max(batch_sizes))
   ref = None
   threads = cpu_threads()
   if reference == "torch":
     import torch
+
     from sodec_jax.benchmarks import torch_reference as tr
+
     ref = tr.build_reference(loaded, getattr(torch, dtype))
   data = api.compress(loaded, images[0])
   torch_threads = {}
@@ -286,15 +335,28 @@ def bench_codec(checkpoint: str, size: int, dtype: str, reference: str, repeats:
   cfg = loaded.config.model
   dev = jax.devices()[0]
   result: dict[str, Any] = {
-      "device": f"{dev.platform} ({dev.device_kind})", "jax": jax.__version__, "size": size,
-      "dtype": dtype, "checkpoint": checkpoint or "random weights, configs/base.py",
-      "model": {"C": cfg.latent_channels, "N": cfg.hyper_channels,
-                "encoder_filters": list(cfg.encoder_filters), "decoder_filters": list(cfg.decoder_filters),
-                "residual_blocks": cfg.decoder_residual_blocks},
-      "bpp": 8 * len(data) / size ** 2, "cpu_threads": threads, "stages": [], "throughput": {}}
+    "device": f"{dev.platform} ({dev.device_kind})",
+    "jax": jax.__version__,
+    "size": size,
+    "dtype": dtype,
+    "checkpoint": checkpoint or "random weights, configs/base.py",
+    "model": {
+      "C": cfg.latent_channels,
+      "N": cfg.hyper_channels,
+      "encoder_filters": list(cfg.encoder_filters),
+      "decoder_filters": list(cfg.decoder_filters),
+      "residual_blocks": cfg.decoder_residual_blocks,
+    },
+    "bpp": 8 * len(data) / size**2,
+    "cpu_threads": threads,
+    "stages": [],
+    "throughput": {},
+  }
   if ref is not None:
-    result["torch_threads"] = {"used": torch.get_num_threads(),
-                               "decode_ms_by_threads": {str(k): v for k, v in torch_threads.items()}}
+    result["torch_threads"] = {
+      "used": torch.get_num_threads(),
+      "decode_ms_by_threads": {str(k): v for k, v in torch_threads.items()},
+    }
   try:
     result["load_avg"] = list(os.getloadavg())
   except OSError:
@@ -312,19 +374,25 @@ def bench_codec(checkpoint: str, size: int, dtype: str, reference: str, repeats:
     result["stages"].append(row)
   if ref is not None:
     from sodec_jax.benchmarks import torch_reference as tr
+
     x_jax = api.decompress(loaded, data)
     t_data = tr.compress(ref, loaded, images[0])
     x_t = tr.decompress(ref, loaded, t_data)
-    result["parity"] = {"same_bytes": t_data == data,
-                        "max_abs_uint8_diff": int(np.abs(x_jax.astype(int) - x_t.astype(int)).max())}
+    result["parity"] = {
+      "same_bytes": t_data == data,
+      "max_abs_uint8_diff": int(np.abs(x_jax.astype(int) - x_t.astype(int)).max()),
+    }
   for b in batch_sizes:
     batch = images[:b]
     enc = measure(lambda: api.compress_batch(loaded, batch), repeats, warmup)
     files = api.compress_batch(loaded, batch)
     dec = measure(lambda: api.decompress_batch(loaded, files), repeats, warmup)
-    result["throughput"][b] = {"encode_img_s": 1e3 * b / enc["median_ms"],
-                               "decode_img_s": 1e3 * b / dec["median_ms"],
-                               "encode": enc, "decode": dec}
+    result["throughput"][b] = {
+      "encode_img_s": 1e3 * b / enc["median_ms"],
+      "decode_img_s": 1e3 * b / dec["median_ms"],
+      "encode": enc,
+      "decode": dec,
+    }
   print_report(result, log)
   return result
 
@@ -335,9 +403,12 @@ def _fmt(m: dict) -> str:
 
 def print_report(r: dict, log=print) -> None:
   m = r["model"]
-  log(f"codec {r['size']}x{r['size']}, {r['dtype']}, {r['device']}, jax {r['jax']}, "
-      f"C={m['C']} N={m['N']} ({r['checkpoint']}), {r['bpp']:.3f} bpp; "
-      f"{r['cpu_threads']} CPU threads" + (f", load avg {r['load_avg'][0]:.1f}" if "load_avg" in r else ""))
+  log(
+    f"codec {r['size']}x{r['size']}, {r['dtype']}, {r['device']}, jax {r['jax']}, "
+    f"C={m['C']} N={m['N']} ({r['checkpoint']}), {r['bpp']:.3f} bpp; "
+    f"{r['cpu_threads']} CPU threads"
+    + (f", load avg {r['load_avg'][0]:.1f}" if "load_avg" in r else "")
+  )
   has_t = any("torch" in s for s in r["stages"])
   head = f"{'side':6} {'stage':13} {'JAX ms median [min-max]':>28} {'first call ms':>14}"
   if has_t:
@@ -350,16 +421,23 @@ def print_report(r: dict, log=print) -> None:
       line += f" {t:>28} {s['ratio']:9.2f}"
     log(line)
   for b, t in r["throughput"].items():
-    log(f"batch {b}: encode {t['encode_img_s']:.2f} img/s, decode {t['decode_img_s']:.2f} img/s "
-        f"(first call incl. compile: {t['encode']['first_call_ms']:.0f} / {t['decode']['first_call_ms']:.0f} ms)")
+    log(
+      f"batch {b}: encode {t['encode_img_s']:.2f} img/s, decode {t['decode_img_s']:.2f} img/s "
+      f"(first call incl. compile: {t['encode']['first_call_ms']:.0f} / {t['decode']['first_call_ms']:.0f} ms)"
+    )
   if "torch_threads" in r:
     t = r["torch_threads"]
-    log(f"torch threads: {t['used']} (decode ms by thread count: " + ", ".join(
-        f"{k}: {v:.1f}" for k, v in t["decode_ms_by_threads"].items()) + ")")
+    log(
+      f"torch threads: {t['used']} (decode ms by thread count: "
+      + ", ".join(f"{k}: {v:.1f}" for k, v in t["decode_ms_by_threads"].items())
+      + ")"
+    )
   if "parity" in r:
     p = r["parity"]
-    log(f"torch vs JAX: same .sodec bytes: {p['same_bytes']}, max |x_jax - x_torch| = "
-        f"{p['max_abs_uint8_diff']} (uint8)")
+    log(
+      f"torch vs JAX: same .sodec bytes: {p['same_bytes']}, max |x_jax - x_torch| = "
+      f"{p['max_abs_uint8_diff']} (uint8)"
+    )
 
 
 def run_codec(args) -> dict:
@@ -367,5 +445,7 @@ def run_codec(args) -> dict:
   dtypes = ["float32", "bfloat16"] if args.dtype == "all" else [args.dtype]
   out = {}
   for dtype in dtypes:
-    out[dtype] = bench_codec(args.checkpoint, args.size, dtype, args.reference, args.repeats, args.warmup)
+    out[dtype] = bench_codec(
+      args.checkpoint, args.size, dtype, args.reference, args.repeats, args.warmup
+    )
   return out

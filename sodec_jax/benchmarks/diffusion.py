@@ -8,6 +8,7 @@ same weights in the same process (same thread count), timed interleaved with the
 JAX call, one PyTorch call, ...) so that load from other processes affects both alike, and the
 ratio of the medians JAX / PyTorch.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,20 @@ def add_arguments(parser) -> None:
   g = parser.add_argument_group("unet / vae benchmark")
   g.add_argument("--sd-batch", type=int, default=1, help="batch size of the UNet / VAE call")
   g.add_argument("--context-length", type=int, default=77, help="UNet text tokens (x 1024)")
-  g.add_argument("--query-chunk", type=int, default=-1,
-                 help="attention query chunk (-1: backend default, 0: whole sequence)")
+  g.add_argument(
+    "--query-chunk",
+    type=int,
+    default=-1,
+    help="attention query chunk (-1: backend default, 0: whole sequence)",
+  )
   g.add_argument("--timestep", type=int, default=999, help="UNet timestep")
-  g.add_argument("--winograd", choices=["auto", "on", "off"], default="auto",
-                 help="3x3 convs (float32, >= 192 channels) as Winograd F(4x4, 3x3), as the "
-                      "decoder runs them (auto: on the CPU backend; sodec_jax.layers.use_winograd)")
+  g.add_argument(
+    "--winograd",
+    choices=["auto", "on", "off"],
+    default="auto",
+    help="3x3 convs (float32, >= 192 channels) as Winograd F(4x4, 3x3), as the "
+    "decoder runs them (auto: on the CPU backend; sodec_jax.layers.use_winograd)",
+  )
 
 
 def _dtypes(name: str) -> list[str]:
@@ -49,7 +58,7 @@ def _seconds(fn) -> float:
 
 
 def _peak_rss_mb() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: KiB
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 def _load_config(path: str):
@@ -84,10 +93,12 @@ def _bench(name, args, build_ours, build_theirs, make_inputs, call_ours, call_th
     theirs = None
     if use_torch:
       import torch
+
       torch.manual_seed(0)
       theirs = build_theirs().eval()
-      model = load_state_dict_into(abstract_module(lambda: build_ours(dtype)),
-                                   _torch_weights(theirs))
+      model = load_state_dict_into(
+        abstract_module(lambda: build_ours(dtype)), _torch_weights(theirs)
+      )
       if dtype_name == "bfloat16":
         theirs = theirs.to(torch.bfloat16)
     else:
@@ -96,6 +107,7 @@ def _bench(name, args, build_ours, build_theirs, make_inputs, call_ours, call_th
     winograd = getattr(args, "winograd", "auto")
     if winograd == "on" or (winograd == "auto" and jax.default_backend() == "cpu"):
       from sodec_jax.layers import use_winograd
+
       row["winograd_convs"] = use_winograd(model)
     inputs = make_inputs(np.random.default_rng(0))
     graphdef, state = nnx.split(model)
@@ -107,8 +119,9 @@ def _bench(name, args, build_ours, build_theirs, make_inputs, call_ours, call_th
     row["compile_s"] = time.perf_counter() - t
     mem = compiled.memory_analysis()
     if mem is not None:
-      row["xla_memory_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                              + mem.temp_size_in_bytes) / 2 ** 20
+      row["xla_memory_mb"] = (
+        mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+      ) / 2**20
     run_jax = lambda: compiled(state, *jax_inputs).block_until_ready()
     out = run_jax()
     for _ in range(args.warmup):
@@ -120,6 +133,7 @@ def _bench(name, args, build_ours, build_theirs, make_inputs, call_ours, call_th
       jax_times = [_seconds(run_jax) for _ in range(max(args.repeats, 1))]
     else:
       import torch
+
       tdtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
       t_inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
       with torch.inference_mode():
@@ -127,7 +141,7 @@ def _bench(name, args, build_ours, build_theirs, make_inputs, call_ours, call_th
         ref = run_torch()
         for _ in range(args.warmup):
           run_torch()
-        for _ in range(max(args.repeats, 1)):   # interleaved: a load change hits both alike
+        for _ in range(max(args.repeats, 1)):  # interleaved: a load change hits both alike
           jax_times.append(_seconds(run_jax))
           torch_times.append(_seconds(run_torch))
       row["torch_ms"] = 1e3 * statistics.median(torch_times)
@@ -141,22 +155,26 @@ def _bench(name, args, build_ours, build_theirs, make_inputs, call_ours, call_th
       row["ratio_jax_over_torch"] = row["jax_ms"] / row["torch_ms"]
     row["peak_rss_mb"] = _peak_rss_mb()
     rows.append(row)
-    state = compiled = fn = run_jax = None   # free the device buffers before the next dtype
+    state = compiled = fn = run_jax = None  # free the device buffers before the next dtype
   _print_table(rows)
   return {"rows": rows, "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})"}
 
 
 def _print_table(rows) -> None:
-  head = (f"{'model':<6} {'dtype':<9} {'size':>5} {'ms/call':>9} {'compile s':>9} {'params':>12} "
-          f"{'XLA MB':>8} {'RSS MB':>8} {'torch ms':>9} {'JAX/torch':>9} {'rel err':>9} {'winograd':>8}")
+  head = (
+    f"{'model':<6} {'dtype':<9} {'size':>5} {'ms/call':>9} {'compile s':>9} {'params':>12} "
+    f"{'XLA MB':>8} {'RSS MB':>8} {'torch ms':>9} {'JAX/torch':>9} {'rel err':>9} {'winograd':>8}"
+  )
   print(head)
   for r in rows:
     torch_ms = f"{r['torch_ms']:9.1f}" if "torch_ms" in r else f"{'-':>9}"
     ratio = f"{r['ratio_jax_over_torch']:9.2f}" if "torch_ms" in r else f"{'-':>9}"
     err = f"{r['rel_err_vs_torch']:9.1e}" if "rel_err_vs_torch" in r else f"{'-':>9}"
-    print(f"{r['model']:<6} {r['dtype']:<9} {r['size']:>5} {r['jax_ms']:9.1f} {r['compile_s']:9.1f} "
-          f"{r['params']:>12,} {r.get('xla_memory_mb', float('nan')):8.0f} "
-          f"{r['peak_rss_mb']:8.0f} {torch_ms} {ratio} {err} {r.get('winograd_convs', 0):8d}")
+    print(
+      f"{r['model']:<6} {r['dtype']:<9} {r['size']:>5} {r['jax_ms']:9.1f} {r['compile_s']:9.1f} "
+      f"{r['params']:>12,} {r.get('xla_memory_mb', float('nan')):8.0f} "
+      f"{r['peak_rss_mb']:8.0f} {torch_ms} {ratio} {err} {r.get('winograd_convs', 0):8d}"
+    )
 
 
 def run_unet(args) -> dict:
@@ -172,24 +190,29 @@ def run_unet(args) -> dict:
   ctx_dim = cfg.per_block(cfg.cross_attention_dim)[0]
 
   def build_ours(dtype):
-    return UNet2DConditionModel(cfg, dtype=dtype, param_dtype=dtype, query_chunk=_query_chunk(args),
-                                rngs=nnx.Rngs(0))
+    return UNet2DConditionModel(
+      cfg, dtype=dtype, param_dtype=dtype, query_chunk=_query_chunk(args), rngs=nnx.Rngs(0)
+    )
 
   def build_theirs():
     from diffusers import UNet2DConditionModel as TUNet
+
     return TUNet(**cfg.to_dict())
 
   def make_inputs(rng):
-    return (rng.standard_normal((b, side, side, cfg.in_channels)).astype(np.float32),
-            np.full((b,), args.timestep, np.int32),
-            rng.standard_normal((b, args.context_length, ctx_dim)).astype(np.float32))
+    return (
+      rng.standard_normal((b, side, side, cfg.in_channels)).astype(np.float32),
+      np.full((b,), args.timestep, np.int32),
+      rng.standard_normal((b, args.context_length, ctx_dim)).astype(np.float32),
+    )
 
   def call_theirs(m, tdtype, x, t, ctx):
     out = m(x.permute(0, 3, 1, 2).to(tdtype), t, ctx.to(tdtype)).sample
     return out.permute(0, 2, 3, 1)
 
-  return _bench("unet", args, build_ours, build_theirs, make_inputs,
-                lambda m, x, t, c: m(x, t, c), call_theirs)
+  return _bench(
+    "unet", args, build_ours, build_theirs, make_inputs, lambda m, x, t, c: m(x, t, c), call_theirs
+  )
 
 
 def run_vae(args) -> dict:
@@ -204,18 +227,23 @@ def run_vae(args) -> dict:
   side = args.size // factor
 
   def build_ours(dtype):
-    return AutoencoderKL(cfg, dtype=dtype, param_dtype=dtype, query_chunk=_query_chunk(args),
-                         rngs=nnx.Rngs(0))
+    return AutoencoderKL(
+      cfg, dtype=dtype, param_dtype=dtype, query_chunk=_query_chunk(args), rngs=nnx.Rngs(0)
+    )
 
   def build_theirs():
     from diffusers import AutoencoderKL as TVAE
+
     return TVAE(**cfg.to_dict())
 
   def make_inputs(rng):
-    return (rng.standard_normal((args.sd_batch, side, side, cfg.latent_channels)).astype(np.float32),)
+    return (
+      rng.standard_normal((args.sd_batch, side, side, cfg.latent_channels)).astype(np.float32),
+    )
 
   def call_theirs(m, tdtype, z):
     return m.decode(z.permute(0, 3, 1, 2).to(tdtype)).sample.permute(0, 2, 3, 1)
 
-  return _bench("vae", args, build_ours, build_theirs, make_inputs,
-                lambda m, z: m.decode(z), call_theirs)
+  return _bench(
+    "vae", args, build_ours, build_theirs, make_inputs, lambda m, z: m.decode(z), call_theirs
+  )

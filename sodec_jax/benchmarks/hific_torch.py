@@ -18,6 +18,7 @@ cropped to H x W, clamped to [0, 1]. Bits: upstream's estimate, sum of -log2(lik
 of z_hat under HyperpriorDensity and of y_hat under the Gaussian (likelihoods >= 1e-9).
 NCHW float tensors throughout.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,16 +31,17 @@ from torch import nn
 ENCODER_FILTERS = (60, 120, 240, 480, 960)
 DECODER_FILTERS = (960, 480, 240, 120, 60)
 DISCRIMINATOR_FILTERS = (64, 128, 256, 512)
-MIN_SCALE = 0.11          # src/hyperprior.py
-MIN_LIKELIHOOD = 1e-9     # src/hyperprior.py, src/compression/entropy_models.py
-ENTROPY_EPS = 1e-9        # CodingModel._estimate_entropy
+MIN_SCALE = 0.11  # src/hyperprior.py
+MIN_LIKELIHOOD = 1e-9  # src/hyperprior.py, src/compression/entropy_models.py
+ENTROPY_EPS = 1e-9  # CodingModel._estimate_entropy
 
 
 def pad_factor(x: torch.Tensor, factor: int) -> torch.Tensor:
   """src/helpers/utils.py pad_factor: reflect-pad [N, C, H, W] bottom/right to multiples."""
   h, w = x.shape[2:]
-  return F.pad(x, (0, (factor - w % factor) % factor, 0, (factor - h % factor) % factor),
-               mode="reflect")
+  return F.pad(
+    x, (0, (factor - w % factor) % factor, 0, (factor - h % factor) % factor), mode="reflect"
+  )
 
 
 class ChannelNorm2D(nn.Module):
@@ -65,12 +67,23 @@ class Encoder(nn.Module):
     self.pre_pad = nn.ReflectionPad2d(3)
     self.asymmetric_pad = nn.ReflectionPad2d((0, 1, 1, 0))
     self.post_pad = nn.ReflectionPad2d(1)
-    self.conv_block1 = nn.Sequential(self.pre_pad, nn.Conv2d(3, filters[0], (7, 7), stride=1),
-                                     ChannelNorm2D(filters[0], eps), nn.ReLU())
+    self.conv_block1 = nn.Sequential(
+      self.pre_pad,
+      nn.Conv2d(3, filters[0], (7, 7), stride=1),
+      ChannelNorm2D(filters[0], eps),
+      nn.ReLU(),
+    )
     for i in range(4):
-      setattr(self, f"conv_block{i + 2}", nn.Sequential(
-          self.asymmetric_pad, nn.Conv2d(filters[i], filters[i + 1], 3, stride=2, padding=0),
-          ChannelNorm2D(filters[i + 1], eps), nn.ReLU()))
+      setattr(
+        self,
+        f"conv_block{i + 2}",
+        nn.Sequential(
+          self.asymmetric_pad,
+          nn.Conv2d(filters[i], filters[i + 1], 3, stride=2, padding=0),
+          ChannelNorm2D(filters[i + 1], eps),
+          nn.ReLU(),
+        ),
+      )
     self.conv_block_out = nn.Sequential(self.post_pad, nn.Conv2d(filters[4], C, 3, stride=1))
 
   def forward(self, x):
@@ -96,22 +109,32 @@ class ResidualBlock(nn.Module):
 class Generator(nn.Module):
   """y_hat [B, C, h, w] -> x [B, 3, 16h, 16w] (not clamped)."""
 
-  def __init__(self, C: int = 220, filters=DECODER_FILTERS, n_residual_blocks: int = 9,
-               eps: float = 1e-3):
+  def __init__(
+    self, C: int = 220, filters=DECODER_FILTERS, n_residual_blocks: int = 9, eps: float = 1e-3
+  ):
     super().__init__()
     self.n_residual_blocks = n_residual_blocks
     self.pre_pad = nn.ReflectionPad2d(1)
     self.asymmetric_pad = nn.ReflectionPad2d((0, 1, 1, 0))
     self.post_pad = nn.ReflectionPad2d(3)
-    self.conv_block_init = nn.Sequential(ChannelNorm2D(C, eps), self.pre_pad,
-                                         nn.Conv2d(C, filters[0], (3, 3), stride=1),
-                                         ChannelNorm2D(filters[0], eps))
+    self.conv_block_init = nn.Sequential(
+      ChannelNorm2D(C, eps),
+      self.pre_pad,
+      nn.Conv2d(C, filters[0], (3, 3), stride=1),
+      ChannelNorm2D(filters[0], eps),
+    )
     for m in range(n_residual_blocks):
       self.add_module(f"resblock_{m}", ResidualBlock(filters[0], eps))
     for i in range(4):
-      setattr(self, f"upconv_block{i + 1}", nn.Sequential(
+      setattr(
+        self,
+        f"upconv_block{i + 1}",
+        nn.Sequential(
           nn.ConvTranspose2d(filters[i], filters[i + 1], 3, stride=2, padding=1, output_padding=1),
-          ChannelNorm2D(filters[i + 1], eps), nn.ReLU()))
+          ChannelNorm2D(filters[i + 1], eps),
+          nn.ReLU(),
+        ),
+      )
     self.conv_block_out = nn.Sequential(self.post_pad, nn.Conv2d(filters[4], 3, (7, 7), stride=1))
 
   def forward(self, x):
@@ -166,11 +189,11 @@ class HyperpriorDensity(nn.Module):
     scale = init_scale ** (1 / (len(self.filters) + 1))
     for k in range(len(self.filters) + 1):
       init = float(np.log(np.expm1(1 / scale / dims[k + 1])))
-      self.register_parameter(f"H_{k}", nn.Parameter(
-          torch.full((n_channels, dims[k + 1], dims[k]), init)))
+      self.register_parameter(
+        f"H_{k}", nn.Parameter(torch.full((n_channels, dims[k + 1], dims[k]), init))
+      )
       self.register_parameter(f"a_{k}", nn.Parameter(torch.zeros(n_channels, dims[k + 1], 1)))
-      self.register_parameter(f"b_{k}", nn.Parameter(
-          torch.rand(n_channels, dims[k + 1], 1) - 0.5))
+      self.register_parameter(f"b_{k}", nn.Parameter(torch.rand(n_channels, dims[k + 1], 1) - 0.5))
 
   def cdf_logits(self, x):
     """x [N, 1, M] -> [N, 1, M]."""
@@ -194,8 +217,9 @@ class HyperpriorDensity(nn.Module):
 class Hyperprior(nn.Module):
   """Mean-scale hyperprior (gaussian likelihood) with the factorized density of z."""
 
-  def __init__(self, bottleneck_capacity: int = 220, hyperlatent_filters: int = 320,
-               density_filters=(3, 3, 3)):
+  def __init__(
+    self, bottleneck_capacity: int = 220, hyperlatent_filters: int = 320, density_filters=(3, 3, 3)
+  ):
     super().__init__()
     C, N = bottleneck_capacity, hyperlatent_filters
     self.scale_lower_bound = MIN_SCALE
@@ -206,8 +230,10 @@ class Hyperprior(nn.Module):
 
   def prior(self, z_hat):
     """z_hat -> (mu, sigma), sigma >= 0.11."""
-    return (self.synthesis_mu(z_hat),
-            torch.clamp(self.synthesis_std(z_hat), min=self.scale_lower_bound))
+    return (
+      self.synthesis_mu(z_hat),
+      torch.clamp(self.synthesis_std(z_hat), min=self.scale_lower_bound),
+    )
 
   @staticmethod
   def latent_likelihood(y_hat, mean, scale):
@@ -223,8 +249,9 @@ class Discriminator(nn.Module):
   def __init__(self, C: int = 220, filters=DISCRIMINATOR_FILTERS, im_channels: int = 3):
     super().__init__()
     context_C_out = 12
-    self.context_conv = nn.Conv2d(C, context_C_out, kernel_size=3, padding=1,
-                                  padding_mode="reflect")
+    self.context_conv = nn.Conv2d(
+      C, context_C_out, kernel_size=3, padding=1, padding_mode="reflect"
+    )
     self.context_upsample = nn.Upsample(scale_factor=16, mode="nearest")
     kw = dict(stride=2, padding=1, padding_mode="reflect")
     self.activation = nn.LeakyReLU(negative_slope=0.2)
@@ -246,8 +273,9 @@ class Discriminator(nn.Module):
 def non_saturating_loss(d_real_logits, d_gen_logits):
   """src/loss/losses.py `_non_saturating_loss` -> (D_loss, G_loss)."""
   bce = F.binary_cross_entropy_with_logits
-  d_loss = (bce(d_real_logits, torch.ones_like(d_real_logits))
-            + bce(d_gen_logits, torch.zeros_like(d_gen_logits)))
+  d_loss = bce(d_real_logits, torch.ones_like(d_real_logits)) + bce(
+    d_gen_logits, torch.zeros_like(d_gen_logits)
+  )
   return d_loss, bce(d_gen_logits, torch.ones_like(d_gen_logits))
 
 
@@ -255,9 +283,17 @@ class HiFiC(nn.Module):
   """src/model.py Model's tensors: Encoder, Generator, Hyperprior (+ Discriminator when
   `discriminator_filters` is given, as in a compression_gan training checkpoint)."""
 
-  def __init__(self, C: int = 220, N: int = 320, encoder_filters=ENCODER_FILTERS,
-               decoder_filters=DECODER_FILTERS, n_residual_blocks: int = 9,
-               density_filters=(3, 3, 3), discriminator_filters=None, eps: float = 1e-3):
+  def __init__(
+    self,
+    C: int = 220,
+    N: int = 320,
+    encoder_filters=ENCODER_FILTERS,
+    decoder_filters=DECODER_FILTERS,
+    n_residual_blocks: int = 9,
+    density_filters=(3, 3, 3),
+    discriminator_filters=None,
+    eps: float = 1e-3,
+  ):
     super().__init__()
     self.Encoder = Encoder(C, tuple(encoder_filters), eps)
     self.Generator = Generator(C, tuple(decoder_filters), n_residual_blocks, eps)
@@ -268,9 +304,15 @@ class HiFiC(nn.Module):
   @classmethod
   def from_model_config(cls, m) -> "HiFiC":
     """From our codec `model` config section (widths, blocks, density filters, norm eps)."""
-    return cls(m.latent_channels, m.hyper_channels, tuple(m.encoder_filters),
-               tuple(m.decoder_filters), m.decoder_residual_blocks, tuple(m.factorized_filters),
-               eps=m.channel_norm_eps)
+    return cls(
+      m.latent_channels,
+      m.hyper_channels,
+      tuple(m.encoder_filters),
+      tuple(m.decoder_filters),
+      m.decoder_residual_blocks,
+      tuple(m.factorized_filters),
+      eps=m.channel_norm_eps,
+    )
 
   # -- the pieces, unpadded (inputs already of suitable size) ------------------------------------
   def analysis(self, x):
@@ -290,16 +332,23 @@ class HiFiC(nn.Module):
     """x [B, 3, H, W] in [0, 1] -> reconstruction [B, 3, H, W] in [0, 1], bits per image
     (upstream's estimate), y_hat and z_hat (padded sizes)."""
     h, w = x.shape[2:]
-    y = self.Encoder(pad_factor(x, 2 ** self.Encoder.n_downsampling_layers))
-    y = pad_factor(y, 2 ** self.Hyperprior.analysis_net.n_downsampling_layers)
+    y = self.Encoder(pad_factor(x, 2**self.Encoder.n_downsampling_layers))
+    y = pad_factor(y, 2**self.Hyperprior.analysis_net.n_downsampling_layers)
     z_hat = torch.floor(self.Hyperprior.analysis_net(y) + 0.5)
     mu, sigma = self.Hyperprior.prior(z_hat)
     y_hat = torch.floor(y - mu + 0.5) + mu
     lik_z = self.Hyperprior.hyperlatent_likelihood.likelihood(z_hat)
     lik_y = self.Hyperprior.latent_likelihood(y_hat, mu, sigma)
     b = x.shape[0]
-    bits = sum(float(-torch.sum(torch.log(lik + ENTROPY_EPS)) / (b * math.log(2.0)))
-               for lik in (lik_z, lik_y))
+    bits = sum(
+      float(-torch.sum(torch.log(lik + ENTROPY_EPS)) / (b * math.log(2.0)))
+      for lik in (lik_z, lik_y)
+    )
     x_hat = self.Generator(y_hat)[:, :, :h, :w]
-    return {"reconstruction": torch.clamp(x_hat, 0.0, 1.0), "bits": bits, "bpp": bits / (h * w),
-            "y_hat": y_hat, "z_hat": z_hat}
+    return {
+      "reconstruction": torch.clamp(x_hat, 0.0, 1.0),
+      "bits": bits,
+      "bpp": bits / (h * w),
+      "y_hat": y_hat,
+      "z_hat": z_hat,
+    }

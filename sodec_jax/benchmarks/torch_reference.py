@@ -13,6 +13,7 @@ sigma), used for end-to-end timings.
 
 Importing this module imports torch (only the benchmark does).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,6 @@ import torch
 
 from sodec_jax.benchmarks.hific_torch import HiFiC
 from sodec_jax.errors import SodecError
-
 
 # The HiFiC-layout modules (Encoder / Generator / Hyperprior with analysis, prior, synthesis).
 TorchCodec = HiFiC
@@ -31,11 +31,11 @@ TorchCodec = HiFiC
 
 def _to_torch_layout(arr: np.ndarray, kind: str) -> np.ndarray:
   """Inverse of `sodec_jax.weights.hific._to_ours`."""
-  if kind == "conv":      # [kh, kw, I, O] -> [O, I, kh, kw]
+  if kind == "conv":  # [kh, kw, I, O] -> [O, I, kh, kw]
     return arr.transpose(3, 2, 0, 1)
-  if kind == "convT":     # [kh, kw, I, O] -> [I, O, kh, kw]
+  if kind == "convT":  # [kh, kw, I, O] -> [I, O, kh, kw]
     return arr.transpose(2, 3, 0, 1)
-  if kind == "norm":      # [C] -> [1, C, 1, 1]
+  if kind == "norm":  # [C] -> [1, C, 1, 1]
     return arr.reshape(1, -1, 1, 1)
   return arr
 
@@ -47,13 +47,15 @@ def state_dict_from_jax(model, model_cfg) -> dict[str, np.ndarray]:
   from flax import nnx
 
   from sodec_jax.weights.hific import hific_key_map
+
   flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   out = {}
   for torch_key, path, kind in hific_key_map(model_cfg):
     if path not in flat:
       raise SodecError(f"the model has no parameter {'/'.join(map(str, path))} for {torch_key}")
-    out[torch_key] = np.array(_to_torch_layout(np.asarray(flat[path].value, np.float32), kind),
-                              order="C", copy=True)
+    out[torch_key] = np.array(
+      _to_torch_layout(np.asarray(flat[path].value, np.float32), kind), order="C", copy=True
+    )
   last = len(model_cfg.factorized_filters)
   gate = f"Hyperprior.hyperlatent_likelihood.a_{last}"
   if gate not in out:
@@ -74,7 +76,9 @@ def build_reference(loaded, dtype: torch.dtype = torch.float32) -> HiFiC:
 
 
 def _nchw(x: np.ndarray, dtype) -> torch.Tensor:
-  return torch.from_numpy(np.array(np.asarray(x).transpose(0, 3, 1, 2), order="C", copy=True)).to(dtype)
+  return torch.from_numpy(np.array(np.asarray(x).transpose(0, 3, 1, 2), order="C", copy=True)).to(
+    dtype
+  )
 
 
 def _nhwc(t: torch.Tensor) -> np.ndarray:
@@ -84,6 +88,7 @@ def _nhwc(t: torch.Tensor) -> np.ndarray:
 def latents(ref: TorchCodec, loaded, x: np.ndarray):
   """x float32 [B, H, W, 3] (padded) -> sodec_jax.api.Latents computed by the torch networks."""
   from sodec_jax import api
+
   dtype = next(ref.parameters()).dtype
   with torch.inference_mode():
     y, z = ref.analysis(_nchw(x, dtype))
@@ -96,6 +101,7 @@ def compress(ref: TorchCodec, loaded, image: np.ndarray) -> bytes:
   """torch twin of `sodec_jax.api.compress`: latents from the torch networks, then `api.pack`
   (the same rounding, scale indexes, coders, container and fingerprint)."""
   from sodec_jax import api
+
   return api.pack(loaded, latents(ref, loaded, api.pad_image(loaded, image)), *image.shape[:2])
 
 
@@ -103,6 +109,7 @@ def decompress(ref: TorchCodec, loaded, data: bytes) -> np.ndarray:
   """torch twin of `sodec_jax.api.decompress` for the codec decoder: `api.decode_latents` with
   the torch prior, then the torch D_a."""
   from sodec_jax import api
+
   dtype = next(ref.parameters()).dtype
 
   def torch_prior(z_hat):

@@ -15,6 +15,7 @@ share times the device count), achieved
 TFLOP/s and MFU, and memory: XLA's memory analysis of the compiled step (arguments + outputs +
 temporaries) and, where the backend reports it, the device's peak bytes in use.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -36,17 +37,23 @@ def _cost(compiled) -> dict:
 def _memory(compiled) -> int | None:
   try:
     m = compiled.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-               - m.alias_size_in_bytes)
+    return int(
+      m.argument_size_in_bytes
+      + m.output_size_in_bytes
+      + m.temp_size_in_bytes
+      - m.alias_size_in_bytes
+    )
   except Exception:  # pylint: disable=broad-except
     return None
 
 
-def bench_train(config, device_counts=None, repeats: int = 5, warmup: int = 1,
-                peak_tflops: float = 0.0) -> list[dict]:
+def bench_train(
+  config, device_counts=None, repeats: int = 5, warmup: int = 1, peak_tflops: float = 0.0
+) -> list[dict]:
   """One result dict per device count (see the module docstring)."""
   from sodec_jax import data  # pylint: disable=import-outside-toplevel
   from sodec_jax.train import build, parallel, step  # pylint: disable=import-outside-toplevel
+
   build.validate_config(config)
   devices = jax.devices()
   counts = device_counts or sorted({1, len(devices)})
@@ -65,10 +72,22 @@ def bench_train(config, device_counts=None, repeats: int = 5, warmup: int = 1,
     mesh = parallel.make_mesh(config, devices[:n])
     _, batch_sharding = parallel.shardings(mesh)
     consts = (frozen, rest, lpips_state)
-    state_sh, consts_sh = parallel.param_sharding(mesh, host_state), parallel.param_sharding(mesh, consts)
-    step_fn = step.make_train_step(graphdef, tx, lr, config, lpips_graphdef, disc_graphdef,
-                                    disc_tx, mesh=mesh, state_sharding=state_sh,
-                                    consts_sharding=consts_sh)
+    state_sh, consts_sh = (
+      parallel.param_sharding(mesh, host_state),
+      parallel.param_sharding(mesh, consts),
+    )
+    step_fn = step.make_train_step(
+      graphdef,
+      tx,
+      lr,
+      config,
+      lpips_graphdef,
+      disc_graphdef,
+      disc_tx,
+      mesh=mesh,
+      state_sharding=state_sh,
+      consts_sharding=consts_sh,
+    )
     state = jax.device_put(jax.tree.map(np.array, host_state), state_sh)  # a copy: donated below
     consts = jax.device_put(consts, consts_sh)
     b = jax.device_put(batch, batch_sharding)
@@ -86,12 +105,20 @@ def bench_train(config, device_counts=None, repeats: int = 5, warmup: int = 1,
     # XLA's cost analysis of an SPMD-partitioned step counts one device's share
     per_device = float(_cost(compiled).get("flops", 0.0)) or None
     flops = per_device * n if per_device else None
-    r = {"devices": n, "global_batch": int(config.data.batch_size),
-         "per_device_batch": int(config.data.batch_size) // n, "compile_s": compile_s,
-         "step_s": step_s, "images_per_s": config.data.batch_size / step_s, "flops_per_step": flops,
-         "flops_per_device": per_device,
-         "tflops_per_s": flops / step_s / 1e12 if flops else None,
-         "compiled_bytes": _memory(compiled), "peak_bytes": None, "mfu": None}
+    r = {
+      "devices": n,
+      "global_batch": int(config.data.batch_size),
+      "per_device_batch": int(config.data.batch_size) // n,
+      "compile_s": compile_s,
+      "step_s": step_s,
+      "images_per_s": config.data.batch_size / step_s,
+      "flops_per_step": flops,
+      "flops_per_device": per_device,
+      "tflops_per_s": flops / step_s / 1e12 if flops else None,
+      "compiled_bytes": _memory(compiled),
+      "peak_bytes": None,
+      "mfu": None,
+    }
     stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
     if stats and "peak_bytes_in_use" in stats:
       r["peak_bytes"] = int(stats["peak_bytes_in_use"])
@@ -102,8 +129,11 @@ def bench_train(config, device_counts=None, repeats: int = 5, warmup: int = 1,
 
 
 def _fmt(v, spec):
-  return format("n/a", spec.split(".")[0].rstrip("0123456789") + spec.split(".")[0].lstrip("<>^")) \
-      if v is None else format(v, spec)
+  return (
+    format("n/a", spec.split(".")[0].rstrip("0123456789") + spec.split(".")[0].lstrip("<>^"))
+    if v is None
+    else format(v, spec)
+  )
 
 
 def run_train(args) -> list[dict]:
@@ -111,24 +141,32 @@ def run_train(args) -> list[dict]:
     print("error: --what train needs --config configs/<experiment>.py", file=sys.stderr)
     raise SystemExit(2)
   from sodec_jax.train.cli import UsageError, load_config_file  # pylint: disable=import-outside-toplevel
+
   try:
-    config = load_config_file(args.config)   # the training command line's reader
+    config = load_config_file(args.config)  # the training command line's reader
   except UsageError as err:
     print(f"error: {err}", file=sys.stderr)
     raise SystemExit(2) from None
   config.pipeline.stages = ()
   counts = [int(c) for c in args.devices.split(",")] if getattr(args, "devices", "") else None
-  results = bench_train(config, counts, args.repeats, args.warmup,
-                        getattr(args, "peak_tflops", 0.0))
-  print(f"train step, {config.name} stage {config.stage}, crop {config.data.crop_size}, "
-        f"global batch {config.data.batch_size}, {jax.devices()[0].platform} "
-        f"(median of {args.repeats} after {args.warmup} warm-up)")
-  print(f"{'devices':>7} {'compile s':>9} {'step ms':>8} {'images/s':>9} {'GFLOP/step':>10} "
-        f"{'TFLOP/s':>8} {'MFU':>6} {'XLA MiB':>8} {'peak MiB':>8}")
+  results = bench_train(
+    config, counts, args.repeats, args.warmup, getattr(args, "peak_tflops", 0.0)
+  )
+  print(
+    f"train step, {config.name} stage {config.stage}, crop {config.data.crop_size}, "
+    f"global batch {config.data.batch_size}, {jax.devices()[0].platform} "
+    f"(median of {args.repeats} after {args.warmup} warm-up)"
+  )
+  print(
+    f"{'devices':>7} {'compile s':>9} {'step ms':>8} {'images/s':>9} {'GFLOP/step':>10} "
+    f"{'TFLOP/s':>8} {'MFU':>6} {'XLA MiB':>8} {'peak MiB':>8}"
+  )
   for r in results:
-    mib = lambda v: None if v is None else v / 2 ** 20
-    print(f"{r['devices']:>7} {r['compile_s']:>9.2f} {1e3 * r['step_s']:>8.2f} "
-          f"{r['images_per_s']:>9.1f} {_fmt(r['flops_per_step'] and r['flops_per_step'] / 1e9, '>10.3f')} "
-          f"{_fmt(r['tflops_per_s'], '>8.4f')} {_fmt(r['mfu'], '>6.1%')} "
-          f"{_fmt(mib(r['compiled_bytes']), '>8.1f')} {_fmt(mib(r['peak_bytes']), '>8.1f')}")
+    mib = lambda v: None if v is None else v / 2**20
+    print(
+      f"{r['devices']:>7} {r['compile_s']:>9.2f} {1e3 * r['step_s']:>8.2f} "
+      f"{r['images_per_s']:>9.1f} {_fmt(r['flops_per_step'] and r['flops_per_step'] / 1e9, '>10.3f')} "
+      f"{_fmt(r['tflops_per_s'], '>8.4f')} {_fmt(r['mfu'], '>6.1%')} "
+      f"{_fmt(mib(r['compiled_bytes']), '>8.1f')} {_fmt(mib(r['peak_bytes']), '>8.1f')}"
+    )
   return results

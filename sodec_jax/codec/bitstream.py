@@ -31,6 +31,7 @@ Symbols are grouped by model id (a stable sort, in the file's order) and each gr
 with one vectorised constriction call, so there is no Python loop per symbol. Values outside
 a model's support are coded as an escape symbol plus a zig-zag varint in the overflow stream.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,12 +45,14 @@ from sodec_jax.codec.entropy import CodingTable
 from sodec_jax.errors import SodecError
 
 MAGIC = b"SODEC"
-VERSION = 2                     # what `pack` writes
-READABLE_VERSIONS = (1, 2)      # what `unpack` accepts (1: float scale indexes, see above)
+VERSION = 2  # what `pack` writes
+READABLE_VERSIONS = (1, 2)  # what `unpack` accepts (1: float scale indexes, see above)
 DECODER_CODEC = 0
 DECODER_DIFFUSION = 1
-DECODER_NAMES = {DECODER_CODEC: "codec (fidelity decoder D_a)",
-                 DECODER_DIFFUSION: "diffusion (one-step SD decoder)"}
+DECODER_NAMES = {
+  DECODER_CODEC: "codec (fidelity decoder D_a)",
+  DECODER_DIFFUSION: "diffusion (one-step SD decoder)",
+}
 NUM_STREAMS = 3
 _FIXED = struct.Struct(">5sBBBII16s6HB")  # up to and including the stream count
 HEADER_MIN = _FIXED.size + 4 * NUM_STREAMS + 4
@@ -67,8 +70,9 @@ class Header:
   version: int = VERSION
 
 
-def latent_shapes(height: int, width: int, latent_channels: int, hyper_channels: int,
-                  pad_multiple: int = 64) -> tuple[tuple, tuple]:
+def latent_shapes(
+  height: int, width: int, latent_channels: int, hyper_channels: int, pad_multiple: int = 64
+) -> tuple[tuple, tuple]:
   """(z_shape, y_shape) of an image of this size after padding to `pad_multiple`."""
   ph, pw = -(-height // pad_multiple) * pad_multiple, -(-width // pad_multiple) * pad_multiple
   return (ph // 64, pw // 64, hyper_channels), (ph // 16, pw // 16, latent_channels)
@@ -79,8 +83,18 @@ def pack(header: Header, streams: list[bytes]) -> bytes:
     raise ValueError("pack: need 3 streams and a 16-byte fingerprint")
   if header.version not in READABLE_VERSIONS:
     raise ValueError(f"pack: unknown .sodec version {header.version}")
-  head = _FIXED.pack(MAGIC, header.version, header.decoder, 0, header.height, header.width,
-                     header.fingerprint, *header.z_shape, *header.y_shape, NUM_STREAMS)
+  head = _FIXED.pack(
+    MAGIC,
+    header.version,
+    header.decoder,
+    0,
+    header.height,
+    header.width,
+    header.fingerprint,
+    *header.z_shape,
+    *header.y_shape,
+    NUM_STREAMS,
+  )
   body = head + struct.pack(f">{NUM_STREAMS}I", *(len(s) for s in streams)) + b"".join(streams)
   return body + struct.pack(">I", zlib.crc32(body))
 
@@ -96,24 +110,43 @@ def unpack(data: bytes, max_pixels: int = 1 << 28) -> tuple[Header, list[bytes]]
     raise SodecError("not a .sodec file (wrong magic bytes): was it written by `sodec compress`?")
   if len(data) < HEADER_MIN:
     raise SodecError(f"truncated .sodec file: {len(data)} bytes, a header alone needs {HEADER_MIN}")
-  (magic, version, decoder, reserved, height, width, fingerprint,
-   zh, zw, zc, yh, yw, yc, nstreams) = _FIXED.unpack_from(data, 0)
+  (
+    magic,
+    version,
+    decoder,
+    reserved,
+    height,
+    width,
+    fingerprint,
+    zh,
+    zw,
+    zc,
+    yh,
+    yw,
+    yc,
+    nstreams,
+  ) = _FIXED.unpack_from(data, 0)
   if version not in READABLE_VERSIONS:
-    raise SodecError(f"unsupported .sodec version {version} (this sodec-jax reads versions "
-                     f"{', '.join(map(str, READABLE_VERSIONS))}): decode it with the sodec-jax "
-                     "release that wrote it")
+    raise SodecError(
+      f"unsupported .sodec version {version} (this sodec-jax reads versions "
+      f"{', '.join(map(str, READABLE_VERSIONS))}): decode it with the sodec-jax "
+      "release that wrote it"
+    )
   (crc,) = struct.unpack_from(">I", data, len(data) - 4)
   if zlib.crc32(data[:-4]) != crc:
     raise SodecError("corrupted .sodec file: checksum mismatch (the file was truncated or altered)")
   if decoder not in DECODER_NAMES or reserved != 0:
     raise SodecError(f"corrupted .sodec file: unknown decoder kind {decoder}")
   if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE) or height * width > max_pixels:
-    raise SodecError(f"corrupted .sodec file: implausible image size {height}x{width} "
-                     f"(limit {max_pixels} pixels)")
+    raise SodecError(
+      f"corrupted .sodec file: implausible image size {height}x{width} (limit {max_pixels} pixels)"
+    )
   z_expect, y_expect = latent_shapes(height, width, zc, yc)
   if (zh, zw) != z_expect[:2] or (yh, yw) != y_expect[:2] or zc == 0 or yc == 0:
-    raise SodecError(f"corrupted .sodec file: latent shapes {(zh, zw, zc)}/{(yh, yw, yc)} do not "
-                     f"match a {height}x{width} image")
+    raise SodecError(
+      f"corrupted .sodec file: latent shapes {(zh, zw, zc)}/{(yh, yw, yc)} do not "
+      f"match a {height}x{width} image"
+    )
   if nstreams != NUM_STREAMS:
     raise SodecError(f"corrupted .sodec file: {nstreams} streams, expected {NUM_STREAMS}")
   lengths = struct.unpack_from(f">{NUM_STREAMS}I", data, _FIXED.size)
@@ -122,7 +155,7 @@ def unpack(data: bytes, max_pixels: int = 1 << 28) -> tuple[Header, list[bytes]]
     raise SodecError("corrupted .sodec file: stream lengths do not add up to the file size")
   streams, pos = [], start
   for n in lengths:
-    streams.append(data[pos:pos + n])
+    streams.append(data[pos : pos + n])
     pos += n
   header = Header(decoder, height, width, fingerprint, (zh, zw, zc), (yh, yw, yc), version)
   return header, streams
@@ -152,11 +185,11 @@ class RangeCoder:
     encoder = constriction.stream.queue.RangeEncoder()
     overflow = []
     for r in np.flatnonzero(np.diff(bounds)):
-      s = sorted_syms[bounds[r]:bounds[r + 1]] - self.table.offsets[r]
+      s = sorted_syms[bounds[r] : bounds[r + 1]] - self.table.offsets[r]
       size = self.table.sizes[r]
       out = (s < 0) | (s >= size)
       if out.any():
-        overflow.extend((sorted_syms[bounds[r]:bounds[r + 1]][out]).tolist())
+        overflow.extend((sorted_syms[bounds[r] : bounds[r + 1]][out]).tolist())
         s = np.where(out, size, s)
       encoder.encode(s.astype(np.int32), self.models[r])
     return encoder.get_compressed().astype("<u4").tobytes(), overflow
@@ -177,7 +210,7 @@ class RangeCoder:
       s = s + self.table.offsets[r]
       if esc.any():
         s[esc] = overflow.take(int(esc.sum()))
-      sorted_syms[bounds[r]:bounds[r + 1]] = s
+      sorted_syms[bounds[r] : bounds[r + 1]] = s
     symbols = np.empty_like(sorted_syms)
     symbols[order] = sorted_syms
     return symbols.astype(np.int32)

@@ -10,6 +10,7 @@ Two halves live here:
 Layouts follow CompressAI / the HiFiC PyTorch implementation: the factorized density keeps
 per-channel matrices H_k [C, d_{k+1}, d_k], biases b_k and gates a_k [C, d_{k+1}, 1].
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,11 +61,12 @@ lower_bound.defvjp(_lower_bound_fwd, _lower_bound_bwd)
 
 # --------------------------------------------------------------------------- conditional Gaussian
 def _std_normal_cdf(x):
-  return 0.5 * jax.scipy.special.erfc(-(2 ** -0.5) * x)
+  return 0.5 * jax.scipy.special.erfc(-(2**-0.5) * x)
 
 
-def gaussian_likelihood(y: jax.Array, mean: jax.Array, scale: jax.Array,
-                        likelihood_bound: float = 1e-9) -> jax.Array:
+def gaussian_likelihood(
+  y: jax.Array, mean: jax.Array, scale: jax.Array, likelihood_bound: float = 1e-9
+) -> jax.Array:
   """P(round(y) bin) under N(mean, scale^2) integrated over [y - 0.5, y + 0.5].
 
   Evaluated on |y - mean| so both tails use the accurate side of the CDF. All inputs broadcast;
@@ -85,8 +87,16 @@ class FactorizedPrior(nnx.Module):
   adds one after the last layer too, as the HiFiC PyTorch implementation's HyperpriorDensity.
   """
 
-  def __init__(self, channels: int, *, filters: Sequence[int] = (3, 3, 3), init_scale: float = 10.0,
-               gate_last: bool = False, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    *,
+    filters: Sequence[int] = (3, 3, 3),
+    init_scale: float = 10.0,
+    gate_last: bool = False,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     dims = (1,) + tuple(filters) + (1,)
     scale = init_scale ** (1.0 / (len(filters) + 1))
     self.channels = channels
@@ -97,20 +107,28 @@ class FactorizedPrior(nnx.Module):
     for k in range(self.num_layers):
       init = math.log(math.expm1(1.0 / scale / dims[k + 1]))
       self.matrices.append(nnx.Param(jnp.full((channels, dims[k + 1], dims[k]), init, param_dtype)))
-      self.biases.append(nnx.Param(jax.random.uniform(rngs.params(), (channels, dims[k + 1], 1),
-                                                      param_dtype, -0.5, 0.5)))
+      self.biases.append(
+        nnx.Param(
+          jax.random.uniform(rngs.params(), (channels, dims[k + 1], 1), param_dtype, -0.5, 0.5)
+        )
+      )
       if k < self.num_layers - 1 or gate_last:
         self.factors.append(nnx.Param(jnp.zeros((channels, dims[k + 1], 1), param_dtype)))
 
   def numpy_params(self) -> dict:
     """The parameters as float64 numpy arrays (for building coding tables on the host)."""
-    return {"matrices": [np.asarray(m[...], np.float64) for m in self.matrices],
-            "biases": [np.asarray(b[...], np.float64) for b in self.biases],
-            "factors": [np.asarray(a[...], np.float64) for a in self.factors]}
+    return {
+      "matrices": [np.asarray(m[...], np.float64) for m in self.matrices],
+      "biases": [np.asarray(b[...], np.float64) for b in self.biases],
+      "factors": [np.asarray(a[...], np.float64) for a in self.factors],
+    }
 
   def _params(self):
-    return {"matrices": [m[...] for m in self.matrices], "biases": [b[...] for b in self.biases],
-            "factors": [a[...] for a in self.factors]}
+    return {
+      "matrices": [m[...] for m in self.matrices],
+      "biases": [b[...] for b in self.biases],
+      "factors": [a[...] for a in self.factors],
+    }
 
   def likelihood(self, z: jax.Array, likelihood_bound: float = 1e-9) -> jax.Array:
     shape = z.shape
@@ -146,9 +164,10 @@ class CodingTable:
   index sizes[i] is the escape symbol for values outside (coded losslessly in a side stream).
   `pmfs[i]` has sizes[i] + 1 entries (the last one is the escape probability).
   """
+
   offsets: np.ndarray  # int64 [R]
-  sizes: np.ndarray    # int64 [R]
-  pmfs: tuple          # R float64 arrays
+  sizes: np.ndarray  # int64 [R]
+  pmfs: tuple  # R float64 arrays
 
   def __len__(self):
     return len(self.sizes)
@@ -187,7 +206,9 @@ def gaussian_coding_table(table: np.ndarray, tail_mass: float) -> CodingTable:
   return CodingTable(np.asarray(offsets, np.int64), np.asarray(sizes, np.int64), tuple(pmfs))
 
 
-def factorized_coding_table(params: dict, tail_mass: float, search_radius: int = 2048) -> CodingTable:
+def factorized_coding_table(
+  params: dict, tail_mass: float, search_radius: int = 2048
+) -> CodingTable:
   """Per-channel pmfs of the factorized prior over the integers where it has mass.
 
   The support of channel c is the smallest integer range [lo, hi] whose outside mass is at most
@@ -204,7 +225,7 @@ def factorized_coding_table(params: dict, tail_mass: float, search_radius: int =
     lo = int(np.searchsorted(cdf[c], tail_mass / 2, side="right")) - 1
     hi = int(np.searchsorted(cdf[c], 1.0 - tail_mass / 2, side="left"))
     lo, hi = max(lo, 0), min(max(hi, lo + 1), edges.size - 1)  # edge indexes, lo < hi
-    pmf = np.clip(np.diff(cdf[c, lo:hi + 1]), 0.0, None)
+    pmf = np.clip(np.diff(cdf[c, lo : hi + 1]), 0.0, None)
     tail = max(cdf[c, lo] + (1.0 - cdf[c, hi]), 1e-12)
     offsets.append(int(grid[lo]))
     sizes.append(hi - lo)

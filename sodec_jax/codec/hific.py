@@ -9,6 +9,7 @@ Shapes for an image x [B, H, W, 3] in [0, 1], H and W multiples of 64:
 Layer-for-layer the HiFiC PyTorch implementation (reflect paddings included), so its
 checkpoints convert by renaming keys (see docs/ARCHITECTURE.md for the key map).
 """
+
 from __future__ import annotations
 
 import jax
@@ -31,15 +32,35 @@ class Encoder(nnx.Module):
   x [B, H, W, 3] -> y [B, H/16, W/16, C].
   """
 
-  def __init__(self, latent_channels: int, filters=(60, 120, 240, 480, 960), *, eps=1e-3,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    latent_channels: int,
+    filters=(60, 120, 240, 480, 960),
+    *,
+    eps=1e-3,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     norm = dict(eps=eps, dtype=dtype, param_dtype=param_dtype)
     self.conv_in = Conv2d(3, filters[0], 7, padding=3, padding_mode="reflect", **kw)
     self.norm_in = ChannelNorm(filters[0], **norm)
     # HiFiC's asymmetric ReflectionPad2d((0, 1, 1, 0)): (top, bottom, left, right) = (1, 0, 0, 1)
-    self.down = nnx.List([Conv2d(filters[i], filters[i + 1], 3, stride=2, padding=(1, 0, 0, 1),
-                                 padding_mode="reflect", **kw) for i in range(4)])
+    self.down = nnx.List(
+      [
+        Conv2d(
+          filters[i],
+          filters[i + 1],
+          3,
+          stride=2,
+          padding=(1, 0, 0, 1),
+          padding_mode="reflect",
+          **kw,
+        )
+        for i in range(4)
+      ]
+    )
     self.down_norms = nnx.List([ChannelNorm(filters[i + 1], **norm) for i in range(4)])
     self.conv_out = Conv2d(filters[4], latent_channels, 3, padding=1, padding_mode="reflect", **kw)
 
@@ -56,8 +77,15 @@ class HyperAnalysis(nnx.Module):
   y [B, h, w, C] -> z [B, h/4, w/4, N].
   """
 
-  def __init__(self, latent_channels: int, hyper_channels: int, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    latent_channels: int,
+    hyper_channels: int,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     n = hyper_channels
     self.conv1 = Conv2d(latent_channels, n, 3, padding=1, **kw)
@@ -76,8 +104,15 @@ class HyperSynthesisStack(nnx.Module):
   z_hat [B, h, w, N] -> [B, 4h, 4w, C].
   """
 
-  def __init__(self, hyper_channels: int, latent_channels: int, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    hyper_channels: int,
+    latent_channels: int,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     n = hyper_channels
     self.conv1 = ConvTranspose2d(n, n, 5, stride=2, padding=2, output_padding=1, **kw)
@@ -95,15 +130,30 @@ class HyperPrior(nnx.Module):
   density of z. `__call__(z_hat) -> (mu, sigma)`, sigma lower-bounded at `scale_lower_bound`.
   """
 
-  def __init__(self, latent_channels: int, hyper_channels: int, *, filters=(3, 3, 3),
-               init_scale: float = 10.0, gate_last: bool = False,
-               scale_lower_bound: float = 0.11, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    latent_channels: int,
+    hyper_channels: int,
+    *,
+    filters=(3, 3, 3),
+    init_scale: float = 10.0,
+    gate_last: bool = False,
+    scale_lower_bound: float = 0.11,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.mean_synthesis = HyperSynthesisStack(hyper_channels, latent_channels, **kw)
     self.scale_synthesis = HyperSynthesisStack(hyper_channels, latent_channels, **kw)
-    self.hyperlatent = FactorizedPrior(hyper_channels, filters=filters, init_scale=init_scale,
-                                       gate_last=gate_last, param_dtype=param_dtype, rngs=rngs)
+    self.hyperlatent = FactorizedPrior(
+      hyper_channels,
+      filters=filters,
+      init_scale=init_scale,
+      gate_last=gate_last,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.scale_lower_bound = scale_lower_bound
 
   def __call__(self, z_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -119,17 +169,31 @@ class FidelityDecoder(nnx.Module):
   y_hat [B, h, w, C] -> x_f [B, 16h, 16w, 3] (not clamped: training sees the raw output).
   """
 
-  def __init__(self, latent_channels: int, filters=(960, 480, 240, 120, 60), residual_blocks: int = 9,
-               *, eps=1e-3, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    latent_channels: int,
+    filters=(960, 480, 240, 120, 60),
+    residual_blocks: int = 9,
+    *,
+    eps=1e-3,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     norm = dict(eps=eps, dtype=dtype, param_dtype=param_dtype)
     self.norm_in = ChannelNorm(latent_channels, **norm)
     self.conv_in = Conv2d(latent_channels, filters[0], 3, padding=1, padding_mode="reflect", **kw)
     self.norm_head = ChannelNorm(filters[0], **norm)
-    self.residual_blocks = nnx.List([ResidualBlock(filters[0], eps=eps, **kw)
-                                     for _ in range(residual_blocks)])
-    self.up = nnx.List([ConvTranspose2d(filters[i], filters[i + 1], 3, stride=2, padding=1,
-                                        output_padding=1, **kw) for i in range(4)])
+    self.residual_blocks = nnx.List(
+      [ResidualBlock(filters[0], eps=eps, **kw) for _ in range(residual_blocks)]
+    )
+    self.up = nnx.List(
+      [
+        ConvTranspose2d(filters[i], filters[i + 1], 3, stride=2, padding=1, output_padding=1, **kw)
+        for i in range(4)
+      ]
+    )
     self.up_norms = nnx.List([ChannelNorm(filters[i + 1], **norm) for i in range(4)])
     self.conv_out = Conv2d(filters[4], 3, 7, padding=3, padding_mode="reflect", **kw)
 
@@ -154,13 +218,21 @@ class Codec(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     c, n = cfg.latent_channels, cfg.hyper_channels
     if len(cfg.encoder_filters) != 5 or len(cfg.decoder_filters) != 5:
-      raise ValueError("model.encoder_filters and model.decoder_filters need 5 widths each "
-                       f"(got {tuple(cfg.encoder_filters)} and {tuple(cfg.decoder_filters)})")
+      raise ValueError(
+        "model.encoder_filters and model.decoder_filters need 5 widths each "
+        f"(got {tuple(cfg.encoder_filters)} and {tuple(cfg.decoder_filters)})"
+      )
     self.encoder = Encoder(c, tuple(cfg.encoder_filters), eps=cfg.channel_norm_eps, **kw)
     self.hyper_analysis = HyperAnalysis(c, n, **kw)
-    self.prior = HyperPrior(c, n, filters=tuple(cfg.factorized_filters),
-                            init_scale=cfg.factorized_init_scale,
-                            gate_last=bool(cfg.get("factorized_last_gate", False)),
-                            scale_lower_bound=cfg.scale_lower_bound, **kw)
-    self.fidelity_decoder = FidelityDecoder(c, tuple(cfg.decoder_filters),
-                                            cfg.decoder_residual_blocks, eps=cfg.channel_norm_eps, **kw)
+    self.prior = HyperPrior(
+      c,
+      n,
+      filters=tuple(cfg.factorized_filters),
+      init_scale=cfg.factorized_init_scale,
+      gate_last=bool(cfg.get("factorized_last_gate", False)),
+      scale_lower_bound=cfg.scale_lower_bound,
+      **kw,
+    )
+    self.fidelity_decoder = FidelityDecoder(
+      c, tuple(cfg.decoder_filters), cfg.decoder_residual_blocks, eps=cfg.channel_norm_eps, **kw
+    )

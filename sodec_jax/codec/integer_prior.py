@@ -28,6 +28,7 @@ that for every output the sum of |W| * A_{l-1} over the taps that reach it, plus
 2^53, so every partial sum in any order (BLAS blocking, threads, FMA) is an exactly represented
 integer. The rounding division and clip are int64 numpy ops.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,12 +37,12 @@ import math
 
 import numpy as np
 
-W_MAX = 1 << 15          # target largest |integer weight| per output channel
-HIDDEN_SCALE = 1 << 12   # S of the hidden activations (resolution 2^-12)
-OUTPUT_SCALE = 1 << 16   # S of the last layer's output (the pre-lower-bound sigma)
-EXACT_LIMIT = 1 << 53    # float64 represents every integer below this exactly
-_MAX_DIVISOR = 1 << 28   # w (24-bit mantissa) * D stays exact in float64
-_BLOCK_BYTES = 1 << 25   # gathered input per GEMM at run time (32 MiB)
+W_MAX = 1 << 15  # target largest |integer weight| per output channel
+HIDDEN_SCALE = 1 << 12  # S of the hidden activations (resolution 2^-12)
+OUTPUT_SCALE = 1 << 16  # S of the last layer's output (the pre-lower-bound sigma)
+EXACT_LIMIT = 1 << 53  # float64 represents every integer below this exactly
+_MAX_DIVISOR = 1 << 28  # w (24-bit mantissa) * D stays exact in float64
+_BLOCK_BYTES = 1 << 25  # gathered input per GEMM at run time (32 MiB)
 
 
 def rounding_div(acc: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -60,19 +61,27 @@ def _exact_table(scale_min: float, scale_max: float, levels: int) -> list[decima
   if levels == 1:
     return [lo]
   ratio = ctx.divide(ctx.ln(hi) - ctx.ln(lo), decimal.Decimal(levels - 1))
-  mid = [ctx.exp(ctx.add(ctx.ln(lo), ctx.multiply(ratio, decimal.Decimal(j))))
-         for j in range(1, levels - 1)]
+  mid = [
+    ctx.exp(ctx.add(ctx.ln(lo), ctx.multiply(ratio, decimal.Decimal(j))))
+    for j in range(1, levels - 1)
+  ]
   return [lo] + mid + [hi]
 
 
-def thresholds(scale_min: float, scale_max: float, levels: int, output_scale: int,
-               lower_bound: float) -> tuple[np.ndarray, int]:
+def thresholds(
+  scale_min: float, scale_max: float, levels: int, output_scale: int, lower_bound: float
+) -> tuple[np.ndarray, int]:
   """(T int64 [levels], floor_index): output v (sigma ~ v / output_scale) has table_j < v /
   output_scale exactly when v >= T_j; floor_index = #{j : table_j < lower_bound}."""
   table = _exact_table(scale_min, scale_max, levels)
   ctx = decimal.Context(prec=80, rounding=decimal.ROUND_FLOOR)
-  t = [int(ctx.multiply(s, decimal.Decimal(output_scale)).to_integral_value(
-      rounding=decimal.ROUND_FLOOR)) + 1 for s in table]
+  t = [
+    int(
+      ctx.multiply(s, decimal.Decimal(output_scale)).to_integral_value(rounding=decimal.ROUND_FLOOR)
+    )
+    + 1
+    for s in table
+  ]
   lb = decimal.Decimal(lower_bound)
   return np.asarray(t, np.int64), sum(1 for s in table if s < lb)
 
@@ -83,6 +92,7 @@ class IntegerLayer:
 
   weight float64 [k, k, I, O] (integer values), bias / divisor int64 [O], out_max: the clip of
   the output (A_l); stride, padding, output_padding as the float layer's."""
+
   weight: np.ndarray
   bias: np.ndarray
   divisor: np.ndarray
@@ -106,7 +116,7 @@ class IntegerLayer:
     out = np.empty((b, ho, wo, cout), np.int64)
     for rh in range(min(s, ho)):
       taps_h = [(kh, (rh + p - kh) // s) for kh in range(k) if (rh + p - kh) % s == 0]
-      mh = -(-(ho - rh) // s)                                  # output rows of this phase
+      mh = -(-(ho - rh) // s)  # output rows of this phase
       for rw in range(min(s, wo)):
         taps_w = [(kw, (rw + p - kw) // s) for kw in range(k) if (rw + p - kw) % s == 0]
         mw = -(-(wo - rw) // s)
@@ -122,16 +132,29 @@ class IntegerLayer:
       return np.clip(rounding_div(acc, self.divisor), 0, self.out_max)
     dh, dw = [d for _, d in taps_h], [d for _, d in taps_w]
     top, left = max(0, -min(dh)), max(0, -min(dw))
-    xp = np.pad(x, ((0, 0), (top, max(0, mh - 1 + max(dh) - (h - 1))),
-                    (left, max(0, mw - 1 + max(dw) - (w - 1))), (0, 0)))
+    xp = np.pad(
+      x,
+      (
+        (0, 0),
+        (top, max(0, mh - 1 + max(dh) - (h - 1))),
+        (left, max(0, mw - 1 + max(dw) - (w - 1))),
+        (0, 0),
+      ),
+    )
     wmat = np.concatenate([self.weight[kh, kw] for kh, _ in taps_h for kw, _ in taps_w])
     taps = len(taps_h) * len(taps_w)
     rows = max(1, _BLOCK_BYTES // (8 * mw * taps * cin))
     out = np.empty((b, mh, mw, cout), np.int64)
     for m0 in range(0, mh, rows):
       m1 = min(mh, m0 + rows)
-      cols = np.concatenate([xp[:, top + d0 + m0:top + d0 + m1, left + d1:left + d1 + mw]
-                             for _, d0 in taps_h for _, d1 in taps_w], axis=-1)
+      cols = np.concatenate(
+        [
+          xp[:, top + d0 + m0 : top + d0 + m1, left + d1 : left + d1 + mw]
+          for _, d0 in taps_h
+          for _, d1 in taps_w
+        ],
+        axis=-1,
+      )
       acc = (cols.reshape(-1, taps * cin) @ wmat).astype(np.int64).reshape(b, m1 - m0, mw, cout)
       out[:, m0:m1] = np.clip(rounding_div(acc + self.bias, self.divisor), 0, self.out_max)
     return out
@@ -140,9 +163,10 @@ class IntegerLayer:
 @dataclasses.dataclass(frozen=True)
 class IntegerScaleIndexer:
   """z_hat -> scale indexes with integer arithmetic only (see the module docstring)."""
+
   layers: tuple
   in_max: int
-  thresholds: np.ndarray   # int64 [L]
+  thresholds: np.ndarray  # int64 [L]
   floor_index: int
   output_scale: int
 
@@ -165,23 +189,37 @@ class IntegerScaleIndexer:
     return idx.astype(dtype).reshape(v.shape)
 
 
-def _quantize_layer(kernel: np.ndarray, bias: np.ndarray, ratio: float, out_scale: float,
-                    in_max: int, out_max: int, geometry: tuple) -> IntegerLayer:
+def _quantize_layer(
+  kernel: np.ndarray,
+  bias: np.ndarray,
+  ratio: float,
+  out_scale: float,
+  in_max: int,
+  out_max: int,
+  geometry: tuple,
+) -> IntegerLayer:
   """Integer weights / bias / divisors for one layer whose input is scaled by S_in and output by
   S_out (ratio = S_out / S_in, powers of two) and the 2^53 bound check."""
-  w = np.asarray(kernel, np.float64)                       # float32 bits, exact in float64
+  w = np.asarray(kernel, np.float64)  # float32 bits, exact in float64
   bvec = np.asarray(bias, np.float64)
-  peak = np.abs(w).max(axis=(0, 1, 2)) * ratio             # exact: ratio is a power of two
+  peak = np.abs(w).max(axis=(0, 1, 2)) * ratio  # exact: ratio is a power of two
   with np.errstate(divide="ignore"):
     d = np.where(peak > 0, np.floor(W_MAX / np.where(peak > 0, peak, 1.0)), 1.0)
   d = np.clip(d, 1, _MAX_DIVISOR)
-  w_int = np.round(w * (d * ratio))                        # |w| * d < 2^53: exact
+  w_int = np.round(w * (d * ratio))  # |w| * d < 2^53: exact
   b_int = np.round(bvec * (d * out_scale))
   k, s = w.shape[0], geometry[0]
   # An output sums the taps of one phase class (kh = kw = const mod s) over all inputs:
-  per_tap = np.abs(w_int).sum(axis=2)                      # [k, k, O], exact integers < 2^53
-  colsum = [int(v) for v in np.max([per_tap[rh::s, rw::s].sum(axis=(0, 1))
-                                    for rh in range(min(s, k)) for rw in range(min(s, k))], axis=0)]
+  per_tap = np.abs(w_int).sum(axis=2)  # [k, k, O], exact integers < 2^53
+  colsum = [
+    int(v)
+    for v in np.max(
+      [
+        per_tap[rh::s, rw::s].sum(axis=(0, 1)) for rh in range(min(s, k)) for rw in range(min(s, k))
+      ],
+      axis=0,
+    )
+  ]
   d_int = [int(v) for v in d]
   bias_out = []
   for o, b_o in enumerate(b_int):
@@ -189,14 +227,17 @@ def _quantize_layer(kernel: np.ndarray, bias: np.ndarray, ratio: float, out_scal
     cap = colsum[o] * in_max + d_int[o] * (out_max + 1)
     b_o = max(-cap, min(cap, int(b_o)))
     assert colsum[o] * in_max + abs(b_o) < EXACT_LIMIT, (
-        f"integer prior: output channel {o} can reach {colsum[o] * in_max + abs(b_o)} >= 2^53")
+      f"integer prior: output channel {o} can reach {colsum[o] * in_max + abs(b_o)} >= 2^53"
+    )
     bias_out.append(b_o)
-  return IntegerLayer(w_int, np.asarray(bias_out, np.int64), np.asarray(d_int, np.int64),
-                      out_max, *geometry)
+  return IntegerLayer(
+    w_int, np.asarray(bias_out, np.int64), np.asarray(d_int, np.int64), out_max, *geometry
+  )
 
 
-def derive(stack_params: list[tuple], scale_min: float, scale_max: float, levels: int,
-           lower_bound: float) -> IntegerScaleIndexer:
+def derive(
+  stack_params: list[tuple], scale_min: float, scale_max: float, levels: int, lower_bound: float
+) -> IntegerScaleIndexer:
   """The integer scale indexer of a float scale synthesis.
 
   stack_params: [(kernel [k, k, I, O], bias [O], stride, padding, output_padding)] per layer,
@@ -211,9 +252,18 @@ def derive(stack_params: list[tuple], scale_min: float, scale_max: float, levels
   for n, (kernel, bias, stride, padding, output_padding) in enumerate(stack_params):
     last = n == len(stack_params) - 1
     out_scale = OUTPUT_SCALE if last else HIDDEN_SCALE
-    out_max = int(t[-1]) if last else a_max                # beyond the table's last threshold
-    layers.append(_quantize_layer(kernel, bias, out_scale / in_scale, out_scale, in_max, out_max,
-                                  (stride, padding, output_padding)))
+    out_max = int(t[-1]) if last else a_max  # beyond the table's last threshold
+    layers.append(
+      _quantize_layer(
+        kernel,
+        bias,
+        out_scale / in_scale,
+        out_scale,
+        in_max,
+        out_max,
+        (stride, padding, output_padding),
+      )
+    )
     in_scale, in_max = out_scale, out_max
   return IntegerScaleIndexer(tuple(layers), a_max, t, floor_index, OUTPUT_SCALE)
 
@@ -222,6 +272,13 @@ def stack_params_of(stack) -> list[tuple]:
   """A `hific.HyperSynthesisStack`'s layers as derive() takes them (host float32 copies)."""
   out = []
   for conv in (stack.conv1, stack.conv2, stack.conv3):
-    out.append((np.asarray(conv.kernel[...], np.float32), np.asarray(conv.bias[...], np.float32),
-                conv.stride, conv.padding, conv.output_padding))
+    out.append(
+      (
+        np.asarray(conv.kernel[...], np.float32),
+        np.asarray(conv.bias[...], np.float32),
+        conv.stride,
+        conv.padding,
+        conv.output_padding,
+      )
+    )
   return out

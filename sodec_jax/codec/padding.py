@@ -12,6 +12,7 @@ ceil(H/16): reflected y ("hific") or the code of a reflected image ("sodec"). Th
 output is cropped to H x W. The field is optional in a config (absent = "sodec"), and a model's
 fingerprint leaves it out at its default, so native models keep their fingerprints.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,8 @@ DEFAULT = "sodec"
 
 @dataclasses.dataclass(frozen=True)
 class Padding:
-  image_multiple: int    # the image is reflect-padded bottom/right to a multiple of this
-  latent_multiple: int   # then y (at 1/16) to a multiple of this (1: y is not padded)
+  image_multiple: int  # the image is reflect-padded bottom/right to a multiple of this
+  latent_multiple: int  # then y (at 1/16) to a multiple of this (1: y is not padded)
 
 
 SCHEMES = {"sodec": Padding(64, 1), "hific": Padding(16, 4)}
@@ -57,5 +58,6 @@ def pad_latent(y, multiple: int):
   h, w = y.shape[1:3]
   if multiple <= 1 or (h % multiple == 0 and w % multiple == 0):
     return y
-  return jnp.pad(y, ((0, 0), (0, _up(h, multiple) - h), (0, _up(w, multiple) - w), (0, 0)),
-                 mode="reflect")
+  return jnp.pad(
+    y, ((0, 0), (0, _up(h, multiple) - h), (0, _up(w, multiple) - w), (0, 0)), mode="reflect"
+  )

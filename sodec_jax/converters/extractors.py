@@ -3,6 +3,7 @@
 image tower plus the prompt embeddings computed once in torch). Key maps:
 `sodec_jax.weights.transformers` and `sodec_jax.weights.clip`.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,10 @@ from sodec_jax.weights.formats import read_json
 def _convert_extractor(kind: str, src: str, out: str, dtype: str) -> str:
   check_dtype(dtype)
   if not os.path.isdir(src):
-    raise SodecError(f"--src {src} is not a folder (expected a transformers {kind} model folder "
-                     "with config.json and model.safetensors)")
+    raise SodecError(
+      f"--src {src} is not a folder (expected a transformers {kind} model folder "
+      "with config.json and model.safetensors)"
+    )
   loader = tw.load_vit if kind == "vit" else tw.load_swin
   module = loader(src, dtype=jnp.float32, param_dtype=jnp.dtype(dtype))
   config = read_json(os.path.join(src, "config.json"), kind)
@@ -31,8 +34,11 @@ def _convert_extractor(kind: str, src: str, out: str, dtype: str) -> str:
   names = [n for n in sorted(os.listdir(src)) if n.endswith((".json", ".safetensors", ".bin"))]
   with output(out, kind, dtype) as o:
     o.write_json("extractor", "config.json", config)
-    o.write_json("extractor", "preprocessor_config.json",
-                 {**pre, "image_mean": list(module.image_mean), "image_std": list(module.image_std)})
+    o.write_json(
+      "extractor",
+      "preprocessor_config.json",
+      {**pre, "image_mean": list(module.image_mean), "image_std": list(module.image_std)},
+    )
     o.save_params("extractor", tree)
     o.add_sources([os.path.join(src, n) for n in names])
     o.extra["ignored_keys"] = list(module.ignored_keys)
@@ -54,8 +60,11 @@ def convert_clip_iqa(src: str, out: str, dtype: str = "float32") -> str:
   check_dtype(dtype)
   model, cfg = cw.build_from_folder(src, param_dtype=jnp.dtype(dtype))
   tree = nnx.to_pure_dict(nnx.state(model))
-  names = [n for n in sorted(os.listdir(src))
-           if n.endswith((".json", ".safetensors", ".bin", ".txt", ".model"))]
+  names = [
+    n
+    for n in sorted(os.listdir(src))
+    if n.endswith((".json", ".safetensors", ".bin", ".txt", ".model"))
+  ]
   with output(out, "clip-iqa", dtype) as o:
     o.write_json("clip_iqa", "config.json", cfg)
     o.save_params("clip_iqa", tree)

@@ -2,6 +2,7 @@
 checkpoint holds one, OUT/discriminator/. The codec's widths are read from the tensors' shapes
 (`hific_model_config`); the key map is `sodec_jax.weights.hific`.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,13 @@ from flax import nnx
 from sodec_jax.converters.output import check_dtype, output
 from sodec_jax.errors import SodecError
 from sodec_jax.pretrained import build_model
-from sodec_jax.weights.formats import (TensorSource, looks_like, np_dtype, open_safetensors,
-                                       torch_load)
+from sodec_jax.weights.formats import (
+  TensorSource,
+  looks_like,
+  np_dtype,
+  open_safetensors,
+  torch_load,
+)
 from sodec_jax.weights.hific import load_hific_state_dict
 
 
@@ -25,32 +31,44 @@ def hific_model_config(state: TensorSource, args: Mapping | None = None):
   the rest from configs/base.py. `args` (the checkpoint's) is cross-checked."""
   from configs import base
   from sodec_jax.weights.hific import HIFIC_PREFIXES, check_key_names
+
   m = base.get_config().model
   if not any(k.startswith(HIFIC_PREFIXES) for k in state.keys()):
     looks = looks_like(state.keys())
-    raise SodecError("this is not a HiFiC checkpoint: model_state_dict has no Encoder./"
-                     "Generator./Hyperprior. keys" + (f" (it looks like {looks})" if looks else ""))
-  m.decoder_residual_blocks = len({k.split(".")[1] for k in state.keys()
-                                   if k.startswith("Generator.resblock_")})
-  n_h = len([k for k in state.keys() if re.fullmatch(r"Hyperprior\.hyperlatent_likelihood\.H_\d+", k)])
+    raise SodecError(
+      "this is not a HiFiC checkpoint: model_state_dict has no Encoder./"
+      "Generator./Hyperprior. keys" + (f" (it looks like {looks})" if looks else "")
+    )
+  m.decoder_residual_blocks = len(
+    {k.split(".")[1] for k in state.keys() if k.startswith("Generator.resblock_")}
+  )
+  n_h = len(
+    [k for k in state.keys() if re.fullmatch(r"Hyperprior\.hyperlatent_likelihood\.H_\d+", k)]
+  )
   if n_h >= 2:
     # H_k is [C, d_{k+1}, d_k]: the filters are the output widths of all but the last
-    m.factorized_filters = tuple(state.shape(f"Hyperprior.hyperlatent_likelihood.H_{k}")[1]
-                                 for k in range(n_h - 1))
-  m.factorized_last_gate = True   # upstream's density has (and uses) a_k after its last layer
-  m.padding = "hific"             # and it pads as upstream codes (sodec_jax/codec/padding.py)
+    m.factorized_filters = tuple(
+      state.shape(f"Hyperprior.hyperlatent_likelihood.H_{k}")[1] for k in range(n_h - 1)
+    )
+  m.factorized_last_gate = True  # upstream's density has (and uses) a_k after its last layer
+  m.padding = "hific"  # and it pads as upstream codes (sodec_jax/codec/padding.py)
   check_key_names(state.keys(), m)
   m.encoder_filters = tuple(state.shape(f"Encoder.conv_block{i}.1.weight")[0] for i in range(1, 6))
   m.latent_channels = state.shape("Encoder.conv_block_out.1.weight")[0]
   m.hyper_channels = state.shape("Hyperprior.analysis_net.conv1.weight")[0]
   m.decoder_filters = (state.shape("Generator.conv_block_init.2.weight")[0],) + tuple(
-      state.shape(f"Generator.upconv_block{i}.0.weight")[1] for i in range(1, 5))
+    state.shape(f"Generator.upconv_block{i}.0.weight")[1] for i in range(1, 5)
+  )
   if args:
-    for ours, theirs in (("latent_channels", "latent_channels"),
-                         ("decoder_residual_blocks", "n_residual_blocks")):
+    for ours, theirs in (
+      ("latent_channels", "latent_channels"),
+      ("decoder_residual_blocks", "n_residual_blocks"),
+    ):
       if theirs in args and int(args[theirs]) != int(m[ours]):
-        raise SodecError(f"the HiFiC checkpoint's args say {theirs}={args[theirs]} but its tensors "
-                         f"have {m[ours]}: the file is inconsistent")
+        raise SodecError(
+          f"the HiFiC checkpoint's args say {theirs}={args[theirs]} but its tensors "
+          f"have {m[ours]}: the file is inconsistent"
+        )
   return m
 
 
@@ -78,8 +96,13 @@ def _hific_state(src: str) -> tuple[TensorSource, dict]:
 #   Discriminator.<layer>.weight_v    [I*kh*kw]                      -> <layer>.sn_v   [I*kh*kw] (as is)
 #   Discriminator.<layer>.bias        [O]                            -> <layer>.bias   [O]
 # (<layer> with dots replaced by '_', e.g. context_conv, conv1..conv4, conv_out.)
-DISCRIMINATOR_LEAVES = {"weight_orig": "kernel", "weight": "kernel", "weight_u": "sn_u",
-                        "weight_v": "sn_v", "bias": "bias"}
+DISCRIMINATOR_LEAVES = {
+  "weight_orig": "kernel",
+  "weight": "kernel",
+  "weight_u": "sn_u",
+  "weight_v": "sn_v",
+  "bias": "bias",
+}
 
 
 def discriminator_arrays(state: TensorSource, dtype: str) -> dict:
@@ -90,7 +113,7 @@ def discriminator_arrays(state: TensorSource, dtype: str) -> dict:
   for k in sorted(state.keys()):
     if not k.startswith("Discriminator."):
       continue
-    layer, leaf = k[len("Discriminator."):].rsplit(".", 1)
+    layer, leaf = k[len("Discriminator.") :].rsplit(".", 1)
     if leaf not in DISCRIMINATOR_LEAVES:
       bad.append(k)
       continue
@@ -100,8 +123,9 @@ def discriminator_arrays(state: TensorSource, dtype: str) -> dict:
         bad.append(f"{k} {a.shape}")
         continue
       a = a.transpose(2, 3, 1, 0)
-    out.setdefault(layer.replace(".", "_"), {})[DISCRIMINATOR_LEAVES[leaf]] = \
-        np.ascontiguousarray(a.astype(npdt if a.dtype.kind == "f" else a.dtype))
+    out.setdefault(layer.replace(".", "_"), {})[DISCRIMINATOR_LEAVES[leaf]] = np.ascontiguousarray(
+      a.astype(npdt if a.dtype.kind == "f" else a.dtype)
+    )
   if bad:
     raise SodecError("HiFiC discriminator tensors not understood: " + ", ".join(bad))
   return out
@@ -110,7 +134,9 @@ def discriminator_arrays(state: TensorSource, dtype: str) -> dict:
 def convert_hific(src: str, out: str, dtype: str = "float32") -> str:
   """A HiFiC PyTorch checkpoint -> OUT/codec/ (E, H_a, P, D_a) [+ OUT/discriminator/]."""
   import ml_collections
+
   from configs import base
+
   check_dtype(dtype)
   state, args = _hific_state(src)
   model_cfg = hific_model_config(state, args)
@@ -125,12 +151,24 @@ def convert_hific(src: str, out: str, dtype: str = "float32") -> str:
     o.write_json("codec", "config.json", ml_collections.ConfigDict(model_cfg).to_dict())
     o.save_params("codec", nnx.to_pure_dict(nnx.state(model.codec, nnx.Param)))
     if disc:
-      o.write_json("discriminator", "config.json", {
-          "source_prefix": "Discriminator.", "layers": sorted(disc),
-          "key_map": {"weight_orig|weight": "kernel (O,I,kh,kw -> kh,kw,I,O)",
-                      "weight_u": "sn_u", "weight_v": "sn_v", "bias": "bias"}})
+      o.write_json(
+        "discriminator",
+        "config.json",
+        {
+          "source_prefix": "Discriminator.",
+          "layers": sorted(disc),
+          "key_map": {
+            "weight_orig|weight": "kernel (O,I,kh,kw -> kh,kw,I,O)",
+            "weight_u": "sn_u",
+            "weight_v": "sn_v",
+            "bias": "bias",
+          },
+        },
+      )
       o.save_params("discriminator", disc)
     o.add_sources([src])
-    o.extra["hific_args"] = {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))}
+    o.extra["hific_args"] = {
+      k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))
+    }
     o.extra["discriminator"] = bool(disc)
   return out

@@ -18,6 +18,7 @@ layers), rank_pattern / alpha_pattern when layers differ. In PyTorch:
     unet.add_adapter(LoraConfig(**json.load(open("out/adapter_config.json"))))
     set_peft_model_state_dict(unet, safetensors.torch.load_file("out/adapter_model.safetensors"))
 """
+
 from __future__ import annotations
 
 import json
@@ -33,15 +34,27 @@ from sodec_jax.errors import SodecError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-PEFT_CONFIG_KEYS = ("peft_type", "r", "lora_alpha", "target_modules", "lora_dropout", "bias",
-                    "fan_in_fan_out", "use_rslora", "use_dora", "rank_pattern", "alpha_pattern",
-                    "init_lora_weights")
+PEFT_CONFIG_KEYS = (
+  "peft_type",
+  "r",
+  "lora_alpha",
+  "target_modules",
+  "lora_dropout",
+  "bias",
+  "fan_in_fan_out",
+  "use_rslora",
+  "use_dora",
+  "rank_pattern",
+  "alpha_pattern",
+  "init_lora_weights",
+)
 
 
 def lora_tensors(unet: nnx.Module) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, float]]]:
   """({peft key: float32 array}, {diffusers module name: (rank, lora_alpha)}) of every adapter."""
   from sodec_jax.diffusion.blocks import Conv2d, Linear
   from sodec_jax.weights.diffusers import diffusers_module_path
+
   tensors, layers = {}, {}
   for path, module in nnx.iter_modules(unet):
     if not isinstance(module, (Linear, Conv2d)) or getattr(module, "lora", None) is None:
@@ -64,22 +77,33 @@ def peft_config(layers: dict[str, tuple[int, float]]) -> dict:
   """A peft LoraConfig dict for the adapted layers (the most common rank/alpha as defaults)."""
   r = Counter(v[0] for v in layers.values()).most_common(1)[0][0]
   alpha = Counter(v[1] for v in layers.values()).most_common(1)[0][0]
-  return {"peft_type": "LORA", "r": int(r), "lora_alpha": alpha,
-          "target_modules": sorted(layers), "lora_dropout": 0.0, "bias": "none",
-          "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
-          "init_lora_weights": True,
-          "rank_pattern": {k: int(v[0]) for k, v in layers.items() if v[0] != r},
-          "alpha_pattern": {k: v[1] for k, v in layers.items() if v[1] != alpha}}
+  return {
+    "peft_type": "LORA",
+    "r": int(r),
+    "lora_alpha": alpha,
+    "target_modules": sorted(layers),
+    "lora_dropout": 0.0,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "use_rslora": False,
+    "use_dora": False,
+    "init_lora_weights": True,
+    "rank_pattern": {k: int(v[0]) for k, v in layers.items() if v[0] != r},
+    "alpha_pattern": {k: v[1] for k, v in layers.items() if v[1] != alpha},
+  }
 
 
 def export_lora(unet: nnx.Module, path: str, *, metadata: dict | None = None) -> str:
   """Writes PATH/adapter_model.safetensors and PATH/adapter_config.json (atomically: a temporary
   sibling folder renamed at the end). Raises SodecError when the module has no LoRA adapters."""
   from safetensors.numpy import save_file
+
   tensors, layers = lora_tensors(unet)
   if not tensors:
-    raise SodecError("the UNet has no LoRA adapters to export (apply_lora was never called on it, "
-                     "or they were merged)")
+    raise SodecError(
+      "the UNet has no LoRA adapters to export (apply_lora was never called on it, "
+      "or they were merged)"
+    )
   out = os.path.abspath(path)
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise SodecError(f"--out {path} already exists and is not empty; choose a new folder")
@@ -90,8 +114,12 @@ def export_lora(unet: nnx.Module, path: str, *, metadata: dict | None = None) ->
     raise SodecError(f"cannot write {path}: {e.strerror or e}") from None
   try:
     from sodec_jax.weights.formats import CONVERTER_VERSION
-    meta = {"format": "peft-lora", "converter": f"sodec-jax {CONVERTER_VERSION}",
-            **{k: str(v) for k, v in (metadata or {}).items()}}
+
+    meta = {
+      "format": "peft-lora",
+      "converter": f"sodec-jax {CONVERTER_VERSION}",
+      **{k: str(v) for k, v in (metadata or {}).items()},
+    }
     save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=meta)
     with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
       json.dump(peft_config(layers), f, indent=2, sort_keys=True)
@@ -109,6 +137,7 @@ def export_lora(unet: nnx.Module, path: str, *, metadata: dict | None = None) ->
 def find_unet(model: nnx.Module):
   """The UNet2DConditionModel inside `model` (itself, or a submodule), or None."""
   from sodec_jax.diffusion.unet import UNet2DConditionModel
+
   for _, module in nnx.iter_modules(model):
     if isinstance(module, UNet2DConditionModel):
       return module
@@ -119,16 +148,20 @@ def export_lora_from_workdir(workdir: str, out: str, step: int | None = None) ->
   """The LoRA of the UNet in a training workdir's latest (or given) checkpoint -> `out`."""
   from sodec_jax import checkpoints
   from sodec_jax.pretrained import build_model
+
   if not os.path.isdir(workdir):
     raise SodecError(f"--src {workdir} is not a folder (expected a training workdir)")
   if not os.path.isfile(os.path.join(workdir, checkpoints.CONFIG_FILE)):
-    raise SodecError(f"--src {workdir} is not a sodec-jax training workdir (no "
-                     f"{checkpoints.CONFIG_FILE})")
+    raise SodecError(
+      f"--src {workdir} is not a sodec-jax training workdir (no {checkpoints.CONFIG_FILE})"
+    )
   config = checkpoints.load_config(workdir)
   model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0)))
   unet = find_unet(model)
   if unet is None:
-    raise SodecError(f"the model of {workdir} (config {config.get('name', '?')!r}, stage "
-                     f"{config.get('stage', '?')}) has no UNet, so there is no LoRA to export")
+    raise SodecError(
+      f"the model of {workdir} (config {config.get('name', '?')!r}, stage "
+      f"{config.get('stage', '?')}) has no UNet, so there is no LoRA to export"
+    )
   used = checkpoints.restore_params(workdir, model, step)
   return export_lora(unet, out, metadata={"workdir": os.path.abspath(workdir), "step": used})

@@ -2,6 +2,7 @@
 LPIPS heads: OUT/{vgg16,lpips}/) and `convert_dists` (VGG16 + alpha/beta: OUT/{vgg16,dists}/).
 Readers and checks: `sodec_jax.weights.lpips`, `sodec_jax.weights.dists`.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,14 +43,27 @@ def convert_lpips(src: str, out: str, dtype: str = "float32", *, heads: str | No
     head_arrays = lw.load_shipped_heads()
   npdt = np_dtype(dtype)
   with output(out, "lpips", dtype) as o:
-    o.write_json("vgg16", "config.json", {"layout": "torchvision vgg16 features, HWIO kernels",
-                                          "convs": sorted(int(k.split(".")[1]) for k in vgg
-                                                          if k.endswith("weight"))})
+    o.write_json(
+      "vgg16",
+      "config.json",
+      {
+        "layout": "torchvision vgg16 features, HWIO kernels",
+        "convs": sorted(int(k.split(".")[1]) for k in vgg if k.endswith("weight")),
+      },
+    )
     o.save_params("vgg16", {k: v.astype(npdt) for k, v in _vgg_tree(vgg).items()})
-    o.write_json("lpips", "config.json", {"heads": list(lw.HEAD_KEYS),
-                                          "source": os.path.abspath(heads) if heads else "shipped"})
-    o.save_params("lpips", {f"lin{i}": np.asarray(head_arrays[k], np.float32).reshape(-1)
-                            for i, k in enumerate(lw.HEAD_KEYS)})
+    o.write_json(
+      "lpips",
+      "config.json",
+      {"heads": list(lw.HEAD_KEYS), "source": os.path.abspath(heads) if heads else "shipped"},
+    )
+    o.save_params(
+      "lpips",
+      {
+        f"lin{i}": np.asarray(head_arrays[k], np.float32).reshape(-1)
+        for i, k in enumerate(lw.HEAD_KEYS)
+      },
+    )
     o.add_sources([src] + ([heads] if heads else []))
   return out
 

@@ -15,6 +15,7 @@ Components go to a temporary sibling folder renamed to OUT at the end, so a fail
 nothing at OUT. Read back by `sodec_jax.weights.converted` (the format constants live in
 `sodec_jax.weights.formats`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,15 @@ from typing import Iterable
 import numpy as np
 
 from sodec_jax.errors import SodecError
-from sodec_jax.weights.formats import (CONVERTER_VERSION, DTYPES, FORMAT, FORMAT_VERSION, MANIFEST,
-                                       PARAMS_DIR, sha256_file)
+from sodec_jax.weights.formats import (
+  CONVERTER_VERSION,
+  DTYPES,
+  FORMAT,
+  FORMAT_VERSION,
+  MANIFEST,
+  PARAMS_DIR,
+  sha256_file,
+)
 
 
 def source_entries(paths: Iterable[str]) -> list[dict]:
@@ -57,8 +65,9 @@ class Output:
     self.sources: list[dict] = []
     self.extra: dict = {}
     if os.path.exists(self.out) and (not os.path.isdir(self.out) or os.listdir(self.out)):
-      raise SodecError(f"--out {out} already exists and is not empty; choose a new folder "
-                       "(nothing was written)")
+      raise SodecError(
+        f"--out {out} already exists and is not empty; choose a new folder (nothing was written)"
+      )
     parent = os.path.dirname(self.out)
     try:
       os.makedirs(parent, exist_ok=True)
@@ -86,6 +95,7 @@ class Output:
   def hash_sources_in_background(self, paths: Iterable[str]) -> None:
     """Hash `paths` in a thread while the conversion runs (hashlib releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
+
     pool = ThreadPoolExecutor(1)
     self._pending = pool.submit(source_entries, list(paths))
     pool.shutdown(wait=False)
@@ -94,15 +104,22 @@ class Output:
     if getattr(self, "_pending", None) is not None:
       self.sources.extend(self._pending.result())
       self._pending = None
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "converter_version": CONVERTER_VERSION, "kind": self.kind, "dtype": self.dtype,
-                "components": self.components, "source": self.sources,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.extra}
+    manifest = {
+      "format": FORMAT,
+      "format_version": FORMAT_VERSION,
+      "converter_version": CONVERTER_VERSION,
+      "kind": self.kind,
+      "dtype": self.dtype,
+      "components": self.components,
+      "source": self.sources,
+      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      **self.extra,
+    }
     with open(os.path.join(self.tmp, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=2, default=_json_default)
     try:
       if os.path.isdir(self.out):
-        os.rmdir(self.out)   # an empty folder given as --out
+        os.rmdir(self.out)  # an empty folder given as --out
       os.rename(self.tmp, self.out)
     except OSError as e:
       raise SodecError(f"cannot move the result into --out {self.out}: {e.strerror or e}") from None
@@ -138,14 +155,18 @@ def output(out: str, kind: str, dtype: str):
 def save_tree(path: str, tree) -> None:
   """An orbax checkpoint of a pure dict of arrays at `path` (synchronous)."""
   import orbax.checkpoint as ocp
+
   # Synchronous, no defensive copy of host arrays, at most 1 GB in flight, no compression
   # (weights do not compress): keeps converting the full UNet within memory and time budgets.
   registry = ocp.type_handlers.create_type_handler_registry(
-      (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)))
+    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+  )
   import jax
+
   tree = jax.tree.map(lambda a: a if isinstance(a, np.ndarray) else np.asarray(a), tree)
-  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, use_compression=False,
-                                        type_handler_registry=registry)
+  handler = ocp.PyTreeCheckpointHandler(
+    save_concurrent_gb=1, use_compression=False, type_handler_registry=registry
+  )
   try:
     with ocp.Checkpointer(handler) as ckptr:
       ckptr.save(os.path.abspath(path), args=ocp.args.PyTreeSave(tree))

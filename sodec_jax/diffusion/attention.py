@@ -4,17 +4,19 @@ All attention goes through `jax.nn.dot_product_attention` (layout [B, T, heads, 
 GPU can use cuDNN's fused kernel. Logits and softmax are computed in float32 even for bfloat16
 inputs (this is what diffusers' `upcast_attention` / `upcast_softmax` ask for).
 """
+
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sodec_jax.diffusion.blocks import GroupNorm, LayerNorm, Linear, Conv2d
+from sodec_jax.diffusion.blocks import Conv2d, GroupNorm, LayerNorm, Linear
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-                          query_chunk: int = 0) -> jax.Array:
+def dot_product_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, query_chunk: int = 0
+) -> jax.Array:
   """Softmax(q k^T / sqrt(head_dim)) v. q: [B, Tq, N, D], k and v: [B, Tk, N, D] -> [B, Tq, N, D].
 
   `query_chunk` > 0 splits the queries into chunks of that many tokens, processed one after the
@@ -39,8 +41,12 @@ def _attend(q, k, v):
   """jax.nn.dot_product_attention; cuDNN's fused kernel on GPU where it applies (16-bit inputs,
   head_dim a multiple of 8 up to 128), XLA's otherwise (or when cuDNN refuses at trace time)."""
   d = q.shape[-1]
-  if (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-      and d % 8 == 0 and d <= 128):
+  if (
+    jax.default_backend() == "gpu"
+    and q.dtype in (jnp.bfloat16, jnp.float16)
+    and d % 8 == 0
+    and d <= 128
+  ):
     try:
       return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     except (ValueError, NotImplementedError, RuntimeError):
@@ -60,10 +66,20 @@ class Attention(nnx.Module):
   -> [B, T, query_dim].
   """
 
-  def __init__(self, query_dim: int, *, heads: int, dim_head: int,
-               cross_attention_dim: int | None = None, bias: bool = False,
-               out_bias: bool = True, query_chunk: int = 0, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    query_dim: int,
+    *,
+    heads: int,
+    dim_head: int,
+    cross_attention_dim: int | None = None,
+    bias: bool = False,
+    out_bias: bool = True,
+    query_chunk: int = 0,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = heads * dim_head
     context_dim = cross_attention_dim or query_dim
@@ -92,8 +108,9 @@ class FeedForward(nnx.Module):
   x: [B, T, dim] -> [B, T, dim]; inner width 4 * dim. (diffusers names: ff.net.0.proj, ff.net.2.)
   """
 
-  def __init__(self, dim: int, *, mult: int = 4, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, dim: int, *, mult: int = 4, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     inner = dim * mult
     self.proj_in = Linear(dim, 2 * inner, **kw)
@@ -110,15 +127,27 @@ class BasicTransformerBlock(nnx.Module):
   x: [B, T, dim], context: [B, S, cross_attention_dim] -> [B, T, dim].
   """
 
-  def __init__(self, dim: int, *, heads: int, dim_head: int, cross_attention_dim: int,
-               only_cross_attention: bool = False, eps: float = 1e-5, query_chunk: int = 0,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    dim: int,
+    *,
+    heads: int,
+    dim_head: int,
+    cross_attention_dim: int,
+    only_cross_attention: bool = False,
+    eps: float = 1e-5,
+    query_chunk: int = 0,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     akw = dict(heads=heads, dim_head=dim_head, query_chunk=query_chunk, rngs=rngs, **kw)
     self.only_cross_attention = only_cross_attention
     self.norm1 = LayerNorm(dim, eps=eps, **kw)
-    self.attn1 = Attention(dim, cross_attention_dim=cross_attention_dim if only_cross_attention
-                           else None, **akw)
+    self.attn1 = Attention(
+      dim, cross_attention_dim=cross_attention_dim if only_cross_attention else None, **akw
+    )
     self.norm2 = LayerNorm(dim, eps=eps, **kw)
     self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **akw)
     self.norm3 = LayerNorm(dim, eps=eps, **kw)
@@ -138,10 +167,21 @@ class Transformer2DModel(nnx.Module):
   transformer blocks over the H*W tokens, proj_out, plus the residual.
   """
 
-  def __init__(self, channels: int, *, heads: int, cross_attention_dim: int, num_layers: int = 1,
-               groups: int = 32, use_linear_projection: bool = False,
-               only_cross_attention: bool = False, query_chunk: int = 0, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    *,
+    heads: int,
+    cross_attention_dim: int,
+    num_layers: int = 1,
+    groups: int = 32,
+    use_linear_projection: bool = False,
+    only_cross_attention: bool = False,
+    query_chunk: int = 0,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.use_linear_projection = use_linear_projection
     self.norm = GroupNorm(groups, channels, eps=1e-6, **kw)
@@ -151,12 +191,21 @@ class Transformer2DModel(nnx.Module):
     else:
       self.proj_in = Conv2d(channels, channels, 1, padding=0, rngs=rngs, **kw)
       self.proj_out = Conv2d(channels, channels, 1, padding=0, rngs=rngs, **kw)
-    self.transformer_blocks = nnx.List([
-        BasicTransformerBlock(channels, heads=heads, dim_head=channels // heads,
-                              cross_attention_dim=cross_attention_dim,
-                              only_cross_attention=only_cross_attention,
-                              query_chunk=query_chunk, rngs=rngs, **kw)
-        for _ in range(num_layers)])
+    self.transformer_blocks = nnx.List(
+      [
+        BasicTransformerBlock(
+          channels,
+          heads=heads,
+          dim_head=channels // heads,
+          cross_attention_dim=cross_attention_dim,
+          only_cross_attention=only_cross_attention,
+          query_chunk=query_chunk,
+          rngs=rngs,
+          **kw,
+        )
+        for _ in range(num_layers)
+      ]
+    )
 
   def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
@@ -174,11 +223,28 @@ class SpatialSelfAttention(Attention):
   `C // dim_head` heads, biases on q/k/v/out.
   """
 
-  def __init__(self, channels: int, *, dim_head: int, groups: int = 32, eps: float = 1e-6,
-               query_chunk: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    super().__init__(channels, heads=channels // dim_head, dim_head=dim_head, bias=True,
-                     query_chunk=query_chunk, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(
+    self,
+    channels: int,
+    *,
+    dim_head: int,
+    groups: int = 32,
+    eps: float = 1e-6,
+    query_chunk: int = 0,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    super().__init__(
+      channels,
+      heads=channels // dim_head,
+      dim_head=dim_head,
+      bias=True,
+      query_chunk=query_chunk,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
     self.group_norm = GroupNorm(groups, channels, eps=eps, dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:

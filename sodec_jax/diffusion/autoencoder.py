@@ -7,6 +7,7 @@
 No scaling factor is applied inside encode/decode (as in diffusers). Submodule names follow
 diffusers (encoder.down_blocks.0.resnets.1, decoder.mid_block.attentions.0, quant_conv, ...).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,16 +22,21 @@ from sodec_jax.diffusion.diffusers_config import DiffusersConfig
 from sodec_jax.errors import SodecError
 
 _UNSUPPORTED_DEFAULTS = {
-    "act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
-    "mid_block_add_attention": True, "latents_mean": None, "latents_std": None,
+  "act_fn": "silu",
+  "use_quant_conv": True,
+  "use_post_quant_conv": True,
+  "mid_block_add_attention": True,
+  "latents_mean": None,
+  "latents_std": None,
 }
 _IGNORED = ("force_upcast", "shift_factor", "sample_size")
-_EPS = 1e-6   # diffusers' Encoder/Decoder use resnet_eps=1e-6 throughout
+_EPS = 1e-6  # diffusers' Encoder/Decoder use resnet_eps=1e-6 throughout
 
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig(DiffusersConfig):
   """diffusers AutoencoderKL config (the keys of its config.json)."""
+
   WHAT, UNSUPPORTED, IGNORED = "VAE", _UNSUPPORTED_DEFAULTS, _IGNORED
 
   in_channels: int = 3
@@ -58,22 +64,38 @@ def sd21_vae_config() -> VAEConfig:
 
 def tiny_vae_config() -> VAEConfig:
   """A small member of the same family (tests): 2 levels (x2 down), 16/32 channels."""
-  return VAEConfig(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                   norm_num_groups=8)
+  return VAEConfig(
+    block_out_channels=(16, 32),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1,
+    norm_num_groups=8,
+  )
 
 
 class EncoderBlock(nnx.Module):
   """DownEncoderBlock2D: resnets (no time embedding), then a stride-2 conv (pad right/bottom)."""
 
-  def __init__(self, in_channels, out_channels, *, num_layers, add_downsample, groups, dtype,
-               param_dtype, rngs):
+  def __init__(
+    self, in_channels, out_channels, *, num_layers, add_downsample, groups, dtype, param_dtype, rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None,
-                      groups=groups, eps=_EPS, **kw) for i in range(num_layers)])
-    self.downsamplers = nnx.List([Downsample2D(out_channels, out_channels, padding=0, **kw)]
-                                 if add_downsample else [])
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          in_channels if i == 0 else out_channels,
+          out_channels,
+          temb_channels=None,
+          groups=groups,
+          eps=_EPS,
+          **kw,
+        )
+        for i in range(num_layers)
+      ]
+    )
+    self.downsamplers = nnx.List(
+      [Downsample2D(out_channels, out_channels, padding=0, **kw)] if add_downsample else []
+    )
 
   def __call__(self, x):
     for r in self.resnets:
@@ -86,14 +108,26 @@ class EncoderBlock(nnx.Module):
 class DecoderBlock(nnx.Module):
   """UpDecoderBlock2D: resnets (no time embedding), then nearest x2 + conv."""
 
-  def __init__(self, in_channels, out_channels, *, num_layers, add_upsample, groups, dtype,
-               param_dtype, rngs):
+  def __init__(
+    self, in_channels, out_channels, *, num_layers, add_upsample, groups, dtype, param_dtype, rngs
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=None,
-                      groups=groups, eps=_EPS, **kw) for i in range(num_layers)])
-    self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, **kw)]
-                               if add_upsample else [])
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          in_channels if i == 0 else out_channels,
+          out_channels,
+          temb_channels=None,
+          groups=groups,
+          eps=_EPS,
+          **kw,
+        )
+        for i in range(num_layers)
+      ]
+    )
+    self.upsamplers = nnx.List(
+      [Upsample2D(out_channels, out_channels, **kw)] if add_upsample else []
+    )
 
   def __call__(self, x):
     for r in self.resnets:
@@ -108,10 +142,19 @@ class VAEMidBlock(nnx.Module):
 
   def __init__(self, channels, *, groups, query_chunk, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List([ResnetBlock2D(channels, channels, temb_channels=None, groups=groups,
-                                           eps=_EPS, **kw) for _ in range(2)])
-    self.attentions = nnx.List([SpatialSelfAttention(channels, dim_head=channels, groups=groups,
-                                                     eps=_EPS, query_chunk=query_chunk, **kw)])
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(channels, channels, temb_channels=None, groups=groups, eps=_EPS, **kw)
+        for _ in range(2)
+      ]
+    )
+    self.attentions = nnx.List(
+      [
+        SpatialSelfAttention(
+          channels, dim_head=channels, groups=groups, eps=_EPS, query_chunk=query_chunk, **kw
+        )
+      ]
+    )
 
   def __call__(self, x):
     x = self.resnets[0](x)
@@ -129,12 +172,21 @@ class Encoder(nnx.Module):
     blocks, out_ch = [], ch[0]
     for i in range(len(ch)):
       in_ch, out_ch = out_ch, ch[i]
-      blocks.append(EncoderBlock(in_ch, out_ch, num_layers=c.layers_per_block,
-                                 add_downsample=i < len(ch) - 1, groups=c.norm_num_groups, **kw))
+      blocks.append(
+        EncoderBlock(
+          in_ch,
+          out_ch,
+          num_layers=c.layers_per_block,
+          add_downsample=i < len(ch) - 1,
+          groups=c.norm_num_groups,
+          **kw,
+        )
+      )
     self.down_blocks = nnx.List(blocks)
     self.mid_block = VAEMidBlock(ch[-1], groups=c.norm_num_groups, query_chunk=query_chunk, **kw)
-    self.conv_norm_out = GroupNorm(c.norm_num_groups, ch[-1], eps=_EPS, dtype=dtype,
-                                   param_dtype=param_dtype)
+    self.conv_norm_out = GroupNorm(
+      c.norm_num_groups, ch[-1], eps=_EPS, dtype=dtype, param_dtype=param_dtype
+    )
     self.conv_out = Conv2d(ch[-1], 2 * c.latent_channels, 3, **kw)
 
   def __call__(self, x):
@@ -156,11 +208,20 @@ class Decoder(nnx.Module):
     blocks, out_ch = [], rch[0]
     for i in range(len(rch)):
       prev, out_ch = out_ch, rch[i]
-      blocks.append(DecoderBlock(prev, out_ch, num_layers=c.layers_per_block + 1,
-                                 add_upsample=i < len(rch) - 1, groups=c.norm_num_groups, **kw))
+      blocks.append(
+        DecoderBlock(
+          prev,
+          out_ch,
+          num_layers=c.layers_per_block + 1,
+          add_upsample=i < len(rch) - 1,
+          groups=c.norm_num_groups,
+          **kw,
+        )
+      )
     self.up_blocks = nnx.List(blocks)
-    self.conv_norm_out = GroupNorm(c.norm_num_groups, rch[-1], eps=_EPS, dtype=dtype,
-                                   param_dtype=param_dtype)
+    self.conv_norm_out = GroupNorm(
+      c.norm_num_groups, rch[-1], eps=_EPS, dtype=dtype, param_dtype=param_dtype
+    )
     self.conv_out = Conv2d(rch[-1], c.out_channels, 3, **kw)
 
   def __call__(self, z):
@@ -177,8 +238,15 @@ class AutoencoderKL(nnx.Module):
   No latent scaling inside: divide by `config.scaling_factor` before decode yourself.
   """
 
-  def __init__(self, config: VAEConfig | dict | None = None, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, query_chunk: int | None = None, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: VAEConfig | dict | None = None,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    query_chunk: int | None = None,
+    rngs: nnx.Rngs,
+  ):
     if config is None:
       config = sd21_vae_config()
     if isinstance(config, dict):

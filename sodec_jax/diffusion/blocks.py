@@ -8,6 +8,7 @@ Each module takes `dtype` (the compute dtype: inputs and parameters are cast to 
 `param_dtype` (how parameters are stored). Normalisations always compute their statistics in
 float32, as PyTorch autocast does.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,14 +38,22 @@ class Linear(nnx.Module):
   `lora` is an optional adapter (see `sodec_jax.diffusion.lora`) whose output is added.
   """
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     init = _uniform_fan_in(in_features)
     self.in_features = in_features
     self.out_features = out_features
     self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
     self.bias = nnx.Param(init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
-    self.lora = nnx.data(None)   # optional LoRAAdapter (data: may hold parameters)
+    self.lora = nnx.data(None)  # optional LoRAAdapter (data: may hold parameters)
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -64,9 +73,19 @@ class Conv2d(nnx.Module):
   `lora` is an optional adapter (see `sodec_jax.diffusion.lora`) whose output is added.
   """
 
-  def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, *,
-               stride: int = 1, padding=None, use_bias: bool = True,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    *,
+    stride: int = 1,
+    padding=None,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if padding is None:
       padding = kernel_size // 2
     if isinstance(padding, int):
@@ -80,27 +99,37 @@ class Conv2d(nnx.Module):
     shape = (kernel_size, kernel_size, in_channels, out_channels)
     self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype))
     self.bias = nnx.Param(init(rngs.params(), (out_channels,), param_dtype)) if use_bias else None
-    self.lora = nnx.data(None)   # optional LoRAAdapter (data: may hold parameters)
+    self.lora = nnx.data(None)  # optional LoRAAdapter (data: may hold parameters)
     self.dtype = dtype
-    self.winograd = None         # set by sodec_jax.layers.use_winograd (inference only)
+    self.winograd = None  # set by sodec_jax.layers.use_winograd (inference only)
 
   def winograd_eligible(self, min_channels: int) -> bool:
     """3x3 stride 1, zero padding 1, float32, no LoRA, >= min_channels in and out."""
-    return (self.kernel_size == 3 and self.stride == 1 and self.padding == ((1, 1), (1, 1))
-            and self.lora is None and jnp.dtype(self.dtype) == jnp.float32
-            and min(self.in_channels, self.out_channels) >= min_channels)
+    return (
+      self.kernel_size == 3
+      and self.stride == 1
+      and self.padding == ((1, 1), (1, 1))
+      and self.lora is None
+      and jnp.dtype(self.dtype) == jnp.float32
+      and min(self.in_channels, self.out_channels) >= min_channels
+    )
 
   def conv(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
     """The bare convolution of x with `kernel` ([kh, kw, in, k]) using this layer's geometry."""
     return jax.lax.conv_general_dilated(
-        x, kernel.astype(x.dtype), (self.stride, self.stride), self.padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      x,
+      kernel.astype(x.dtype),
+      (self.stride, self.stride),
+      self.padding,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.dtype)
     if self.winograd is not None:
-      y = winograd_conv3x3(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))),
-                           self.winograd[...].astype(self.dtype))
+      y = winograd_conv3x3(
+        jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), self.winograd[...].astype(self.dtype)
+      )
     elif self.kernel_size == 1 and self.stride == 1 and self.padding == ((0, 0), (0, 0)):
       y = jnp.matmul(x, self.kernel[...][0, 0].astype(self.dtype))
     else:
@@ -118,10 +147,19 @@ class GroupNorm(nnx.Module):
   Statistics over (all spatial positions, C / num_groups channels) per group, in float32.
   """
 
-  def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-5,
-               dtype=jnp.float32, param_dtype=jnp.float32):
+  def __init__(
+    self,
+    num_groups: int,
+    num_channels: int,
+    *,
+    eps: float = 1e-5,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+  ):
     if num_channels % num_groups:
-      raise ValueError(f"GroupNorm: {num_channels} channels are not divisible into {num_groups} groups")
+      raise ValueError(
+        f"GroupNorm: {num_channels} channels are not divisible into {num_groups} groups"
+      )
     self.num_groups = num_groups
     self.num_channels = num_channels
     self.eps = eps
@@ -143,8 +181,9 @@ class GroupNorm(nnx.Module):
 class LayerNorm(nnx.Module):
   """torch.nn.LayerNorm over the last axis (elementwise affine). x: [..., C] -> same shape."""
 
-  def __init__(self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+  def __init__(
+    self, num_features: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32
+  ):
     self.num_features = num_features
     self.eps = eps
     self.scale = nnx.Param(jnp.ones((num_features,), param_dtype))
@@ -167,18 +206,32 @@ class ResnetBlock2D(nnx.Module):
   h = conv2(silu(norm2(conv1(silu(norm1(x))) + time_emb_proj(silu(temb))))); out = shortcut(x) + h.
   """
 
-  def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int | None,
-               groups: int = 32, eps: float = 1e-5, output_scale_factor: float = 1.0,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    *,
+    temb_channels: int | None,
+    groups: int = 32,
+    eps: float = 1e-5,
+    output_scale_factor: float = 1.0,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.norm1 = GroupNorm(groups, in_channels, eps=eps, **kw)
     self.conv1 = Conv2d(in_channels, out_channels, 3, rngs=rngs, **kw)
-    self.time_emb_proj = (Linear(temb_channels, out_channels, rngs=rngs, **kw)
-                          if temb_channels is not None else None)
+    self.time_emb_proj = (
+      Linear(temb_channels, out_channels, rngs=rngs, **kw) if temb_channels is not None else None
+    )
     self.norm2 = GroupNorm(groups, out_channels, eps=eps, **kw)
     self.conv2 = Conv2d(out_channels, out_channels, 3, rngs=rngs, **kw)
-    self.conv_shortcut = (Conv2d(in_channels, out_channels, 1, padding=0, rngs=rngs, **kw)
-                          if in_channels != out_channels else None)
+    self.conv_shortcut = (
+      Conv2d(in_channels, out_channels, 1, padding=0, rngs=rngs, **kw)
+      if in_channels != out_channels
+      else None
+    )
     self.output_scale_factor = output_scale_factor
 
   def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
@@ -199,11 +252,27 @@ class Downsample2D(nnx.Module):
   x: [B, H, W, C] -> [B, ceil(H/2), ceil(W/2), out_channels].
   """
 
-  def __init__(self, channels: int, out_channels: int | None = None, *, padding: int = 1,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    channels: int,
+    out_channels: int | None = None,
+    *,
+    padding: int = 1,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     pad = ((0, 1), (0, 1)) if padding == 0 else padding
-    self.conv = Conv2d(channels, out_channels or channels, 3, stride=2, padding=pad,
-                       dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.conv = Conv2d(
+      channels,
+      out_channels or channels,
+      3,
+      stride=2,
+      padding=pad,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.conv(x)
@@ -215,7 +284,7 @@ def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.A
   if size is None or tuple(size) == (2 * h, 2 * w):
     return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
   oh, ow = size
-  rows = (jnp.arange(oh) * h) // oh   # torch 'nearest': floor(dst * in / out)
+  rows = (jnp.arange(oh) * h) // oh  # torch 'nearest': floor(dst * in / out)
   cols = (jnp.arange(ow) * w) // ow
   return x[:, rows][:, :, cols]
 
@@ -226,17 +295,31 @@ class Upsample2D(nnx.Module):
   x: [B, H, W, C] -> [B, 2H, 2W, out_channels].
   """
 
-  def __init__(self, channels: int, out_channels: int | None = None, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
-    self.conv = Conv2d(channels, out_channels or channels, 3, dtype=dtype,
-                       param_dtype=param_dtype, rngs=rngs)
+  def __init__(
+    self,
+    channels: int,
+    out_channels: int | None = None,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.conv = Conv2d(
+      channels, out_channels or channels, 3, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
     return self.conv(upsample_nearest(x, size))
 
 
-def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
-                       freq_shift: float, max_period: float = 10000.0) -> jax.Array:
+def timestep_embedding(
+  timesteps: jax.Array,
+  dim: int,
+  *,
+  flip_sin_to_cos: bool,
+  freq_shift: float,
+  max_period: float = 10000.0,
+) -> jax.Array:
   """diffusers get_timestep_embedding: sinusoidal embedding. timesteps [B] -> [B, dim] float32."""
   half = dim // 2
   exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
@@ -252,8 +335,15 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
 class TimestepEmbedding(nnx.Module):
   """diffusers TimestepEmbedding: linear_2(silu(linear_1(x))). x: [B, in] -> [B, time_embed_dim]."""
 
-  def __init__(self, in_channels: int, time_embed_dim: int, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    time_embed_dim: int,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.linear_1 = Linear(in_channels, time_embed_dim, **kw)
     self.linear_2 = Linear(time_embed_dim, time_embed_dim, **kw)

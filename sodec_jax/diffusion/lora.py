@@ -12,6 +12,7 @@ B starts at zero, so a freshly adapted model computes exactly what the base mode
 The adapters are `LoRAParam` variables (flax's `nnx.LoRAParam`, a subclass of `nnx.Param`):
 `nnx.state(model, LoRAParam)` selects them; `nnx.All(nnx.Param, nnx.Not(LoRAParam))` the base.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,14 +45,23 @@ class LoRAConfig:
 class LoRAAdapter(nnx.Module):
   """The low-rank update of one Linear or Conv2d. Output scale * (x A) B, shaped like the layer's."""
 
-  def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
-               kernel_size: int = 0, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    a_shape = ((kernel_size, kernel_size, in_features, rank) if kernel_size
-               else (in_features, rank))
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    rank: int,
+    alpha: float,
+    kernel_size: int = 0,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    a_shape = (kernel_size, kernel_size, in_features, rank) if kernel_size else (in_features, rank)
     fan_in = in_features * max(kernel_size, 1) ** 2
-    bound = (1.0 / fan_in) ** 0.5   # peft: kaiming_uniform(a=sqrt(5)) on A
-    self.lora_a = LoRAParam(jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound,
-                                               bound).astype(param_dtype))
+    bound = (1.0 / fan_in) ** 0.5  # peft: kaiming_uniform(a=sqrt(5)) on A
+    self.lora_a = LoRAParam(
+      jax.random.uniform(rngs.params(), a_shape, jnp.float32, -bound, bound).astype(param_dtype)
+    )
     self.lora_b = LoRAParam(jnp.zeros((rank, out_features), param_dtype))
     self.scale = alpha / rank
 
@@ -73,18 +83,26 @@ def _matches(path: str, module, target: str) -> bool:
   return f".{target}." in f".{path}."
 
 
-def apply_lora(model: nnx.Module, config: LoRAConfig | None = None, *, rank: int | None = None,
-               alpha: float | None = None, targets=None, rngs: nnx.Rngs,
-               param_dtype=jnp.float32) -> list[str]:
+def apply_lora(
+  model: nnx.Module,
+  config: LoRAConfig | None = None,
+  *,
+  rank: int | None = None,
+  alpha: float | None = None,
+  targets=None,
+  rngs: nnx.Rngs,
+  param_dtype=jnp.float32,
+) -> list[str]:
   """Attach LoRA adapters to every Linear / Conv2d whose path matches a target; returns the paths.
 
   Give a LoRAConfig, or rank / alpha / targets directly. Raises SodecError when a target matches
   no layer (a typo would otherwise silently train nothing) or a layer already has an adapter.
   """
   config = config or LoRAConfig()
-  config = dataclasses.replace(config, **{k: v for k, v in
-                                          dict(rank=rank, alpha=alpha, targets=targets).items()
-                                          if v is not None})
+  config = dataclasses.replace(
+    config,
+    **{k: v for k, v in dict(rank=rank, alpha=alpha, targets=targets).items() if v is not None},
+  )
   if config.rank < 1:
     raise SodecError(f"LoRA rank must be >= 1, got {config.rank}")
   chosen, hits = [], {t: 0 for t in config.targets}
@@ -104,12 +122,24 @@ def apply_lora(model: nnx.Module, config: LoRAConfig | None = None, *, rank: int
     if module.lora is not None:
       raise SodecError(f"{dotted} already has a LoRA adapter (merge_lora it first)")
     if isinstance(module, Conv2d):
-      module.lora = LoRAAdapter(module.in_channels, module.out_channels, rank=config.rank,
-                                alpha=config.alpha, kernel_size=module.kernel_size,
-                                param_dtype=param_dtype, rngs=rngs)
+      module.lora = LoRAAdapter(
+        module.in_channels,
+        module.out_channels,
+        rank=config.rank,
+        alpha=config.alpha,
+        kernel_size=module.kernel_size,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
     else:
-      module.lora = LoRAAdapter(module.in_features, module.out_features, rank=config.rank,
-                                alpha=config.alpha, param_dtype=param_dtype, rngs=rngs)
+      module.lora = LoRAAdapter(
+        module.in_features,
+        module.out_features,
+        rank=config.rank,
+        alpha=config.alpha,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
   return [d for d, _ in chosen]
 
 

@@ -8,6 +8,7 @@ Scaled-linear betas: beta_t = (linspace(sqrt(0.00085), sqrt(0.012), 1000)_t)^2, 
 SD 2.1 (768, stabilityai/stable-diffusion-2-1) predicts 'v_prediction'; SD 2.1-base predicts
 'epsilon'. Arrays broadcast NHWC: x [B,H,W,C], timesteps [B] (or a scalar).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,6 +26,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
   """diffusers scheduler_config keys that define the training schedule."""
+
   num_train_timesteps: int = 1000
   beta_start: float = 0.00085
   beta_end: float = 0.012
@@ -33,11 +35,13 @@ class NoiseSchedule:
 
   def __post_init__(self):
     if self.prediction_type not in PREDICTION_TYPES:
-      raise SodecError(f"prediction_type {self.prediction_type!r} is not supported "
-                       f"(use one of {PREDICTION_TYPES})")
+      raise SodecError(
+        f"prediction_type {self.prediction_type!r} is not supported (use one of {PREDICTION_TYPES})"
+      )
     if self.beta_schedule not in ("scaled_linear", "linear"):
-      raise SodecError(f"beta_schedule {self.beta_schedule!r} is not supported "
-                       "(use 'scaled_linear' or 'linear')")
+      raise SodecError(
+        f"beta_schedule {self.beta_schedule!r} is not supported (use 'scaled_linear' or 'linear')"
+      )
 
   @classmethod
   def from_dict(cls, d: dict) -> "NoiseSchedule":
@@ -50,8 +54,7 @@ class NoiseSchedule:
     """[num_train_timesteps] float32, computed in float32 like diffusers."""
     n = self.num_train_timesteps
     if self.beta_schedule == "scaled_linear":
-      return np.square(np.linspace(self.beta_start ** 0.5, self.beta_end ** 0.5, n,
-                                   dtype=np.float32))
+      return np.square(np.linspace(self.beta_start**0.5, self.beta_end**0.5, n, dtype=np.float32))
     return np.linspace(self.beta_start, self.beta_end, n, dtype=np.float32)
 
   @functools.cached_property
@@ -87,4 +90,3 @@ class NoiseSchedule:
 def sd21_schedule(prediction_type: str = "epsilon") -> NoiseSchedule:
   """SD 2.1's scaled-linear schedule (0.00085 .. 0.012, 1000 steps). SD 2.1-768 uses 'v_prediction'."""
   return NoiseSchedule(prediction_type=prediction_type)
-

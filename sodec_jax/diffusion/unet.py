@@ -8,6 +8,7 @@ reads a diffusers config.json); run-time choices (compute dtype, parameter dtype
 query chunk) are constructor arguments. Submodule names follow diffusers (down_blocks.0.resnets.1,
 ...), so the weight converter is a short explicit table.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,8 +19,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sodec_jax.diffusion.attention import Transformer2DModel, default_query_chunk
-from sodec_jax.diffusion.blocks import (Conv2d, Downsample2D, GroupNorm, ResnetBlock2D,
-                                        TimestepEmbedding, Upsample2D, timestep_embedding)
+from sodec_jax.diffusion.blocks import (
+  Conv2d,
+  Downsample2D,
+  GroupNorm,
+  ResnetBlock2D,
+  TimestepEmbedding,
+  Upsample2D,
+  timestep_embedding,
+)
 from sodec_jax.diffusion.diffusers_config import DiffusersConfig
 from sodec_jax.errors import SodecError
 
@@ -28,17 +36,31 @@ _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
 # diffusers config keys for features SD 2.1 does not use: accepted only at these values.
 _UNSUPPORTED_DEFAULTS = {
-    "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
-    "act_fn": "silu", "dual_cross_attention": False, "class_embed_type": None,
-    "addition_embed_type": None, "addition_time_embed_dim": None, "num_class_embeds": None,
-    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
-    "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
-    "conv_in_kernel": 3, "conv_out_kernel": 3, "projection_class_embeddings_input_dim": None,
-    "attention_type": "default", "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None, "cross_attention_norm": None,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None,
-    "reverse_transformer_layers_per_block": None,
+  "mid_block_type": "UNetMidBlock2DCrossAttn",
+  "only_cross_attention": False,
+  "act_fn": "silu",
+  "dual_cross_attention": False,
+  "class_embed_type": None,
+  "addition_embed_type": None,
+  "addition_time_embed_dim": None,
+  "num_class_embeds": None,
+  "resnet_time_scale_shift": "default",
+  "resnet_skip_time_act": False,
+  "resnet_out_scale_factor": 1.0,
+  "time_embedding_type": "positional",
+  "time_embedding_act_fn": None,
+  "timestep_post_act": None,
+  "time_cond_proj_dim": None,
+  "conv_in_kernel": 3,
+  "conv_out_kernel": 3,
+  "projection_class_embeddings_input_dim": None,
+  "attention_type": "default",
+  "class_embeddings_concat": False,
+  "mid_block_only_cross_attention": None,
+  "cross_attention_norm": None,
+  "encoder_hid_dim": None,
+  "encoder_hid_dim_type": None,
+  "reverse_transformer_layers_per_block": None,
 }
 # Keys that do not change the function at inference (dropout) or are informational.
 _IGNORED = ("dropout", "addition_embed_type_num_heads")
@@ -47,6 +69,7 @@ _IGNORED = ("dropout", "addition_embed_type_num_heads")
 @dataclasses.dataclass(frozen=True)
 class UNetConfig(DiffusersConfig):
   """diffusers UNet2DConditionModel config (the keys of its config.json), SD 2.1 family."""
+
   WHAT, UNSUPPORTED, IGNORED = "UNet", _UNSUPPORTED_DEFAULTS, _IGNORED
 
   sample_size: int = 96
@@ -65,10 +88,10 @@ class UNetConfig(DiffusersConfig):
   norm_eps: float = 1e-5
   cross_attention_dim: Any = 1024
   transformer_layers_per_block: Any = 1
-  attention_head_dim: Any = (5, 10, 20, 20)   # diffusers quirk: these are head COUNTS
+  attention_head_dim: Any = (5, 10, 20, 20)  # diffusers quirk: these are head COUNTS
   num_attention_heads: Any = None
   use_linear_projection: bool = True
-  upcast_attention: bool = True                # attention logits are always float32 here
+  upcast_attention: bool = True  # attention logits are always float32 here
   time_embedding_dim: int | None = None
 
   def per_block(self, value) -> tuple:
@@ -86,7 +109,9 @@ class UNetConfig(DiffusersConfig):
   def validate(self) -> None:
     n = len(self.block_out_channels)
     if len(self.down_block_types) != n or len(self.up_block_types) != n:
-      raise SodecError("UNet config: down/up block types must have one entry per block_out_channels")
+      raise SodecError(
+        "UNet config: down/up block types must have one entry per block_out_channels"
+      )
     for t in self.down_block_types:
       if t not in _DOWN_TYPES:
         raise SodecError(f"UNet config: down block type {t!r} is not supported ({_DOWN_TYPES})")
@@ -98,8 +123,9 @@ class UNetConfig(DiffusersConfig):
       raise SodecError("UNet config: nested transformer_layers_per_block is not supported")
     for c, h in zip(self.block_out_channels, self.heads):
       if c % h or c % self.norm_num_groups:
-        raise SodecError(f"UNet config: {c} channels do not split into {h} heads / "
-                         f"{self.norm_num_groups} groups")
+        raise SodecError(
+          f"UNet config: {c} channels do not split into {h} heads / {self.norm_num_groups} groups"
+        )
 
 
 def sd21_unet_config() -> UNetConfig:
@@ -109,10 +135,16 @@ def sd21_unet_config() -> UNetConfig:
 
 def tiny_unet_config() -> UNetConfig:
   """A small member of the same family (tests, the tiny default): 2 levels, 32/64 channels."""
-  return UNetConfig(sample_size=16, block_out_channels=(32, 64),
-                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                    attention_head_dim=(2, 4), cross_attention_dim=32, norm_num_groups=8)
+  return UNetConfig(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=(2, 4),
+    cross_attention_dim=32,
+    norm_num_groups=8,
+  )
 
 
 class DownBlock(nnx.Module):
@@ -121,26 +153,65 @@ class DownBlock(nnx.Module):
   (x [B,H,W,Cin], temb, context) -> (x [B,H',W',Cout], skips: one per resnet + one per downsampler).
   """
 
-  def __init__(self, in_channels: int, out_channels: int, *, temb_channels: int, num_layers: int,
-               with_attention: bool, add_downsample: bool, heads: int, cross_attention_dim: int,
-               transformer_layers: int, groups: int, eps: float, use_linear_projection: bool,
-               downsample_padding: int, query_chunk: int, remat: bool, dtype, param_dtype,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    out_channels: int,
+    *,
+    temb_channels: int,
+    num_layers: int,
+    with_attention: bool,
+    add_downsample: bool,
+    heads: int,
+    cross_attention_dim: int,
+    transformer_layers: int,
+    groups: int,
+    eps: float,
+    use_linear_projection: bool,
+    downsample_padding: int,
+    query_chunk: int,
+    remat: bool,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.remat = remat
-    self.resnets = nnx.List([
-        ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
-                      temb_channels=temb_channels, groups=groups, eps=eps, **kw)
-        for i in range(num_layers)])
-    self.attentions = nnx.List([
-        Transformer2DModel(out_channels, heads=heads, cross_attention_dim=cross_attention_dim,
-                           num_layers=transformer_layers, groups=groups,
-                           use_linear_projection=use_linear_projection,
-                           query_chunk=query_chunk, **kw)
-        for _ in range(num_layers)] if with_attention else [])
-    self.downsamplers = nnx.List([Downsample2D(out_channels, out_channels,
-                                               padding=downsample_padding, **kw)]
-                                 if add_downsample else [])
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          in_channels if i == 0 else out_channels,
+          out_channels,
+          temb_channels=temb_channels,
+          groups=groups,
+          eps=eps,
+          **kw,
+        )
+        for i in range(num_layers)
+      ]
+    )
+    self.attentions = nnx.List(
+      [
+        Transformer2DModel(
+          out_channels,
+          heads=heads,
+          cross_attention_dim=cross_attention_dim,
+          num_layers=transformer_layers,
+          groups=groups,
+          use_linear_projection=use_linear_projection,
+          query_chunk=query_chunk,
+          **kw,
+        )
+        for _ in range(num_layers)
+      ]
+      if with_attention
+      else []
+    )
+    self.downsamplers = nnx.List(
+      [Downsample2D(out_channels, out_channels, padding=downsample_padding, **kw)]
+      if add_downsample
+      else []
+    )
 
   def __call__(self, x, temb, context):
     skips = []
@@ -162,28 +233,65 @@ class UpBlock(nnx.Module):
   -> x [B, 2H, 2W, Cout] (or [B, H, W, Cout] for the last block).
   """
 
-  def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int, *,
-               temb_channels: int, num_layers: int, with_attention: bool, add_upsample: bool,
-               heads: int, cross_attention_dim: int, transformer_layers: int, groups: int,
-               eps: float, use_linear_projection: bool, query_chunk: int, remat: bool, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_channels: int,
+    prev_output_channels: int,
+    out_channels: int,
+    *,
+    temb_channels: int,
+    num_layers: int,
+    with_attention: bool,
+    add_upsample: bool,
+    heads: int,
+    cross_attention_dim: int,
+    transformer_layers: int,
+    groups: int,
+    eps: float,
+    use_linear_projection: bool,
+    query_chunk: int,
+    remat: bool,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.remat = remat
     resnets = []
     for i in range(num_layers):
       skip_channels = in_channels if i == num_layers - 1 else out_channels
       resnet_in = prev_output_channels if i == 0 else out_channels
-      resnets.append(ResnetBlock2D(resnet_in + skip_channels, out_channels,
-                                   temb_channels=temb_channels, groups=groups, eps=eps, **kw))
+      resnets.append(
+        ResnetBlock2D(
+          resnet_in + skip_channels,
+          out_channels,
+          temb_channels=temb_channels,
+          groups=groups,
+          eps=eps,
+          **kw,
+        )
+      )
     self.resnets = nnx.List(resnets)
-    self.attentions = nnx.List([
-        Transformer2DModel(out_channels, heads=heads, cross_attention_dim=cross_attention_dim,
-                           num_layers=transformer_layers, groups=groups,
-                           use_linear_projection=use_linear_projection,
-                           query_chunk=query_chunk, **kw)
-        for _ in range(num_layers)] if with_attention else [])
-    self.upsamplers = nnx.List([Upsample2D(out_channels, out_channels, **kw)]
-                               if add_upsample else [])
+    self.attentions = nnx.List(
+      [
+        Transformer2DModel(
+          out_channels,
+          heads=heads,
+          cross_attention_dim=cross_attention_dim,
+          num_layers=transformer_layers,
+          groups=groups,
+          use_linear_projection=use_linear_projection,
+          query_chunk=query_chunk,
+          **kw,
+        )
+        for _ in range(num_layers)
+      ]
+      if with_attention
+      else []
+    )
+    self.upsamplers = nnx.List(
+      [Upsample2D(out_channels, out_channels, **kw)] if add_upsample else []
+    )
 
   def __call__(self, x, skips: Sequence[jax.Array], temb, context, upsample_size=None):
     skips = list(skips)
@@ -201,22 +309,56 @@ class UpBlock(nnx.Module):
 class MidBlock(nnx.Module):
   """UNetMidBlock2DCrossAttn: resnet, (transformer, resnet) x num_layers. Shapes preserved."""
 
-  def __init__(self, channels: int, *, temb_channels: int, heads: int, cross_attention_dim: int,
-               transformer_layers: int, groups: int, eps: float, output_scale_factor: float,
-               use_linear_projection: bool, query_chunk: int, remat: bool, dtype, param_dtype,
-               rngs: nnx.Rngs, num_layers: int = 1):
+  def __init__(
+    self,
+    channels: int,
+    *,
+    temb_channels: int,
+    heads: int,
+    cross_attention_dim: int,
+    transformer_layers: int,
+    groups: int,
+    eps: float,
+    output_scale_factor: float,
+    use_linear_projection: bool,
+    query_chunk: int,
+    remat: bool,
+    dtype,
+    param_dtype,
+    rngs: nnx.Rngs,
+    num_layers: int = 1,
+  ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.remat = remat
-    self.resnets = nnx.List([
-        ResnetBlock2D(channels, channels, temb_channels=temb_channels, groups=groups, eps=eps,
-                      output_scale_factor=output_scale_factor, **kw)
-        for _ in range(num_layers + 1)])
-    self.attentions = nnx.List([
-        Transformer2DModel(channels, heads=heads, cross_attention_dim=cross_attention_dim,
-                           num_layers=transformer_layers, groups=groups,
-                           use_linear_projection=use_linear_projection,
-                           query_chunk=query_chunk, **kw)
-        for _ in range(num_layers)])
+    self.resnets = nnx.List(
+      [
+        ResnetBlock2D(
+          channels,
+          channels,
+          temb_channels=temb_channels,
+          groups=groups,
+          eps=eps,
+          output_scale_factor=output_scale_factor,
+          **kw,
+        )
+        for _ in range(num_layers + 1)
+      ]
+    )
+    self.attentions = nnx.List(
+      [
+        Transformer2DModel(
+          channels,
+          heads=heads,
+          cross_attention_dim=cross_attention_dim,
+          num_layers=transformer_layers,
+          groups=groups,
+          use_linear_projection=use_linear_projection,
+          query_chunk=query_chunk,
+          **kw,
+        )
+        for _ in range(num_layers)
+      ]
+    )
 
   def __call__(self, x, temb, context):
     x = _call(self.resnets[0], self.remat, x, temb)
@@ -243,9 +385,16 @@ class UNet2DConditionModel(nnx.Module):
   query_chunk: attention query chunk (None: 256 on CPU, whole sequence elsewhere; 0: off).
   """
 
-  def __init__(self, config: UNetConfig | dict | None = None, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, remat: bool = False, query_chunk: int | None = None,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    config: UNetConfig | dict | None = None,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    remat: bool = False,
+    query_chunk: int | None = None,
+    rngs: nnx.Rngs,
+  ):
     if config is None:
       config = sd21_unet_config()
     if isinstance(config, dict):
@@ -257,9 +406,14 @@ class UNet2DConditionModel(nnx.Module):
     if query_chunk is None:
       query_chunk = default_query_chunk()
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    common = dict(groups=c.norm_num_groups, eps=c.norm_eps,
-                  use_linear_projection=c.use_linear_projection, query_chunk=query_chunk,
-                  remat=remat, **kw)
+    common = dict(
+      groups=c.norm_num_groups,
+      eps=c.norm_eps,
+      use_linear_projection=c.use_linear_projection,
+      query_chunk=query_chunk,
+      remat=remat,
+      **kw,
+    )
     channels = tuple(c.block_out_channels)
     n = len(channels)
     heads = c.heads
@@ -275,15 +429,31 @@ class UNet2DConditionModel(nnx.Module):
     out_ch = channels[0]
     for i, kind in enumerate(c.down_block_types):
       in_ch, out_ch = out_ch, channels[i]
-      down.append(DownBlock(in_ch, out_ch, temb_channels=temb, num_layers=layers[i],
-                            with_attention=kind.startswith("CrossAttn"), add_downsample=i < n - 1,
-                            heads=heads[i], cross_attention_dim=cross[i],
-                            transformer_layers=tlayers[i],
-                            downsample_padding=c.downsample_padding, **common))
+      down.append(
+        DownBlock(
+          in_ch,
+          out_ch,
+          temb_channels=temb,
+          num_layers=layers[i],
+          with_attention=kind.startswith("CrossAttn"),
+          add_downsample=i < n - 1,
+          heads=heads[i],
+          cross_attention_dim=cross[i],
+          transformer_layers=tlayers[i],
+          downsample_padding=c.downsample_padding,
+          **common,
+        )
+      )
     self.down_blocks = nnx.List(down)
-    self.mid_block = MidBlock(channels[-1], temb_channels=temb, heads=heads[-1],
-                              cross_attention_dim=cross[-1], transformer_layers=tlayers[-1],
-                              output_scale_factor=c.mid_block_scale_factor, **common)
+    self.mid_block = MidBlock(
+      channels[-1],
+      temb_channels=temb,
+      heads=heads[-1],
+      cross_attention_dim=cross[-1],
+      transformer_layers=tlayers[-1],
+      output_scale_factor=c.mid_block_scale_factor,
+      **common,
+    )
     rch, rheads, rcross = channels[::-1], heads[::-1], cross[::-1]
     rlayers, rtlayers = layers[::-1], tlayers[::-1]
     up = []
@@ -291,22 +461,36 @@ class UNet2DConditionModel(nnx.Module):
     for i, kind in enumerate(c.up_block_types):
       prev, out_ch = out_ch, rch[i]
       in_ch = rch[min(i + 1, n - 1)]
-      up.append(UpBlock(in_ch, prev, out_ch, temb_channels=temb, num_layers=rlayers[i] + 1,
-                        with_attention=kind.startswith("CrossAttn"), add_upsample=i < n - 1,
-                        heads=rheads[i], cross_attention_dim=rcross[i],
-                        transformer_layers=rtlayers[i], **common))
+      up.append(
+        UpBlock(
+          in_ch,
+          prev,
+          out_ch,
+          temb_channels=temb,
+          num_layers=rlayers[i] + 1,
+          with_attention=kind.startswith("CrossAttn"),
+          add_upsample=i < n - 1,
+          heads=rheads[i],
+          cross_attention_dim=rcross[i],
+          transformer_layers=rtlayers[i],
+          **common,
+        )
+      )
     self.up_blocks = nnx.List(up)
-    self.conv_norm_out = GroupNorm(c.norm_num_groups, channels[0], eps=c.norm_eps, dtype=dtype,
-                                   param_dtype=param_dtype)
+    self.conv_norm_out = GroupNorm(
+      c.norm_num_groups, channels[0], eps=c.norm_eps, dtype=dtype, param_dtype=param_dtype
+    )
     self.conv_out = Conv2d(channels[0], c.out_channels, 3, **kw)
 
-  def __call__(self, sample: jax.Array, timesteps: jax.Array,
-               encoder_hidden_states: jax.Array) -> jax.Array:
+  def __call__(
+    self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array
+  ) -> jax.Array:
     c = self.config
     b = sample.shape[0]
     t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
-    t_emb = timestep_embedding(t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos,
-                               freq_shift=c.freq_shift).astype(self.dtype)
+    t_emb = timestep_embedding(
+      t, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift
+    ).astype(self.dtype)
     temb = self.time_embedding(t_emb)
     context = encoder_hidden_states.astype(self.dtype)
     x = sample.astype(self.dtype)
@@ -321,7 +505,7 @@ class UNet2DConditionModel(nnx.Module):
     for block in self.up_blocks:
       k = len(block.resnets)
       block_skips, skips = skips[-k:], skips[:-k]
-      size = skips[-1].shape[1:3] if skips else None   # upsample onto the next skip's grid
+      size = skips[-1].shape[1:3] if skips else None  # upsample onto the next skip's grid
       x = block(x, block_skips, temb, context, size if len(block.upsamplers) else None)
     return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
 

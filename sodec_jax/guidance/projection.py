@@ -8,6 +8,7 @@ Modes (config `guidance.mode`; the rows of the paper's Table 2):
   text        a fixed prompt embedding [77, width] given as a .npy file (as PerCo); no parameters.
   none        a learned context [77, width] initialised to zero, the same for every image.
 """
+
 from __future__ import annotations
 
 import jax
@@ -40,24 +41,39 @@ class GuidanceProjection(nnx.Module):
   fidelity: extractor tokens [B, T, D]; hyperprior: z_hat [B, h, w, N]; text/none: any array
   whose leading axis is the batch."""
 
-  def __init__(self, mode: str, *, width: int = 1024, tokens: int = 77, in_tokens: int = 0,
-               in_features: int = 0, text_embedding: str = "", dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    mode: str,
+    *,
+    width: int = 1024,
+    tokens: int = 77,
+    in_tokens: int = 0,
+    in_features: int = 0,
+    text_embedding: str = "",
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     if mode not in MODES:
       raise SodecError(f"guidance.mode={mode!r} is not one of {MODES}")
     self.mode, self.width, self.tokens, self.dtype = mode, width, tokens, dtype
     if mode in ("fidelity", "hyperprior"):
       bound = 1.0 / np.sqrt(in_features)
-      self.kernel = nnx.Param(jax.random.uniform(rngs.params(), (in_features, width), param_dtype,
-                                                 -bound, bound))
+      self.kernel = nnx.Param(
+        jax.random.uniform(rngs.params(), (in_features, width), param_dtype, -bound, bound)
+      )
       self.bias = nnx.Param(jnp.zeros((width,), param_dtype))
     if mode == "fidelity":
       self.token_map = nnx.Param(jnp.asarray(pooling_matrix(tokens, in_tokens), param_dtype))
     elif mode == "hyperprior" and tokens != HYPERPRIOR_GRID[0] * HYPERPRIOR_GRID[1]:
-      raise SodecError(f"guidance.mode='hyperprior' makes {HYPERPRIOR_GRID[0] * HYPERPRIOR_GRID[1]} "
-                       f"tokens; set guidance.tokens to that (got {tokens})")
+      raise SodecError(
+        f"guidance.mode='hyperprior' makes {HYPERPRIOR_GRID[0] * HYPERPRIOR_GRID[1]} "
+        f"tokens; set guidance.tokens to that (got {tokens})"
+      )
     elif mode == "text":
-      self.embedding = GuidanceConstant(jnp.asarray(load_text_embedding(text_embedding, tokens, width)))
+      self.embedding = GuidanceConstant(
+        jnp.asarray(load_text_embedding(text_embedding, tokens, width))
+      )
     elif mode == "none":
       self.context = nnx.Param(jnp.zeros((tokens, width), param_dtype))
 
@@ -68,8 +84,12 @@ class GuidanceProjection(nnx.Module):
       h = jnp.einsum("ot,btd->bod", self.token_map[...].astype(self.dtype), h)
       return h + self.bias[...].astype(self.dtype)
     if self.mode == "hyperprior":
-      grid = jax.image.resize(features.astype(jnp.float32), (b,) + HYPERPRIOR_GRID + features.shape[-1:],
-                              method="linear", antialias=True)
+      grid = jax.image.resize(
+        features.astype(jnp.float32),
+        (b,) + HYPERPRIOR_GRID + features.shape[-1:],
+        method="linear",
+        antialias=True,
+      )
       h = grid.reshape(b, -1, features.shape[-1]).astype(self.dtype)
       return h @ self.kernel[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
     table = self.embedding[...] if self.mode == "text" else self.context[...]
@@ -79,8 +99,10 @@ class GuidanceProjection(nnx.Module):
 def load_text_embedding(path: str, tokens: int, width: int) -> np.ndarray:
   """A [tokens, width] float array from a .npy file (e.g. a CLIP text encoder's output)."""
   if not path:
-    raise SodecError("guidance.mode='text' needs guidance.text_embedding=/path/prompt.npy: a "
-                     f"[{tokens}, {width}] float array (the prompt's text-encoder hidden states)")
+    raise SodecError(
+      "guidance.mode='text' needs guidance.text_embedding=/path/prompt.npy: a "
+      f"[{tokens}, {width}] float array (the prompt's text-encoder hidden states)"
+    )
   try:
     arr = np.load(path, allow_pickle=False)
   except FileNotFoundError:
@@ -89,6 +111,8 @@ def load_text_embedding(path: str, tokens: int, width: int) -> np.ndarray:
     raise SodecError(f"guidance.text_embedding: cannot read {path} as .npy ({e})") from None
   arr = np.squeeze(arr)
   if arr.shape != (tokens, width) or not np.issubdtype(arr.dtype, np.floating):
-    raise SodecError(f"guidance.text_embedding {path} has shape {arr.shape} {arr.dtype}; "
-                     f"expected float [{tokens}, {width}]")
+    raise SodecError(
+      f"guidance.text_embedding {path} has shape {arr.shape} {arr.dtype}; "
+      f"expected float [{tokens}, {width}]"
+    )
   return arr.astype(np.float32)

@@ -11,6 +11,7 @@ trace time; there are no Python loops over tokens or pixels. Weights are frozen 
 read through `stop_gradient`), gradients flow to the input. Build with
 `sodec_jax.weights.transformers.load_swin(folder)`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,19 @@ from flax import nnx
 
 from sodec_jax.errors import SodecError
 from sodec_jax.guidance.vit import (
-    VIT_DEFAULT_MEAN, VIT_DEFAULT_STD, LayerNorm, Linear, MLP, _frozen, _pair,
-    interpolate_pos_embeddings, matmul_precision_scope, patch_conv, preprocess, read)
+  MLP,
+  VIT_DEFAULT_MEAN,
+  VIT_DEFAULT_STD,
+  LayerNorm,
+  Linear,
+  _frozen,
+  _pair,
+  interpolate_pos_embeddings,
+  matmul_precision_scope,
+  patch_conv,
+  preprocess,
+  read,
+)
 from sodec_jax.layers import resolve_precision
 
 SHIFT_MASK_VALUE = -100.0  # transformers' value for cross-region pairs in shifted windows
@@ -34,6 +46,7 @@ _TORCH_LN_EPS = 1e-5  # nn.LayerNorm default: embeddings.norm and downsample.nor
 @dataclasses.dataclass(frozen=True)
 class SwinSpec:
   """The architecture fields of a transformers `SwinConfig` (config.json)."""
+
   image_size: tuple[int, int] = (224, 224)
   patch_size: tuple[int, int] = (4, 4)
   num_channels: int = 3
@@ -55,7 +68,9 @@ class SwinSpec:
     d["depths"] = tuple(int(v) for v in d.get("depths", cls.depths))
     d["num_heads"] = tuple(int(v) for v in d.get("num_heads", cls.num_heads))
     if len(d["depths"]) != len(d["num_heads"]):
-      raise SodecError(f"Swin config: depths {d['depths']} and num_heads {d['num_heads']} differ in length")
+      raise SodecError(
+        f"Swin config: depths {d['depths']} and num_heads {d['num_heads']} differ in length"
+      )
     return cls(**d)
 
   @property
@@ -76,9 +91,11 @@ def relative_position_index(ws: int) -> np.ndarray:
 
 def shift_window_mask(hp: int, wp: int, ws: int, shift: int) -> np.ndarray:
   """[num_windows, ws*ws, ws*ws] additive mask (0 or -100) of shifted-window attention."""
+
   def regions(n):
     idx = np.arange(n)
     return (idx >= n - ws).astype(np.int64) + (idx >= n - shift).astype(np.int64)
+
   img = regions(hp)[:, None] * 3 + regions(wp)[None, :]
   win = img.reshape(hp // ws, ws, wp // ws, ws).transpose(0, 2, 1, 3).reshape(-1, ws * ws)
   diff = win[:, None, :] - win[:, :, None]
@@ -138,8 +155,10 @@ class SwinBlock(nnx.Module):
     ws, shift = self.window, self.shift
     if min(h, w) <= ws:  # transformers: a feature map no larger than the window is one window
       if min(h, w) < ws:
-        raise SodecError(f"Swin feature map {h}x{w} is smaller than the window {ws}: the input is "
-                         "too small for this model (transformers fails here too); use a larger input")
+        raise SodecError(
+          f"Swin feature map {h}x{w} is smaller than the window {ws}: the input is "
+          "too small for this model (transformers fails here too); use a larger input"
+        )
       shift = 0
     y = self.layernorm_before(x)
     pad_b, pad_r = (ws - h % ws) % ws, (ws - w % ws) % ws
@@ -161,22 +180,29 @@ class PatchMerging(nnx.Module):
   """2x2 neighbourhood -> concat (order (0,0), (1,0), (0,1), (1,1)) -> LayerNorm -> Linear 4C->2C."""
 
   def __init__(self, dim: int, **kw):
-    self.norm = LayerNorm(4 * dim, eps=_TORCH_LN_EPS, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
+    self.norm = LayerNorm(
+      4 * dim, eps=_TORCH_LN_EPS, dtype=kw["dtype"], param_dtype=kw["param_dtype"]
+    )
     self.reduction = Linear(4 * dim, 2 * dim, use_bias=False, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     _, h, w, _ = x.shape
     if h % 2 or w % 2:
       x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-    x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+    x = jnp.concatenate(
+      [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1
+    )
     return self.reduction(self.norm(x))
 
 
 class SwinStage(nnx.Module):
   def __init__(self, spec: SwinSpec, dim: int, depth: int, heads: int, downsample: bool, **kw):
-    self.blocks = nnx.List([
+    self.blocks = nnx.List(
+      [
         SwinBlock(spec, dim, heads, 0 if j % 2 == 0 else spec.window_size // 2, **kw)
-        for j in range(depth)])
+        for j in range(depth)
+      ]
+    )
     self.downsample = PatchMerging(dim, **kw) if downsample else None
 
   def __call__(self, x):
@@ -191,9 +217,16 @@ class Swin(nnx.Module):
   Args as `ViT`: spec, dtype (compute), param_dtype (storage), precision, image_mean/std.
   """
 
-  def __init__(self, spec: SwinSpec, *, dtype=jnp.float32, param_dtype=None, precision=None,
-               image_mean: Sequence[float] = VIT_DEFAULT_MEAN,
-               image_std: Sequence[float] = VIT_DEFAULT_STD):
+  def __init__(
+    self,
+    spec: SwinSpec,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    precision=None,
+    image_mean: Sequence[float] = VIT_DEFAULT_MEAN,
+    image_std: Sequence[float] = VIT_DEFAULT_STD,
+  ):
     self.spec = spec
     self.dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype or dtype)
@@ -205,16 +238,25 @@ class Swin(nnx.Module):
     self.patch_kernel = _frozen((ph, pw, spec.num_channels, d), param_dtype)
     self.patch_bias = _frozen((d,), param_dtype)
     self.embed_norm = LayerNorm(d, eps=_TORCH_LN_EPS, dtype=self.dtype, param_dtype=param_dtype)
-    self.position_embeddings = (_frozen((1, spec.grid[0] * spec.grid[1], d), param_dtype)
-                                if spec.use_absolute_embeddings else None)
+    self.position_embeddings = (
+      _frozen((1, spec.grid[0] * spec.grid[1], d), param_dtype)
+      if spec.use_absolute_embeddings
+      else None
+    )
     n = len(spec.depths)
-    self.stages = nnx.List([
-        SwinStage(spec, int(d * 2 ** s), spec.depths[s], spec.num_heads[s], s < n - 1, **kw)
-        for s in range(n)])
-    self.layernorm = LayerNorm(spec.num_features, eps=spec.layer_norm_eps, dtype=self.dtype,
-                               param_dtype=param_dtype)
+    self.stages = nnx.List(
+      [
+        SwinStage(spec, int(d * 2**s), spec.depths[s], spec.num_heads[s], s < n - 1, **kw)
+        for s in range(n)
+      ]
+    )
+    self.layernorm = LayerNorm(
+      spec.num_features, eps=spec.layer_norm_eps, dtype=self.dtype, param_dtype=param_dtype
+    )
 
-  def __call__(self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False) -> jax.Array:
+  def __call__(
+    self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False
+  ) -> jax.Array:
     """pixel_values [B, H, W, C], already normalised -> last_hidden_state [B, T, D].
 
     Any size works (padded right/bottom to the patch and window grids as transformers does);
@@ -223,13 +265,20 @@ class Swin(nnx.Module):
     b, h, w, c = pixel_values.shape
     spec = self.spec
     if c != spec.num_channels:
-      raise SodecError(f"Swin expects NHWC input with {spec.num_channels} channels, got {pixel_values.shape}")
+      raise SodecError(
+        f"Swin expects NHWC input with {spec.num_channels} channels, got {pixel_values.shape}"
+      )
     ph, pw = spec.patch_size
     x = pixel_values.astype(self.dtype)
     if h % ph or w % pw:
       x = jnp.pad(x, ((0, 0), (0, (ph - h % ph) % ph), (0, (pw - w % pw) % pw), (0, 0)))
-    x = patch_conv(x, read(self.patch_kernel, self.dtype), read(self.patch_bias, self.dtype),
-                   spec.patch_size, self.precision)
+    x = patch_conv(
+      x,
+      read(self.patch_kernel, self.dtype),
+      read(self.patch_bias, self.dtype),
+      spec.patch_size,
+      self.precision,
+    )
     x = self.embed_norm(x)
     gh, gw = x.shape[1], x.shape[2]
     if self.position_embeddings is not None:
@@ -237,9 +286,11 @@ class Swin(nnx.Module):
       if interpolate_pos_encoding:
         pos = interpolate_pos_embeddings(pos, 0, (gh, gw))
       elif pos.shape[1] != gh * gw:
-        raise SodecError(f"input gives a {gh}x{gw} patch grid but the absolute position embeddings "
-                         f"hold {pos.shape[1]} positions; resize the input or pass "
-                         "interpolate_pos_encoding=True")
+        raise SodecError(
+          f"input gives a {gh}x{gw} patch grid but the absolute position embeddings "
+          f"hold {pos.shape[1]} positions; resize the input or pass "
+          "interpolate_pos_encoding=True"
+        )
       x = x + pos.reshape(1, gh, gw, -1)
     for stage in self.stages:
       x = stage(x)
@@ -251,5 +302,11 @@ class Swin(nnx.Module):
     return preprocess(x01, self.image_mean, self.image_std, self.spec.image_size, **kw)
 
 
-__all__: Sequence[str] = ("Swin", "SwinSpec", "relative_position_index", "shift_window_mask",
-                          "window_partition", "window_reverse")
+__all__: Sequence[str] = (
+  "Swin",
+  "SwinSpec",
+  "relative_position_index",
+  "shift_window_mask",
+  "window_partition",
+  "window_reverse",
+)

@@ -11,6 +11,7 @@ gradients still flow to the input image (D_a trains through F in stages 2-4).
 
 Build with `sodec_jax.weights.transformers.load_vit(folder)`; a bare `ViT(spec)` holds zeros.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,27 +24,28 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.errors import SodecError
-from sodec_jax.layers import FrozenWeight
-from sodec_jax.layers import resolve_precision
+from sodec_jax.layers import FrozenWeight, resolve_precision
 
 # transformers' ViTImageProcessor defaults (used when a folder has no preprocessor_config.json).
 VIT_DEFAULT_MEAN = (0.5, 0.5, 0.5)
 VIT_DEFAULT_STD = (0.5, 0.5, 0.5)
 
 _ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch GELU (erf)
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch GELU (erf)
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+  "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
 }
 
 
 def activation(name: str):
   if name not in _ACTIVATIONS:
-    raise SodecError(f"unsupported hidden_act {name!r} (supported: {', '.join(sorted(_ACTIVATIONS))})")
+    raise SodecError(
+      f"unsupported hidden_act {name!r} (supported: {', '.join(sorted(_ACTIVATIONS))})"
+    )
   return _ACTIVATIONS[name]
 
 
@@ -65,8 +67,16 @@ def read(w: FrozenWeight, dtype) -> jax.Array:
 class Linear(nnx.Module):
   """torch `nn.Linear`; kernel stored [in, out]."""
 
-  def __init__(self, din: int, dout: int, *, use_bias: bool = True, dtype=jnp.float32,
-               param_dtype=jnp.float32, precision=None):
+  def __init__(
+    self,
+    din: int,
+    dout: int,
+    *,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    precision=None,
+  ):
     self.dtype, self.precision = dtype, precision
     self.kernel = _frozen((din, dout), param_dtype)
     self.bias = _frozen((dout,), param_dtype) if use_bias else None
@@ -112,13 +122,19 @@ def matmul_precision_scope(precision):
   return contextlib.nullcontext()
 
 
-def patch_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, patch: tuple[int, int],
-               precision) -> jax.Array:
+def patch_conv(
+  x: jax.Array, kernel: jax.Array, bias: jax.Array, patch: tuple[int, int], precision
+) -> jax.Array:
   """torch `Conv2d(kernel=stride=patch)` on NHWC (trailing pixels that do not fill a patch are
   dropped, as torch does)."""
   y = jax.lax.conv_general_dilated(
-      x, kernel, window_strides=patch, padding="VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
+    x,
+    kernel,
+    window_strides=patch,
+    padding="VALID",
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=precision,
+  )
   return y + bias
 
 
@@ -159,7 +175,9 @@ def resize_pos_grid(grid: jax.Array, new_hw: tuple[int, int]) -> jax.Array:
   return out.astype(grid.dtype)
 
 
-def interpolate_pos_embeddings(pos: jax.Array, n_prefix: int, grid_hw: tuple[int, int]) -> jax.Array:
+def interpolate_pos_embeddings(
+  pos: jax.Array, n_prefix: int, grid_hw: tuple[int, int]
+) -> jax.Array:
   """transformers' `interpolate_pos_encoding`: [1, n_prefix + n*n, D] -> [1, n_prefix + H*W, D].
 
   As transformers, the table is returned unchanged when it already has H*W patch positions and the
@@ -169,7 +187,7 @@ def interpolate_pos_embeddings(pos: jax.Array, n_prefix: int, grid_hw: tuple[int
   gh, gw = grid_hw
   if n_pos == gh * gw and gh == gw:
     return pos
-  side = int(round(n_pos ** 0.5))
+  side = int(round(n_pos**0.5))
   if side * side != n_pos:
     raise SodecError(f"cannot interpolate {n_pos} position embeddings: not a square grid")
   dim = pos.shape[-1]
@@ -181,8 +199,15 @@ def interpolate_pos_embeddings(pos: jax.Array, n_prefix: int, grid_hw: tuple[int
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def preprocess(x01: jax.Array, image_mean: Sequence[float], image_std: Sequence[float],
-               size, *, method: str = "bilinear", antialias: bool = True) -> jax.Array:
+def preprocess(
+  x01: jax.Array,
+  image_mean: Sequence[float],
+  image_std: Sequence[float],
+  size,
+  *,
+  method: str = "bilinear",
+  antialias: bool = True,
+) -> jax.Array:
   """Images in [0, 1], NHWC [B, H, W, 3] -> the extractor's input: resized to `size` (int or
   (h, w)) with `jax.image.resize` (bilinear with antialiasing by default, close to the PIL
   bilinear resize of transformers' ViTImageProcessor; pass method="cubic" for bicubic), then
@@ -190,7 +215,9 @@ def preprocess(x01: jax.Array, image_mean: Sequence[float], image_std: Sequence[
   """
   x = jnp.asarray(x01)
   if x.ndim != 4 or x.shape[-1] != len(image_mean):
-    raise SodecError(f"preprocess expects NHWC images with {len(image_mean)} channels, got {x.shape}")
+    raise SodecError(
+      f"preprocess expects NHWC images with {len(image_mean)} channels, got {x.shape}"
+    )
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(jnp.float32)
   h, w = _pair(size)
@@ -207,6 +234,7 @@ def preprocess(x01: jax.Array, image_mean: Sequence[float], image_std: Sequence[
 @dataclasses.dataclass(frozen=True)
 class ViTSpec:
   """The architecture fields of a transformers `ViTConfig` (config.json) that the forward needs."""
+
   hidden_size: int = 768
   num_hidden_layers: int = 12
   num_attention_heads: int = 12
@@ -282,9 +310,16 @@ class ViT(nnx.Module):
     image_mean, image_std: the checkpoint's normalisation (for `self.preprocess`).
   """
 
-  def __init__(self, spec: ViTSpec, *, dtype=jnp.float32, param_dtype=None, precision=None,
-               image_mean: Sequence[float] = VIT_DEFAULT_MEAN,
-               image_std: Sequence[float] = VIT_DEFAULT_STD):
+  def __init__(
+    self,
+    spec: ViTSpec,
+    *,
+    dtype=jnp.float32,
+    param_dtype=None,
+    precision=None,
+    image_mean: Sequence[float] = VIT_DEFAULT_MEAN,
+    image_std: Sequence[float] = VIT_DEFAULT_STD,
+  ):
     self.spec = spec
     self.dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype or dtype)
@@ -298,18 +333,29 @@ class ViT(nnx.Module):
     self.cls_token = _frozen((1, 1, d), param_dtype)
     self.position_embeddings = _frozen((1, spec.num_tokens, d), param_dtype)
     self.layers = nnx.List([ViTLayer(spec, **kw) for _ in range(spec.num_hidden_layers)])
-    self.layernorm = LayerNorm(d, eps=spec.layer_norm_eps, dtype=self.dtype, param_dtype=param_dtype)
+    self.layernorm = LayerNorm(
+      d, eps=spec.layer_norm_eps, dtype=self.dtype, param_dtype=param_dtype
+    )
 
   def embed(self, pixel_values: jax.Array, interpolate_pos_encoding: bool) -> jax.Array:
     b, h, w, c = pixel_values.shape
     spec = self.spec
     if c != spec.num_channels:
-      raise SodecError(f"ViT expects NHWC input with {spec.num_channels} channels, got {pixel_values.shape}")
+      raise SodecError(
+        f"ViT expects NHWC input with {spec.num_channels} channels, got {pixel_values.shape}"
+      )
     if not interpolate_pos_encoding and (h, w) != spec.image_size:
-      raise SodecError(f"input size {h}x{w} does not match the ViT's {spec.image_size[0]}x"
-                       f"{spec.image_size[1]}; resize it (preprocess) or pass interpolate_pos_encoding=True")
-    x = patch_conv(pixel_values.astype(self.dtype), read(self.patch_kernel, self.dtype),
-                   read(self.patch_bias, self.dtype), spec.patch_size, self.precision)
+      raise SodecError(
+        f"input size {h}x{w} does not match the ViT's {spec.image_size[0]}x"
+        f"{spec.image_size[1]}; resize it (preprocess) or pass interpolate_pos_encoding=True"
+      )
+    x = patch_conv(
+      pixel_values.astype(self.dtype),
+      read(self.patch_kernel, self.dtype),
+      read(self.patch_bias, self.dtype),
+      spec.patch_size,
+      self.precision,
+    )
     gh, gw = x.shape[1], x.shape[2]
     x = x.reshape(b, gh * gw, spec.hidden_size)
     cls = jnp.broadcast_to(read(self.cls_token, self.dtype), (b, 1, spec.hidden_size))
@@ -319,7 +365,9 @@ class ViT(nnx.Module):
       pos = interpolate_pos_embeddings(pos, 1, (gh, gw))
     return x + pos
 
-  def __call__(self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False) -> jax.Array:
+  def __call__(
+    self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False
+  ) -> jax.Array:
     """pixel_values [B, H, W, C], already normalised -> last_hidden_state [B, 1 + gh*gw, D]."""
     x = self.embed(pixel_values, interpolate_pos_encoding)
     for layer in self.layers:
@@ -332,6 +380,16 @@ class ViT(nnx.Module):
 
 
 __all__: Sequence[str] = (
-    "ViT", "ViTSpec", "Linear", "LayerNorm", "MLP", "preprocess", "interpolate_pos_embeddings",
-    "torch_bicubic_matrix", "resize_pos_grid", "activation", "VIT_DEFAULT_MEAN", "VIT_DEFAULT_STD",
+  "ViT",
+  "ViTSpec",
+  "Linear",
+  "LayerNorm",
+  "MLP",
+  "preprocess",
+  "interpolate_pos_embeddings",
+  "torch_bicubic_matrix",
+  "resize_pos_grid",
+  "activation",
+  "VIT_DEFAULT_MEAN",
+  "VIT_DEFAULT_STD",
 )

@@ -1,4 +1,5 @@
 """Image quality metrics: PSNR, MS-SSIM (as pytorch_msssim) and LPIPS-VGG (as the lpips package)."""
+
 from sodec_jax.metrics.lpips import LPIPS
 from sodec_jax.metrics.ms_ssim import ms_ssim
 from sodec_jax.metrics.psnr import psnr

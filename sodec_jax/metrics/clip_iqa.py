@@ -36,6 +36,7 @@ between runs of it), not with the RN50 CLIP-IQA figures in papers, nor across ch
 Weights are `FrozenWeight` variables (never trained; gradients stop at them but flow to the image,
 except where the [0, 1] clip after resizing is active).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,10 +48,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sodec_jax.errors import SodecError
-from sodec_jax.guidance.vit import (LayerNorm, Linear, ViTLayer, ViTSpec, activation,
-                                    interpolate_pos_embeddings, read)
-from sodec_jax.layers import FrozenWeight
-from sodec_jax.layers import resolve_precision
+from sodec_jax.guidance.vit import (
+  LayerNorm,
+  Linear,
+  ViTLayer,
+  ViTSpec,
+  activation,
+  interpolate_pos_embeddings,
+  read,
+)
+from sodec_jax.layers import FrozenWeight, resolve_precision
 
 # transformers.image_utils.OPENAI_CLIP_MEAN / OPENAI_CLIP_STD
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -77,6 +84,7 @@ class ClipPreprocess:
   resize: ("shortest_edge", n) or ("size", (h, w)) or None (no resize); crop: (h, w) or None;
   resample: "cubic" (PIL BICUBIC, CLIP's) or "linear" (PIL BILINEAR).
   """
+
   resize: Optional[tuple] = ("shortest_edge", 224)
   crop: Optional[tuple[int, int]] = (224, 224)
   mean: tuple[float, ...] = OPENAI_CLIP_MEAN
@@ -93,10 +101,12 @@ class ClipPreprocess:
     elif isinstance(size, Mapping) and size.get("height") and size.get("width"):
       resize = ("size", (int(size["height"]), int(size["width"])))
     elif isinstance(size, (int, float)) and not isinstance(size, bool):
-      resize = ("shortest_edge", int(size))   # old configs: "size": 224
+      resize = ("shortest_edge", int(size))  # old configs: "size": 224
     elif size is not None:
-      raise SodecError(f"preprocessor_config.json: unsupported size {size!r} (expected "
-                       "{'shortest_edge': n} or {'height': h, 'width': w})")
+      raise SodecError(
+        f"preprocessor_config.json: unsupported size {size!r} (expected "
+        "{'shortest_edge': n} or {'height': h, 'width': w})"
+      )
     if pre.get("do_resize", True) is False:
       resize = None
     crop_size = pre.get("crop_size", image_size)
@@ -108,8 +118,10 @@ class ClipPreprocess:
       crop = None
     resample = int(pre.get("resample", 3))
     if resample not in _RESAMPLE:
-      raise SodecError(f"preprocessor_config.json: resample {resample} is not supported (3 = "
-                       "bicubic, CLIP's, or 2 = bilinear); fix the file or remove the key")
+      raise SodecError(
+        f"preprocessor_config.json: resample {resample} is not supported (3 = "
+        "bicubic, CLIP's, or 2 = bilinear); fix the file or remove the key"
+      )
     mean = tuple(float(m) for m in pre.get("image_mean", OPENAI_CLIP_MEAN))
     std = tuple(float(s) for s in pre.get("image_std", OPENAI_CLIP_STD))
     return cls(resize=resize, crop=crop, mean=mean, std=std, resample=_RESAMPLE[resample])
@@ -120,13 +132,22 @@ class ClipPreprocess:
     r = d.get("resize")
     resize = None if r is None else (r[0], int(r[1]) if r[0] == "shortest_edge" else _pair(r[1]))
     crop = None if d.get("crop") is None else _pair(d["crop"])
-    return cls(resize=resize, crop=crop, mean=tuple(d["mean"]), std=tuple(d["std"]),
-               resample=d.get("resample", "cubic"))
+    return cls(
+      resize=resize,
+      crop=crop,
+      mean=tuple(d["mean"]),
+      std=tuple(d["std"]),
+      resample=d.get("resample", "cubic"),
+    )
 
   def to_dict(self) -> dict:
-    return {"resize": None if self.resize is None else list(self.resize),
-            "crop": None if self.crop is None else list(self.crop),
-            "mean": list(self.mean), "std": list(self.std), "resample": self.resample}
+    return {
+      "resize": None if self.resize is None else list(self.resize),
+      "crop": None if self.crop is None else list(self.crop),
+      "mean": list(self.mean),
+      "std": list(self.std),
+      "resample": self.resample,
+    }
 
   def output_size(self, h: int, w: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """((resized h, w), (final h, w)) for an h x w input (static Python ints)."""
@@ -134,7 +155,7 @@ class ClipPreprocess:
     if self.resize is not None and self.resize[0] == "shortest_edge":
       n = int(self.resize[1])
       short, long = (w, h) if w <= h else (h, w)
-      new_long = int(n * long / short)   # transformers' get_resize_output_image_size
+      new_long = int(n * long / short)  # transformers' get_resize_output_image_size
       rh, rw = (new_long, n) if w <= h else (n, new_long)
     elif self.resize is not None:
       rh, rw = self.resize[1]
@@ -148,11 +169,18 @@ def center_crop(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   _, h, w, _ = x.shape
   ph, pw = max(ch - h, 0), max(cw - w, 0)
   if ph or pw:
-    x = jnp.pad(x, ((0, 0), (math.ceil(ph / 2), ph - math.ceil(ph / 2)),
-                    (math.ceil(pw / 2), pw - math.ceil(pw / 2)), (0, 0)))
+    x = jnp.pad(
+      x,
+      (
+        (0, 0),
+        (math.ceil(ph / 2), ph - math.ceil(ph / 2)),
+        (math.ceil(pw / 2), pw - math.ceil(pw / 2)),
+        (0, 0),
+      ),
+    )
     h, w = x.shape[1], x.shape[2]
   top, left = (h - ch) // 2, (w - cw) // 2
-  return x[:, top:top + ch, left:left + cw]
+  return x[:, top : top + ch, left : left + cw]
 
 
 def clip_preprocess(x01: jax.Array, pre: ClipPreprocess) -> jax.Array:
@@ -163,8 +191,10 @@ def clip_preprocess(x01: jax.Array, pre: ClipPreprocess) -> jax.Array:
   """
   x = jnp.asarray(x01)
   if x.ndim != 4 or x.shape[-1] != len(pre.mean):
-    raise SodecError(f"CLIP-IQA expects NHWC images with {len(pre.mean)} channels in [0, 1], "
-                     f"got shape {tuple(x.shape)}")
+    raise SodecError(
+      f"CLIP-IQA expects NHWC images with {len(pre.mean)} channels in [0, 1], "
+      f"got shape {tuple(x.shape)}"
+    )
   if x.shape[1] < 1 or x.shape[2] < 1:
     raise SodecError(f"CLIP-IQA got an empty image batch of shape {tuple(x.shape)}")
   x = x.astype(jnp.float32)
@@ -183,6 +213,7 @@ def clip_preprocess(x01: jax.Array, pre: ClipPreprocess) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class ClipVisionSpec:
   """transformers `CLIPVisionConfig` fields the forward needs, plus CLIPConfig's projection_dim."""
+
   hidden_size: int = 768
   num_hidden_layers: int = 12
   num_attention_heads: int = 12
@@ -196,12 +227,17 @@ class ClipVisionSpec:
 
   @classmethod
   def from_config(cls, vision_config: Mapping[str, Any], projection_dim: int) -> "ClipVisionSpec":
-    d = {f.name: vision_config[f.name] for f in dataclasses.fields(cls)
-         if vision_config.get(f.name) is not None and f.name != "projection_dim"}
+    d = {
+      f.name: vision_config[f.name]
+      for f in dataclasses.fields(cls)
+      if vision_config.get(f.name) is not None and f.name != "projection_dim"
+    }
     spec = cls(**d, projection_dim=int(projection_dim))
     if spec.hidden_size % spec.num_attention_heads:
-      raise SodecError(f"CLIP vision config: hidden_size {spec.hidden_size} is not divisible by "
-                       f"num_attention_heads {spec.num_attention_heads}")
+      raise SodecError(
+        f"CLIP vision config: hidden_size {spec.hidden_size} is not divisible by "
+        f"num_attention_heads {spec.num_attention_heads}"
+      )
     activation(spec.hidden_act)
     return spec
 
@@ -231,27 +267,33 @@ class ClipVision(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     param_dtype = jnp.dtype(param_dtype or dtype)
     self.precision = resolve_precision(precision, self.dtype)
-    self.ignored_keys: tuple[str, ...] = ()   # checkpoint keys the loader skipped
+    self.ignored_keys: tuple[str, ...] = ()  # checkpoint keys the loader skipped
     kw = dict(dtype=self.dtype, param_dtype=param_dtype, precision=self.precision)
     d, p = spec.hidden_size, spec.patch_size
 
     def frozen(*shape):
       return FrozenWeight(jnp.zeros(shape, param_dtype))
 
-    self.patch_kernel = frozen(p, p, spec.num_channels, d)       # Conv2d(bias=False), HWIO
+    self.patch_kernel = frozen(p, p, spec.num_channels, d)  # Conv2d(bias=False), HWIO
     self.class_embedding = frozen(d)
     self.position_embedding = frozen(spec.num_positions, d)
-    self.pre_layrnorm = LayerNorm(d, eps=spec.layer_norm_eps, dtype=self.dtype,
-                                  param_dtype=param_dtype)
+    self.pre_layrnorm = LayerNorm(
+      d, eps=spec.layer_norm_eps, dtype=self.dtype, param_dtype=param_dtype
+    )
     # CLIPEncoderLayer is the pre-LN block of ViT (x + Attn(LN1(x)), x + MLP(LN2(x)), q/k/v/out
     # projections with bias, no mask): the one implementation in guidance/vit.py.
-    block = ViTSpec(hidden_size=d, num_hidden_layers=spec.num_hidden_layers,
-                    num_attention_heads=spec.num_attention_heads,
-                    intermediate_size=spec.intermediate_size, hidden_act=spec.hidden_act,
-                    layer_norm_eps=spec.layer_norm_eps)
+    block = ViTSpec(
+      hidden_size=d,
+      num_hidden_layers=spec.num_hidden_layers,
+      num_attention_heads=spec.num_attention_heads,
+      intermediate_size=spec.intermediate_size,
+      hidden_act=spec.hidden_act,
+      layer_norm_eps=spec.layer_norm_eps,
+    )
     self.layers = nnx.List([ViTLayer(block, **kw) for _ in range(spec.num_hidden_layers)])
-    self.post_layernorm = LayerNorm(d, eps=spec.layer_norm_eps, dtype=self.dtype,
-                                    param_dtype=param_dtype)
+    self.post_layernorm = LayerNorm(
+      d, eps=spec.layer_norm_eps, dtype=self.dtype, param_dtype=param_dtype
+    )
     self.visual_projection = Linear(d, spec.projection_dim, use_bias=False, **kw)
 
   def embed(self, pixel_values: jax.Array, interpolate_pos_encoding: bool = False) -> jax.Array:
@@ -259,16 +301,24 @@ class ClipVision(nnx.Module):
     b, h, w, c = pixel_values.shape
     spec = self.spec
     if c != spec.num_channels:
-      raise SodecError(f"CLIP vision tower expects NHWC input with {spec.num_channels} channels, "
-                       f"got {tuple(pixel_values.shape)}")
+      raise SodecError(
+        f"CLIP vision tower expects NHWC input with {spec.num_channels} channels, "
+        f"got {tuple(pixel_values.shape)}"
+      )
     if not interpolate_pos_encoding and (h, w) != (spec.image_size, spec.image_size):
-      raise SodecError(f"input size {h}x{w} does not match the CLIP vision tower's "
-                       f"{spec.image_size}x{spec.image_size}; preprocess it (clip_preprocess) or "
-                       "pass interpolate_pos_encoding=True")
+      raise SodecError(
+        f"input size {h}x{w} does not match the CLIP vision tower's "
+        f"{spec.image_size}x{spec.image_size}; preprocess it (clip_preprocess) or "
+        "pass interpolate_pos_encoding=True"
+      )
     x = jax.lax.conv_general_dilated(
-        pixel_values.astype(self.dtype), read(self.patch_kernel, self.dtype),
-        window_strides=(spec.patch_size, spec.patch_size), padding="VALID",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+      pixel_values.astype(self.dtype),
+      read(self.patch_kernel, self.dtype),
+      window_strides=(spec.patch_size, spec.patch_size),
+      padding="VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=self.precision,
+    )
     gh, gw = x.shape[1], x.shape[2]
     x = x.reshape(b, gh * gw, spec.hidden_size)
     cls = jnp.broadcast_to(read(self.class_embedding, self.dtype), (b, 1, spec.hidden_size))
@@ -278,16 +328,18 @@ class ClipVision(nnx.Module):
       pos = interpolate_pos_embeddings(pos, 1, (gh, gw))
     return x + pos
 
-  def encode(self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False
-             ) -> tuple[jax.Array, jax.Array]:
+  def encode(
+    self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False
+  ) -> tuple[jax.Array, jax.Array]:
     """-> (last_hidden_state [B, T, D], pooler_output [B, D] = post_layernorm(CLS))."""
     x = self.pre_layrnorm(self.embed(pixel_values, interpolate_pos_encoding))
     for layer in self.layers:
       x = layer(x)
     return x, self.post_layernorm(x[:, 0])
 
-  def __call__(self, pixel_values: jax.Array, *,
-               interpolate_pos_encoding: bool = False) -> jax.Array:
+  def __call__(
+    self, pixel_values: jax.Array, *, interpolate_pos_encoding: bool = False
+  ) -> jax.Array:
     """pixel_values [B, H, W, C], already normalised -> image embeddings [B, projection_dim]
     (not L2-normalised; = `CLIPModel.get_image_features(...).pooler_output`)."""
     _, pooled = self.encode(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
@@ -315,15 +367,23 @@ class ClipIQA(nnx.Module):
   `logit_scale` [] (the checkpoint's log scale; logits use exp(logit_scale)).
   """
 
-  def __init__(self, spec: ClipVisionSpec, preprocess: ClipPreprocess = ClipPreprocess(), *,
-               prompts: Sequence[str] = PROMPTS, dtype=jnp.float32, param_dtype=None,
-               precision=None):
+  def __init__(
+    self,
+    spec: ClipVisionSpec,
+    preprocess: ClipPreprocess = ClipPreprocess(),
+    *,
+    prompts: Sequence[str] = PROMPTS,
+    dtype=jnp.float32,
+    param_dtype=None,
+    precision=None,
+  ):
     if len(prompts) < 2 or len(prompts) % 2:
       raise SodecError(f"CLIP-IQA needs (good, bad) prompt pairs, got {len(prompts)} prompts")
     self.spec, self.pre, self.prompts = spec, preprocess, tuple(prompts)
     self.vision = ClipVision(spec, dtype=dtype, param_dtype=param_dtype, precision=precision)
-    self.text_embeds = FrozenWeight(jnp.zeros((len(self.prompts), spec.projection_dim),
-                                              jnp.float32))
+    self.text_embeds = FrozenWeight(
+      jnp.zeros((len(self.prompts), spec.projection_dim), jnp.float32)
+    )
     self.logit_scale = FrozenWeight(jnp.zeros((), jnp.float32))
 
   def preprocess(self, x01: jax.Array) -> jax.Array:
@@ -350,6 +410,13 @@ class ClipIQA(nnx.Module):
 
 
 __all__: Sequence[str] = (
-    "ClipIQA", "ClipVision", "ClipVisionSpec", "ClipPreprocess", "clip_preprocess", "center_crop",
-    "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "PROMPTS",
+  "ClipIQA",
+  "ClipVision",
+  "ClipVisionSpec",
+  "ClipPreprocess",
+  "clip_preprocess",
+  "center_crop",
+  "OPENAI_CLIP_MEAN",
+  "OPENAI_CLIP_STD",
+  "PROMPTS",
 )

@@ -25,6 +25,7 @@ alpha/beta come from a user-given file (`sodec_jax.weights.dists.load_dists_weig
 `weights.pt` inside the dists-pytorch wheel) and the VGG16 trunk from the same torchvision-layout
 file LPIPS uses. All weights are `FrozenWeight` (never trained); gradients flow to the images.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -35,13 +36,12 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.layers import FrozenWeight
-from sodec_jax.metrics.vgg16 import (VGG16_STAGE_CHANNELS, VGG16Features,
-                                     check_image_pair)
+from sodec_jax.metrics.vgg16 import VGG16_STAGE_CHANNELS, VGG16Features, check_image_pair
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DISTS_CHANNELS = (3,) + tuple(VGG16_STAGE_CHANNELS)      # 3, 64, 128, 256, 512, 512
-DISTS_TOTAL_CHANNELS = sum(DISTS_CHANNELS)                # 1475
+DISTS_CHANNELS = (3,) + tuple(VGG16_STAGE_CHANNELS)  # 3, 64, 128, 256, 512, 512
+DISTS_TOTAL_CHANNELS = sum(DISTS_CHANNELS)  # 1475
 C1 = 1e-6
 C2 = 1e-6
 L2POOL_EPS = 1e-12
@@ -61,8 +61,14 @@ def l2_pool(x: jax.Array) -> jax.Array:
   k = jnp.tile(g[:, :, None, None], (1, 1, 1, c))  # HWIO with feature_group_count = C
   prec = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
   out = jax.lax.conv_general_dilated(
-      jnp.square(x), k, window_strides=(2, 2), padding=((1, 1), (1, 1)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c, precision=prec)
+    jnp.square(x),
+    k,
+    window_strides=(2, 2),
+    padding=((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    feature_group_count=c,
+    precision=prec,
+  )
   return jnp.sqrt(out + L2POOL_EPS)
 
 
@@ -104,11 +110,11 @@ class DISTS(nnx.Module):
     for f, c in zip(feats, DISTS_CHANNELS):
       f = f.astype(jnp.float32)
       fx, fy = f[:b], f[b:]
-      a_k, b_k = alpha[start:start + c], beta[start:start + c]
+      a_k, b_k = alpha[start : start + c], beta[start : start + c]
       start += c
-      mx = jnp.mean(fx, axis=(1, 2))                       # [B, C]
+      mx = jnp.mean(fx, axis=(1, 2))  # [B, C]
       my = jnp.mean(fy, axis=(1, 2))
-      s1 = (2 * mx * my + C1) / (mx ** 2 + my ** 2 + C1)
+      s1 = (2 * mx * my + C1) / (mx**2 + my**2 + C1)
       vx = jnp.mean(jnp.square(fx - mx[:, None, None]), axis=(1, 2))
       vy = jnp.mean(jnp.square(fy - my[:, None, None]), axis=(1, 2))
       cov = jnp.mean(fx * fy, axis=(1, 2)) - mx * my
@@ -121,5 +127,4 @@ class DISTS(nnx.Module):
     return 1.0 - jnp.sum(self.per_stage(x, y), axis=0)
 
 
-__all__ = ["DISTS", "l2_pool", "hanning_filter", "DISTS_CHANNELS",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["DISTS", "l2_pool", "hanning_filter", "DISTS_CHANNELS", "IMAGENET_MEAN", "IMAGENET_STD"]

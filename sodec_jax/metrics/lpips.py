@@ -10,6 +10,7 @@ All weights are `FrozenWeight` variables (not `nnx.Param`): optimizers built wit
 and `nnx.grad` never touch them, and the forward pass stops their gradients. Gradients flow to the
 images, so LPIPS can be used as a training loss.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -20,8 +21,7 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.layers import FrozenWeight
-from sodec_jax.metrics.vgg16 import (VGG16_STAGE_CHANNELS, VGG16Features,
-                                     check_image_pair)
+from sodec_jax.metrics.vgg16 import VGG16_STAGE_CHANNELS, VGG16Features, check_image_pair
 
 # lpips.ScalingLayer constants (applied to inputs in [-1, 1]).
 LPIPS_SHIFT = (-0.030, -0.088, -0.188)

@@ -6,6 +6,7 @@ Defaults as pytorch_msssim: 11-tap Gaussian window (sigma 1.5) applied separably
 on each side of an odd side (zeros counted in the average, floor mode), relu on the per-channel
 contrast-structure terms and on the last-scale SSIM, product of powers, mean over channels.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -21,8 +22,21 @@ MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 # float32 exp and sum land 1-2 ulp away, and because sigma^2 = E[x^2] - mu^2 cancels, that shifts
 # the per-scale cs by ~3e-5 on smooth photos.
 _TORCH_WINDOW_11_1_5 = np.array(
-    [981912248, 1006173953, 1024685452, 1038088319, 1046093343, 1049113264,
-     1046093343, 1038088319, 1024685452, 1006173953, 981912248], dtype=np.uint32).view(np.float32)
+  [
+    981912248,
+    1006173953,
+    1024685452,
+    1038088319,
+    1046093343,
+    1049113264,
+    1046093343,
+    1038088319,
+    1024685452,
+    1006173953,
+    981912248,
+  ],
+  dtype=np.uint32,
+).view(np.float32)
 
 
 def gaussian_window_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
@@ -31,7 +45,7 @@ def gaussian_window_1d(size: int = 11, sigma: float = 1.5) -> np.ndarray:
   if size == 11 and sigma == 1.5:
     return _TORCH_WINDOW_11_1_5.copy()
   coords = np.arange(size, dtype=np.float32) - np.float32(size // 2)
-  g = np.exp(-(coords ** 2) / np.float32(2 * sigma ** 2)).astype(np.float32)
+  g = np.exp(-(coords**2) / np.float32(2 * sigma**2)).astype(np.float32)
   return (g / g.sum()).astype(np.float32)
 
 
@@ -44,11 +58,13 @@ def _gaussian_filter(x: jax.Array, win: np.ndarray) -> jax.Array:
   kw = jnp.asarray(np.tile(win.reshape(1, n, 1, 1), (1, 1, 1, c)), x.dtype)
   dn = ("NHWC", "HWIO", "NHWC")
   if x.shape[1] >= n:
-    x = jax.lax.conv_general_dilated(x, kh, (1, 1), "VALID", dimension_numbers=dn,
-                                     feature_group_count=c, precision=hi)
+    x = jax.lax.conv_general_dilated(
+      x, kh, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c, precision=hi
+    )
   if x.shape[2] >= n:
-    x = jax.lax.conv_general_dilated(x, kw, (1, 1), "VALID", dimension_numbers=dn,
-                                     feature_group_count=c, precision=hi)
+    x = jax.lax.conv_general_dilated(
+      x, kw, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c, precision=hi
+    )
   return x
 
 
@@ -66,7 +82,7 @@ def _ssim_cs(x, y, win, data_range, k):
   b = x.shape[0]
   # One blur pass over the 5 maps.
   f = _gaussian_filter(jnp.concatenate([x, y, x * x, y * y, x * y], axis=0), win)
-  mu1, mu2, xx, yy, xy = (f[i * b:(i + 1) * b] for i in range(5))
+  mu1, mu2, xx, yy, xy = (f[i * b : (i + 1) * b] for i in range(5))
   mu1_sq, mu2_sq, mu1_mu2 = mu1 * mu1, mu2 * mu2, mu1 * mu2
   sigma1_sq = xx - mu1_sq
   sigma2_sq = yy - mu2_sq
@@ -81,13 +97,20 @@ def _avg_pool_2x2(x: jax.Array) -> jax.Array:
   ph, pw = x.shape[1] % 2, x.shape[2] % 2
   x = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   h2, w2 = x.shape[1] // 2, x.shape[2] // 2
-  x = x[:, :2 * h2, :2 * w2]
+  x = x[:, : 2 * h2, : 2 * w2]
   return x.reshape(x.shape[0], h2, 2, w2, 2, x.shape[3]).mean(axis=(2, 4))
 
 
-def ms_ssim(x: jax.Array, y: jax.Array, max_val: float = 1.0, *, win_size: int = 11,
-            win_sigma: float = 1.5, weights: Sequence[float] = MS_SSIM_WEIGHTS,
-            k: tuple[float, float] = (0.01, 0.03)) -> jax.Array:
+def ms_ssim(
+  x: jax.Array,
+  y: jax.Array,
+  max_val: float = 1.0,
+  *,
+  win_size: int = 11,
+  win_sigma: float = 1.5,
+  weights: Sequence[float] = MS_SSIM_WEIGHTS,
+  k: tuple[float, float] = (0.01, 0.03),
+) -> jax.Array:
   """MS-SSIM per image, [B], for NHWC float images in [0, max_val]. Jittable, differentiable.
 
   Images need more than (win_size - 1) * 2**(levels - 1) pixels per side (161 with the defaults),
@@ -102,8 +125,10 @@ def ms_ssim(x: jax.Array, y: jax.Array, max_val: float = 1.0, *, win_size: int =
   levels = len(weights)
   need = (win_size - 1) * 2 ** (levels - 1)
   if min(x.shape[1:3]) <= need:
-    raise ValueError(f"ms_ssim needs images larger than {need} pixels per side (at least {need + 1}, "
-                     f"because of its {levels - 1} downsamplings), got {x.shape[1]}x{x.shape[2]}")
+    raise ValueError(
+      f"ms_ssim needs images larger than {need} pixels per side (at least {need + 1}, "
+      f"because of its {levels - 1} downsamplings), got {x.shape[1]}x{x.shape[2]}"
+    )
   win = gaussian_window_1d(win_size, win_sigma)
   x = x.astype(jnp.float32)
   y = y.astype(jnp.float32)
@@ -117,5 +142,5 @@ def ms_ssim(x: jax.Array, y: jax.Array, max_val: float = 1.0, *, win_size: int =
   ssim_pc = jax.nn.relu(ssim_pc)
   stack = jnp.stack(mcs + [ssim_pc], axis=0)  # [levels, B, C]
   w = jnp.asarray(weights, jnp.float32).reshape(-1, 1, 1)
-  val = jnp.prod(stack ** w, axis=0)  # [B, C]
+  val = jnp.prod(stack**w, axis=0)  # [B, C]
   return jnp.mean(val, axis=1)

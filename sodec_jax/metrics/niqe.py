@@ -23,6 +23,7 @@ features include differences of nearly equal scale estimates (the "mean" of the 
 fits) and a nearest-point lookup on the shape grid, and a float32 version measured 0.8% off
 the float64 score on astronaut; NIQE is an evaluation metric, off the coding path.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,50 +38,62 @@ from sodec_jax.errors import SodecError
 BLOCK = 96
 FEATURES = 36
 SHIFTS = ((0, 1), (1, 0), (1, 1), (1, -1))
-_SHAPES = np.arange(0.2, 10.001, 0.001)                     # MATLAB's gam = 0.2:0.001:10
+_SHAPES = np.arange(0.2, 10.001, 0.001)  # MATLAB's gam = 0.2:0.001:10
 _R_SHAPES = gamma_fn(2 / _SHAPES) ** 2 / (gamma_fn(1 / _SHAPES) * gamma_fn(3 / _SHAPES))
 
 
 @dataclasses.dataclass(frozen=True)
 class NiqeParams:
   """The pristine model: mean [36] and covariance [36, 36] of pristine images' block features."""
+
   mu: np.ndarray
   cov: np.ndarray
 
 
-_KEYS = (("mu_prisparam", "cov_prisparam"),      # MATLAB niqe_release modelparameters.mat
-         ("mu_pris_param", "cov_pris_param"))    # BasicSR / pyiqa niqe_pris_params.npz
+_KEYS = (
+  ("mu_prisparam", "cov_prisparam"),  # MATLAB niqe_release modelparameters.mat
+  ("mu_pris_param", "cov_pris_param"),
+)  # BasicSR / pyiqa niqe_pris_params.npz
 
 
 def load_niqe_params(path: str) -> NiqeParams:
   """The pristine model from MATLAB's `modelparameters.mat` (mu_prisparam, cov_prisparam) or
   BasicSR's `niqe_pris_params.npz` (mu_pris_param, cov_pris_param)."""
-  hint = ("pass the NIQE pristine model: modelparameters.mat of the MATLAB niqe_release or "
-          "BasicSR's niqe_pris_params.npz")
+  hint = (
+    "pass the NIQE pristine model: modelparameters.mat of the MATLAB niqe_release or "
+    "BasicSR's niqe_pris_params.npz"
+  )
   if not os.path.isfile(path):
     raise SodecError(f"NIQE parameters file not found: {path}; {hint}")
   try:
     if path.lower().endswith(".mat"):
       import scipy.io
+
       d = scipy.io.loadmat(path)
     else:
       with np.load(path, allow_pickle=False) as f:
         d = {k: f[k] for k in f.files}
   except Exception as e:  # noqa: BLE001 - any reader failure is the same user error
-    raise SodecError(f"could not read NIQE parameters {path} ({type(e).__name__}: {e}); {hint}") from None
+    raise SodecError(
+      f"could not read NIQE parameters {path} ({type(e).__name__}: {e}); {hint}"
+    ) from None
   for mu_key, cov_key in _KEYS:
     if mu_key in d and cov_key in d:
       mu = np.asarray(d[mu_key], np.float64).reshape(-1)
       cov = np.asarray(d[cov_key], np.float64)
       if mu.shape != (FEATURES,) or cov.shape != (FEATURES, FEATURES):
-        raise SodecError(f"NIQE parameters {path}: {mu_key} has shape {np.shape(d[mu_key])} and "
-                         f"{cov_key} {cov.shape}; expected {FEATURES} and {FEATURES}x{FEATURES}")
+        raise SodecError(
+          f"NIQE parameters {path}: {mu_key} has shape {np.shape(d[mu_key])} and "
+          f"{cov_key} {cov.shape}; expected {FEATURES} and {FEATURES}x{FEATURES}"
+        )
       if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
         raise SodecError(f"NIQE parameters {path} hold non-finite values")
       return NiqeParams(mu, cov)
   names = sorted(k for k in d if not k.startswith("__"))
-  raise SodecError(f"NIQE parameters {path} hold {names}, not mu_prisparam/cov_prisparam (.mat) "
-                   f"or mu_pris_param/cov_pris_param (.npz); {hint}")
+  raise SodecError(
+    f"NIQE parameters {path} hold {names}, not mu_prisparam/cov_prisparam (.mat) "
+    f"or mu_pris_param/cov_pris_param (.npz); {hint}"
+  )
 
 
 # ----------------------------------------------------------------------------- image operations
@@ -91,24 +104,27 @@ def luma(image: np.ndarray) -> np.ndarray:
   A [H, W] image is returned as float64; float RGB input in [0, 1] is scaled to 0-255 first."""
   x = np.asarray(image)
   if x.ndim == 2:
-    return x.astype(np.float64) * (255.0 if x.dtype.kind == "f" and x.max(initial=0) <= 1.0 else 1.0)
+    return x.astype(np.float64) * (
+      255.0 if x.dtype.kind == "f" and x.max(initial=0) <= 1.0 else 1.0
+    )
   if x.ndim != 3 or x.shape[2] != 3:
     raise SodecError(f"NIQE takes an RGB [H, W, 3] or gray [H, W] image, got shape {x.shape}")
-  x = x.astype(np.float64) / (1.0 if x.dtype.kind == "f" else 255.0)     # [0, 1]
+  x = x.astype(np.float64) / (1.0 if x.dtype.kind == "f" else 255.0)  # [0, 1]
   return np.round(16.0 + 65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2])
 
 
 def gaussian_window(size: int = 7, sigma: float = 7 / 6) -> np.ndarray:
   """MATLAB fspecial('gaussian', size, sigma): [size, size], sums to 1."""
   r = np.arange(size) - (size - 1) / 2
-  g = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma ** 2))
+  g = np.exp(-(r[:, None] ** 2 + r[None, :] ** 2) / (2 * sigma**2))
   return g / g.sum()
 
 
 def _cubic(x: np.ndarray) -> np.ndarray:
   a = np.abs(x)
-  return ((1.5 * a ** 3 - 2.5 * a ** 2 + 1) * (a <= 1)
-          + (-0.5 * a ** 3 + 2.5 * a ** 2 - 4 * a + 2) * ((a > 1) & (a <= 2)))
+  return (1.5 * a**3 - 2.5 * a**2 + 1) * (a <= 1) + (-0.5 * a**3 + 2.5 * a**2 - 4 * a + 2) * (
+    (a > 1) & (a <= 2)
+  )
 
 
 @functools.lru_cache(maxsize=64)
@@ -120,7 +136,7 @@ def resize_matrix(n_in: int, scale: float) -> np.ndarray:
   u = np.arange(1, n_out + 1) / scale + 0.5 * (1 - 1 / scale)
   left = np.floor(u - width / 2)
   taps = int(np.ceil(width)) + 2
-  idx = left[:, None] + np.arange(taps)[None, :]                      # 1-based
+  idx = left[:, None] + np.arange(taps)[None, :]  # 1-based
   k = scale * _cubic(scale * (u[:, None] - idx)) if scale < 1 else _cubic(u[:, None] - idx)
   k = k / k.sum(1, keepdims=True)
   mirror = np.concatenate([np.arange(n_in), np.arange(n_in)[::-1]])  # symmetric extension
@@ -135,6 +151,7 @@ def mscn(y: np.ndarray, window: np.ndarray) -> np.ndarray:
   local mean and deviation under `window` with replicated borders (MATLAB imfilter
   'replicate'). y [H, W] float64 -> [H, W]."""
   from scipy import ndimage
+
   mu = ndimage.correlate(y, window, mode="nearest")
   sigma = np.sqrt(np.abs(ndimage.correlate(y * y, window, mode="nearest") - mu * mu))
   return (y - mu) / (sigma + 1.0)
@@ -152,8 +169,17 @@ def _moments(v: np.ndarray) -> np.ndarray:
   v = v.reshape(v.shape[0], -1)
   sq = v * v
   neg, pos = v < 0, v > 0
-  return np.stack([np.where(neg, sq, 0.0).sum(1), neg.sum(1), np.where(pos, sq, 0.0).sum(1),
-                   pos.sum(1), np.abs(v).mean(1), sq.mean(1)], 1).astype(np.float64)
+  return np.stack(
+    [
+      np.where(neg, sq, 0.0).sum(1),
+      neg.sum(1),
+      np.where(pos, sq, 0.0).sum(1),
+      pos.sum(1),
+      np.abs(v).mean(1),
+      sq.mean(1),
+    ],
+    1,
+  ).astype(np.float64)
 
 
 def block_moments(y: np.ndarray, block: int = BLOCK) -> np.ndarray:
@@ -163,7 +189,7 @@ def block_moments(y: np.ndarray, block: int = BLOCK) -> np.ndarray:
   window = gaussian_window()
   out = []
   for scale in (1, 2):
-    if scale == 2:   # MATLAB imresize(y / 255, 0.5) * 255
+    if scale == 2:  # MATLAB imresize(y / 255, 0.5) * 255
       y = resize_matrix(y.shape[0], 0.5) @ (y / 255.0) @ resize_matrix(y.shape[1], 0.5).T * 255.0
     b = _blocks(mscn(y, window), block // scale)
     signals = [b] + [b * np.roll(b, s, axis=(1, 2)) for s in SHIFTS]
@@ -180,8 +206,10 @@ def _fit(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   right = np.sqrt(m[..., 2] / m[..., 3])
   g = left / right
   r_hat = m[..., 4] ** 2 / m[..., 5]
-  r_norm = r_hat * (g ** 3 + 1) * (g + 1) / (g ** 2 + 1) ** 2
-  alpha = _SHAPES[np.argmin((_R_SHAPES[None, :] - r_norm.reshape(-1, 1)) ** 2, axis=1)].reshape(r_norm.shape)
+  r_norm = r_hat * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
+  alpha = _SHAPES[np.argmin((_R_SHAPES[None, :] - r_norm.reshape(-1, 1)) ** 2, axis=1)].reshape(
+    r_norm.shape
+  )
   c = np.sqrt(gamma_fn(1 / alpha) / gamma_fn(3 / alpha))
   return alpha, left * c, right * c
 
@@ -221,4 +249,4 @@ def niqe(image: np.ndarray, params: NiqeParams, *, block: int = BLOCK) -> float:
   nh, nw = h // block, w // block
   if nh == 0 or nw == 0:
     raise SodecError(f"NIQE needs an image of at least {block}x{block} px (one block), got {w}x{h}")
-  return mvg_distance(block_features(block_moments(y[:nh * block, :nw * block], block)), params)
+  return mvg_distance(block_features(block_moments(y[: nh * block, : nw * block], block)), params)

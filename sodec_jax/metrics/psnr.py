@@ -1,4 +1,5 @@
 """PSNR per image."""
+
 from __future__ import annotations
 
 import jax

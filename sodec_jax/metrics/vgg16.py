@@ -8,6 +8,7 @@ Weights are stored as `FrozenWeight` variables (an `nnx.Variable` that is not an
 `nnx.Optimizer(..., wrt=nnx.Param)` and `nnx.grad` (which differentiates `nnx.Param` by default)
 never update them; the forward pass also applies `stop_gradient` to them.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
@@ -21,11 +22,11 @@ from sodec_jax.layers import FrozenWeight, resolve_precision
 
 # torchvision `vgg16().features` indices of the convolutions, grouped by stage (pool between stages).
 VGG16_STAGES: tuple[tuple[int, ...], ...] = (
-    (0, 2),
-    (5, 7),
-    (10, 12, 14),
-    (17, 19, 21),
-    (24, 26, 28),
+  (0, 2),
+  (5, 7),
+  (10, 12, 14),
+  (17, 19, 21),
+  (24, 26, 28),
 )
 VGG16_TAPS = ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")
 VGG16_STAGE_CHANNELS = (64, 128, 256, 512, 512)
@@ -73,19 +74,31 @@ class VGG16Features(nnx.Module):
       w = np.asarray(state[f"features.{idx}.weight"], dtype=np.float32)
       b = np.asarray(state[f"features.{idx}.bias"], dtype=np.float32)
       # OIHW -> HWIO
-      setattr(self, f"conv{idx}_kernel", FrozenWeight(jnp.asarray(w.transpose(2, 3, 1, 0), self.dtype)))
+      setattr(
+        self, f"conv{idx}_kernel", FrozenWeight(jnp.asarray(w.transpose(2, 3, 1, 0), self.dtype))
+      )
       setattr(self, f"conv{idx}_bias", FrozenWeight(jnp.asarray(b, self.dtype)))
 
   def conv(self, idx: int, x: jax.Array) -> jax.Array:
     k = jax.lax.stop_gradient(getattr(self, f"conv{idx}_kernel")[...])
     b = jax.lax.stop_gradient(getattr(self, f"conv{idx}_bias")[...])
     y = jax.lax.conv_general_dilated(
-        x, k, window_strides=(1, 1), padding=((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+      x,
+      k,
+      window_strides=(1, 1),
+      padding=((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=self.precision,
+    )
     return y + b
 
-  def __call__(self, x: jax.Array, *, num_stages: int = 5,
-               pool: Callable[[jax.Array], jax.Array] = max_pool_2x2) -> list[jax.Array]:
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    num_stages: int = 5,
+    pool: Callable[[jax.Array], jax.Array] = max_pool_2x2,
+  ) -> list[jax.Array]:
     """Returns the ReLU outputs of the first `num_stages` stages (relu1_2 ... relu5_3).
 
     `x` is NHWC, already normalised as the caller's metric wants (LPIPS: its ScalingLayer;
@@ -128,6 +141,12 @@ def check_image_pair(x, y, metric: str) -> None:
 
 
 __all__: Sequence[str] = (
-    "VGG16Features", "VGG16_FEATURE_SHAPES", "VGG16_STAGES", "VGG16_TAPS",
-    "VGG16_STAGE_CHANNELS", "check_image_pair", "max_pool_2x2", "min_side_for_stages",
+  "VGG16Features",
+  "VGG16_FEATURE_SHAPES",
+  "VGG16_STAGES",
+  "VGG16_TAPS",
+  "VGG16_STAGE_CHANNELS",
+  "check_image_pair",
+  "max_pool_2x2",
+  "min_side_for_stages",
 )

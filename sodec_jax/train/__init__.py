@@ -5,6 +5,7 @@ build.py (config checks, model, optimizer, discriminator, LPIPS), step.py (the j
 parallel.py (multi-host, mesh, shardings), pipeline.py (stage configs, pipelines), logs.py
 (config.json, metrics, sample grids) and cli.py (the command line: `main`, `run`).
 """
+
 from sodec_jax.train.cli import main, run
 from sodec_jax.train.loop import train
 

@@ -2,6 +2,7 @@
 the optimizer, stage 4's discriminator and the frozen LPIPS network; the pure-dict plumbing
 between checkpoints (all params) and the train state (trainable params apart from frozen ones).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,13 +25,17 @@ def validate_config(config) -> None:
   pretrained.check_paths(config)
   source = l.get("discriminator_init", "")
   if source and not os.path.isfile(os.path.join(source, "manifest.json")):
-    raise SodecError(f"--config.loss.discriminator_init={source} is not a converted folder: make "
-                     "one with `python convert/from_torch.py hific --src CHECKPOINT.pt --out DIR`")
+    raise SodecError(
+      f"--config.loss.discriminator_init={source} is not a converted folder: make "
+      "one with `python convert/from_torch.py hific --src CHECKPOINT.pt --out DIR`"
+    )
   if config.stage not in (0, 1, 2, 3, 4):
     raise SodecError(f"config.stage={config.stage} must be 0 (tiny SD pretraining), 1, 2, 3 or 4")
   if config.stage >= 2 and config.get("decoder", "codec") != "diffusion":
-    raise SodecError(f"config.stage={config.stage} trains the diffusion decoder: set "
-                     "--config.decoder=diffusion (configs/stage2.py, stage3.py, finetune.py do)")
+    raise SodecError(
+      f"config.stage={config.stage} trains the diffusion decoder: set "
+      "--config.decoder=diffusion (configs/stage2.py, stage3.py, finetune.py do)"
+    )
   if config.stage >= 2 and config.loss.beta > 0 and config.stage != 4:
     raise SodecError("config.loss.beta > 0 (GAN) belongs to stage 4 (configs/finetune.py)")
   if d.crop_size <= 0 or d.crop_size % 64:
@@ -46,16 +51,21 @@ def validate_config(config) -> None:
   for sched in ("lambda_schedule", "target_schedule"):
     vals, steps = l[f"{sched}_values"], l[f"{sched}_steps"]
     if len(vals) != len(steps) + 1:
-      raise SodecError(f"config.loss.{sched}_values needs one more entry than "
-                       f"config.loss.{sched}_steps, got {tuple(vals)} and {tuple(steps)}")
+      raise SodecError(
+        f"config.loss.{sched}_values needs one more entry than "
+        f"config.loss.{sched}_steps, got {tuple(vals)} and {tuple(steps)}"
+      )
   if l.lambda_A < l.lambda_B:
-    raise SodecError(f"config.loss.lambda_A={l.lambda_A} must be >= config.loss.lambda_B="
-                     f"{l.lambda_B} (lambda_A applies above the target rate)")
+    raise SodecError(
+      f"config.loss.lambda_A={l.lambda_A} must be >= config.loss.lambda_B="
+      f"{l.lambda_B} (lambda_A applies above the target rate)"
+    )
   if l.k_P > 0 and not config.lpips.vgg_weights:
     raise SodecError(
-        f"config.loss.k_P={l.k_P} needs LPIPS VGG16 weights: pass "
-        "--config.lpips.vgg_weights=/path/to/vgg16.pth (torchvision layout), or "
-        "--config.loss.k_P=0 to train on MSE alone")
+      f"config.loss.k_P={l.k_P} needs LPIPS VGG16 weights: pass "
+      "--config.lpips.vgg_weights=/path/to/vgg16.pth (torchvision layout), or "
+      "--config.loss.k_P=0 to train on MSE alone"
+    )
 
 
 def build_training_model(config):
@@ -77,6 +87,7 @@ def trainable_filter(config):
       return False
     name = "/".join(str(p) for p in path)
     return any(p.fullmatch(name) for p in patterns)
+
   return keep
 
 
@@ -114,7 +125,8 @@ def make_optimizer(config):
   """AdamW with the piecewise-constant lr schedule (and optional global-norm clipping)."""
   o = config.optim
   lr = optax.piecewise_constant_schedule(
-      o.learning_rate, {int(s): o.lr_decay_factor for s in o.lr_decay_steps})
+    o.learning_rate, {int(s): o.lr_decay_factor for s in o.lr_decay_steps}
+  )
   tx = optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
   if o.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
@@ -125,7 +137,7 @@ def make_discriminator(config):
   """Stage 4: HiFiC's conditional discriminator -> (graphdef, {'params', 'spectral', 'opt_state'},
   its optimizer). Its params and spectral-norm vectors are pure dicts in the train state."""
   source = config.loss.get("discriminator_init", "")
-  if source:   # a `convert/from_torch.py hific` folder: HiFiC's trained discriminator
+  if source:  # a `convert/from_torch.py hific` folder: HiFiC's trained discriminator
     disc = converted_discriminator(source, config.model.latent_channels)
   else:
     disc = Discriminator(config.model.latent_channels, rngs=nnx.Rngs(config.seed + 1))
@@ -138,27 +150,36 @@ def make_discriminator(config):
 def converted_discriminator(folder: str, latent_channels: int):
   """The Discriminator of a `convert/from_torch.py hific` folder (its widths read from the
   converted kernels), loaded strictly; SodecError naming the fix otherwise."""
-  fix = ("--config.loss.discriminator_init takes a `python convert/from_torch.py hific --src "
-         "CHECKPOINT.pt --out DIR` folder whose checkpoint held the discriminator")
+  fix = (
+    "--config.loss.discriminator_init takes a `python convert/from_torch.py hific --src "
+    "CHECKPOINT.pt --out DIR` folder whose checkpoint held the discriminator"
+  )
   if not os.path.isdir(folder):
     raise SodecError(f"discriminator_init {folder!r} does not exist; {fix}")
   if converted.read_manifest(folder).get("kind") != "hific":
     raise SodecError(f"discriminator_init {folder} is not a converted HiFiC folder; {fix}")
   arrays = converted.load_discriminator_arrays(folder)
   if arrays is None:
-    raise SodecError(f"discriminator_init {folder} has no discriminator/ (the HiFiC checkpoint "
-                     f"held none); {fix}")
+    raise SodecError(
+      f"discriminator_init {folder} has no discriminator/ (the HiFiC checkpoint held none); {fix}"
+    )
   try:
-    context = arrays["context_conv"]["kernel"].shape          # [3, 3, C, context]
+    context = arrays["context_conv"]["kernel"].shape  # [3, 3, C, context]
     filters = [arrays[f"conv{k}"]["kernel"].shape[-1] for k in range(1, 5)]
   except (KeyError, AttributeError, IndexError) as e:
-    raise SodecError(f"discriminator_init {folder}: unexpected discriminator layout ({e}); "
-                     f"{fix}") from None
+    raise SodecError(
+      f"discriminator_init {folder}: unexpected discriminator layout ({e}); {fix}"
+    ) from None
   if context[2] != latent_channels:
-    raise SodecError(f"discriminator_init {folder} was trained with y_hat of {context[2]} "
-                     f"channels, this model has {latent_channels} (model.latent_channels)")
-  disc = nnx.eval_shape(lambda: Discriminator(latent_channels, filters=filters,
-                                              context_channels=context[3], rngs=nnx.Rngs(0)))
+    raise SodecError(
+      f"discriminator_init {folder} was trained with y_hat of {context[2]} "
+      f"channels, this model has {latent_channels} (model.latent_channels)"
+    )
+  disc = nnx.eval_shape(
+    lambda: Discriminator(
+      latent_channels, filters=filters, context_channels=context[3], rngs=nnx.Rngs(0)
+    )
+  )
   converted.load_discriminator(folder, disc)
   return disc
 
@@ -171,4 +192,5 @@ def load_lpips(config):
   if not os.path.isfile(path):
     raise SodecError(f"config.lpips.vgg_weights={path!r} is not a file")
   from sodec_jax.weights.lpips import load_lpips as _load  # pylint: disable=import-outside-toplevel
+
   return nnx.split(_load(path, precision="default"))

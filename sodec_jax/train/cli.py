@@ -7,6 +7,7 @@ exception inside the config file, an unknown or ill-typed override) are one line
 exit code 2; `--print_config` prints the resolved config (and, for a pipeline, each stage's as
 training would run it) to stdout and exits 0 without training.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -48,8 +49,11 @@ def _where(err: BaseException, path: str) -> str:
   if isinstance(err, SyntaxError) and err.filename and err.lineno:
     return f"{_shown(err.filename, path)}:{err.lineno}"
   folder = os.path.dirname(os.path.abspath(path))
-  frames = [f for f in traceback.extract_tb(err.__traceback__)
-            if os.path.dirname(os.path.abspath(f.filename)) == folder]
+  frames = [
+    f
+    for f in traceback.extract_tb(err.__traceback__)
+    if os.path.dirname(os.path.abspath(f.filename)) == folder
+  ]
   return f"{_shown(frames[-1].filename, path)}:{frames[-1].lineno}" if frames else path
 
 
@@ -84,11 +88,14 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     raise
   except Exception as err:  # pylint: disable=broad-except
     message = err.msg if isinstance(err, SyntaxError) else str(err)
-    raise UsageError(f"{_where(err, path)}: {type(err).__name__}: {message}".splitlines()[0]) \
-        from None
+    raise UsageError(
+      f"{_where(err, path)}: {type(err).__name__}: {message}".splitlines()[0]
+    ) from None
   if not isinstance(config, ml_collections.ConfigDict):
-    raise UsageError(f"--config {path}: get_config() returned {type(config).__name__}, "
-                     "not an ml_collections.ConfigDict")
+    raise UsageError(
+      f"--config {path}: get_config() returned {type(config).__name__}, "
+      "not an ml_collections.ConfigDict"
+    )
   return config
 
 
@@ -98,14 +105,15 @@ def unknown_override(argv, config: ml_collections.ConfigDict) -> str | None:
   for a in argv:
     if not a.startswith("--config."):
       continue
-    name = a[len("--config."):].split("=", 1)[0]
+    name = a[len("--config.") :].split("=", 1)[0]
     node = config
     for i, part in enumerate(name.split(".")):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
         parent = ".".join(name.split(".")[:i])
         fields = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        return (f"unknown config field '{name}' in {a}"
-                + (f" (fields of {parent or 'config'}: {', '.join(fields)})" if fields else ""))
+        return f"unknown config field '{name}' in {a}" + (
+          f" (fields of {parent or 'config'}: {', '.join(fields)})" if fields else ""
+        )
       node = node[part]
   return None
 
@@ -121,12 +129,22 @@ def parse_flags(argv) -> tuple[ml_collections.ConfigDict, str | None, bool]:
     raise UsageError(message)
   fv = flags.FlagValues()
   config_flags.DEFINE_config_dict(
-      "config", config, "Experiment config (configs/*.py); override fields with --config.a.b=v.",
-      flag_values=fv, lock_config=True, sys_argv=rest)
-  flags.DEFINE_string("workdir", None, "Training directory: config, checkpoints, metrics "
-                      "(resumes).", flag_values=fv)
-  flags.DEFINE_boolean("print_config", False, "Print the resolved config (each pipeline stage's "
-                       "too) and exit without training.", flag_values=fv)
+    "config",
+    config,
+    "Experiment config (configs/*.py); override fields with --config.a.b=v.",
+    flag_values=fv,
+    lock_config=True,
+    sys_argv=rest,
+  )
+  flags.DEFINE_string(
+    "workdir", None, "Training directory: config, checkpoints, metrics (resumes).", flag_values=fv
+  )
+  flags.DEFINE_boolean(
+    "print_config",
+    False,
+    "Print the resolved config (each pipeline stage's too) and exit without training.",
+    flag_values=fv,
+  )
   try:
     fv(rest)
   except flags.Error as err:
@@ -172,7 +190,9 @@ def run(config, workdir: str) -> int:
     print(str(err), file=sys.stderr)
     return 0
   except KeyboardInterrupt:
-    print(f"\ninterrupted; rerun the same command to resume from the last checkpoint in "
-          f"{workdir}", file=sys.stderr)
+    print(
+      f"\ninterrupted; rerun the same command to resume from the last checkpoint in {workdir}",
+      file=sys.stderr,
+    )
     return 130
   return 0

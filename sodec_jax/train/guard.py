@@ -11,6 +11,7 @@ and init_from read. When val_psnr falls more than config.train.guard_db below th
 one line says so; with config.train.guard_action="stop" the stage stops with a SodecError.
 Runs in single-process runs of the coding stages (not stage 0, the latent pretraining).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,7 @@ def center_crop(image: np.ndarray, size: int) -> np.ndarray:
   """The central min(size, H) x min(size, W) window of a uint8 [H, W, 3] image."""
   h, w = min(size, image.shape[0]), min(size, image.shape[1])
   top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
-  return np.ascontiguousarray(image[top:top + h, left:left + w])
+  return np.ascontiguousarray(image[top : top + h, left : left + w])
 
 
 class Guard:
@@ -53,8 +54,10 @@ class Guard:
     if not every or config.stage == 0:
       return None
     if jax.process_count() > 1:
-      print(f"validation off: {jax.process_count()} processes (held-out validation runs in "
-            "single-process training only)")
+      print(
+        f"validation off: {jax.process_count()} processes (held-out validation runs in "
+        "single-process training only)"
+      )
       return None
     if not tuple(config.data.get("holdout", ())):
       print("validation off: config.data.holdout is empty (name held-out photos to validate on)")
@@ -111,15 +114,18 @@ class Guard:
     if tripped and not rec.get("warned"):
       rec["warned"] = step
       if self.action != "stop":
-        write(f"guard: {self.label} validation PSNR fell {drop:.2f} dB at step {step}: "
-              f"{rec['start_psnr']:.2f} dB at step {rec['start_step']} -> {psnr:.2f} dB now "
-              f"(> guard_db {self.guard_db}); the stage's output will be the best step "
-              f"{rec['step']} ({rec['val_psnr']:.2f} dB, best.json)")
+        write(
+          f"guard: {self.label} validation PSNR fell {drop:.2f} dB at step {step}: "
+          f"{rec['start_psnr']:.2f} dB at step {rec['start_step']} -> {psnr:.2f} dB now "
+          f"(> guard_db {self.guard_db}); the stage's output will be the best step "
+          f"{rec['step']} ({rec['val_psnr']:.2f} dB, best.json)"
+        )
     checkpoints.write_best(self.workdir, rec)
     if tripped and self.action == "stop":
       raise SodecError(
-          f"guard: {self.label} validation PSNR fell from {rec['start_psnr']:.2f} dB (step "
-          f"{rec['start_step']}) to {psnr:.2f} dB at step {step}; best step {rec['step']} kept "
-          f"in best.json; lower --config.optim.learning_rate or pass "
-          "--config.train.guard_action=continue")
+        f"guard: {self.label} validation PSNR fell from {rec['start_psnr']:.2f} dB (step "
+        f"{rec['start_step']}) to {psnr:.2f} dB at step {step}; best step {rec['step']} kept "
+        f"in best.json; lower --config.optim.learning_rate or pass "
+        "--config.train.guard_action=continue"
+      )
     return row

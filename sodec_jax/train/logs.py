@@ -1,6 +1,7 @@
 """What a run writes to its workdir besides checkpoints: config.json (a changed config refused
 on resume), metrics.jsonl with TensorBoard scalars, sample grids, and the closing hints.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ SAMPLES_DIR = "samples"
 
 def save_sample_grid(path: str, original, x_f, x_hat) -> str:
   """PNG with one row per image: original | x_f | x_hat (uint8 [B, H, W, 3] each)."""
-  rows = [np.concatenate([np.asarray(a[i]) for a in (original, x_f, x_hat)], axis=1)
-          for i in range(len(original))]
+  rows = [
+    np.concatenate([np.asarray(a[i]) for a in (original, x_f, x_hat)], axis=1)
+    for i in range(len(original))
+  ]
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = path + ".tmp.png"
   Image.fromarray(np.concatenate(rows, axis=0)).save(tmp)
@@ -39,9 +42,10 @@ def prepare_workdir(config, workdir: str) -> None:
     if diff:
       if not config.train.get("allow_config_change", False):
         raise SodecError(
-            f"{workdir} was trained with a different config ({len(diff)} field(s): "
-            f"{'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}); use another --workdir, "
-            "or pass --config.train.allow_config_change=True to resume with the new one")
+          f"{workdir} was trained with a different config ({len(diff)} field(s): "
+          f"{'; '.join(diff[:3])}{'; ...' if len(diff) > 3 else ''}); use another --workdir, "
+          "or pass --config.train.allow_config_change=True to resume with the new one"
+        )
       print(f"resuming {workdir} with a changed config: {'; '.join(diff)}", file=sys.stderr)
   if jax.process_index() == 0:
     checkpoints.save_config(workdir, config)
@@ -62,6 +66,7 @@ class MetricsLog:
       with open(self.path, "w") as f:
         f.writelines(rows)
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+
     self.tb = SummaryWriter(logdir=workdir)
 
   def write(self, row: dict) -> None:
@@ -81,8 +86,10 @@ class MetricsLog:
 
 def next_steps(workdir: str) -> str:
   """Lines naming a finished run's outputs and the commands that use it."""
-  return (f"outputs in {workdir}: config.json, checkpoints/, {METRICS_FILE}, TensorBoard events "
-          f"(tensorboard --logdir {workdir})\n"
-          "next:\n"
-          f"  sodec compress photo.png out.sodec --checkpoint {workdir}\n"
-          f"  sodec decompress out.sodec out.png --checkpoint {workdir}")
+  return (
+    f"outputs in {workdir}: config.json, checkpoints/, {METRICS_FILE}, TensorBoard events "
+    f"(tensorboard --logdir {workdir})\n"
+    "next:\n"
+    f"  sodec compress photo.png out.sodec --checkpoint {workdir}\n"
+    f"  sodec decompress out.sodec out.png --checkpoint {workdir}"
+  )

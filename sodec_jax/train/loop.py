@@ -6,6 +6,7 @@ the resume order). The pieces live beside it: build.py (model, optimizer, discri
 step.py (the jitted update), parallel.py (mesh and shardings), logs.py (workdir outputs),
 pipeline.py (several stages in one workdir).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,8 @@ from flax import nnx
 
 from sodec_jax import checkpoints, data
 from sodec_jax.errors import SodecError
-from sodec_jax.train import build, guard as guard_lib, logs, parallel, pipeline
+from sodec_jax.train import build, logs, parallel, pipeline
+from sodec_jax.train import guard as guard_lib
 from sodec_jax.train.step import make_sample_fn, make_train_step
 
 
@@ -30,8 +32,10 @@ class Preempted(Exception):
 
   def __init__(self, step: int, workdir: str):
     self.step, self.workdir = step, workdir
-    super().__init__(f"SIGTERM: saved a checkpoint at step {step} in {workdir} and stopped; "
-                     "rerun the same command to resume")
+    super().__init__(
+      f"SIGTERM: saved a checkpoint at step {step} in {workdir} and stopped; "
+      "rerun the same command to resume"
+    )
 
 
 class _StopFlag:
@@ -69,8 +73,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = mngr.latest_step() or 0
   num_steps = int(config.train.num_steps)
   if start >= num_steps:
-    print(f"nothing to train: {workdir} is at step {start} and num_steps={num_steps} (raise "
-          f"--config.train.num_steps to train further)\n{logs.next_steps(workdir)}")
+    print(
+      f"nothing to train: {workdir} is at step {start} and num_steps={num_steps} (raise "
+      f"--config.train.num_steps to train further)\n{logs.next_steps(workdir)}"
+    )
     mngr.close()
     return {"step": start}
 
@@ -83,8 +89,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   params, frozen, rest = (nnx.to_pure_dict(t) for t in (params, frozen, rest))
   n_train, n_frozen = build.count_params(params), build.count_params(frozen)
   if not n_train:
-    raise SodecError(f"config.train.trainable={tuple(config.train.trainable)} matches no parameter "
-                     "of this model; see the stage configs for the path patterns")
+    raise SodecError(
+      f"config.train.trainable={tuple(config.train.trainable)} matches no parameter "
+      "of this model; see the stage configs for the path patterns"
+    )
   print(f"{config.name} stage {config.stage}: training {n_train:,} parameters, {n_frozen:,} frozen")
   del model
   tx, lr_schedule = build.make_optimizer(config)
@@ -94,8 +102,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     disc_graphdef, disc_state, disc_tx = build.make_discriminator(config)
     opt_state = {"model": opt_state, "disc": disc_state}  # the checkpoint's opt_state item
   if start:
-    full, opt_state, meta = checkpoints.restore(mngr, start, build.merge_pure(params, frozen),
-                                                opt_state, workdir)
+    full, opt_state, meta = checkpoints.restore(
+      mngr, start, build.merge_pure(params, frozen), opt_state, workdir
+    )
     params, frozen = build.split_pure(full, params)
     if meta.get("seed") != config.seed:
       warnings.warn(f"checkpoint {start} was written with seed {meta.get('seed')}", stacklevel=2)
@@ -105,26 +114,43 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   _, batch_sharding = parallel.shardings(mesh)
   if mesh.size > 1:
-    print(f"data parallel over {mesh.size} devices: {config.data.batch_size // mesh.size} "
-          f"images per device (global batch {config.data.batch_size})"
-          + (f"; parameters and optimizer state sharded over "
-             f"{mesh.shape[parallel.FSDP_AXIS]} (fsdp)"
-             if parallel.FSDP_AXIS in mesh.axis_names else ""))
+    print(
+      f"data parallel over {mesh.size} devices: {config.data.batch_size // mesh.size} "
+      f"images per device (global batch {config.data.batch_size})"
+      + (
+        f"; parameters and optimizer state sharded over {mesh.shape[parallel.FSDP_AXIS]} (fsdp)"
+        if parallel.FSDP_AXIS in mesh.axis_names
+        else ""
+      )
+    )
   consts = (frozen, rest, lpips_state)
   state_sharding = parallel.param_sharding(mesh, state)
   consts_sharding = parallel.param_sharding(mesh, consts)
-  train_step = make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef, disc_graphdef,
-                               disc_tx, mesh=mesh, state_sharding=state_sharding,
-                               consts_sharding=consts_sharding)
+  train_step = make_train_step(
+    graphdef,
+    tx,
+    lr_schedule,
+    config,
+    lpips_graphdef,
+    disc_graphdef,
+    disc_tx,
+    mesh=mesh,
+    state_sharding=state_sharding,
+    consts_sharding=consts_sharding,
+  )
   state = parallel.place(state, state_sharding)
   consts = parallel.place(consts, consts_sharding)
   frozen = consts[0]
   # each process loads its rows of every global batch; the arrays span all processes' devices
   batches = data.train_iterator(config, start, paths, jax.process_index(), jax.process_count())
   log = logs.MetricsLog(workdir, start)
-  bar = tqdm(total=num_steps, initial=start,
-             disable=not config.train.progress or jax.process_index() != 0,
-             dynamic_ncols=True, desc=f"{config.name} stage {config.stage}")
+  bar = tqdm(
+    total=num_steps,
+    initial=start,
+    disable=not config.train.progress or jax.process_index() != 0,
+    dynamic_ncols=True,
+    desc=f"{config.name} stage {config.stage}",
+  )
   sample_every = int(config.train.get("sample_every", 0)) if jax.process_count() == 1 else 0
   sample_fn = make_sample_fn(graphdef, config) if sample_every else None
   guard = guard_lib.Guard.create(config, workdir, graphdef, start)
@@ -134,13 +160,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   stop = _StopFlag()
 
   def save(done):
-    extra = state["opt_state"] if "disc" not in state else \
-        {"model": state["opt_state"], "disc": state["disc"]}
+    extra = (
+      state["opt_state"]
+      if "disc" not in state
+      else {"model": state["opt_state"], "disc": state["disc"]}
+    )
     if done in mngr.all_steps():
       return
     checkpoints.save(mngr, done, build.merge_pure(state["params"], frozen), extra, config)
-    checkpoints.prune(mngr, config.train.keep_checkpoints,
-                      () if guard is None or guard.best_step is None else (guard.best_step,))
+    checkpoints.prune(
+      mngr,
+      config.train.keep_checkpoints,
+      () if guard is None or guard.best_step is None else (guard.best_step,),
+    )
 
   def validate(done):  # held-out photos through real files; the best step is kept (guard.py)
     guard.check(done, state["params"], consts, log, save, bar.write)
@@ -162,13 +194,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         times.append(time.perf_counter() - t0)
       if not metrics.pop("finite"):
         bad += 1
-        bar.write(f"step {step}: non-finite loss {float(metrics['loss'])} or gradient "
-                  f"{float(metrics['grad_norm'])}; update skipped ({bad} in a row)")
+        bar.write(
+          f"step {step}: non-finite loss {float(metrics['loss'])} or gradient "
+          f"{float(metrics['grad_norm'])}; update skipped ({bad} in a row)"
+        )
         if bad >= max_bad:
           raise SodecError(
-              f"loss or gradient not finite for {bad} steps in a row (last step {step}); "
-              f"the last checkpoint in {workdir} is step {mngr.latest_step() or 'none'}; "
-              "try a lower --config.optim.learning_rate or --config.optim.grad_clip_norm=1")
+            f"loss or gradient not finite for {bad} steps in a row (last step {step}); "
+            f"the last checkpoint in {workdir} is step {mngr.latest_step() or 'none'}; "
+            "try a lower --config.optim.learning_rate or --config.optim.grad_clip_norm=1"
+          )
         continue
       bad = 0
       for k, v in metrics.items():
@@ -186,8 +221,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         sums, count, times = {}, 0, []
       if sample_every and done % sample_every == 0 and log.enabled:
         x_f, x_hat = jax.device_get(sample_fn(state["params"], consts, host_batch[:2]))
-        logs.save_sample_grid(os.path.join(workdir, logs.SAMPLES_DIR, f"step_{done}.png"),
-                              host_batch[:2], x_f, x_hat)
+        logs.save_sample_grid(
+          os.path.join(workdir, logs.SAMPLES_DIR, f"step_{done}.png"), host_batch[:2], x_f, x_hat
+        )
       if done % config.train.checkpoint_every == 0 or done == num_steps:
         save(done)
       if guard is not None and guard.due(done, num_steps):
@@ -198,8 +234,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log.close()
     mngr.close()
   minutes, seconds = divmod(int(time.time() - t_start), 60)
-  print(f"done: steps {start}..{num_steps} in {minutes}m{seconds:02d}s; last logged step "
-        f"{row['step']}: loss {row.get('loss', float('nan')):.4g}, bpp "
-        f"{row.get('bpp', float('nan')):.3f}, PSNR {row.get('psnr', float('nan')):.2f} dB\n"
-        f"{logs.next_steps(workdir)}")
+  print(
+    f"done: steps {start}..{num_steps} in {minutes}m{seconds:02d}s; last logged step "
+    f"{row['step']}: loss {row.get('loss', float('nan')):.4g}, bpp "
+    f"{row.get('bpp', float('nan')):.3f}, PSNR {row.get('psnr', float('nan')):.2f} dB\n"
+    f"{logs.next_steps(workdir)}"
+  )
   return row

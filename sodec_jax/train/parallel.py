@@ -2,6 +2,7 @@
 the shardings of the batch, the parameters and the optimizer state, and placing host values
 as global arrays on them.
 """
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,8 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sodec_jax.errors import SodecError
 
@@ -32,9 +34,11 @@ def init_distributed(config) -> bool:
   pid = int(d.get("process_id", -1))
   pid = pid if pid >= 0 else int(os.environ.get("JAX_PROCESS_ID", -1))
   if n < 1 or not 0 <= pid < n:
-    raise SodecError(f"multi-host training at {addr} needs the process count and this process's "
-                     "id: --config.distributed.num_processes=N --config.distributed.process_id=I "
-                     "(or JAX_NUM_PROCESSES / JAX_PROCESS_ID)")
+    raise SodecError(
+      f"multi-host training at {addr} needs the process count and this process's "
+      "id: --config.distributed.num_processes=N --config.distributed.process_id=I "
+      "(or JAX_NUM_PROCESSES / JAX_PROCESS_ID)"
+    )
   jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
   _DISTRIBUTED.append((addr, n, pid))
   return True
@@ -47,10 +51,7 @@ def place(tree, sharding):
     return jax.device_put(tree, sharding)
   if isinstance(sharding, jax.sharding.Sharding):
     sharding = jax.tree.map(lambda _: sharding, tree)
-  return jax.tree.map(
-      lambda x, sh: _from_host(np.asarray(x), sh),
-      tree, sharding)
-
+  return jax.tree.map(lambda x, sh: _from_host(np.asarray(x), sh), tree, sharding)
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
@@ -65,9 +66,10 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
     raise SodecError(f"config.train.fsdp={f} must be >= 1 and divide the {n} devices")
   if b % n:
     raise SodecError(
-        f"config.data.batch_size={b} is the global batch and must divide over the {n} devices "
-        f"(per-device batch = global batch / device count): use a multiple of {n}, e.g. "
-        f"--config.data.batch_size={max(n, b // n * n)}")
+      f"config.data.batch_size={b} is the global batch and must divide over the {n} devices "
+      f"(per-device batch = global batch / device count): use a multiple of {n}, e.g. "
+      f"--config.data.batch_size={max(n, b // n * n)}"
+    )
   if f == 1:
     return jax.sharding.Mesh(np.asarray(devices), (DATA_AXIS,))
   return jax.sharding.Mesh(np.asarray(devices).reshape(n // f, f), (DATA_AXIS, FSDP_AXIS))
@@ -92,6 +94,7 @@ def param_sharding(mesh: jax.sharding.Mesh, tree):
     spec = [None] * len(shape)
     spec[int(dims[0])] = FSDP_AXIS
     return NamedSharding(mesh, P(*spec))
+
   return jax.tree.map(one, tree)
 
 

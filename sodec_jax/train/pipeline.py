@@ -1,6 +1,7 @@
 """Pipelines: config.pipeline.stages run one after another, each stage's config made by
 `stage_config` (configs/tiny.py runs pretrain, stage1, stage2, stage3 and finetune this way).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -37,8 +38,9 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
     try:
       importlib.import_module(f"configs.{name}").apply(c)
     except ModuleNotFoundError:
-      raise SodecError(f"config.pipeline.stages names {name!r}, which has no "
-                       f"configs/{name}.py") from None
+      raise SodecError(
+        f"config.pipeline.stages names {name!r}, which has no configs/{name}.py"
+      ) from None
   if name in config.pipeline:
     _deep_update(c, config.pipeline[name])
   return c
@@ -68,12 +70,14 @@ def run_pipeline(config, workdir: str, train: Callable[..., dict]) -> dict:
   if config.pipeline.get("summary", True):
     summary(config, workdir)
   minutes, seconds = divmod(int(time.time() - t0), 60)
-  print(f"pipeline done in {minutes}m{seconds:02d}s: stages {', '.join(dirs)} in {workdir} "
-        f"(each: config.json, checkpoints/, {METRICS_FILE}, TensorBoard events); --checkpoint "
-        f"{workdir} means the last stage\nnext:\n"
-        f"  sodec compress photo.png out.sodec --checkpoint {workdir}\n"
-        f"  sodec decompress out.sodec out.png --checkpoint {workdir}\n"
-        f"  python -m sodec_jax.evaluate --checkpoint {workdir} --images FOLDER --out eval/")
+  print(
+    f"pipeline done in {minutes}m{seconds:02d}s: stages {', '.join(dirs)} in {workdir} "
+    f"(each: config.json, checkpoints/, {METRICS_FILE}, TensorBoard events); --checkpoint "
+    f"{workdir} means the last stage\nnext:\n"
+    f"  sodec compress photo.png out.sodec --checkpoint {workdir}\n"
+    f"  sodec decompress out.sodec out.png --checkpoint {workdir}\n"
+    f"  python -m sodec_jax.evaluate --checkpoint {workdir} --images FOLDER --out eval/"
+  )
   return row
 
 
@@ -98,19 +102,32 @@ def summary(config, workdir: str) -> list[dict] | None:
   rows = []
   for name, model in models:
     r = validation.validate(model, images)
-    rows.append({"stage": name, "step": model.step, "bpp": r["bpp"], "psnr": r["psnr"],
-                 "ms_ssim": r["ms_ssim"], "images": r["images"]})
+    rows.append(
+      {
+        "stage": name,
+        "step": model.step,
+        "bpp": r["bpp"],
+        "psnr": r["psnr"],
+        "ms_ssim": r["ms_ssim"],
+        "images": r["images"],
+      }
+    )
   with open(os.path.join(workdir, SUMMARY_JSON), "w") as f:
     json.dump({"holdout": list(config.data.holdout), "stages": rows}, f, indent=2)
   validation.summary_png(os.path.join(workdir, SUMMARY_PNG), models, images[:2])
   width = max(len("stage"), *(len(r["stage"]) for r in rows))
-  lines = [f"held-out photos ({', '.join(config.data.holdout)}), full size, through .sodec files:",
-           f"{'stage':<{width}}  {'step':>6}  {'bpp':>6}  {'PSNR':>6}  {'MS-SSIM':>7}"]
+  lines = [
+    f"held-out photos ({', '.join(config.data.holdout)}), full size, through .sodec files:",
+    f"{'stage':<{width}}  {'step':>6}  {'bpp':>6}  {'PSNR':>6}  {'MS-SSIM':>7}",
+  ]
   for r in rows:
     ssim = "-" if r["ms_ssim"] is None else f"{r['ms_ssim']:.4f}"
-    lines.append(f"{r['stage']:<{width}}  {r['step']:>6}  {r['bpp']:>6.3f}  {r['psnr']:>6.2f}  "
-                 f"{ssim:>7}")
-  lines.append(f"(also {os.path.join(workdir, SUMMARY_JSON)}; original | each stage: "
-               f"{os.path.join(workdir, SUMMARY_PNG)})")
+    lines.append(
+      f"{r['stage']:<{width}}  {r['step']:>6}  {r['bpp']:>6.3f}  {r['psnr']:>6.2f}  {ssim:>7}"
+    )
+  lines.append(
+    f"(also {os.path.join(workdir, SUMMARY_JSON)}; original | each stage: "
+    f"{os.path.join(workdir, SUMMARY_PNG)})"
+  )
   print("\n".join(lines))
   return rows

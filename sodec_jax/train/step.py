@@ -1,6 +1,7 @@
 """The update: `make_train_step` builds the pure, jitted, state-donating train step (stage 4's
 GAN alternation inside it), `make_sample_fn` the model at inference for sample grids.
 """
+
 from __future__ import annotations
 
 import jax
@@ -13,8 +14,19 @@ from sodec_jax.discriminator import SpectralState
 from sodec_jax.metrics import psnr
 from sodec_jax.train.parallel import shardings
 
-def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc_graphdef=None,
-                    disc_tx=None, mesh=None, state_sharding=None, consts_sharding=None):
+
+def make_train_step(
+  graphdef,
+  tx,
+  lr_schedule,
+  config,
+  lpips_graphdef=None,
+  disc_graphdef=None,
+  disc_tx=None,
+  mesh=None,
+  state_sharding=None,
+  consts_sharding=None,
+):
   """The jitted update: (state, consts, batch, step) -> (state, metrics); `state` is donated.
 
   state = {'params': pure dict of the trainable nnx.Params, 'opt_state': optax state, and in
@@ -47,14 +59,18 @@ def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc
         g_loss = None
         if disc_graphdef is not None:
           disc = nnx.merge(disc_graphdef, state["disc"]["params"], state["disc"]["spectral"])
-          _, fake = gan.real_fake_logits(disc, x, out["x_hat"], out["y_hat"], update_stats=False,
-                                         train_generator=True)
+          _, fake = gan.real_fake_logits(
+            disc, x, out["x_hat"], out["y_hat"], update_stats=False, train_generator=True
+          )
           g_loss = gan.generator_loss(fake)
         loss, terms = losses.sodec_loss(out, x, step, config, lpips, g_loss)
       x_hat = jnp.clip(jax.lax.stop_gradient(out["x_hat"]), 0.0, 1.0)
       terms["psnr"] = jnp.mean(psnr(x, x_hat))
-      return loss, (terms, jax.lax.stop_gradient(out["x_hat"]),
-                    jax.lax.stop_gradient(out.get("y_hat")))
+      return loss, (
+        terms,
+        jax.lax.stop_gradient(out["x_hat"]),
+        jax.lax.stop_gradient(out.get("y_hat")),
+      )
 
     params, opt_state = state["params"], state["opt_state"]
     (loss, (terms, x_hat, y_hat)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -63,27 +79,41 @@ def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jnp.where(finite, new, old)
-    new_state = {"params": jax.tree.map(keep, new_params, params),
-                 "opt_state": jax.tree.map(keep, new_opt_state, opt_state)}
+    new_state = {
+      "params": jax.tree.map(keep, new_params, params),
+      "opt_state": jax.tree.map(keep, new_opt_state, opt_state),
+    }
     if disc_graphdef is not None:
       d = state["disc"]
 
       def disc_loss_fn(d_params):
         disc = nnx.merge(disc_graphdef, d_params, d["spectral"], copy=True)
-        real, fake = gan.real_fake_logits(disc, x, x_hat, y_hat, update_stats=True,
-                                          train_generator=False)
+        real, fake = gan.real_fake_logits(
+          disc, x, x_hat, y_hat, update_stats=True, train_generator=False
+        )
         return gan.discriminator_loss(real, fake), nnx.to_pure_dict(nnx.state(disc, SpectralState))
 
       (d_loss, spectral), d_grads = jax.value_and_grad(disc_loss_fn, has_aux=True)(d["params"])
       d_updates, d_opt = disc_tx.update(d_grads, d["opt_state"], d["params"])
       d_finite = finite & jnp.isfinite(d_loss)
       d_keep = lambda new, old: jnp.where(d_finite, new, old)
-      new_state["disc"] = jax.tree.map(d_keep,
-                                       {"params": optax.apply_updates(d["params"], d_updates),
-                                        "spectral": spectral, "opt_state": d_opt}, d)
+      new_state["disc"] = jax.tree.map(
+        d_keep,
+        {
+          "params": optax.apply_updates(d["params"], d_updates),
+          "spectral": spectral,
+          "opt_state": d_opt,
+        },
+        d,
+      )
       terms = dict(terms, gan_d=d_loss)
-    metrics = dict(terms, grad_norm=grad_norm, param_norm=optax.global_norm(new_state["params"]),
-                   learning_rate=lr_schedule(step), finite=finite)
+    metrics = dict(
+      terms,
+      grad_norm=grad_norm,
+      param_norm=optax.global_norm(new_state["params"]),
+      learning_rate=lr_schedule(step),
+      finite=finite,
+    )
     return new_state, metrics
 
   if mesh is None:
@@ -91,8 +121,12 @@ def make_train_step(graphdef, tx, lr_schedule, config, lpips_graphdef=None, disc
   rep, batch = shardings(mesh)
   state_sh = rep if state_sharding is None else state_sharding
   consts_sh = rep if consts_sharding is None else consts_sharding
-  return jax.jit(train_step, donate_argnums=0, in_shardings=(state_sh, consts_sh, batch, rep),
-                 out_shardings=(state_sh, rep))
+  return jax.jit(
+    train_step,
+    donate_argnums=0,
+    in_shardings=(state_sh, consts_sh, batch, rep),
+    out_shardings=(state_sh, rep),
+  )
 
 
 def make_sample_fn(graphdef, config):

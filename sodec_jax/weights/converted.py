@@ -11,6 +11,7 @@ Modules are built abstractly (`nnx.eval_shape`, nothing initialised) and the orb
 restored straight into them, so loading the full UNet never allocates random weights first.
 A missing folder is a SodecError naming the converter command that makes it.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,15 +27,15 @@ from sodec_jax.errors import SodecError
 from sodec_jax.weights.formats import FORMAT, FORMAT_VERSION, MANIFEST, PARAMS_DIR, read_json
 
 _COMMANDS = {
-    "sd21": "python convert/from_torch.py sd21 --src /path/to/stable-diffusion-2-1 --out {out}",
-    "unet": "python convert/from_torch.py unet --src /path/to/stable-diffusion-2-1/unet --out {out}",
-    "vae": "python convert/from_torch.py vae --src /path/to/stable-diffusion-2-1/vae --out {out}",
-    "hific": "python convert/from_torch.py hific --src /path/to/hific_checkpoint.pt --out {out}",
-    "extractor": "python convert/from_torch.py vit --src /path/to/vit-folder --out {out} "
-                 "(or: swin --src /path/to/swin-folder)",
-    "lpips": "python convert/from_torch.py lpips --src /path/to/vgg16.pth --out {out}",
-    "dists": "python convert/from_torch.py dists --src /path/to/dists/weights.pt "
-             "--vgg /path/to/vgg16.pth --out {out}",
+  "sd21": "python convert/from_torch.py sd21 --src /path/to/stable-diffusion-2-1 --out {out}",
+  "unet": "python convert/from_torch.py unet --src /path/to/stable-diffusion-2-1/unet --out {out}",
+  "vae": "python convert/from_torch.py vae --src /path/to/stable-diffusion-2-1/vae --out {out}",
+  "hific": "python convert/from_torch.py hific --src /path/to/hific_checkpoint.pt --out {out}",
+  "extractor": "python convert/from_torch.py vit --src /path/to/vit-folder --out {out} "
+  "(or: swin --src /path/to/swin-folder)",
+  "lpips": "python convert/from_torch.py lpips --src /path/to/vgg16.pth --out {out}",
+  "dists": "python convert/from_torch.py dists --src /path/to/dists/weights.pt "
+  "--vgg /path/to/vgg16.pth --out {out}",
 }
 
 
@@ -47,8 +48,10 @@ def read_manifest(folder: str) -> dict:
   """manifest.json of a converted folder (validated), or SodecError."""
   path = os.path.join(folder, MANIFEST)
   if not os.path.isfile(path):
-    raise SodecError(f"{folder} is not a converted weights folder (no {MANIFEST}); make one with "
-                     "python convert/from_torch.py")
+    raise SodecError(
+      f"{folder} is not a converted weights folder (no {MANIFEST}); make one with "
+      "python convert/from_torch.py"
+    )
   try:
     with open(path) as f:
       manifest = json.load(f)
@@ -57,8 +60,10 @@ def read_manifest(folder: str) -> dict:
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
     raise SodecError(f"{path} is not a sodec-jax converted-weights manifest")
   if int(manifest.get("format_version", 0)) > FORMAT_VERSION:
-    raise SodecError(f"{folder} was written by a newer converter (format_version "
-                     f"{manifest.get('format_version')}); update sodec-jax")
+    raise SodecError(
+      f"{folder} was written by a newer converter (format_version "
+      f"{manifest.get('format_version')}); update sodec-jax"
+    )
   for c in manifest.get("components", []):
     if not os.path.isdir(os.path.join(folder, c)):
       raise SodecError(f"{folder} is incomplete: component {c}/ listed in {MANIFEST} is missing")
@@ -67,14 +72,16 @@ def read_manifest(folder: str) -> dict:
 
 def _abstract(tree, dtype=None):
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=sharding),
-                      tree)
+  return jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=sharding), tree
+  )
 
 
 def restore_tree(path: str, template=None) -> Any:
   """Restore the orbax checkpoint at `path`, shaped and typed like `template` (arrays or
   ShapeDtypeStructs; stored values are cast to its dtypes), or as stored when None."""
   import orbax.checkpoint as ocp
+
   if not os.path.isdir(path):
     raise SodecError(f"{path} is missing: the converted folder is incomplete")
   try:
@@ -86,8 +93,10 @@ def restore_tree(path: str, template=None) -> Any:
     raise
   except Exception as e:  # noqa: BLE001 - a damaged or foreign checkpoint
     msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-    raise SodecError(f"cannot restore {path}: {type(e).__name__}: {msg} (was it converted for a "
-                     "different configuration?)") from None
+    raise SodecError(
+      f"cannot restore {path}: {type(e).__name__}: {msg} (was it converted for a "
+      "different configuration?)"
+    ) from None
 
 
 def restore_module(model: nnx.Module, path: str, variables=nnx.Variable) -> nnx.Module:
@@ -107,8 +116,10 @@ def _component(folder: str, names: tuple[str, ...], kinds: tuple[str, ...], what
   """The component folder (e.g. OUT/unet) of a converted folder of one of `kinds`."""
   manifest = read_manifest(folder)
   if manifest.get("kind") not in kinds:
-    raise SodecError(f"{folder} holds converted {manifest.get('kind')!r} weights, not "
-                     f"{' / '.join(kinds)} (needed for the {what})")
+    raise SodecError(
+      f"{folder} holds converted {manifest.get('kind')!r} weights, not "
+      f"{' / '.join(kinds)} (needed for the {what})"
+    )
   for n in names:
     if n in manifest.get("components", []):
       return os.path.join(folder, n)
@@ -117,13 +128,15 @@ def _component(folder: str, names: tuple[str, ...], kinds: tuple[str, ...], what
 
 def _is_diffusers_model(folder: str) -> bool:
   return os.path.isfile(os.path.join(folder, "config.json")) and any(
-      os.path.isfile(os.path.join(folder, n)) for n in
-      ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"))
+    os.path.isfile(os.path.join(folder, n))
+    for n in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+  )
 
 
 def _is_component(folder: str) -> bool:
-  return (os.path.isfile(os.path.join(folder, "config.json"))
-          and os.path.isdir(os.path.join(folder, PARAMS_DIR)))
+  return os.path.isfile(os.path.join(folder, "config.json")) and os.path.isdir(
+    os.path.join(folder, PARAMS_DIR)
+  )
 
 
 def _locate(folder: str, sub: str, kinds: tuple[str, ...], what: str) -> tuple[str, str]:
@@ -139,21 +152,25 @@ def _locate(folder: str, sub: str, kinds: tuple[str, ...], what: str) -> tuple[s
     return "diffusers", folder
   if _is_diffusers_model(os.path.join(folder, sub)):
     return "diffusers", os.path.join(folder, sub)
-  raise SodecError(f"{folder} holds no {what}: expected a converted folder (manifest.json), or a "
-                   f"diffusers folder ({sub}/config.json + diffusion_pytorch_model.safetensors); "
-                   f"make one with `{_COMMANDS['sd21'].format(out=folder)}`")
+  raise SodecError(
+    f"{folder} holds no {what}: expected a converted folder (manifest.json), or a "
+    f"diffusers folder ({sub}/config.json + diffusion_pytorch_model.safetensors); "
+    f"make one with `{_COMMANDS['sd21'].format(out=folder)}`"
+  )
 
 
-def _load_diffusers_component(folder, sub, what, module_cls, config_cls, diffusers_loader,
-                              dtype, param_dtype, kwargs):
+def _load_diffusers_component(
+  folder, sub, what, module_cls, config_cls, diffusers_loader, dtype, param_dtype, kwargs
+):
   """A UNet / VAE from a converted sd21/<sub> or <sub> folder, or a raw diffusers folder."""
   how, path = _locate(folder, sub, ("sd21", sub), what)
   if how == "diffusers":
     return diffusers_loader(path, dtype=dtype, param_dtype=param_dtype, **kwargs)
   cfg = config_cls.from_dict(read_json(os.path.join(path, "config.json")))
   pdt = dtype if param_dtype is None else param_dtype
-  model = nnx.eval_shape(lambda: module_cls(cfg, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0),
-                                            **kwargs))
+  model = nnx.eval_shape(
+    lambda: module_cls(cfg, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0), **kwargs)
+  )
   return restore_module(model, os.path.join(path, PARAMS_DIR))
 
 
@@ -161,27 +178,41 @@ def load_unet(folder: str, dtype=jnp.float32, param_dtype=None, **kwargs):
   """UNet2DConditionModel from a converted sd21/unet folder or a raw diffusers folder."""
   from sodec_jax.diffusion.unet import UNet2DConditionModel, UNetConfig
   from sodec_jax.weights import diffusers
-  return _load_diffusers_component(folder, "unet", "UNet", UNet2DConditionModel, UNetConfig,
-                                   diffusers.load_unet, dtype, param_dtype, kwargs)
+
+  return _load_diffusers_component(
+    folder,
+    "unet",
+    "UNet",
+    UNet2DConditionModel,
+    UNetConfig,
+    diffusers.load_unet,
+    dtype,
+    param_dtype,
+    kwargs,
+  )
 
 
 def load_vae(folder: str, dtype=jnp.float32, param_dtype=None, **kwargs):
   """AutoencoderKL from a converted sd21/vae folder or a raw diffusers folder."""
   from sodec_jax.diffusion.autoencoder import AutoencoderKL, VAEConfig
   from sodec_jax.weights import diffusers
-  return _load_diffusers_component(folder, "vae", "VAE", AutoencoderKL, VAEConfig,
-                                   diffusers.load_vae, dtype, param_dtype, kwargs)
+
+  return _load_diffusers_component(
+    folder, "vae", "VAE", AutoencoderKL, VAEConfig, diffusers.load_vae, dtype, param_dtype, kwargs
+  )
 
 
 def load_schedule(folder: str):
   """NoiseSchedule of a converted sd21 folder or a diffusers pipeline folder (scheduler/)."""
   from sodec_jax.diffusion.schedule import NoiseSchedule
+
   folder = os.fspath(folder)
   if not os.path.exists(folder):
     raise _missing(folder, "sd21")
   if os.path.isfile(os.path.join(folder, MANIFEST)):
-    path = os.path.join(_component(folder, ("scheduler",), ("sd21",), "noise schedule"),
-                        "config.json")
+    path = os.path.join(
+      _component(folder, ("scheduler",), ("sd21",), "noise schedule"), "config.json"
+    )
   else:
     path = os.path.join(folder, "scheduler", "scheduler_config.json")
     if not os.path.isfile(path):
@@ -220,14 +251,21 @@ def load_extractor(folder: str, dtype=jnp.float32, param_dtype=None, precision=N
   config = read_json(os.path.join(path, "config.json"))
   pre = read_json(os.path.join(path, "preprocessor_config.json"))
   pdt = jnp.dtype(param_dtype or dtype)
-  kw = dict(dtype=dtype, param_dtype=pdt, precision=precision,
-            image_mean=tuple(pre["image_mean"]), image_std=tuple(pre["image_std"]))
+  kw = dict(
+    dtype=dtype,
+    param_dtype=pdt,
+    precision=precision,
+    image_mean=tuple(pre["image_mean"]),
+    image_std=tuple(pre["image_std"]),
+  )
   if manifest["kind"] == "vit":
     from sodec_jax.guidance.vit import ViT, ViTSpec
+
     spec = ViTSpec.from_config(config)
     model = nnx.eval_shape(lambda: ViT(spec, **kw))
   else:
     from sodec_jax.guidance.swin import Swin, SwinSpec
+
     spec = SwinSpec.from_config(config)
     model = nnx.eval_shape(lambda: Swin(spec, **kw))
   model = restore_module(model, os.path.join(path, PARAMS_DIR))
@@ -253,10 +291,21 @@ def load_codec_params(folder: str, model) -> dict:
   try:
     restore_module(ours, path, nnx.Param)
   except SodecError as e:
-    raise SodecError(f"{e}. The converted codec has " + ", ".join(
-        f"{k}={cfg[k]}" for k in ("latent_channels", "hyper_channels", "encoder_filters",
-                                  "decoder_filters", "decoder_residual_blocks") if k in cfg)
-        + "; set the same in the config's `model` section") from None
+    raise SodecError(
+      f"{e}. The converted codec has "
+      + ", ".join(
+        f"{k}={cfg[k]}"
+        for k in (
+          "latent_channels",
+          "hyper_channels",
+          "encoder_filters",
+          "decoder_filters",
+          "decoder_residual_blocks",
+        )
+        if k in cfg
+      )
+      + "; set the same in the config's `model` section"
+    ) from None
   return cfg
 
 
@@ -273,6 +322,7 @@ def load_discriminator(folder: str, disc) -> None:
   """Copies a converted HiFiC discriminator (OUT/discriminator/) into our `Discriminator`
   (strictly, through sodec_jax.weights.hific.load_hific_discriminator's key map)."""
   from sodec_jax.weights.hific import load_hific_discriminator
+
   arrays = load_discriminator_arrays(folder)
   if arrays is None:
     raise SodecError(f"{folder} has no discriminator/ (the HiFiC checkpoint held none)")
@@ -281,7 +331,9 @@ def load_discriminator(folder: str, disc) -> None:
   for layer, leaves in arrays.items():
     for leaf, a in leaves.items():
       if leaf == "kernel":  # back to torch's [O, I, kh, kw] under its spectral-norm name
-        state[f"{layer}.{'weight_orig' if 'sn_u' in leaves else 'weight'}"] = a.transpose(3, 2, 0, 1)
+        state[f"{layer}.{'weight_orig' if 'sn_u' in leaves else 'weight'}"] = a.transpose(
+          3, 2, 0, 1
+        )
       else:
         state[f"{layer}.{names[leaf]}"] = a
   load_hific_discriminator(state, disc, prefix="")
@@ -290,7 +342,7 @@ def load_discriminator(folder: str, disc) -> None:
 def _vgg_state(tree: dict) -> dict:
   out = {}
   for k, v in tree.items():
-    idx = k[len("conv"):].split("_")[0]
+    idx = k[len("conv") :].split("_")[0]
     a = np.asarray(v, np.float32)
     if k.endswith("_kernel"):
       out[f"features.{idx}.weight"] = a.transpose(3, 2, 0, 1)
@@ -303,16 +355,20 @@ def load_lpips(folder: str, dtype=jnp.float32, precision=None):
   """LPIPS-VGG from a converted lpips folder."""
   from sodec_jax.metrics.lpips import LPIPS
   from sodec_jax.weights.lpips import HEAD_KEYS, check_heads, check_vgg16_state
+
   folder = os.fspath(folder)
   if not os.path.exists(folder):
     raise _missing(folder, "lpips")
   _component(folder, ("vgg16",), ("lpips",), "LPIPS metric")
   vgg = _vgg_state(restore_tree(os.path.join(folder, "vgg16", PARAMS_DIR)))
   heads_tree = restore_tree(os.path.join(folder, "lpips", PARAMS_DIR))
-  heads = {k: np.asarray(heads_tree[f"lin{i}"], np.float32).reshape(1, -1, 1, 1)
-           for i, k in enumerate(HEAD_KEYS)}
-  return LPIPS(check_vgg16_state(vgg, folder), check_heads(heads, folder), dtype=dtype,
-               precision=precision)
+  heads = {
+    k: np.asarray(heads_tree[f"lin{i}"], np.float32).reshape(1, -1, 1, 1)
+    for i, k in enumerate(HEAD_KEYS)
+  }
+  return LPIPS(
+    check_vgg16_state(vgg, folder), check_heads(heads, folder), dtype=dtype, precision=precision
+  )
 
 
 def load_dists(folder: str, dtype=jnp.float32, precision=None):
@@ -320,18 +376,31 @@ def load_dists(folder: str, dtype=jnp.float32, precision=None):
   from sodec_jax.metrics.dists import DISTS
   from sodec_jax.weights.dists import check_alpha_beta
   from sodec_jax.weights.lpips import check_vgg16_state
+
   folder = os.fspath(folder)
   if not os.path.exists(folder):
     raise _missing(folder, "dists")
   _component(folder, ("vgg16",), ("dists",), "DISTS metric")
   vgg = _vgg_state(restore_tree(os.path.join(folder, "vgg16", PARAMS_DIR)))
   ab = restore_tree(os.path.join(folder, "dists", PARAMS_DIR))
-  alpha, beta = check_alpha_beta({"alpha": np.asarray(ab["alpha"]), "beta": np.asarray(ab["beta"])},
-                                 folder)
+  alpha, beta = check_alpha_beta(
+    {"alpha": np.asarray(ab["alpha"]), "beta": np.asarray(ab["beta"])}, folder
+  )
   return DISTS(check_vgg16_state(vgg, folder), alpha, beta, dtype=dtype, precision=precision)
 
 
-__all__ = ["read_manifest", "load_unet", "load_vae", "load_schedule", "recorded_prediction_type",
-           "load_extractor",
-           "load_codec_config", "load_codec_params", "load_discriminator_arrays", "load_lpips",
-           "load_dists", "restore_module", "restore_tree"]
+__all__ = [
+  "read_manifest",
+  "load_unet",
+  "load_vae",
+  "load_schedule",
+  "recorded_prediction_type",
+  "load_extractor",
+  "load_codec_config",
+  "load_codec_params",
+  "load_discriminator_arrays",
+  "load_lpips",
+  "load_dists",
+  "restore_module",
+  "restore_tree",
+]

@@ -15,6 +15,7 @@ Strict (`sodec_jax.weights.strict`): missing, unexpected and mis-shaped keys are
 as one SodecError. Files are read by `sodec_jax.weights.formats` (safetensors without torch, a
 `.bin` only through torch.load(weights_only=True)).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,15 +33,17 @@ from sodec_jax.weights.formats import TensorSource, looks_like, np_dtype, open_w
 
 # Our module path -> diffusers module path (regex on the dotted path, applied in order).
 RENAMES: tuple[tuple[str, str], ...] = (
-    (r"\.ff\.proj_in$", ".ff.net.0.proj"),    # FeedForward: GEGLU projection
-    (r"\.ff\.proj_out$", ".ff.net.2"),        # FeedForward: output Linear
-    (r"\.to_out$", ".to_out.0"),              # Attention output Linear lives in a ModuleList
+  (r"\.ff\.proj_in$", ".ff.net.0.proj"),  # FeedForward: GEGLU projection
+  (r"\.ff\.proj_out$", ".ff.net.2"),  # FeedForward: output Linear
+  (r"\.to_out$", ".to_out.0"),  # Attention output Linear lives in a ModuleList
 )
 
 # Old AutoencoderKL checkpoints (pre diffusers 0.14 attention blocks): accepted as aliases.
 LEGACY_VAE_ATTENTION = (
-    (r"\.to_q$", ".query"), (r"\.to_k$", ".key"), (r"\.to_v$", ".value"),
-    (r"\.to_out\.0$", ".proj_attn"),
+  (r"\.to_q$", ".query"),
+  (r"\.to_k$", ".key"),
+  (r"\.to_v$", ".value"),
+  (r"\.to_out\.0$", ".proj_attn"),
 )
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -55,7 +58,7 @@ def diffusers_module_path(path: str, renames=RENAMES) -> str:
 
 
 def _linear_to_flax(w: np.ndarray) -> np.ndarray:
-  if w.ndim == 4 and w.shape[2:] == (1, 1):     # 1x1-conv-stored projection (old checkpoints)
+  if w.ndim == 4 and w.shape[2:] == (1, 1):  # 1x1-conv-stored projection (old checkpoints)
     w = w[:, :, 0, 0]
   return w.T
 
@@ -97,8 +100,9 @@ def _rows(model: nnx.Module, aliases=()) -> list[tuple]:
   return rows
 
 
-def load_state_dict_into(model: nnx.Module, state_dict, *, what: str = "model", aliases=(),
-                         hint=None) -> nnx.Module:
+def load_state_dict_into(
+  model: nnx.Module, state_dict, *, what: str = "model", aliases=(), hint=None
+) -> nnx.Module:
   """Copy a diffusers state dict (numpy arrays, or a `formats.TensorSource`) into `model`'s
   parameters, strictly (`sodec_jax.weights.strict`: one SodecError lists every missing,
   unexpected or mis-shaped key).
@@ -123,17 +127,24 @@ def _unflatten(flat) -> dict:
   return out
 
 
-def diffusers_params(model: nnx.Module, source, *, what: str, dtype: str, aliases=(),
-                     hint=None) -> dict:
+def diffusers_params(
+  model: nnx.Module, source, *, what: str, dtype: str, aliases=(), hint=None
+) -> dict:
   """The pure dict (`nnx.to_pure_dict` layout) of an abstract diffusers-family module filled from
   `source` (a TensorSource), strictly, through the same key map as `load_state_dict_into`; but
   tensors are converted one at a time into numpy arrays of `dtype` and nothing is materialised
   in the module (converting the full UNet needs little more than its converted size)."""
   npdt = np_dtype(dtype)
   paths = {id(m): tuple(p) for p, m in nnx.iter_modules(model)}
-  rows = [(names, (module, attr),
-           (lambda t: lambda a: np.ascontiguousarray(t(a).astype(npdt, copy=False)))(transform),
-           shape) for names, (module, attr), transform, shape in _rows(model, aliases)]
+  rows = [
+    (
+      names,
+      (module, attr),
+      (lambda t: lambda a: np.ascontiguousarray(t(a).astype(npdt, copy=False)))(transform),
+      shape,
+    )
+    for names, (module, attr), transform, shape in _rows(model, aliases)
+  ]
   arrays = strict.fill(rows, source, what=what, hint=hint or "")
   flat = {paths[id(module)] + (attr,): v for (module, attr), v in arrays.items()}
   variables = {tuple(k) for k, _ in nnx.to_flat_state(nnx.state(model))}
@@ -152,27 +163,33 @@ def read_folder(folder: str) -> tuple[dict, TensorSource]:
 def weight_file(folder: str, what: str) -> str:
   """The weights file of a diffusers model folder (config.json + diffusion_pytorch_model.*)."""
   if not os.path.isdir(folder):
-    raise SodecError(f"{folder} is not a folder (expected a diffusers {what} folder with "
-                     "config.json and diffusion_pytorch_model.safetensors)")
+    raise SodecError(
+      f"{folder} is not a folder (expected a diffusers {what} folder with "
+      "config.json and diffusion_pytorch_model.safetensors)"
+    )
   if not os.path.isfile(os.path.join(folder, "config.json")):
     raise SodecError(f"{folder} is not a diffusers {what} folder: it has no config.json")
   for name in WEIGHT_FILES:
     if os.path.isfile(os.path.join(folder, name)):
       return os.path.join(folder, name)
   if any(n.endswith(".index.json") for n in os.listdir(folder)):
-    raise SodecError(f"{folder} holds a sharded checkpoint, which is not supported; "
-                     "re-save it with save_pretrained(max_shard_size='20GB')")
+    raise SodecError(
+      f"{folder} holds a sharded checkpoint, which is not supported; "
+      "re-save it with save_pretrained(max_shard_size='20GB')"
+    )
   raise SodecError(f"{folder} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
 
 
 def hint_for(expected: str):
   """A strict.fill hint: names what the weights look like when they are not a `expected`."""
+
   def hint(missing, unexpected):
     if unexpected and missing:
       looks = looks_like(unexpected)
       if looks and expected not in looks:
         return f"these weights look like {looks}"
     return ""
+
   return hint
 
 
@@ -189,13 +206,16 @@ def load_unet(folder: str, dtype=jnp.float32, param_dtype=None, **kwargs):
   module (remat=, query_chunk=). Returns the module: unet(sample, timesteps, context).
   """
   from sodec_jax.diffusion.unet import UNet2DConditionModel, UNetConfig
+
   config, state_dict = read_folder(folder)
   cfg = UNetConfig.from_dict(config)
   pdt = dtype if param_dtype is None else param_dtype
-  model = abstract_module(lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=pdt,
-                                                 rngs=nnx.Rngs(0), **kwargs))
-  return load_state_dict_into(model, state_dict, what=f"UNet weights in {folder}",
-                              hint=hint_for("UNet"))
+  model = abstract_module(
+    lambda: UNet2DConditionModel(cfg, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0), **kwargs)
+  )
+  return load_state_dict_into(
+    model, state_dict, what=f"UNet weights in {folder}", hint=hint_for("UNet")
+  )
 
 
 def load_vae(folder: str, dtype=jnp.float32, param_dtype=None, **kwargs):
@@ -204,10 +224,17 @@ def load_vae(folder: str, dtype=jnp.float32, param_dtype=None, **kwargs):
   dtype: compute dtype; param_dtype: storage dtype (default: same as dtype).
   """
   from sodec_jax.diffusion.autoencoder import AutoencoderKL, VAEConfig
+
   config, state_dict = read_folder(folder)
   cfg = VAEConfig.from_dict(config)
   pdt = dtype if param_dtype is None else param_dtype
-  model = abstract_module(lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0),
-                                          **kwargs))
-  return load_state_dict_into(model, state_dict, what=f"VAE weights in {folder}",
-                              aliases=LEGACY_VAE_ATTENTION, hint=hint_for("VAE"))
+  model = abstract_module(
+    lambda: AutoencoderKL(cfg, dtype=dtype, param_dtype=pdt, rngs=nnx.Rngs(0), **kwargs)
+  )
+  return load_state_dict_into(
+    model,
+    state_dict,
+    what=f"VAE weights in {folder}",
+    aliases=LEGACY_VAE_ATTENTION,
+    hint=hint_for("VAE"),
+  )

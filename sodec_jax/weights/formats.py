@@ -11,6 +11,7 @@ converted-folder format (manifest name, format version) that both the converters
 `sodec_jax.weights.converted` (reading) use, and `looks_like`, which names what a state dict
 holds from its keys (for the hints in strict-loading errors).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,7 +28,7 @@ from sodec_jax.errors import SodecError
 # The converted-folder format (written by sodec_jax.converters, read by weights.converted).
 FORMAT = "sodec-jax-converted"
 FORMAT_VERSION = 1
-CONVERTER_VERSION = "1.1"   # 1.1: CLIP-IQA folders name the ViT encoder block like guidance/vit.py
+CONVERTER_VERSION = "1.1"  # 1.1: CLIP-IQA folders name the ViT encoder block like guidance/vit.py
 MANIFEST = "manifest.json"
 PARAMS_DIR = "params"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -49,6 +50,7 @@ def to_numpy(v) -> np.ndarray:
     return v
   if hasattr(v, "detach"):
     import torch
+
     t = v.detach().cpu()
     if t.dtype in (torch.bfloat16, torch.float16):
       t = t.float()
@@ -60,6 +62,7 @@ def np_dtype(dtype: str) -> np.dtype:
   """numpy dtype of 'float32' | 'bfloat16' (ml_dtypes) | 'float16' | any numpy name."""
   if dtype == "bfloat16":
     import ml_dtypes
+
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(dtype)
 
@@ -90,8 +93,9 @@ class TensorSource:
     except SodecError:
       raise
     except OSError as e:  # a damaged or vanished file surfaces on read
-      raise SodecError(f"could not read tensor {key} from {self.name} "
-                       f"({type(e).__name__}: {first_line(e)})") from None
+      raise SodecError(
+        f"could not read tensor {key} from {self.name} ({type(e).__name__}: {first_line(e)})"
+      ) from None
 
   def to_dict(self) -> dict[str, np.ndarray]:
     """Every tensor, read now."""
@@ -104,13 +108,23 @@ class TensorSource:
 
   def renamed(self, mapping: Mapping[str, str]) -> "TensorSource":
     """A view with keys renamed new <- old (`mapping`: new name -> old name)."""
-    return TensorSource(lambda k: self.get(mapping[k]),
-                        {k: self.shape(o) for k, o in mapping.items()}, self.name)
+    return TensorSource(
+      lambda k: self.get(mapping[k]), {k: self.shape(o) for k, o in mapping.items()}, self.name
+    )
 
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool"}
+_ST_DTYPES = {
+  "F64": "float64",
+  "F32": "float32",
+  "F16": "float16",
+  "BF16": "bfloat16",
+  "I64": "int64",
+  "I32": "int32",
+  "I16": "int16",
+  "I8": "int8",
+  "U8": "uint8",
+  "BOOL": "bool",
+}
 
 
 def open_safetensors(path: str, *, hint: str = "") -> TensorSource:
@@ -146,8 +160,10 @@ def open_safetensors(path: str, *, hint: str = "") -> TensorSource:
         raise ValueError(f"{key} lies beyond the end of the file ({size} bytes): truncated")
       infos[key] = (base + start, shape, npdt)
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise SodecError(f"could not read {path} as safetensors ({type(e).__name__}: "
-                     f"{first_line(e)}); is the file complete?{_suffix(hint)}") from None
+    raise SodecError(
+      f"could not read {path} as safetensors ({type(e).__name__}: "
+      f"{first_line(e)}); is the file complete?{_suffix(hint)}"
+    ) from None
 
   def get(k):
     offset, shape, npdt = infos[k]
@@ -156,6 +172,7 @@ def open_safetensors(path: str, *, hint: str = "") -> TensorSource:
       a = np.fromfile(f, dtype=npdt, count=int(np.prod(shape, dtype=np.int64)))
     a = a.reshape(shape)
     return a.astype(np.float32) if npdt.name == "bfloat16" else a
+
   return TensorSource(get, {k: v[1] for k, v in infos.items()}, path)
 
 
@@ -176,26 +193,31 @@ def torch_load(path: str, *, hint: str = ""):
   try:
     import torch
   except ImportError:
-    raise SodecError(f"reading {path} needs torch (it is a torch pickle); install torch or use "
-                     f".safetensors{_suffix(hint)}") from None
+    raise SodecError(
+      f"reading {path} needs torch (it is a torch pickle); install torch or use "
+      f".safetensors{_suffix(hint)}"
+    ) from None
   try:
     try:
       return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:   # old (non-zip) format cannot be mmapped
+    except RuntimeError as e:  # old (non-zip) format cannot be mmapped
       if "mmap" not in str(e):
         raise
       return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     reason = _unpickler_reason(e)
     if "global" in reason.lower():
-      raise SodecError(f"refused to load {path}: it is a pickle that needs more than tensors "
-                       f"({reason}), and loading it could run arbitrary code. Only plain state "
-                       f"dicts of tensors are accepted (or use .safetensors){_suffix(hint)}"
-                       ) from None
+      raise SodecError(
+        f"refused to load {path}: it is a pickle that needs more than tensors "
+        f"({reason}), and loading it could run arbitrary code. Only plain state "
+        f"dicts of tensors are accepted (or use .safetensors){_suffix(hint)}"
+      ) from None
     raise SodecError(f"could not read {path} as a torch file ({reason}){_suffix(hint)}") from None
   except (RuntimeError, OSError, EOFError, ValueError) as e:
-    raise SodecError(f"could not read {path} as a torch file ({type(e).__name__}: "
-                     f"{first_line(e)}); is the file complete?{_suffix(hint)}") from None
+    raise SodecError(
+      f"could not read {path} as a torch file ({type(e).__name__}: "
+      f"{first_line(e)}); is the file complete?{_suffix(hint)}"
+    ) from None
 
 
 def load_object(path: str, *, hint: str = "") -> Any:
@@ -209,8 +231,9 @@ def load_object(path: str, *, hint: str = "") -> Any:
       with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
     except (OSError, ValueError, EOFError) as e:
-      raise SodecError(f"could not read {path} as .npz ({type(e).__name__}: "
-                       f"{first_line(e)}){_suffix(hint)}") from None
+      raise SodecError(
+        f"could not read {path} as .npz ({type(e).__name__}: {first_line(e)}){_suffix(hint)}"
+      ) from None
   return torch_load(path, hint=hint)
 
 
@@ -259,14 +282,20 @@ def looks_like(keys: Iterable[str]) -> str:
     return "a HiFiC checkpoint (use `hific`)"
   if any(k.startswith("time_embedding.") for k in keys):
     return "a diffusers UNet (use `unet`)"
-  if any(k.startswith(("encoder.down_blocks", "decoder.up_blocks", "post_quant_conv")) for k in keys):
+  if any(
+    k.startswith(("encoder.down_blocks", "decoder.up_blocks", "post_quant_conv")) for k in keys
+  ):
     return "a diffusers VAE (use `vae`)"
-  if any(k.startswith("vision_model.") for k in keys) and any(k.startswith("text_model.") for k in keys):
+  if any(k.startswith("vision_model.") for k in keys) and any(
+    k.startswith("text_model.") for k in keys
+  ):
     return "a transformers CLIPModel (use `clip-iqa`)"
   if any(k.startswith("text_model.") for k in keys):
     return "a CLIP text encoder"
   if any(k.startswith(("features.",)) for k in keys):
     return "a torchvision VGG (use `lpips`)"
-  if any(".attention.attention.query" in k or k.startswith(("vit.", "embeddings.patch")) for k in keys):
+  if any(
+    ".attention.attention.query" in k or k.startswith(("vit.", "embeddings.patch")) for k in keys
+  ):
     return "a transformers ViT/Swin (use `vit` / `swin`)"
   return ""

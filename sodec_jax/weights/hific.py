@@ -27,6 +27,7 @@ model, and how the tensor is laid out:
 | Generator.upconv_block{1..4}.0 / .1             | fidelity_decoder.up[0..3] / up_norms[0..3]        |
 | Generator.conv_block_out.1                      | fidelity_decoder.conv_out                         |
 """
+
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -59,8 +60,18 @@ def hific_key_map(model_cfg) -> list[tuple[str, tuple, str]]:
 
   for k in (1, 2, 3):
     _conv(rows, f"Hyperprior.analysis_net.conv{k}", ("codec", "hyper_analysis", f"conv{k}"))
-    _conv(rows, f"Hyperprior.synthesis_mu.conv{k}", ("codec", "prior", "mean_synthesis", f"conv{k}"), "convT")
-    _conv(rows, f"Hyperprior.synthesis_std.conv{k}", ("codec", "prior", "scale_synthesis", f"conv{k}"), "convT")
+    _conv(
+      rows,
+      f"Hyperprior.synthesis_mu.conv{k}",
+      ("codec", "prior", "mean_synthesis", f"conv{k}"),
+      "convT",
+    )
+    _conv(
+      rows,
+      f"Hyperprior.synthesis_std.conv{k}",
+      ("codec", "prior", "scale_synthesis", f"conv{k}"),
+      "convT",
+    )
   density = ("codec", "prior", "hyperlatent")
   layers = len(model_cfg.factorized_filters) + 1
   gate_last = bool(model_cfg.get("factorized_last_gate", False))
@@ -105,17 +116,26 @@ def likely_cause(missing, unexpected) -> str:
   """A sentence naming the likely reason a HiFiC-looking state dict's keys do not match."""
   keys = list(missing) + list(unexpected)
   if any(k.startswith("module.") for k in unexpected):
-    return ("its keys start with 'module.' (saved from a DataParallel-wrapped model): re-save "
-            "model.module.state_dict(), as upstream's utils.save_model does")
+    return (
+      "its keys start with 'module.' (saved from a DataParallel-wrapped model): re-save "
+      "model.module.state_dict(), as upstream's utils.save_model does"
+    )
   if any(".synthesis_DLMM_params." in k for k in unexpected):
-    return ("it is a latent-mixture model (use_latent_mixture_model=True), which has no "
-            "mean/scale synthesis: only the Gaussian hyperprior converts")
+    return (
+      "it is a latent-mixture model (use_latent_mixture_model=True), which has no "
+      "mean/scale synthesis: only the Gaussian hyperprior converts"
+    )
   if any(".hyperlatent_likelihood." in k for k in keys) and not any(
-      k.startswith(("Encoder.", "Generator.")) for k in keys):
-    return ("its factorized density has other layers: set the same model.factorized_filters "
-            "and factorized_last_gate")
-  return ("it was saved by another version or fork of that code (this converter maps the module "
-          "names of its commit 7d4e9e7): convert a checkpoint its utils.save_model wrote")
+    k.startswith(("Encoder.", "Generator.")) for k in keys
+  ):
+    return (
+      "its factorized density has other layers: set the same model.factorized_filters "
+      "and factorized_last_gate"
+    )
+  return (
+    "it was saved by another version or fork of that code (this converter maps the module "
+    "names of its commit 7d4e9e7): convert a checkpoint its utils.save_model wrote"
+  )
 
 
 def check_key_names(keys, model_cfg) -> None:
@@ -126,12 +146,18 @@ def check_key_names(keys, model_cfg) -> None:
   missing = sorted(mapped - keys)
   unexpected = sorted(k for k in keys - mapped if not k.startswith(IGNORED_PREFIXES))
   if missing or unexpected:
-    strict.check(f"this HiFiC checkpoint (keys of {UPSTREAM})", missing, unexpected,
-                 hint=f"likely cause: {likely_cause(missing, unexpected)}", limit=4)
+    strict.check(
+      f"this HiFiC checkpoint (keys of {UPSTREAM})",
+      missing,
+      unexpected,
+      hint=f"likely cause: {likely_cause(missing, unexpected)}",
+      limit=4,
+    )
 
 
-def load_hific_state_dict(state_dict: dict, model, model_cfg, *,
-                          ignore_prefixes=IGNORED_PREFIXES) -> list[str]:
+def load_hific_state_dict(
+  state_dict: dict, model, model_cfg, *, ignore_prefixes=IGNORED_PREFIXES
+) -> list[str]:
   """Copies a HiFiC `model_state_dict` (numpy arrays) into `model` (a SODEC built from a config
   whose `.model` is `model_cfg`) in place.
 
@@ -150,12 +176,16 @@ def load_hific_state_dict(state_dict: dict, model, model_cfg, *,
     value = _to_ours(np.asarray(state_dict[torch_key], np.float32), kind)
     target = flat[path]
     if value.shape != target.value.shape:
-      bad_shape.append(f"{torch_key}: {tuple(np.shape(state_dict[torch_key]))} -> expected "
-                       f"{target.value.shape} (ours, {kind})")
+      bad_shape.append(
+        f"{torch_key}: {tuple(np.shape(state_dict[torch_key]))} -> expected "
+        f"{target.value.shape} (ours, {kind})"
+      )
       continue
     updates[path] = value.astype(target.value.dtype)
   mapped = {r[0] for r in rows}
-  ignored = sorted(k for k in state_dict if k not in mapped and k.startswith(tuple(ignore_prefixes)))
+  ignored = sorted(
+    k for k in state_dict if k not in mapped and k.startswith(tuple(ignore_prefixes))
+  )
   unexpected = sorted(k for k in state_dict if k not in mapped and k not in ignored)
   if missing or bad_shape or unexpected:
     if not any(k.startswith(HIFIC_PREFIXES) for k in state_dict):
@@ -163,8 +193,10 @@ def load_hific_state_dict(state_dict: dict, model, model_cfg, *,
     elif missing or unexpected:
       hint = f"likely cause: {likely_cause(missing, unexpected)}"
     else:
-      hint = ("check the model config: latent_channels, hyper_channels, encoder/decoder filters, "
-              "decoder_residual_blocks must match the checkpoint's args")
+      hint = (
+        "check the model config: latent_channels, hyper_channels, encoder/decoder filters, "
+        "decoder_residual_blocks must match the checkpoint's args"
+      )
     strict.check("HiFiC state dict (the codec)", missing, unexpected, bad_shape, hint, limit=4)
   for path, value in updates.items():
     flat[path].value = value
@@ -180,15 +212,21 @@ def hific_discriminator_key_map() -> list[tuple[str, tuple, str]]:
 
   kind: "conv" (transpose [O, I, kh, kw] -> [kh, kw, I, O]) or "copy".
   """
-  rows = [("context_conv.weight", ("context_conv", "kernel"), "conv"),
-          ("context_conv.bias", ("context_conv", "bias"), "copy")]
+  rows = [
+    ("context_conv.weight", ("context_conv", "kernel"), "conv"),
+    ("context_conv.bias", ("context_conv", "bias"), "copy"),
+  ]
   for k in range(1, 5):
-    rows += [(f"conv{k}.weight_orig", (f"conv{k}", "kernel"), "conv"),
-             (f"conv{k}.bias", (f"conv{k}", "bias"), "copy"),
-             (f"conv{k}.weight_u", (f"conv{k}", "u"), "copy"),
-             (f"conv{k}.weight_v", (f"conv{k}", "v"), "copy")]
-  rows += [("conv_out.weight", ("conv_out", "kernel"), "conv"),
-           ("conv_out.bias", ("conv_out", "bias"), "copy")]
+    rows += [
+      (f"conv{k}.weight_orig", (f"conv{k}", "kernel"), "conv"),
+      (f"conv{k}.bias", (f"conv{k}", "bias"), "copy"),
+      (f"conv{k}.weight_u", (f"conv{k}", "u"), "copy"),
+      (f"conv{k}.weight_v", (f"conv{k}", "v"), "copy"),
+    ]
+  rows += [
+    ("conv_out.weight", ("conv_out", "kernel"), "conv"),
+    ("conv_out.bias", ("conv_out", "bias"), "copy"),
+  ]
   return rows
 
 
@@ -198,8 +236,9 @@ def _numpy(value) -> np.ndarray:
   return np.asarray(value, np.float32)
 
 
-def load_hific_discriminator(state_dict: dict, disc, *,
-                             prefix: str = "Discriminator.") -> list[str]:
+def load_hific_discriminator(
+  state_dict: dict, disc, *, prefix: str = "Discriminator."
+) -> list[str]:
   """Copies HiFiC's discriminator weights (and spectral-norm u, v) into `disc` in place.
 
   `state_dict`: a HiFiC `model_state_dict` or any dict of numpy arrays / torch tensors; only
@@ -212,8 +251,9 @@ def load_hific_discriminator(state_dict: dict, disc, *,
   """
   rows = hific_discriminator_key_map()
   from sodec_jax.discriminator import SpectralState
+
   flat = dict(nnx.to_flat_state(nnx.state(disc, nnx.Any(nnx.Param, SpectralState))))
-  ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+  ours = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
   ignored = sorted(k for k in state_dict if not k.startswith(prefix))
   missing, bad_shape, updates = [], [], {}
   for key, path, kind in rows:
@@ -226,8 +266,9 @@ def load_hific_discriminator(state_dict: dict, disc, *,
       value = value.transpose(2, 3, 1, 0)
     target = flat[path].get_value()  # an array, or a ShapeDtypeStruct (nnx.eval_shape module)
     if value.shape != tuple(target.shape):
-      bad_shape.append(f"{prefix}{key}: {torch_shape} -> expected {tuple(target.shape)} (ours, "
-                       f"{kind})")
+      bad_shape.append(
+        f"{prefix}{key}: {torch_shape} -> expected {tuple(target.shape)} (ours, {kind})"
+      )
       continue
     updates[path] = value.astype(target.dtype)
   mapped = {r[0] for r in rows}
@@ -237,10 +278,10 @@ def load_hific_discriminator(state_dict: dict, disc, *,
     if not ours:
       hint = f" (no keys start with {prefix!r}; pass prefix='' for a bare discriminator dict)"
     elif bad_shape:
-      hint = (" (check latent_channels, filters and context_channels against the checkpoint's "
-              "args)")
-    strict.check("HiFiC discriminator state dict", missing, unexpected, bad_shape,
-                 hint.strip(" ()"))
+      hint = " (check latent_channels, filters and context_channels against the checkpoint's args)"
+    strict.check(
+      "HiFiC discriminator state dict", missing, unexpected, bad_shape, hint.strip(" ()")
+    )
   for path, value in updates.items():
     flat[path].set_value(jnp.asarray(value))
   nnx.update(disc, nnx.from_flat_state(flat))

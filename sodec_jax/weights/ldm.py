@@ -45,6 +45,7 @@ VAE (prefix `first_stage_model.`; n levels):
 | resnet conv_shortcut                        | nin_shortcut                                  |
 | conv_in, conv_out, quant_conv, post_quant_conv, resnet norm1/conv1/norm2/conv2 | same  |
 """
+
 from __future__ import annotations
 
 import json
@@ -61,25 +62,42 @@ VAE_PREFIX = "first_stage_model."
 # the same for both models; they differ only in prediction_type (2.1-base 512: "epsilon", 2.1
 # 768: "v_prediction"), which a single file's tensors cannot tell: it is never defaulted here
 # (see `prediction_type_from_yaml` and the converter's --prediction-type).
-SD21_SCHEDULE = {"_class_name": "DDIMScheduler", "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-                 "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
-                 "steps_offset": 1}
+SD21_SCHEDULE = {
+  "_class_name": "DDIMScheduler",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "clip_sample": False,
+  "num_train_timesteps": 1000,
+  "set_alpha_to_one": False,
+  "skip_prk_steps": True,
+  "steps_offset": 1,
+}
 # LatentDiffusion(parameterization=...) in the original configs (ldm/models/diffusion/ddpm.py:
 # "eps" when absent) -> the diffusers prediction_type
 PARAMETERIZATION = {"eps": "epsilon", "v": "v_prediction"}
 
-_RESNET_UNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"),
-                ("time_emb_proj", "emb_layers.1"), ("norm2", "out_layers.0"),
-                ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
-_VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"),
-             ("to_out.0", "proj_out"))
+_RESNET_UNET = (
+  ("norm1", "in_layers.0"),
+  ("conv1", "in_layers.2"),
+  ("time_emb_proj", "emb_layers.1"),
+  ("norm2", "out_layers.0"),
+  ("conv2", "out_layers.3"),
+  ("conv_shortcut", "skip_connection"),
+)
+_VAE_ATTN = (
+  ("group_norm", "norm"),
+  ("to_q", "q"),
+  ("to_k", "k"),
+  ("to_v", "v"),
+  ("to_out.0", "proj_out"),
+)
 
 
 def _sub(rest: str, table) -> str:
   for ours, theirs in table:
     if rest == ours or rest.startswith(ours + "."):
-      return theirs + rest[len(ours):]
+      return theirs + rest[len(ours) :]
   return rest
 
 
@@ -99,10 +117,13 @@ def unet_ldm_name(key: str, cfg: dict) -> str:
   m = re.fullmatch(r"time_embedding\.linear_([12])\.(.+)", key)
   if m:
     return f"{UNET_PREFIX}time_embed.{0 if m[1] == '1' else 2}.{m[2]}"
-  for ours, theirs in (("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."),
-                       ("conv_out.", "out.2.")):
+  for ours, theirs in (
+    ("conv_in.", "input_blocks.0.0."),
+    ("conv_norm_out.", "out.0."),
+    ("conv_out.", "out.2."),
+  ):
     if key.startswith(ours):
-      return UNET_PREFIX + theirs + key[len(ours):]
+      return UNET_PREFIX + theirs + key[len(ours) :]
   m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
   if m:
     b, kind, l, rest = int(m[1]), m[2], int(m[3]), m[4]
@@ -147,18 +168,30 @@ def vae_ldm_name(key: str, cfg: dict) -> str:
   part, rest = m[1], m[2]
   resnet = (("conv_shortcut", "nin_shortcut"),)
   for pattern, fn in (
-      (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
-       lambda g: f"down.{g[1]}.block.{g[2]}.{_sub(g[3], resnet)}"),
-      (r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", lambda g: f"down.{g[1]}.downsample.conv.{g[2]}"),
-      (r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
-       lambda g: f"up.{n - 1 - int(g[1])}.block.{g[2]}.{_sub(g[3], resnet)}"),
-      (r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
-       lambda g: f"up.{n - 1 - int(g[1])}.upsample.conv.{g[2]}"),
-      (r"mid_block\.resnets\.(\d+)\.(.+)",
-       lambda g: f"mid.block_{int(g[1]) + 1}.{_sub(g[2], resnet)}"),
-      (r"mid_block\.attentions\.0\.(.+)", lambda g: f"mid.attn_1.{_sub(g[1], _VAE_ATTN)}"),
-      (r"conv_norm_out\.(.+)", lambda g: f"norm_out.{g[1]}"),
-      (r"(conv_in|conv_out)\.(.+)", lambda g: f"{g[1]}.{g[2]}")):
+    (
+      r"down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+      lambda g: f"down.{g[1]}.block.{g[2]}.{_sub(g[3], resnet)}",
+    ),
+    (
+      r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)",
+      lambda g: f"down.{g[1]}.downsample.conv.{g[2]}",
+    ),
+    (
+      r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
+      lambda g: f"up.{n - 1 - int(g[1])}.block.{g[2]}.{_sub(g[3], resnet)}",
+    ),
+    (
+      r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)",
+      lambda g: f"up.{n - 1 - int(g[1])}.upsample.conv.{g[2]}",
+    ),
+    (
+      r"mid_block\.resnets\.(\d+)\.(.+)",
+      lambda g: f"mid.block_{int(g[1]) + 1}.{_sub(g[2], resnet)}",
+    ),
+    (r"mid_block\.attentions\.0\.(.+)", lambda g: f"mid.attn_1.{_sub(g[1], _VAE_ATTN)}"),
+    (r"conv_norm_out\.(.+)", lambda g: f"norm_out.{g[1]}"),
+    (r"(conv_in|conv_out)\.(.+)", lambda g: f"{g[1]}.{g[2]}"),
+  ):
     g = re.fullmatch(pattern, rest)
     if g:
       return f"{VAE_PREFIX}{part}.{fn(g)}"
@@ -184,6 +217,7 @@ def rename_view(source, keys: Iterable[str], name_fn, prefix: str):
 def default_configs() -> tuple[dict, dict, dict]:
   from sodec_jax.diffusion.autoencoder import VAEConfig
   from sodec_jax.diffusion.unet import UNetConfig
+
   unet = {"_class_name": "UNet2DConditionModel", **UNetConfig().to_dict()}
   vae = {"_class_name": "AutoencoderKL", **VAEConfig().to_dict()}
   return unet, vae, dict(SD21_SCHEDULE)
@@ -199,8 +233,11 @@ def configs_for(config_dir: str | None) -> tuple[dict, dict, dict]:
   if not os.path.isdir(config_dir):
     raise SodecError(f"--config-dir {config_dir} is not a folder")
   out = []
-  for default, rel in ((unet, "unet/config.json"), (vae, "vae/config.json"),
-                       (sched, "scheduler/scheduler_config.json")):
+  for default, rel in (
+    (unet, "unet/config.json"),
+    (vae, "vae/config.json"),
+    (sched, "scheduler/scheduler_config.json"),
+  ):
     path = os.path.join(config_dir, rel)
     if os.path.isfile(path):
       try:
@@ -231,16 +268,21 @@ def prediction_type_from_yaml(path: str) -> str:
       text = f.read()
   except OSError as e:
     raise SodecError(f"could not read {path} ({e})") from None
-  found = re.findall(r"^\s*parameterization\s*:\s*[\"']?([A-Za-z0-9_]+)[\"']?\s*(?:#.*)?$",
-                     text, flags=re.MULTILINE)
+  found = re.findall(
+    r"^\s*parameterization\s*:\s*[\"']?([A-Za-z0-9_]+)[\"']?\s*(?:#.*)?$", text, flags=re.MULTILINE
+  )
   if not found:
     if not re.search(r"^\s*target\s*:\s*ldm\.models\.diffusion\.ddpm\.", text, re.MULTILINE):
-      raise SodecError(f"{path} is not an original Stable Diffusion config (no target: "
-                       "ldm.models.diffusion.ddpm.*); pass --prediction-type epsilon|v_prediction")
+      raise SodecError(
+        f"{path} is not an original Stable Diffusion config (no target: "
+        "ldm.models.diffusion.ddpm.*); pass --prediction-type epsilon|v_prediction"
+      )
     return "epsilon"
   if len(set(found)) > 1 or found[0] not in PARAMETERIZATION:
-    raise SodecError(f"{path}: parameterization {', '.join(sorted(set(found)))} is not supported "
-                     "(eps or v); pass --prediction-type epsilon|v_prediction")
+    raise SodecError(
+      f"{path}: parameterization {', '.join(sorted(set(found)))} is not supported "
+      "(eps or v); pass --prediction-type epsilon|v_prediction"
+    )
   return PARAMETERIZATION[found[0]]
 
 
@@ -249,9 +291,12 @@ def split_single_file(source, unet_keys, unet_cfg: dict, vae_keys, vae_cfg: dict
   keys = list(source.keys())
   if not any(k.startswith(UNET_PREFIX) for k in keys):
     from sodec_jax.weights.formats import looks_like
+
     looks = looks_like(keys)
-    raise SodecError(f"{source.name} is not an original Stable Diffusion checkpoint: it has no "
-                     f"{UNET_PREFIX}* keys" + (f" (it looks like {looks})" if looks else ""))
+    raise SodecError(
+      f"{source.name} is not an original Stable Diffusion checkpoint: it has no "
+      f"{UNET_PREFIX}* keys" + (f" (it looks like {looks})" if looks else "")
+    )
   unet = rename_view(source, unet_keys, lambda k: unet_ldm_name(k, unet_cfg), UNET_PREFIX)
   vae = rename_view(source, vae_keys, lambda k: vae_ldm_name(k, vae_cfg), VAE_PREFIX)
   ignored = [k for k in keys if not k.startswith((UNET_PREFIX, VAE_PREFIX))]

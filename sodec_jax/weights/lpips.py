@@ -12,6 +12,7 @@
 
 * `load_shipped_heads()` reads that npz (no torch).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,9 +31,11 @@ HEAD_KEYS = tuple(f"lin{i}.model.1.weight" for i in range(len(VGG16_STAGE_CHANNE
 HEAD_SHAPES = {k: (1, c, 1, 1) for k, c in zip(HEAD_KEYS, VGG16_STAGE_CHANNELS)}
 SHIPPED_HEADS = Path(__file__).resolve().parent.parent / "metrics" / "lpips_heads.npz"
 
-_NEED_VGG = ("LPIPS needs VGG16 ImageNet weights in torchvision layout (a state dict with "
-             "features.0.weight ... features.28.bias, e.g. torchvision's vgg16-397923af.pth, or the "
-             "same tensors as .safetensors); pass it with --config.lpips.vgg_weights=/path/vgg16.pth")
+_NEED_VGG = (
+  "LPIPS needs VGG16 ImageNet weights in torchvision layout (a state dict with "
+  "features.0.weight ... features.28.bias, e.g. torchvision's vgg16-397923af.pth, or the "
+  "same tensors as .safetensors); pass it with --config.lpips.vgg_weights=/path/vgg16.pth"
+)
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -56,14 +59,16 @@ def _unwrap(obj, path: str) -> dict:
   for k, v in obj.items():
     k = str(k)
     if k.startswith("module."):
-      k = k[len("module."):]
+      k = k[len("module.") :]
     if k[:1].isdigit():
       k = "features." + k
     out[k] = v
   return out
 
 
-def check_vgg16_state(state: Mapping, source: str = "the VGG16 state dict") -> dict[str, np.ndarray]:
+def check_vgg16_state(
+  state: Mapping, source: str = "the VGG16 state dict"
+) -> dict[str, np.ndarray]:
   """Validates and returns the `features.*` entries (float32 numpy, OIHW); ignores other keys
   (e.g. `classifier.*`). Missing or mis-shaped keys -> SodecError listing all of them."""
   missing = [k for k in VGG16_FEATURE_SHAPES if k not in state]
@@ -94,10 +99,13 @@ def load_vgg16(path: str | os.PathLike) -> dict[str, np.ndarray]:
 def lpips_wheel_heads_path() -> Path:
   """`<site-packages>/lpips/weights/v0.1/vgg.pth`, found without importing lpips."""
   import importlib.util
+
   spec = importlib.util.find_spec("lpips")
   if spec is None or not spec.submodule_search_locations:
-    raise SodecError("the `lpips` package is not installed (pip install --no-deps lpips==0.1.4); "
-                     "it is only needed to regenerate lpips_heads.npz")
+    raise SodecError(
+      "the `lpips` package is not installed (pip install --no-deps lpips==0.1.4); "
+      "it is only needed to regenerate lpips_heads.npz"
+    )
   return Path(list(spec.submodule_search_locations)[0]) / "weights" / "v0.1" / "vgg.pth"
 
 
@@ -124,8 +132,9 @@ def check_heads(heads: Mapping, source: str = "LPIPS heads") -> dict[str, np.nda
   return out
 
 
-def write_heads_npz(out: str | os.PathLike = SHIPPED_HEADS,
-                    wheel_path: Optional[str | os.PathLike] = None) -> Path:
+def write_heads_npz(
+  out: str | os.PathLike = SHIPPED_HEADS, wheel_path: Optional[str | os.PathLike] = None
+) -> Path:
   heads = heads_from_lpips_wheel(wheel_path)
   out = Path(out)
   np.savez(out, **heads)
@@ -134,19 +143,28 @@ def write_heads_npz(out: str | os.PathLike = SHIPPED_HEADS,
 
 def load_shipped_heads() -> dict[str, np.ndarray]:
   if not SHIPPED_HEADS.is_file():
-    raise SodecError(f"{SHIPPED_HEADS} is missing from the installation; regenerate it with "
-                     "`python -m sodec_jax.weights.lpips`")
+    raise SodecError(
+      f"{SHIPPED_HEADS} is missing from the installation; regenerate it with "
+      "`python -m sodec_jax.weights.lpips`"
+    )
   with np.load(SHIPPED_HEADS) as z:
     return check_heads({k: z[k] for k in z.files}, str(SHIPPED_HEADS))
 
 
-def load_lpips(vgg_weights_path: str | os.PathLike, dtype=None, precision=None, *,
-               heads: Optional[Mapping] = None):
+def load_lpips(
+  vgg_weights_path: str | os.PathLike,
+  dtype=None,
+  precision=None,
+  *,
+  heads: Optional[Mapping] = None,
+):
   """LPIPS with the VGG16 ImageNet trunk read from `vgg_weights_path` (torchvision layout, `.pth`
   read with torch.load(weights_only=True), or `.safetensors` read without torch) and the shipped
   heads (or `heads`). Problems with the file -> SodecError saying what is wrong."""
   import jax.numpy as jnp
+
   from sodec_jax.metrics.lpips import LPIPS
+
   state = load_vgg16(vgg_weights_path)
   heads = load_shipped_heads() if heads is None else check_heads(heads)
   return LPIPS(state, heads, dtype=dtype or jnp.float32, precision=precision)

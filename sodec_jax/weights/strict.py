@@ -8,6 +8,7 @@ with this one message format:
 `fill` does the whole job for a key map given as rows; `check` raises the message for key maps
 that collect the three lists themselves.
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Sequence
@@ -22,8 +23,11 @@ LIMIT = 30
 def mismatch_summary(missing, unexpected, mis_shaped, limit: int = LIMIT) -> str:
   """'missing N: a, b | unexpected N: ... | mis-shaped N: ...' (empty parts left out)."""
   parts = []
-  for title, items, sep in (("missing", missing, ", "), ("unexpected", unexpected, ", "),
-                            ("mis-shaped", mis_shaped, "; ")):
+  for title, items, sep in (
+    ("missing", missing, ", "),
+    ("unexpected", unexpected, ", "),
+    ("mis-shaped", mis_shaped, "; "),
+  ):
     items = list(items)
     if items:
       more = " ..." if len(items) > limit else ""
@@ -31,19 +35,30 @@ def mismatch_summary(missing, unexpected, mis_shaped, limit: int = LIMIT) -> str
   return " | ".join(parts)
 
 
-def check(what: str, missing: Sequence[str] = (), unexpected: Sequence[str] = (),
-          mis_shaped: Sequence[str] = (), hint: str = "", limit: int = LIMIT) -> None:
+def check(
+  what: str,
+  missing: Sequence[str] = (),
+  unexpected: Sequence[str] = (),
+  mis_shaped: Sequence[str] = (),
+  hint: str = "",
+  limit: int = LIMIT,
+) -> None:
   """Raises THE SodecError when any list is non-empty (see the module docstring); each list
   shows at most `limit` names after its count."""
   if missing or unexpected or mis_shaped:
     tail = f". Hint: {hint}" if hint else ""
-    raise SodecError(f"{what}: the weights do not match: "
-                     f"{mismatch_summary(missing, unexpected, mis_shaped, limit)}{tail}")
+    raise SodecError(
+      f"{what}: the weights do not match: "
+      f"{mismatch_summary(missing, unexpected, mis_shaped, limit)}{tail}"
+    )
 
 
 def _shape(source, key) -> tuple:
-  return tuple(source.shape(key)) if hasattr(source, "shape") and callable(source.shape) \
-      else tuple(np.shape(source[key]))
+  return (
+    tuple(source.shape(key))
+    if hasattr(source, "shape") and callable(source.shape)
+    else tuple(np.shape(source[key]))
+  )
 
 
 def _get(source, key) -> np.ndarray:
@@ -52,13 +67,19 @@ def _get(source, key) -> np.ndarray:
   v = source[key]
   if hasattr(v, "detach"):
     from sodec_jax.weights.formats import to_numpy
+
     return to_numpy(v)
   return np.asarray(v)
 
 
-def fill(rows: Iterable[tuple[Sequence[str], Any, Callable, tuple]], source, *, what: str,
-         ignore: Callable[[str], bool] = lambda k: False,
-         hint: Callable[[list, list], str] | str = "") -> dict:
+def fill(
+  rows: Iterable[tuple[Sequence[str], Any, Callable, tuple]],
+  source,
+  *,
+  what: str,
+  ignore: Callable[[str], bool] = lambda k: False,
+  hint: Callable[[list, list], str] | str = "",
+) -> dict:
   """Strictly maps `source` (a dict of arrays/tensors or a `formats.TensorSource`) through `rows`.
 
   rows: (source keys (the first present one is used: aliases), target, transform (torch layout

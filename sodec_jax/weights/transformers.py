@@ -18,6 +18,7 @@ the base-model keys (`embeddings.*`, `encoder.*`, `layernorm.*`), the same under
 pooler are ignored and listed in `model.ignored_keys`), and transformers-5 module names
 (`layers.N.attention.q_proj`, ...) as written by `torch.save(model.state_dict())`.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,12 @@ from sodec_jax.errors import SodecError
 from sodec_jax.weights import strict
 from sodec_jax.weights.formats import open_safetensors, open_weights, to_numpy
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+  "model.safetensors",
+  "model.safetensors.index.json",
+  "pytorch_model.bin",
+  "pytorch_model.bin.index.json",
+)
 
 
 # ----------------------------------------------------------------------------- reading a folder
@@ -62,12 +67,16 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, dict, dict[str, np.nda
   """(config.json, preprocessor_config.json or {}, state dict as numpy) of a transformers folder."""
   folder = Path(folder)
   if not folder.is_dir():
-    raise SodecError(f"{folder} is not a folder; pass the directory that save_pretrained wrote "
-                     "(config.json + model.safetensors)")
+    raise SodecError(
+      f"{folder} is not a folder; pass the directory that save_pretrained wrote "
+      "(config.json + model.safetensors)"
+    )
   cfg_path = folder / "config.json"
   if not cfg_path.is_file():
-    raise SodecError(f"{folder} has no config.json; pass a transformers model folder "
-                     "(what save_pretrained or a hub snapshot holds)")
+    raise SodecError(
+      f"{folder} has no config.json; pass a transformers model folder "
+      "(what save_pretrained or a hub snapshot holds)"
+    )
   try:
     config = json.loads(cfg_path.read_text())
   except Exception as e:  # noqa: BLE001
@@ -94,6 +103,7 @@ def read_folder(folder: str | os.PathLike) -> tuple[dict, dict, dict[str, np.nda
 
 # ----------------------------------------------------------------------------- key tables
 
+
 # Transforms from the torch tensor to our layout.
 def _linear(a):  # [out, in] -> [in, out]
   return a.T
@@ -115,23 +125,27 @@ def _linear_entries(torch_prefix: str, ours: str, bias: bool = True) -> list[tup
 
 
 def _norm_entries(torch_prefix: str, ours: str) -> list[tuple]:
-  return [(f"{torch_prefix}.weight", f"{ours}.scale", _same),
-          (f"{torch_prefix}.bias", f"{ours}.bias", _same)]
+  return [
+    (f"{torch_prefix}.weight", f"{ours}.scale", _same),
+    (f"{torch_prefix}.bias", f"{ours}.bias", _same),
+  ]
 
 
 def vit_table(spec) -> list[tuple[str, str, Callable]]:
   """(hub key, our module path, transform) for every weight of `ViT(spec)`."""
   t = [
-      ("embeddings.cls_token", "cls_token", _same),
-      ("embeddings.position_embeddings", "position_embeddings", _same),
-      ("embeddings.patch_embeddings.projection.weight", "patch_kernel", _conv),
-      ("embeddings.patch_embeddings.projection.bias", "patch_bias", _same),
+    ("embeddings.cls_token", "cls_token", _same),
+    ("embeddings.position_embeddings", "position_embeddings", _same),
+    ("embeddings.patch_embeddings.projection.weight", "patch_kernel", _conv),
+    ("embeddings.patch_embeddings.projection.bias", "patch_bias", _same),
   ]
   for i in range(spec.num_hidden_layers):
     src, dst = f"encoder.layer.{i}", f"layers.{i}"
     t += _norm_entries(f"{src}.layernorm_before", f"{dst}.layernorm_before")
     for name in ("query", "key", "value"):
-      t += _linear_entries(f"{src}.attention.attention.{name}", f"{dst}.attention.{name}", spec.qkv_bias)
+      t += _linear_entries(
+        f"{src}.attention.attention.{name}", f"{dst}.attention.{name}", spec.qkv_bias
+      )
     t += _linear_entries(f"{src}.attention.output.dense", f"{dst}.attention.out")
     t += _norm_entries(f"{src}.layernorm_after", f"{dst}.layernorm_after")
     t += _linear_entries(f"{src}.intermediate.dense", f"{dst}.mlp.fc1")
@@ -143,8 +157,8 @@ def vit_table(spec) -> list[tuple[str, str, Callable]]:
 def swin_table(spec) -> list[tuple[str, str, Callable]]:
   """(hub key, our module path, transform) for every weight of `Swin(spec)`."""
   t = [
-      ("embeddings.patch_embeddings.projection.weight", "patch_kernel", _conv),
-      ("embeddings.patch_embeddings.projection.bias", "patch_bias", _same),
+    ("embeddings.patch_embeddings.projection.weight", "patch_kernel", _conv),
+    ("embeddings.patch_embeddings.projection.bias", "patch_bias", _same),
   ]
   t += _norm_entries("embeddings.norm", "embed_norm")
   if spec.use_absolute_embeddings:
@@ -154,63 +168,90 @@ def swin_table(spec) -> list[tuple[str, str, Callable]]:
       src, dst = f"encoder.layers.{s}.blocks.{j}", f"stages.{s}.blocks.{j}"
       t += _norm_entries(f"{src}.layernorm_before", f"{dst}.layernorm_before")
       for name in ("query", "key", "value"):
-        t += _linear_entries(f"{src}.attention.self.{name}", f"{dst}.attention.{name}", spec.qkv_bias)
-      t.append((f"{src}.attention.self.relative_position_bias_table",
-                f"{dst}.attention.relative_position_bias_table", _same))
+        t += _linear_entries(
+          f"{src}.attention.self.{name}", f"{dst}.attention.{name}", spec.qkv_bias
+        )
+      t.append(
+        (
+          f"{src}.attention.self.relative_position_bias_table",
+          f"{dst}.attention.relative_position_bias_table",
+          _same,
+        )
+      )
       t += _linear_entries(f"{src}.attention.output.dense", f"{dst}.attention.out")
       t += _norm_entries(f"{src}.layernorm_after", f"{dst}.layernorm_after")
       t += _linear_entries(f"{src}.intermediate.dense", f"{dst}.mlp.fc1")
       t += _linear_entries(f"{src}.output.dense", f"{dst}.mlp.fc2")
     if s < len(spec.depths) - 1:
       t += _norm_entries(f"encoder.layers.{s}.downsample.norm", f"stages.{s}.downsample.norm")
-      t.append((f"encoder.layers.{s}.downsample.reduction.weight",
-                f"stages.{s}.downsample.reduction.kernel", _linear))
+      t.append(
+        (
+          f"encoder.layers.{s}.downsample.reduction.weight",
+          f"stages.{s}.downsample.reduction.kernel",
+          _linear,
+        )
+      )
   t += _norm_entries("layernorm", "layernorm")
   return t
 
 
 # transformers-5 module names (what `torch.save(model.state_dict())` writes) -> hub names.
 _VIT_V5_NAMES = (
-    (r"^layers\.(\d+)\.attention\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
-    (r"^layers\.(\d+)\.attention\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
-    (r"^layers\.(\d+)\.attention\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
-    (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
-    (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
-    (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
-    (r"^layers\.(\d+)\.", r"encoder.layer.\1."),  # layernorm_before / layernorm_after
+  (r"^layers\.(\d+)\.attention\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
+  (r"^layers\.(\d+)\.attention\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
+  (r"^layers\.(\d+)\.attention\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
+  (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
+  (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+  (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+  (r"^layers\.(\d+)\.", r"encoder.layer.\1."),  # layernorm_before / layernorm_after
 )
 _SWIN_V5_NAMES = (
-    (r"\.attention\.q_proj\.", ".attention.self.query."),
-    (r"\.attention\.k_proj\.", ".attention.self.key."),
-    (r"\.attention\.v_proj\.", ".attention.self.value."),
-    (r"\.attention\.relative_position_bias\.relative_position_bias_table$",
-     ".attention.self.relative_position_bias_table"),
-    (r"\.attention\.o_proj\.", ".attention.output.dense."),
-    (r"\.mlp\.fc1\.", ".intermediate.dense."),
-    (r"\.mlp\.fc2\.", ".output.dense."),
+  (r"\.attention\.q_proj\.", ".attention.self.query."),
+  (r"\.attention\.k_proj\.", ".attention.self.key."),
+  (r"\.attention\.v_proj\.", ".attention.self.value."),
+  (
+    r"\.attention\.relative_position_bias\.relative_position_bias_table$",
+    ".attention.self.relative_position_bias_table",
+  ),
+  (r"\.attention\.o_proj\.", ".attention.output.dense."),
+  (r"\.mlp\.fc1\.", ".intermediate.dense."),
+  (r"\.mlp\.fc2\.", ".output.dense."),
 )
 
 # Keys that belong to the checkpoint but not to the feature extractor: ignored, and listed.
 _VIT_IGNORED = (r"^pooler\.", r"^classifier\.", r"^decoder\.", r"^embeddings\.mask_token$")
-_SWIN_IGNORED = (r"^classifier\.", r"^decoder\.", r"^embeddings\.mask_token$",
-                 r"\.relative_position_index$")  # a buffer older checkpoints saved
+_SWIN_IGNORED = (
+  r"^classifier\.",
+  r"^decoder\.",
+  r"^embeddings\.mask_token$",
+  r"\.relative_position_index$",
+)  # a buffer older checkpoints saved
 
 # model_type values each loader accepts, and which loader fits other types.
 _VIT_TYPES = ("vit",)
 _SWIN_TYPES = ("swin",)
-_OTHER_LOADER = {"vit": "load_vit", "swin": "load_swin", "deit": None, "dinov2": None,
-                 "swinv2": None, "clip_vision_model": None, "clip": None, "siglip": None}
+_OTHER_LOADER = {
+  "vit": "load_vit",
+  "swin": "load_swin",
+  "deit": None,
+  "dinov2": None,
+  "swinv2": None,
+  "clip_vision_model": None,
+  "clip": None,
+  "siglip": None,
+}
 
 
-def _normalise_keys(state: Mapping[str, np.ndarray], prefix: str, v5_names, ignored_patterns
-                    ) -> tuple[dict[str, np.ndarray], list[str]]:
+def _normalise_keys(
+  state: Mapping[str, np.ndarray], prefix: str, v5_names, ignored_patterns
+) -> tuple[dict[str, np.ndarray], list[str]]:
   """Strips the task-model prefix, renames transformers-5 names, separates the ignored keys."""
   has_prefix = any(k.startswith(prefix) for k in state)
   out, ignored = {}, []
   for key, value in state.items():
     k = key
     if has_prefix and k.startswith(prefix):
-      k = k[len(prefix):]
+      k = k[len(prefix) :]
     elif has_prefix and not re.search("|".join(ignored_patterns), k):
       out[key] = value  # an unexpected non-prefixed key: keep its name for the error
       continue
@@ -235,21 +276,30 @@ def _check_type(config: Mapping[str, Any], accepted: tuple[str, ...], loader: st
   if mt in accepted:
     return
   other = _OTHER_LOADER.get(mt)
-  if mt == "clip":   # a CLIP checkpoint is the CLIP-IQA metric's, not a guidance extractor
-    hint = ("; CLIP checkpoints are for the CLIP-IQA metric: `python convert/from_torch.py "
-            "clip-iqa --src FOLDER --out DIR`. Guidance extractors are transformers ViT "
-            "(model_type 'vit') or Swin ('swin') folders")
+  if mt == "clip":  # a CLIP checkpoint is the CLIP-IQA metric's, not a guidance extractor
+    hint = (
+      "; CLIP checkpoints are for the CLIP-IQA metric: `python convert/from_torch.py "
+      "clip-iqa --src FOLDER --out DIR`. Guidance extractors are transformers ViT "
+      "(model_type 'vit') or Swin ('swin') folders"
+    )
   else:
-    hint = (f"; use {other}() for it" if other else
-            "; only transformers ViT (model_type 'vit') and Swin ('swin') folders are supported")
-  raise SodecError(f"{loader}(): {folder} holds a model_type {mt!r} model (config.json), not "
-                   f"{' / '.join(repr(a) for a in accepted)}{hint}")
+    hint = (
+      f"; use {other}() for it"
+      if other
+      else "; only transformers ViT (model_type 'vit') and Swin ('swin') folders are supported"
+    )
+  raise SodecError(
+    f"{loader}(): {folder} holds a model_type {mt!r} model (config.json), not "
+    f"{' / '.join(repr(a) for a in accepted)}{hint}"
+  )
 
 
-def assign(module, table, state: Mapping[str, np.ndarray], ignored: list[str], source: str,
-           kind: str) -> None:
+def assign(
+  module, table, state: Mapping[str, np.ndarray], ignored: list[str], source: str, kind: str
+) -> None:
   """Copies every table entry into `module` (strict: one SodecError lists all problems)."""
   import jax.numpy as jnp
+
   missing, bad, expected = [], [], set()
   staged = []
   for key, path, fn in table:
@@ -289,17 +339,38 @@ def _norm_stats(pre: Mapping[str, Any], default_mean, default_std):
 # ----------------------------------------------------------------------------- public loaders
 
 
-def _load_extractor(folder, loader: str, types, spec_cls, model_cls, prefix: str, v5_names,
-                    ignored_patterns, table, kind: str, dtype, param_dtype, precision):
+def _load_extractor(
+  folder,
+  loader: str,
+  types,
+  spec_cls,
+  model_cls,
+  prefix: str,
+  v5_names,
+  ignored_patterns,
+  table,
+  kind: str,
+  dtype,
+  param_dtype,
+  precision,
+):
   """The shared body of load_vit / load_swin: read, check the model_type, build, copy strictly."""
   import jax.numpy as jnp
+
   from sodec_jax.guidance.vit import VIT_DEFAULT_MEAN, VIT_DEFAULT_STD
+
   config, pre, state = read_folder(folder)
   _check_type(config, types, loader, folder)
   spec = spec_cls.from_config(config)
   mean, std = _norm_stats(pre, VIT_DEFAULT_MEAN, VIT_DEFAULT_STD)
-  model = model_cls(spec, dtype=dtype or jnp.float32, param_dtype=param_dtype, precision=precision,
-                    image_mean=mean, image_std=std)
+  model = model_cls(
+    spec,
+    dtype=dtype or jnp.float32,
+    param_dtype=param_dtype,
+    precision=precision,
+    image_mean=mean,
+    image_std=std,
+  )
   state, ignored = _normalise_keys(state, prefix, v5_names, ignored_patterns)
   assign(model, table(spec), state, ignored, f"the weights in {folder}", kind)
   return model
@@ -311,15 +382,43 @@ def load_vit(folder: str | os.PathLike, *, dtype=None, param_dtype=None, precisi
   dtype: compute dtype (default float32); param_dtype: storage dtype (default = dtype).
   """
   from sodec_jax.guidance.vit import ViT, ViTSpec
-  return _load_extractor(folder, "load_vit", _VIT_TYPES, ViTSpec, ViT, "vit.", _VIT_V5_NAMES,
-                         _VIT_IGNORED, vit_table, "ViT", dtype, param_dtype, precision)
+
+  return _load_extractor(
+    folder,
+    "load_vit",
+    _VIT_TYPES,
+    ViTSpec,
+    ViT,
+    "vit.",
+    _VIT_V5_NAMES,
+    _VIT_IGNORED,
+    vit_table,
+    "ViT",
+    dtype,
+    param_dtype,
+    precision,
+  )
 
 
 def load_swin(folder: str | os.PathLike, *, dtype=None, param_dtype=None, precision=None):
   """A transformers Swin folder (SwinModel / SwinForImageClassification / ...) -> frozen `Swin`."""
   from sodec_jax.guidance.swin import Swin, SwinSpec
-  return _load_extractor(folder, "load_swin", _SWIN_TYPES, SwinSpec, Swin, "swin.", _SWIN_V5_NAMES,
-                         _SWIN_IGNORED, swin_table, "Swin", dtype, param_dtype, precision)
+
+  return _load_extractor(
+    folder,
+    "load_swin",
+    _SWIN_TYPES,
+    SwinSpec,
+    Swin,
+    "swin.",
+    _SWIN_V5_NAMES,
+    _SWIN_IGNORED,
+    swin_table,
+    "Swin",
+    dtype,
+    param_dtype,
+    precision,
+  )
 
 
 __all__ = ("load_vit", "load_swin", "read_folder", "vit_table", "swin_table")

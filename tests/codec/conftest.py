@@ -1,4 +1,5 @@
 """Fixtures for codec tests: a small random-weight codec (seed 0) and real photos."""
+
 import pytest
 from flax import nnx
 

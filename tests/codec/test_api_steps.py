@@ -1,5 +1,6 @@
 """The public coding steps of sodec_jax.api (encode_latents, pack, decode_latents, reconstruct,
 the batch calls) and which failures are reported as a bad file."""
+
 import numpy as np
 import pytest
 
@@ -12,7 +13,7 @@ def test_steps_compose_to_compress_and_decompress(codec_model, astronaut):
   image = np.ascontiguousarray(astronaut[:70, :100])
   lat = api.encode_latents(codec_model, image)
   c, n = codec_model.config.model.latent_channels, codec_model.config.model.hyper_channels
-  assert lat.z_hat.shape == (1, 2, 2, n) and lat.y_hat.shape == (1, 8, 8, c)   # padded to 128
+  assert lat.z_hat.shape == (1, 2, 2, n) and lat.y_hat.shape == (1, 8, 8, c)  # padded to 128
   assert lat.indexes.shape == lat.y_symbols.shape and lat.z_indexes.shape == lat.z_hat.shape
   np.testing.assert_array_equal(lat.y_symbols, np.round(lat.y_symbols))
   y, z = (np.asarray(a) for a in api.analysis(codec_model, api.pad_image(codec_model, image)))
@@ -22,10 +23,11 @@ def test_steps_compose_to_compress_and_decompress(codec_model, astronaut):
   assert data == api.compress(codec_model, image)
   header, y_hat, z_hat = api.decode_latents(codec_model, data)
   x_hat, x_f = api.reconstruct(codec_model, y_hat, z_hat)
-  np.testing.assert_array_equal(np.asarray(x_hat), np.asarray(x_f))   # the codec decoder
+  np.testing.assert_array_equal(np.asarray(x_hat), np.asarray(x_f))  # the codec decoder
   assert (header.height, header.width) == (70, 100)
-  np.testing.assert_array_equal(api.to_uint8(np.asarray(x_hat), 70, 100),
-                                api.decompress(codec_model, data))
+  np.testing.assert_array_equal(
+    api.to_uint8(np.asarray(x_hat), 70, 100), api.decompress(codec_model, data)
+  )
 
 
 def test_pack_refuses_latents_of_another_size(codec_model, astronaut):
@@ -35,7 +37,7 @@ def test_pack_refuses_latents_of_another_size(codec_model, astronaut):
 
 
 def test_batch_calls_agree_with_single_calls(codec_model, astronaut):
-  images = [np.ascontiguousarray(astronaut[k * 70:k * 70 + 60, :90]) for k in range(3)]
+  images = [np.ascontiguousarray(astronaut[k * 70 : k * 70 + 60, :90]) for k in range(3)]
   files = api.compress_batch(codec_model, images)
   decoded = api.decompress_batch(codec_model, files)
   for im, f, d in zip(images, files, decoded):
@@ -53,6 +55,7 @@ def test_prior_failure_is_a_traceback_not_a_bad_file(codec_model, astronaut, mon
 
   def broken_prior(model, z_hat):
     raise RuntimeError("out of memory in the prior")
+
   monkeypatch.setattr(api, "prior", broken_prior)
   with pytest.raises(RuntimeError, match="out of memory in the prior"):
     api.decompress(codec_model, data)
@@ -61,6 +64,6 @@ def test_prior_failure_is_a_traceback_not_a_bad_file(codec_model, astronaut, mon
 def test_range_decoding_failure_after_the_crc_names_model_or_build(codec_model, astronaut):
   data = api.compress(codec_model, np.ascontiguousarray(astronaut[:64, :64]))
   header, (z, y, over) = bitstream.unpack(data)
-  bad = bitstream.pack(header, [z, y, over + b"\x00"])   # valid container, one stray value
+  bad = bitstream.pack(header, [z, y, over + b"\x00"])  # valid container, one stray value
   with pytest.raises(SodecError, match="does not match this model or sodec-jax build"):
     api.decompress(codec_model, bad)

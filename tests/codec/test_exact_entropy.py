@@ -5,6 +5,7 @@ The micro random codec puts every sigma at the lower bound (index 0), so the tes
 `spread` codec: the same random weights with H_a's last conv and P's scale synthesis scaled up,
 which spreads the indexes over most of the table on a photo.
 """
+
 import math
 import os
 import subprocess
@@ -41,8 +42,10 @@ def spread_params():
     conv.kernel[...] = conv.kernel[...] * 4.0
   st.conv3.bias[...] = jnp.abs(st.conv3.bias[...]) * 10.0 + 1.0
   ha.kernel[...] = ha.kernel[...] * 300.0
-  return {"/".join(map(str, p)): np.asarray(v.value)
-          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+    "/".join(map(str, p)): np.asarray(v.value)
+    for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
 def model_from_params(params: dict, dtype="float32") -> api.LoadedModel:
@@ -50,8 +53,9 @@ def model_from_params(params: dict, dtype="float32") -> api.LoadedModel:
   c = spread_config(dtype)
   model = build_model(c, nnx.Rngs(0))
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-  nnx.update(model, nnx.from_flat_state([(p, jnp.asarray(params["/".join(map(str, p))]))
-                                         for p, _ in flat]))
+  nnx.update(
+    model, nnx.from_flat_state([(p, jnp.asarray(params["/".join(map(str, p))])) for p, _ in flat])
+  )
   return api.prepare(c, model)
 
 
@@ -67,8 +71,10 @@ def spread(params):
 
 def _crops(n=8, size=64):
   photos = [load_photo(f) for f in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")]
-  return [np.ascontiguousarray(photos[i % 4][(i // 4) * size:(i // 4 + 1) * size, 40:40 + size])
-          for i in range(n)]
+  return [
+    np.ascontiguousarray(photos[i % 4][(i // 4) * size : (i // 4 + 1) * size, 40 : 40 + size])
+    for i in range(n)
+  ]
 
 
 # --------------------------------------------------------------------------- the primitives
@@ -78,8 +84,9 @@ def test_rounding_div_is_round_half_up_for_negatives_too():
     expect = [math.floor(Fraction(int(a), d) + Fraction(1, 2)) for a in acc]
     np.testing.assert_array_equal(integer_prior.rounding_div(acc, np.int64(d)), expect)
   big = np.asarray([(1 << 52) - 1, -(1 << 52) + 1, 7, -7, -5, 5], np.int64)
-  np.testing.assert_array_equal(integer_prior.rounding_div(big, np.int64(2)),
-                                [1 << 51, -(1 << 51) + 1, 4, -3, -2, 3])
+  np.testing.assert_array_equal(
+    integer_prior.rounding_div(big, np.int64(2)), [1 << 51, -(1 << 51) + 1, 4, -3, -2, 3]
+  )
 
 
 def test_thresholds_follow_the_scale_table():
@@ -87,7 +94,7 @@ def test_thresholds_follow_the_scale_table():
   t, floor_index = integer_prior.thresholds(0.11, 256.0, 64, s, 0.11)
   table = entropy.scale_table(0.11, 256.0, 64)
   assert floor_index == 0
-  frac = table * s - np.floor(table * s)     # T_j = floor(table_j S) + 1 (float64 table: away
+  frac = table * s - np.floor(table * s)  # T_j = floor(table_j S) + 1 (float64 table: away
   clear = (frac > 1e-6) & (frac < 1 - 1e-6)  # from integers; 256 S itself is one)
   np.testing.assert_array_equal(t[clear], np.floor(table * s)[clear] + 1)
   assert clear.sum() >= 62 and t[-1] == 256 * s + 1
@@ -114,15 +121,18 @@ def test_integer_layer_is_the_transposed_convolution(k, s, p, op):
   w = rng.integers(-8, 9, (k, k, 3, 4)).astype(np.float32)
   b = rng.integers(-20, 21, 4).astype(np.float32)
   conv.kernel[...], conv.bias[...] = jnp.asarray(w), jnp.asarray(b)
-  layer = integer_prior.IntegerLayer(w.astype(np.float64), b.astype(np.int64),
-                                     np.ones(4, np.int64), 200, s, p, op)
+  layer = integer_prior.IntegerLayer(
+    w.astype(np.float64), b.astype(np.int64), np.ones(4, np.int64), 200, s, p, op
+  )
   x = rng.integers(-9, 10, (2, 5, 6, 3))
   ref = np.clip(np.asarray(conv(jnp.asarray(x, jnp.float32))), 0, 200)
   np.testing.assert_array_equal(layer(x), ref)
-  layer3 = integer_prior.IntegerLayer(w.astype(np.float64), b.astype(np.int64),
-                                      np.full(4, 3, np.int64), 200, s, p, op)
-  np.testing.assert_array_equal(layer3(x), np.clip(np.floor(np.asarray(conv(jnp.asarray(
-      x, jnp.float32))) / 3 + 0.5), 0, 200))
+  layer3 = integer_prior.IntegerLayer(
+    w.astype(np.float64), b.astype(np.int64), np.full(4, 3, np.int64), 200, s, p, op
+  )
+  np.testing.assert_array_equal(
+    layer3(x), np.clip(np.floor(np.asarray(conv(jnp.asarray(x, jnp.float32))) / 3 + 0.5), 0, 200)
+  )
 
 
 def test_derivation_is_bounded_and_deterministic(spread, params):
@@ -141,7 +151,7 @@ def test_derivation_is_bounded_and_deterministic(spread, params):
 def test_integer_indexes_track_the_float_ones(spread, photo):
   lat = api.encode_latents(spread, load_photo(photo))
   float_idx = entropy.scale_indexes(lat.sigma, spread.scales)
-  assert len(np.unique(lat.indexes)) > 20           # the photo spreads over the table
+  assert len(np.unique(lat.indexes)) > 20  # the photo spreads over the table
   assert np.mean(lat.indexes == float_idx) >= 0.99
   assert np.abs(lat.indexes.astype(int) - float_idx).max() <= 1
   # the integer output is sigma (before its lower bound) to within ~1e-3
@@ -162,12 +172,17 @@ def test_float_sigma_is_never_read(spread, astronaut):
   y, _ = api.analysis(spread, x)
   lat2 = api.Latents.from_prior(spread, y, lat.z_hat, lat.mu, noisy)
   np.testing.assert_array_equal(lat2.indexes, lat.indexes)
-  assert np.any(entropy.scale_indexes(noisy, spread.scales) != entropy.scale_indexes(
-      lat.sigma, spread.scales))
+  assert np.any(
+    entropy.scale_indexes(noisy, spread.scales) != entropy.scale_indexes(lat.sigma, spread.scales)
+  )
   data = api.compress(spread, image)
   _, y_hat, _ = api.decode_latents(
-      spread, data, lambda z: (lambda m, s: (m, s * (1 + 1e-3 * rng.choice([-1.0, 1.0], s.shape))))(
-          *map(np.asarray, api.prior(spread, z))))
+    spread,
+    data,
+    lambda z: (lambda m, s: (m, s * (1 + 1e-3 * rng.choice([-1.0, 1.0], s.shape))))(
+      *map(np.asarray, api.prior(spread, z))
+    ),
+  )
   np.testing.assert_array_equal(y_hat, lat.y_hat)
 
 
@@ -177,12 +192,12 @@ def test_batch_of_8_and_batch_of_1_give_the_same_indexes(spread):
   files = api.compress_batch(spread, images)
   for b, (image, data) in enumerate(zip(images, files)):
     one = api.encode_latents(spread, image)
-    np.testing.assert_array_equal(spread.indexer(batch.z_hat[b:b + 1]), batch.indexes[b:b + 1])
-    if np.array_equal(one.z_hat, batch.z_hat[b:b + 1]):
-      np.testing.assert_array_equal(one.indexes, batch.indexes[b:b + 1])
-    _, y_hat, z_hat = api.decode_latents(spread, data)   # a batch-8 file decodes alone
+    np.testing.assert_array_equal(spread.indexer(batch.z_hat[b : b + 1]), batch.indexes[b : b + 1])
+    if np.array_equal(one.z_hat, batch.z_hat[b : b + 1]):
+      np.testing.assert_array_equal(one.indexes, batch.indexes[b : b + 1])
+    _, y_hat, z_hat = api.decode_latents(spread, data)  # a batch-8 file decodes alone
     mu, _ = api.prior(spread, z_hat)
-    np.testing.assert_array_equal(np.round(y_hat - np.asarray(mu)), batch.y_symbols[b:b + 1])
+    np.testing.assert_array_equal(np.round(y_hat - np.asarray(mu)), batch.y_symbols[b : b + 1])
 
 
 _WORKER = textwrap.dedent("""
@@ -212,13 +227,21 @@ def test_encode_and_decode_under_different_xla_flags(params, tmp_path):
   np.savez(tmp_path / "params.npz", **params)
   np.save(tmp_path / "image.npy", np.ascontiguousarray(load_photo("coffee.png")[:128, :192]))
   script = "ROOT = " + repr(ROOT) + "\n" + _WORKER
-  flags = {"encode": "--xla_cpu_enable_fast_math=true",
-           "decode": "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false "
-                     "intra_op_parallelism_threads=1"}
+  flags = {
+    "encode": "--xla_cpu_enable_fast_math=true",
+    "decode": "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false "
+    "intra_op_parallelism_threads=1",
+  }
   for mode in ("encode", "decode"):
     env = dict(os.environ, XLA_FLAGS=flags[mode], PYTHONPATH=ROOT)
-    r = subprocess.run([sys.executable, "-c", script, mode, str(tmp_path)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+      [sys.executable, "-c", script, mode, str(tmp_path)],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
   enc, dec = np.load(tmp_path / "enc.npz"), np.load(tmp_path / "dec.npz")
   np.testing.assert_array_equal(enc["indexes"], dec["indexes"])
@@ -236,8 +259,7 @@ def test_bfloat16_prior_decodes_a_float32_file(params):
   lat = api.encode_latents(f32, image)
   mu16, sigma16 = (np.asarray(a, np.float32) for a in api.prior(bf16, lat.z_hat))
   assert np.sum(entropy.scale_indexes(sigma16, f32.scales) != lat.indexes) > 10
-  _, y_hat, z_hat = api.decode_latents(f32, api.pack(f32, lat, 128, 128),
-                                       lambda z: (mu16, sigma16))
+  _, y_hat, z_hat = api.decode_latents(f32, api.pack(f32, lat, 128, 128), lambda z: (mu16, sigma16))
   np.testing.assert_array_equal(np.round(y_hat - mu16), lat.y_symbols)
   np.testing.assert_array_equal(bf16.indexer(z_hat), lat.indexes)
 
@@ -248,10 +270,12 @@ def _pack_v1(model, image):
   lat = api.encode_latents(model, image)
   z_hat, y_sym = lat.z_hat[0], lat.y_symbols[0]
   z_stream, z_over = model.z_coder.encode(z_hat.astype(np.int64), lat.z_indexes[0])
-  y_stream, y_over = model.y_coder.encode(y_sym.astype(np.int64),
-                                          entropy.scale_indexes(lat.sigma[0], model.scales))
-  header = bitstream.Header(model.decoder, *image.shape[:2], model.fingerprint, z_hat.shape,
-                            y_sym.shape, version=1)
+  y_stream, y_over = model.y_coder.encode(
+    y_sym.astype(np.int64), entropy.scale_indexes(lat.sigma[0], model.scales)
+  )
+  header = bitstream.Header(
+    model.decoder, *image.shape[:2], model.fingerprint, z_hat.shape, y_sym.shape, version=1
+  )
   return bitstream.pack(header, [z_stream, y_stream, bitstream.encode_overflow(z_over + y_over)])
 
 
@@ -263,12 +287,14 @@ def test_version_1_files_still_decode(spread, codec_model, astronaut):
   # a file the previous release wrote (tests/data, micro codec with seed-0 random weights)
   data = open(V1_FILE, "rb").read()
   crop = np.ascontiguousarray(astronaut[:64, :96])
-  np.testing.assert_array_equal(api.decompress(codec_model, data),
-                                api.decompress(codec_model, api.compress(codec_model, crop)))
+  np.testing.assert_array_equal(
+    api.decompress(codec_model, data), api.decompress(codec_model, api.compress(codec_model, crop))
+  )
 
 
 def test_unknown_version_names_the_versions(spread, astronaut):
   from sodec_jax.fuzz import fix_crc
+
   data = api.compress(spread, np.ascontiguousarray(astronaut[:64, :64]))
   with pytest.raises(api.SodecError, match=r"version 3 .*versions 1, 2"):
     api.decompress(spread, fix_crc(data[:5] + bytes([3]) + data[6:]))

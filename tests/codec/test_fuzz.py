@@ -4,6 +4,7 @@ The mutations live in `sodec_jax.fuzz` (`python -m sodec_jax.fuzz` runs them at 
 bit flips, random header bytes and fields, random data, and the same with the CRC recomputed
 (so they reach field validation and the range decoder itself).
 """
+
 import io
 import os
 import re
@@ -40,24 +41,41 @@ def test_every_mutation_kind_is_drawn():
 
 
 def test_fuzz_command(micro_workdir):
-  r = subprocess.run([sys.executable, "-m", "sodec_jax.fuzz", "--checkpoint", micro_workdir,
-                      "--n", "60", "--seed", "3", "--max-side", "64"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=600,
-                     env=dict(os.environ, PYTHONPATH=ROOT))
+  r = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "sodec_jax.fuzz",
+      "--checkpoint",
+      micro_workdir,
+      "--n",
+      "60",
+      "--seed",
+      "3",
+      "--max-side",
+      "64",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+  )
   assert r.returncode == 0, r.stderr[-3000:]
   lines = r.stdout.strip().splitlines()
   assert len(lines) == 1 and re.fullmatch(
-      r"fuzz: 60 files, \d+ decoded, \d+ SodecError, 0 other, slowest \d+\.\d+ s", lines[0])
+    r"fuzz: 60 files, \d+ decoded, \d+ SodecError, 0 other, slowest \d+\.\d+ s", lines[0]
+  )
 
 
 def test_specific_messages(codec_model, astronaut):
   data = api.compress(codec_model, np.ascontiguousarray(astronaut[:64, :64]))
   cases = {
-      b"": "empty",
-      b"SOD": "truncated",
-      b"\x89PNG\r\n\x1a\n" + b"\0" * 100: "not a .sodec file",
-      data[:-10]: "checksum|truncated|add up",
-      data[:5] + bytes([9]) + data[6:]: "version",
+    b"": "empty",
+    b"SOD": "truncated",
+    b"\x89PNG\r\n\x1a\n" + b"\0" * 100: "not a .sodec file",
+    data[:-10]: "checksum|truncated|add up",
+    data[:5] + bytes([9]) + data[6:]: "version",
   }
   for blob, pattern in cases.items():
     with pytest.raises(api.SodecError, match=pattern):

@@ -1,17 +1,18 @@
 """Our codec equals the HiFiC PyTorch implementation's modules (sodec_jax/benchmarks/hific_torch.py,
 written from the upstream source) with the same random weights, through the explicit key map of
 sodec_jax.weights.hific."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 
+from sodec_jax.benchmarks import hific_torch
 from sodec_jax.errors import SodecError
 from sodec_jax.pretrained import build_model
 from sodec_jax.weights.hific import load_hific_state_dict
 from tests.codec.conftest import load_photo, micro_codec_config
-from sodec_jax.benchmarks import hific_torch
 
 
 def _rel(a, b):
@@ -31,7 +32,7 @@ def _nhwc(t):
 def pair():
   config = micro_codec_config()
   m = config.model
-  m.factorized_last_gate = True   # upstream's density gates its last layer too
+  m.factorized_last_gate = True  # upstream's density gates its last layer too
   torch.manual_seed(0)
   ref = hific_torch.HiFiC.from_model_config(m).eval()
   with torch.no_grad():  # non-trivial norms and density gates (defaults are 1/0)
@@ -46,7 +47,9 @@ def pair():
 
 def test_codec_matches_hific_torch(pair):
   _, ref, ours, _ = pair
-  x = load_photo("astronaut.png")[128:256, 192:384].astype(np.float32)[None] / 255.0  # [1,128,192,3]
+  x = (
+    load_photo("astronaut.png")[128:256, 192:384].astype(np.float32)[None] / 255.0
+  )  # [1,128,192,3]
   with torch.no_grad():
     y_ref = ref.Encoder(_nchw(x))
     z_ref = ref.Hyperprior.analysis_net(y_ref)
@@ -64,7 +67,11 @@ def test_codec_matches_hific_torch(pair):
   x_f = ours.fidelity_reconstruction(jnp.asarray(_nhwc(y_hat)))
   assert _rel(x_f, _nhwc(x_ref)) < 1e-5
   from sodec_jax.codec.entropy import gaussian_likelihood
-  assert _rel(ours.codec.prior.hyperlatent.likelihood(jnp.asarray(_nhwc(z_hat + 0.3))), _nhwc(lik_z)) < 1e-5
+
+  assert (
+    _rel(ours.codec.prior.hyperlatent.likelihood(jnp.asarray(_nhwc(z_hat + 0.3))), _nhwc(lik_z))
+    < 1e-5
+  )
   assert _rel(gaussian_likelihood(jnp.asarray(_nhwc(y_hat)), mu, sigma), _nhwc(lik_y)) < 1e-5
 
 
@@ -82,5 +89,7 @@ def test_strict_key_map_errors(pair):
   assert "Generator.conv_block_out.1.bias" in msg
   with pytest.raises(SodecError, match="does not look like a HiFiC"):
     load_hific_state_dict({"unet.conv_in.weight": np.zeros(1)}, ours, config.model)
-  ignored = load_hific_state_dict({**sd, "Discriminator.conv1.weight_orig": np.zeros(1)}, ours, config.model)
+  ignored = load_hific_state_dict(
+    {**sd, "Discriminator.conv1.weight_orig": np.zeros(1)}, ours, config.model
+  )
   assert ignored == ["Discriminator.conv1.weight_orig"]

@@ -1,4 +1,5 @@
 """Layers with PyTorch semantics against torch itself (same random weights)."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,7 +9,9 @@ from flax import nnx
 from sodec_jax.layers import ChannelNorm, Conv2d, ConvTranspose2d
 
 
-@pytest.mark.parametrize("k,s,p,op", [(3, 2, 1, 1), (5, 2, 2, 1), (3, 1, 1, 0), (4, 2, 1, 0), (3, 2, 1, 0)])
+@pytest.mark.parametrize(
+  "k,s,p,op", [(3, 2, 1, 1), (5, 2, 2, 1), (3, 1, 1, 0), (4, 2, 1, 0), (3, 2, 1, 0)]
+)
 def test_conv_transpose_matches_torch(k, s, p, op):
   """Covers the sub-pixel fast path (output = s x input) and the dilated general path."""
   ours = ConvTranspose2d(6, 5, k, stride=s, padding=p, output_padding=op, rngs=nnx.Rngs(0))
@@ -35,8 +38,9 @@ def test_conv_matches_torch(mode, pad):
     xt = torch.nn.functional.pad(xt, (left, right, top, bottom))
   w = torch.from_numpy(np.array(ours.kernel[...]).transpose(3, 2, 0, 1))
   want = torch.nn.functional.conv2d(xt, w, torch.from_numpy(np.array(ours.bias[...])), stride=2)
-  np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), want.numpy().transpose(0, 2, 3, 1),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(ours(jnp.asarray(x))), want.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_channel_norm_closed_form():
@@ -46,18 +50,24 @@ def test_channel_norm_closed_form():
   np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode,size,batch", [("reflect", (13, 22), 2), ("zeros", (8, 8), 1),
-                                             ("zeros", (1, 5), 1), ("reflect", (2, 3), 1)])
+@pytest.mark.parametrize(
+  "mode,size,batch",
+  [("reflect", (13, 22), 2), ("zeros", (8, 8), 1), ("zeros", (1, 5), 1), ("reflect", (2, 3), 1)],
+)
 def test_winograd_conv_matches_torch(mode, size, batch):
   """Winograd F(4x4, 3x3) (use_winograd) against torch's direct conv, sides not multiples of 4."""
   from sodec_jax.layers import use_winograd
+
   ours = Conv2d(24, 16, 3, padding=1, padding_mode=mode, rngs=nnx.Rngs(3))
   x = np.random.default_rng(3).normal(size=(batch, *size, 24)).astype(np.float32)
   direct = np.asarray(ours(jnp.asarray(x)))
   assert use_winograd(ours, min_channels=16) == 1 and ours.winograd[...].shape == (36, 24, 16)
   got = np.asarray(ours(jnp.asarray(x)))
-  xt = torch.nn.functional.pad(torch.from_numpy(x.transpose(0, 3, 1, 2)), (1, 1, 1, 1),
-                               mode="reflect" if mode == "reflect" else "constant")
+  xt = torch.nn.functional.pad(
+    torch.from_numpy(x.transpose(0, 3, 1, 2)),
+    (1, 1, 1, 1),
+    mode="reflect" if mode == "reflect" else "constant",
+  )
   w = torch.from_numpy(np.array(ours.kernel[...]).transpose(3, 2, 0, 1))
   want = torch.nn.functional.conv2d(xt, w, torch.from_numpy(np.array(ours.bias[...])))
   want = want.numpy().transpose(0, 2, 3, 1)
@@ -69,6 +79,7 @@ def test_winograd_conv_matches_torch(mode, size, batch):
 
 def test_use_winograd_eligibility():
   from sodec_jax.layers import ResidualBlock, use_winograd
+
   rngs = nnx.Rngs(0)
   block = ResidualBlock(32, rngs=rngs)
   strided = Conv2d(32, 32, 3, stride=2, padding=1, rngs=rngs)
@@ -90,6 +101,7 @@ def test_use_winograd_eligibility():
 def test_subpixel_kernels_precomputed_same_outputs():
   """use_subpixel_kernels stores the rearranged kernel once; outputs are the same bits."""
   from sodec_jax.layers import use_subpixel_kernels
+
   m = ConvTranspose2d(6, 5, 5, stride=2, padding=2, output_padding=1, rngs=nnx.Rngs(4))
   general = ConvTranspose2d(6, 5, 3, stride=1, padding=1, rngs=nnx.Rngs(4))
   x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 7, 9, 6)).astype(np.float32))

@@ -1,4 +1,5 @@
 """Fixtures for the converter tests: tests/reference on sys.path, seeded torch, error helpers."""
+
 import os
 import sys
 
@@ -13,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 @pytest.fixture(autouse=True)
 def _seed_torch():
   import torch
+
   torch.manual_seed(0)
   yield
 

@@ -1,5 +1,6 @@
 """clip-iqa converter: a small random transformers CLIPModel (+ an offline CLIP tokenizer) saved for
 real, converted through the CLI, loaded, and compared with the PyTorch model on real photos."""
+
 import json
 import os
 import shutil
@@ -12,16 +13,16 @@ import torch
 from PIL import Image
 from skimage import data
 
+from sodec_jax import converters as convert
 from sodec_jax.errors import SodecError
 from sodec_jax.metrics.clip_iqa import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PROMPTS
-from sodec_jax.weights.clip import load_clip_iqa
-from sodec_jax import converters as convert
 from sodec_jax.weights import converted
+from sodec_jax.weights.clip import load_clip_iqa
 from tests.convert.conftest import assert_out_clean, errors
 from tests.guidance._tiny_hf import tiny_vit
 
 TOL = 1e-5
-SIZE = 32   # the tiny tower's image_size (= shortest_edge = crop size)
+SIZE = 32  # the tiny tower's image_size (= shortest_edge = crop size)
 
 
 def tiny_tokenizer():
@@ -29,10 +30,19 @@ def tiny_tokenizer():
   and CLIP's two special tokens: tokenizes any text offline, "good photo." in 7 tokens."""
   from tokenizers import pre_tokenizers
   from transformers import CLIPTokenizer
+
   chars = sorted(pre_tokenizers.ByteLevel.alphabet())
   vocab = {c: i for i, c in enumerate(chars)}
   vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-  merges = [("g", "o"), ("go", "o"), ("p", "h"), ("ph", "o"), ("pho", "t"), ("b", "a"), ("ba", "d</w>")]
+  merges = [
+    ("g", "o"),
+    ("go", "o"),
+    ("p", "h"),
+    ("ph", "o"),
+    ("pho", "t"),
+    ("b", "a"),
+    ("ba", "d</w>"),
+  ]
   for a, b in merges:
     vocab[a + b] = len(vocab)
   vocab["<|startoftext|>"] = len(vocab)
@@ -44,15 +54,31 @@ def tiny_clip(tok, seed: int = 0):
   """A small random CLIPModel (vision 32x32 / patch 8 / width 32 / 2 layers / 4 heads), every tensor
   perturbed (LayerNorms off (1, 0)), logit_scale = ln 100 as OpenAI's CLIP."""
   import transformers
+
   torch.manual_seed(seed)
   cfg = transformers.CLIPConfig(
-      text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id),
-      vision_config=dict(image_size=SIZE, patch_size=8, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4),
-      projection_dim=16, logit_scale_init_value=float(np.log(100.0)))
+    text_config=dict(
+      vocab_size=len(tok),
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      max_position_embeddings=16,
+      bos_token_id=tok.bos_token_id,
+      eos_token_id=tok.eos_token_id,
+      pad_token_id=tok.pad_token_id,
+    ),
+    vision_config=dict(
+      image_size=SIZE,
+      patch_size=8,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+    ),
+    projection_dim=16,
+    logit_scale_init_value=float(np.log(100.0)),
+  )
   model = transformers.CLIPModel(cfg).eval()
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -75,6 +101,7 @@ def clip_src(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip_out(clip_src, tmp_path_factory):
   from convert.from_torch import main
+
   out = str(tmp_path_factory.mktemp("conv") / "clip-iqa")
   assert main(["clip-iqa", "--src", clip_src[0], "--out", out]) == 0
   return out
@@ -93,13 +120,20 @@ def reference_pixels(img: np.ndarray, size: int = SIZE) -> np.ndarray:
     nh, nw = size, int(size * w / h)
   else:
     nh, nw = int(size * h / w), size
-  chans = [np.asarray(Image.fromarray(np.ascontiguousarray(img[..., c]), mode="F")
-                      .resize((nw, nh), resample=Image.BICUBIC)) for c in range(3)]
+  chans = [
+    np.asarray(
+      Image.fromarray(np.ascontiguousarray(img[..., c]), mode="F").resize(
+        (nw, nh), resample=Image.BICUBIC
+      )
+    )
+    for c in range(3)
+  ]
   x = np.clip(np.stack(chans, -1), 0.0, 1.0)
   top, left = (nh - size) // 2, (nw - size) // 2
-  x = x[top:top + size, left:left + size]
-  return ((x - np.asarray(OPENAI_CLIP_MEAN, np.float32)) / np.asarray(OPENAI_CLIP_STD, np.float32)
-          ).astype(np.float32)
+  x = x[top : top + size, left : left + size]
+  return (
+    (x - np.asarray(OPENAI_CLIP_MEAN, np.float32)) / np.asarray(OPENAI_CLIP_STD, np.float32)
+  ).astype(np.float32)
 
 
 def _nchw(x: np.ndarray) -> torch.Tensor:
@@ -115,9 +149,13 @@ def test_manifest(clip_src, clip_out):
   assert m["prompts"] == list(PROMPTS)
   assert m["logit_scale_exp"] == pytest.approx(100.0, rel=1e-5)
   cfg = json.load(open(os.path.join(clip_out, "clip_iqa", "config.json")))
-  assert cfg["preprocess"] == {"resize": ["shortest_edge", SIZE], "crop": [SIZE, SIZE],
-                               "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD),
-                               "resample": "cubic"}
+  assert cfg["preprocess"] == {
+    "resize": ["shortest_edge", SIZE],
+    "crop": [SIZE, SIZE],
+    "mean": list(OPENAI_CLIP_MEAN),
+    "std": list(OPENAI_CLIP_STD),
+    "resample": "cubic",
+  }
 
 
 def test_image_embeddings_match_torch(clip_src, clip_out):
@@ -143,7 +181,7 @@ def test_image_embeddings_match_torch(clip_src, clip_out):
 def test_text_embeddings_match_torch(clip_src, clip_out):
   _, model, tok = clip_src
   iqa = load_clip_iqa(clip_out)
-  enc = tok(list(PROMPTS), padding=True, return_tensors="pt")   # shortest padding: same features
+  enc = tok(list(PROMPTS), padding=True, return_tensors="pt")  # shortest padding: same features
   with torch.no_grad():
     want = model.get_text_features(**enc).pooler_output.numpy()
   assert errors(iqa.text_embeds[...], want)[0] <= TOL
@@ -161,26 +199,31 @@ def test_scores_match_torch(clip_src, clip_out):
   for img in photos():
     got.append(float(score(iqa, jnp.asarray(img[None]))[0]))
     with torch.no_grad():
-      out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"],
-                  pixel_values=_nchw(reference_pixels(img)[None]))
+      out = model(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        pixel_values=_nchw(reference_pixels(img)[None]),
+      )
     want.append(float(out.logits_per_image.softmax(-1)[0, 0]))
   got, want = np.asarray(got), np.asarray(want)
   print("[clip-iqa] scores ours", got, "torch", want)
   _, mx = errors(got, want)
   assert mx <= TOL
   assert np.all((got >= 0) & (got <= 1))
-  assert np.ptp(want) > 1e-3   # the random model does tell the photos apart
+  assert np.ptp(want) > 1e-3  # the random model does tell the photos apart
 
 
 def test_jit_batch_and_gradient(clip_out):
   iqa = load_clip_iqa(clip_out)
-  x = jnp.asarray(np.stack([p[100:164, 100:196] for p in photos()]))   # [3, 64, 96, 3]
+  x = jnp.asarray(np.stack([p[100:164, 100:196] for p in photos()]))  # [3, 64, 96, 3]
   score = jax.jit(lambda m, x: m(x))
   s = score(iqa, x)
   assert s.shape == (3,)
   np.testing.assert_allclose(np.asarray(s), np.asarray(score(iqa, x[::-1]))[::-1], atol=1e-6)
   g = jax.jit(jax.grad(lambda m, x: jnp.sum(m(x)), argnums=1))(iqa, x[:1])
-  assert g.shape == (1, 64, 96, 3) and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
+  assert (
+    g.shape == (1, 64, 96, 3) and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
+  )
 
 
 # ----------------------------------------------------------------------------- errors
@@ -188,7 +231,8 @@ def test_jit_batch_and_gradient(clip_out):
 
 def _cli(args, capsys) -> tuple[int, str]:
   from convert.from_torch import main
-  capsys.readouterr()   # drop what came before (save_pretrained's progress bars)
+
+  capsys.readouterr()  # drop what came before (save_pretrained's progress bars)
   rc = main(args)
   err = capsys.readouterr().err
   return rc, err
@@ -223,6 +267,7 @@ def test_cli_rejects_broken_clip_folders(clip_src, tmp_path, capsys):
   assert_out_clean(out)
   # a vision weight missing: strict
   from safetensors.numpy import load_file, save_file
+
   part = tmp_path / "part"
   shutil.copytree(src, part)
   sd = load_file(str(part / "model.safetensors"))
@@ -239,8 +284,11 @@ def test_cli_rejects_broken_clip_folders(clip_src, tmp_path, capsys):
 
 
 def test_load_errors(clip_out, tmp_path):
-  with pytest.raises(SodecError, match=r"does not exist: make it with `python convert/from_torch.py "
-                                       r"clip-iqa --src"):
+  with pytest.raises(
+    SodecError,
+    match=r"does not exist: make it with `python convert/from_torch.py "
+    r"clip-iqa --src",
+  ):
     load_clip_iqa(str(tmp_path / "missing"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(SodecError, match="not a converted CLIP-IQA folder"):

@@ -1,5 +1,6 @@
 """sd21 / unet / vae converters: random diffusers models saved for real, converted, loaded, compared;
 the single-file (LDM) layout; and the errors users see."""
+
 import os
 import shutil
 import subprocess
@@ -38,15 +39,22 @@ def pipeline(tmp_path_factory):
   vae = randomize_(TVAE(**tiny_vae_config().to_dict()), seed=7).eval()
   unet.save_pretrained(root / "unet")
   vae.save_pretrained(root / "vae")
-  DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                prediction_type="v_prediction").save_pretrained(root / "scheduler")
+  DDIMScheduler(
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    prediction_type="v_prediction",
+  ).save_pretrained(root / "scheduler")
   return str(root), unet, vae
 
 
 def _unet_inputs():
   rng = np.random.default_rng(8)
-  return (rng.standard_normal((1, 16, 16, 4)).astype(np.float32), np.array([999]),
-          rng.standard_normal((1, 5, 32)).astype(np.float32))
+  return (
+    rng.standard_normal((1, 16, 16, 4)).astype(np.float32),
+    np.array([999]),
+    rng.standard_normal((1, 5, 32)).astype(np.float32),
+  )
 
 
 def check_unet(ours, theirs, tol=TOL):
@@ -69,7 +77,7 @@ def check_vae(ours, theirs, tol=TOL):
   enc = ours.encode(jnp.asarray(x))
   enc = enc[0] if isinstance(enc, tuple) else getattr(enc, "mean", enc)
   if enc.shape[-1] == 2 * mean.shape[-1]:
-    enc = enc[..., :mean.shape[-1]]
+    enc = enc[..., : mean.shape[-1]]
   assert errors(enc, mean)[0] <= tol
 
 
@@ -89,10 +97,12 @@ def test_sd21_folder(pipeline, tmp_path):
   assert sched.prediction_type == "v_prediction"
   assert m["prediction_type"] == "v_prediction"
   assert m["prediction_type_from"].endswith("scheduler/scheduler_config.json")
-  np.testing.assert_allclose(sched.alphas_cumprod,
-                             DDIMScheduler.from_pretrained(os.path.join(root, "scheduler"))
-                             .alphas_cumprod.numpy(), rtol=1e-5)
-  assert [n for n in os.listdir(tmp_path) if n != "sd21"] == []   # no temporaries left
+  np.testing.assert_allclose(
+    sched.alphas_cumprod,
+    DDIMScheduler.from_pretrained(os.path.join(root, "scheduler")).alphas_cumprod.numpy(),
+    rtol=1e-5,
+  )
+  assert [n for n in os.listdir(tmp_path) if n != "sd21"] == []  # no temporaries left
 
 
 def test_unet_vae_subcommands_and_raw_folders(pipeline, tmp_path):
@@ -115,7 +125,7 @@ def test_bfloat16_storage(pipeline, tmp_path):
   assert converted.read_manifest(out)["dtype"] == "bfloat16"
   ours = converted.load_unet(out, dtype=jnp.bfloat16)
   assert ours.conv_in.kernel.value.dtype == jnp.bfloat16
-  ours32 = converted.load_unet(out)           # bf16 storage restored into float32
+  ours32 = converted.load_unet(out)  # bf16 storage restored into float32
   check_unet(ours32, unet, tol=2e-2)
 
 
@@ -132,36 +142,57 @@ def _ldm_state_dict(unet, vae):
 
 
 def _flat_params(model) -> dict:
-  return {"/".join(map(str, p)): np.asarray(v.value)
-          for p, v in nnx.to_flat_state(nnx.state(model))}
+  return {
+    "/".join(map(str, p)): np.asarray(v.value) for p, v in nnx.to_flat_state(nnx.state(model))
+  }
 
 
 def test_ldm_table_known_names():
   cfg = dict(ldm.default_configs()[0])
-  assert ldm.unet_ldm_name("down_blocks.0.attentions.0.proj_in.weight", cfg) == \
-      "model.diffusion_model.input_blocks.1.1.proj_in.weight"
-  assert ldm.unet_ldm_name("down_blocks.1.resnets.1.conv1.weight", cfg) == \
-      "model.diffusion_model.input_blocks.5.0.in_layers.2.weight"
-  assert ldm.unet_ldm_name("down_blocks.2.downsamplers.0.conv.bias", cfg) == \
-      "model.diffusion_model.input_blocks.9.0.op.bias"
-  assert ldm.unet_ldm_name("up_blocks.0.upsamplers.0.conv.weight", cfg) == \
-      "model.diffusion_model.output_blocks.2.1.conv.weight"
-  assert ldm.unet_ldm_name("up_blocks.1.upsamplers.0.conv.weight", cfg) == \
-      "model.diffusion_model.output_blocks.5.2.conv.weight"
-  assert ldm.unet_ldm_name("up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0.weight",
-                           cfg) == ("model.diffusion_model.output_blocks.11.1.transformer_blocks.0"
-                                    ".attn2.to_out.0.weight")
-  assert ldm.unet_ldm_name("mid_block.resnets.1.time_emb_proj.weight", cfg) == \
-      "model.diffusion_model.middle_block.2.emb_layers.1.weight"
-  assert ldm.unet_ldm_name("time_embedding.linear_2.bias", cfg) == \
-      "model.diffusion_model.time_embed.2.bias"
+  assert (
+    ldm.unet_ldm_name("down_blocks.0.attentions.0.proj_in.weight", cfg)
+    == "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+  )
+  assert (
+    ldm.unet_ldm_name("down_blocks.1.resnets.1.conv1.weight", cfg)
+    == "model.diffusion_model.input_blocks.5.0.in_layers.2.weight"
+  )
+  assert (
+    ldm.unet_ldm_name("down_blocks.2.downsamplers.0.conv.bias", cfg)
+    == "model.diffusion_model.input_blocks.9.0.op.bias"
+  )
+  assert (
+    ldm.unet_ldm_name("up_blocks.0.upsamplers.0.conv.weight", cfg)
+    == "model.diffusion_model.output_blocks.2.1.conv.weight"
+  )
+  assert (
+    ldm.unet_ldm_name("up_blocks.1.upsamplers.0.conv.weight", cfg)
+    == "model.diffusion_model.output_blocks.5.2.conv.weight"
+  )
+  assert ldm.unet_ldm_name(
+    "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0.weight", cfg
+  ) == ("model.diffusion_model.output_blocks.11.1.transformer_blocks.0.attn2.to_out.0.weight")
+  assert (
+    ldm.unet_ldm_name("mid_block.resnets.1.time_emb_proj.weight", cfg)
+    == "model.diffusion_model.middle_block.2.emb_layers.1.weight"
+  )
+  assert (
+    ldm.unet_ldm_name("time_embedding.linear_2.bias", cfg)
+    == "model.diffusion_model.time_embed.2.bias"
+  )
   vcfg = dict(ldm.default_configs()[1])
-  assert ldm.vae_ldm_name("decoder.up_blocks.0.resnets.0.conv_shortcut.weight", vcfg) == \
-      "first_stage_model.decoder.up.3.block.0.nin_shortcut.weight"
-  assert ldm.vae_ldm_name("encoder.mid_block.attentions.0.to_out.0.weight", vcfg) == \
-      "first_stage_model.encoder.mid.attn_1.proj_out.weight"
-  assert ldm.vae_ldm_name("decoder.conv_norm_out.bias", vcfg) == \
-      "first_stage_model.decoder.norm_out.bias"
+  assert (
+    ldm.vae_ldm_name("decoder.up_blocks.0.resnets.0.conv_shortcut.weight", vcfg)
+    == "first_stage_model.decoder.up.3.block.0.nin_shortcut.weight"
+  )
+  assert (
+    ldm.vae_ldm_name("encoder.mid_block.attentions.0.to_out.0.weight", vcfg)
+    == "first_stage_model.encoder.mid.attn_1.proj_out.weight"
+  )
+  assert (
+    ldm.vae_ldm_name("decoder.conv_norm_out.bias", vcfg)
+    == "first_stage_model.decoder.norm_out.bias"
+  )
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
@@ -172,16 +203,21 @@ def test_sd21_single_file(pipeline, tmp_path, fmt):
   if fmt == "safetensors":
     save_file(sd, path)
   else:
-    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()},
-                "global_step": 1}, path)
+    torch.save(
+      {"state_dict": {k: torch.from_numpy(v) for k, v in sd.items()}, "global_step": 1}, path
+    )
   out = convert.convert_sd21(path, str(tmp_path / "out"), config_dir=root)
   m = converted.read_manifest(out)
-  assert m["layout"] == "ldm-single-file" and m["ignored_prefixes"] == ["alphas_cumprod",
-                                                                        "cond_stage_model"]
+  assert m["layout"] == "ldm-single-file" and m["ignored_prefixes"] == [
+    "alphas_cumprod",
+    "cond_stage_model",
+  ]
   ours_unet, ours_vae = converted.load_unet(out), converted.load_vae(out)
   # the same parameters as the diffusers folders read directly (exactly: float32 both ways)
-  for ours, direct in ((ours_unet, converted.load_unet(root)),
-                       (ours_vae, converted.load_vae(os.path.join(root, "vae")))):
+  for ours, direct in (
+    (ours_unet, converted.load_unet(root)),
+    (ours_vae, converted.load_vae(os.path.join(root, "vae"))),
+  ):
     a, b = _flat_params(ours), _flat_params(direct)
     assert sorted(a) == sorted(b)
     for k in a:
@@ -193,8 +229,14 @@ def test_sd21_single_file(pipeline, tmp_path, fmt):
 
 def _d(weights, prediction_type):
   """The config.diffusion fields pretrained.build_unet reads."""
-  return SimpleNamespace(weights=weights, prediction_type=prediction_type, dtype="float32",
-                         remat=False, unet="tiny", vae="tiny")
+  return SimpleNamespace(
+    weights=weights,
+    prediction_type=prediction_type,
+    dtype="float32",
+    remat=False,
+    unet="tiny",
+    vae="tiny",
+  )
 
 
 def test_prediction_type_recorded_and_checked(pipeline, tmp_path):
@@ -215,8 +257,7 @@ def test_prediction_type_recorded_and_checked(pipeline, tmp_path):
   check_unet(pretrained.build_unet(_d(out, "v_prediction"), nnx.Rngs(0)), unet)
   # --prediction-type overrides the scheduler's, and is what the manifest records
   eps = convert.convert_sd21(root, str(tmp_path / "eps"), prediction_type="epsilon")
-  assert converted.recorded_prediction_type(eps) == ("epsilon",
-                                                     os.path.join(eps, "manifest.json"))
+  assert converted.recorded_prediction_type(eps) == ("epsilon", os.path.join(eps, "manifest.json"))
   assert converted.load_schedule(eps).prediction_type == "epsilon"
   with pytest.raises(SodecError, match="set --config.diffusion.prediction_type=epsilon"):
     pretrained.build_unet(_d(eps, "v_prediction"), nnx.Rngs(0))
@@ -236,8 +277,10 @@ def test_folder_without_scheduler_needs_the_flag(pipeline, tmp_path):
   bare = tmp_path / "bare"
   for sub in ("unet", "vae"):
     shutil.copytree(os.path.join(root, sub), bare / sub)
-  with pytest.raises(SodecError, match="no scheduler/scheduler_config.json.*pass --prediction-type "
-                                       "epsilon .*v_prediction"):
+  with pytest.raises(
+    SodecError,
+    match="no scheduler/scheduler_config.json.*pass --prediction-type epsilon .*v_prediction",
+  ):
     convert.convert_sd21(str(bare), str(tmp_path / "out"))
   assert_out_clean(str(tmp_path / "out"))
   out = convert.convert_sd21(str(bare), str(tmp_path / "out"), prediction_type="v_prediction")
@@ -258,7 +301,7 @@ def test_single_file_prediction_type(pipeline, tmp_path):
   """A single file without a scheduler config needs --prediction-type or an original .yaml
   beside it (model.params.parameterization: "v" -> v_prediction, absent -> epsilon)."""
   root, unet, vae = pipeline
-  configs = tmp_path / "configs"          # architecture only: no scheduler/
+  configs = tmp_path / "configs"  # architecture only: no scheduler/
   for sub in ("unet", "vae"):
     (configs / sub).mkdir(parents=True)
     shutil.copy(os.path.join(root, sub, "config.json"), configs / sub / "config.json")
@@ -270,8 +313,9 @@ def test_single_file_prediction_type(pipeline, tmp_path):
   assert "no original config model.yaml" in str(e.value)
   assert str(e.value).endswith("--prediction-type v_prediction (SD 2.1, 768)")
   assert_out_clean(str(tmp_path / "out"))
-  out = convert.convert_sd21(str(path), str(tmp_path / "flag"), config_dir=str(configs),
-                             prediction_type="epsilon")
+  out = convert.convert_sd21(
+    str(path), str(tmp_path / "flag"), config_dir=str(configs), prediction_type="epsilon"
+  )
   assert converted.load_schedule(out).prediction_type == "epsilon"
   for text, want in ((V_YAML, "v_prediction"), (EPS_YAML, "epsilon")):
     (tmp_path / "model.yaml").write_text(text)
@@ -291,8 +335,11 @@ def test_single_file_missing_and_extra_keys(pipeline, tmp_path):
   del sd["model.diffusion_model.out.2.weight"]
   sd["model.diffusion_model.extra.weight"] = np.zeros(3, np.float32)
   save_file(sd, str(tmp_path / "m.safetensors"))
-  with pytest.raises(SodecError, match=r"missing 1: conv_out.weight.*unexpected 1: "
-                                       r"model.diffusion_model.extra.weight"):
+  with pytest.raises(
+    SodecError,
+    match=r"missing 1: conv_out.weight.*unexpected 1: "
+    r"model.diffusion_model.extra.weight",
+  ):
     convert.convert_sd21(str(tmp_path / "m.safetensors"), str(tmp_path / "out"), config_dir=root)
   assert_out_clean(str(tmp_path / "out"))
 
@@ -339,10 +386,15 @@ def test_wrong_model_folder(pipeline, tmp_path):
   folder = tmp_path / "mixed"
   folder.mkdir()
   (folder / "config.json").write_text(open(os.path.join(root, "unet", "config.json")).read())
-  os.link(os.path.join(root, "vae", "diffusion_pytorch_model.safetensors"),
-          folder / "diffusion_pytorch_model.safetensors")
-  with pytest.raises(SodecError, match=r"missing \d+: .*unexpected \d+: .*Hint: these weights look like "
-                                       r"a diffusers VAE"):
+  os.link(
+    os.path.join(root, "vae", "diffusion_pytorch_model.safetensors"),
+    folder / "diffusion_pytorch_model.safetensors",
+  )
+  with pytest.raises(
+    SodecError,
+    match=r"missing \d+: .*unexpected \d+: .*Hint: these weights look like "
+    r"a diffusers VAE",
+  ):
     convert.convert_unet(str(folder), str(tmp_path / "out"))
   with pytest.raises(SodecError, match="not a diffusers Stable Diffusion folder"):
     convert.convert_sd21(os.path.join(root, "unet"), str(tmp_path / "out"))
@@ -375,13 +427,16 @@ def test_output_folder_rules(pipeline, tmp_path):
   assert (busy / "x").read_text() == "keep me"
   empty = tmp_path / "empty"
   empty.mkdir()
-  convert.convert_unet(os.path.join(root, "unet"), str(empty))   # an empty folder is fine
+  convert.convert_unet(os.path.join(root, "unet"), str(empty))  # an empty folder is fine
   assert os.path.isfile(empty / "manifest.json")
 
 
 def test_loader_errors_name_the_command(tmp_path):
-  with pytest.raises(SodecError, match=r"python convert/from_torch.py sd21 --src "
-                                       r"/path/to/stable-diffusion-2-1 --out .*nowhere"):
+  with pytest.raises(
+    SodecError,
+    match=r"python convert/from_torch.py sd21 --src "
+    r"/path/to/stable-diffusion-2-1 --out .*nowhere",
+  ):
     converted.load_unet(str(tmp_path / "nowhere"))
   with pytest.raises(SodecError, match="from_torch.py hific"):
     converted.load_codec_config(str(tmp_path / "nowhere"))
@@ -391,22 +446,47 @@ def test_cli_one_line_errors(pipeline, tmp_path):
   """Through the real script: success, then a truncated file and an unwritable --out."""
   root, _, _ = pipeline
   script = os.path.join(ROOT, "convert", "from_torch.py")
-  ok = subprocess.run([sys.executable, script, "vae", "--src", os.path.join(root, "vae"),
-                       "--out", str(tmp_path / "v")], capture_output=True, text=True)
+  ok = subprocess.run(
+    [
+      sys.executable,
+      script,
+      "vae",
+      "--src",
+      os.path.join(root, "vae"),
+      "--out",
+      str(tmp_path / "v"),
+    ],
+    capture_output=True,
+    text=True,
+  )
   assert ok.returncode == 0, ok.stderr
   assert converted.read_manifest(str(tmp_path / "v"))["kind"] == "vae"
-  blocker = tmp_path / "a_file"          # --out below a regular file cannot be created
+  blocker = tmp_path / "a_file"  # --out below a regular file cannot be created
   blocker.write_text("")
-  r = subprocess.run([sys.executable, script, "unet", "--src", os.path.join(root, "unet"),
-                      "--out", str(blocker / "u")], capture_output=True, text=True)
+  r = subprocess.run(
+    [
+      sys.executable,
+      script,
+      "unet",
+      "--src",
+      os.path.join(root, "unet"),
+      "--out",
+      str(blocker / "u"),
+    ],
+    capture_output=True,
+    text=True,
+  )
   assert r.returncode == 1
-  assert r.stderr.count("\n") == 1 and r.stderr.startswith("from_torch: error: cannot write"), r.stderr
+  assert r.stderr.count("\n") == 1 and r.stderr.startswith("from_torch: error: cannot write"), (
+    r.stderr
+  )
   assert "Traceback" not in r.stderr
   assert sorted(os.listdir(tmp_path)) == ["a_file", "v"]
 
 
 def test_cli_main_in_process(pipeline, tmp_path, capsys):
   from convert.from_torch import main
+
   root, _, _ = pipeline
   assert main(["unet", "--src", os.path.join(root, "vae"), "--out", str(tmp_path / "o")]) == 1
   err = capsys.readouterr().err

@@ -1,18 +1,19 @@
 """vit / swin / lpips / dists converters: real-library models saved for real, converted, loaded,
 compared with the PyTorch outputs."""
+
 import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file as save_torch
-
 import torch_dists
 import torch_lpips
 import torch_vgg16
-from sodec_jax.errors import SodecError
+from safetensors.torch import save_file as save_torch
+
 from sodec_jax import converters as convert
+from sodec_jax.errors import SodecError
 from sodec_jax.weights import converted
 from sodec_jax.weights.lpips import HEAD_KEYS, lpips_wheel_heads_path
 from tests.convert.conftest import assert_out_clean, errors

@@ -1,5 +1,6 @@
 """Slow: converting the full-size SD 2.1 UNet (random weights, a real diffusers folder) takes under
 60 s and 8 GiB (measured in a fresh process with /usr/bin/time -v or getrusage)."""
+
 import os
 import re
 import subprocess
@@ -16,7 +17,9 @@ pytestmark = pytest.mark.slow
 def full_unet_folder(tmp_path_factory):
   import torch
   from diffusers import UNet2DConditionModel as TUNet
+
   from sodec_jax.diffusion.unet import UNetConfig
+
   folder = tmp_path_factory.mktemp("sd21_unet")
   with torch.no_grad():
     model = TUNet(**UNetConfig().to_dict())
@@ -27,8 +30,15 @@ def full_unet_folder(tmp_path_factory):
 
 def test_full_unet_conversion_time_and_memory(full_unet_folder, tmp_path):
   out = str(tmp_path / "unet")
-  cmd = [sys.executable, os.path.join(ROOT, "convert", "from_torch.py"), "unet",
-         "--src", full_unet_folder, "--out", out]
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "convert", "from_torch.py"),
+    "unet",
+    "--src",
+    full_unet_folder,
+    "--out",
+    out,
+  ]
   if os.path.exists("/usr/bin/time"):
     r = subprocess.run(["/usr/bin/time", "-v"] + cmd, capture_output=True, text=True)
     wall = re.search(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):(\d+(?:\.\d+)?)", r.stderr)
@@ -38,19 +48,22 @@ def test_full_unet_conversion_time_and_memory(full_unet_folder, tmp_path):
   else:
     import resource
     import time
+
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     seconds = time.perf_counter() - t
     rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   assert r.returncode == 0, r.stderr[-2000:]
-  gib = rss_kb / 2 ** 20
+  gib = rss_kb / 2**20
   print(f"[full SD 2.1 UNet conversion] {seconds:.1f} s, peak RSS {gib:.2f} GiB")
   assert seconds < 60 and gib < 8
 
   import jax.numpy as jnp
   import numpy as np
   from safetensors import safe_open
+
   from sodec_jax.weights import converted
+
   unet = converted.load_unet(out)
   assert unet.conv_in.kernel.value.shape == (3, 3, 4, 320)
   with safe_open(os.path.join(full_unet_folder, "diffusion_pytorch_model.safetensors"), "np") as f:

@@ -2,6 +2,7 @@
 (sodec_jax/benchmarks/hific_torch.py, whose state_dict() has upstream's keys, plus optimizer
 states, args, epoch/steps and the spectral-norm Discriminator) -> our codec; outputs compared
 with the torch modules, and the key map with upstream's own key list (tests/data)."""
+
 import json
 import os
 import subprocess
@@ -14,10 +15,10 @@ import pytest
 import torch
 from flax import nnx
 
+from sodec_jax import converters as convert
 from sodec_jax.benchmarks import hific_torch
 from sodec_jax.errors import SodecError
 from sodec_jax.pretrained import build_model
-from sodec_jax import converters as convert
 from sodec_jax.weights import converted
 from tests.codec.conftest import load_photo, micro_codec_config
 from tests.convert.conftest import ROOT, assert_out_clean, errors
@@ -33,30 +34,50 @@ def save_upstream_checkpoint(ref: hific_torch.HiFiC, path: str, args: dict) -> N
   hyper_ids = {id(p) for p in hyper}
   disc_ids = {id(p) for p in ref.Discriminator.parameters()}
   amort = [p for p in ref.parameters() if id(p) not in hyper_ids | disc_ids]
-  opts = {"amort": torch.optim.Adam(amort, lr=1e-4), "hyper": torch.optim.Adam(hyper, lr=1e-4),
-          "disc": torch.optim.Adam(ref.Discriminator.parameters(), lr=1e-4)}
+  opts = {
+    "amort": torch.optim.Adam(amort, lr=1e-4),
+    "hyper": torch.optim.Adam(hyper, lr=1e-4),
+    "disc": torch.optim.Adam(ref.Discriminator.parameters(), lr=1e-4),
+  }
   for opt in opts.values():
     for group in opt.param_groups:
       for p in group["params"]:
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad()
-  torch.save({"model_state_dict": ref.state_dict(),
-              "compression_optimizer_state_dict": opts["amort"].state_dict(),
-              "hyperprior_optimizer_state_dict": opts["hyper"].state_dict(),
-              "epoch": 3, "steps": 1234, "args": args,
-              "discriminator_state_dict": ref.Discriminator.state_dict(),
-              "discriminator_optimizer_state_dict": opts["disc"].state_dict()}, path)
+  torch.save(
+    {
+      "model_state_dict": ref.state_dict(),
+      "compression_optimizer_state_dict": opts["amort"].state_dict(),
+      "hyperprior_optimizer_state_dict": opts["hyper"].state_dict(),
+      "epoch": 3,
+      "steps": 1234,
+      "args": args,
+      "discriminator_state_dict": ref.Discriminator.state_dict(),
+      "discriminator_optimizer_state_dict": opts["disc"].state_dict(),
+    },
+    path,
+  )
 
 
 def upstream_args(m) -> dict:
   """The kind of `args` dict save_model stores (default_config.hific_args fields)."""
-  return {"name": "hific_v0.1", "latent_channels": m.latent_channels,
-          "n_residual_blocks": m.decoder_residual_blocks, "regime": "low", "lambda_B": 2 ** -4,
-          "normalize_input_image": False, "use_channel_norm": True, "likelihood_type": "gaussian",
-          "model_type": "compression_gan", "model_mode": "training", "image_dims": (3, 256, 256),
-          "lambda_schedule": {"vals": [2.0, 1.0], "steps": [50000]}, "sample_noise": False,
-          "timestamp": "2020_08_30_12:00"}
+  return {
+    "name": "hific_v0.1",
+    "latent_channels": m.latent_channels,
+    "n_residual_blocks": m.decoder_residual_blocks,
+    "regime": "low",
+    "lambda_B": 2**-4,
+    "normalize_input_image": False,
+    "use_channel_norm": True,
+    "likelihood_type": "gaussian",
+    "model_type": "compression_gan",
+    "model_mode": "training",
+    "image_dims": (3, 256, 256),
+    "lambda_schedule": {"vals": [2.0, 1.0], "steps": [50000]},
+    "sample_noise": False,
+    "timestamp": "2020_08_30_12:00",
+  }
 
 
 def perturbed(ref: hific_torch.HiFiC) -> hific_torch.HiFiC:
@@ -76,9 +97,16 @@ def perturbed(ref: hific_torch.HiFiC) -> hific_torch.HiFiC:
 def checkpoint(tmp_path_factory):
   m = micro_codec_config().model
   torch.manual_seed(0)
-  ref = perturbed(hific_torch.HiFiC(m.latent_channels, m.hyper_channels, m.encoder_filters,
-                                    m.decoder_filters, m.decoder_residual_blocks,
-                                    discriminator_filters=(8, 8, 16, 16)))
+  ref = perturbed(
+    hific_torch.HiFiC(
+      m.latent_channels,
+      m.hyper_channels,
+      m.encoder_filters,
+      m.decoder_filters,
+      m.decoder_residual_blocks,
+      discriminator_filters=(8, 8, 16, 16),
+    )
+  )
   path = str(tmp_path_factory.mktemp("hific") / "hific_low.pt")
   save_upstream_checkpoint(ref, path, upstream_args(m))
   return path, ref
@@ -100,8 +128,14 @@ def test_hific_codec(checkpoint, tmp_path):
   assert manifest["hific_args"]["regime"] == "low" and manifest["discriminator"] is True
   cfg = converted.load_codec_config(out)
   micro = micro_codec_config()
-  for k in ("latent_channels", "hyper_channels", "encoder_filters", "decoder_filters",
-            "decoder_residual_blocks", "factorized_filters"):
+  for k in (
+    "latent_channels",
+    "hyper_channels",
+    "encoder_filters",
+    "decoder_filters",
+    "decoder_residual_blocks",
+    "factorized_filters",
+  ):
     assert tuple(np.atleast_1d(cfg[k])) == tuple(np.atleast_1d(micro.model[k])), k
   assert cfg["padding"] == "hific" and cfg["factorized_last_gate"] is True
   micro.model.factorized_last_gate = True
@@ -133,13 +167,14 @@ def test_hific_discriminator_arrays(checkpoint, tmp_path):
   disc = converted.load_discriminator_arrays(out)
   d = ref.Discriminator
   assert sorted(disc) == ["context_conv", "conv1", "conv2", "conv3", "conv4", "conv_out"]
-  np.testing.assert_array_equal(disc["context_conv"]["kernel"],
-                                d.context_conv.weight.detach().numpy().transpose(2, 3, 1, 0))
+  np.testing.assert_array_equal(
+    disc["context_conv"]["kernel"], d.context_conv.weight.detach().numpy().transpose(2, 3, 1, 0)
+  )
   assert set(disc["conv1"]) == {"kernel", "bias", "sn_u", "sn_v"}
   with torch.no_grad():
-    d.conv1(torch.zeros(1, 15, 8, 8))          # eval: the normalised weight from the stored u, v
+    d.conv1(torch.zeros(1, 15, 8, 8))  # eval: the normalised weight from the stored u, v
     w_eval = d.conv1.weight.numpy()
-  k = disc["conv1"]["kernel"]                   # [kh, kw, I, O]
+  k = disc["conv1"]["kernel"]  # [kh, kw, I, O]
   w_mat = k.transpose(3, 2, 0, 1).reshape(k.shape[3], -1)
   sigma = disc["conv1"]["sn_u"] @ w_mat @ disc["conv1"]["sn_v"]
   rel, _ = errors((k / sigma).transpose(3, 2, 0, 1), w_eval)
@@ -157,18 +192,24 @@ def test_hific_errors(checkpoint, tmp_path):
   del obj["model_state_dict"]["Generator.conv_block_out.1.bias"]
   obj["model_state_dict"]["Encoder.extra"] = torch.zeros(2)
   torch.save(obj, tmp_path / "missing.pt")
-  with pytest.raises(SodecError, match=r"missing 1: Generator.conv_block_out.1.bias \| "
-                                       r"unexpected 1: Encoder.extra"):
+  with pytest.raises(
+    SodecError,
+    match=r"missing 1: Generator.conv_block_out.1.bias \| "
+    r"unexpected 1: Encoder.extra",
+  ):
     convert.convert_hific(str(tmp_path / "missing.pt"), str(tmp_path / "o"))
   # another model's checkpoint: a hint
-  torch.save({"model_state_dict": {"time_embedding.linear_1.weight": torch.zeros(2, 2)}},
-             tmp_path / "unet.pt")
+  torch.save(
+    {"model_state_dict": {"time_embedding.linear_1.weight": torch.zeros(2, 2)}},
+    tmp_path / "unet.pt",
+  )
   with pytest.raises(SodecError, match="not a HiFiC checkpoint.*looks like a diffusers UNet"):
     convert.convert_hific(str(tmp_path / "unet.pt"), str(tmp_path / "o"))
 
   class Evil:
     def __reduce__(self):
       return (os.system, ("touch /tmp/sodec_hific_pwned",))
+
   torch.save({"model_state_dict": {}, "args": Evil()}, tmp_path / "evil.pt")
   with pytest.raises(SodecError, match="refused to load"):
     convert.convert_hific(str(tmp_path / "evil.pt"), str(tmp_path / "o"))
@@ -190,6 +231,7 @@ def test_converted_hific_is_a_complete_codec(checkpoint, tmp_path):
   """`--checkpoint CONVERTED_DIR` works directly and reproduces the PyTorch code's reconstruction
   (an image whose sides are multiples of 64, so no padding is involved)."""
   from sodec_jax import api
+
   path, ref = checkpoint
   out = convert.convert_hific(path, str(tmp_path / "hific"))
   model = api.load_model(out)
@@ -203,7 +245,9 @@ def test_converted_hific_is_a_complete_codec(checkpoint, tmp_path):
   want = np.round(_nhwc(x_ref)[0] * 255.0)
   assert np.abs(decoded.astype(np.float64) - want).max() <= 1.0
   import json
+
   from sodec_jax.errors import SodecError
+
   manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
   other = tmp_path / "vit"
   other.mkdir()
@@ -216,6 +260,7 @@ def test_converted_discriminator_loads_into_ours(checkpoint, tmp_path):
   """The converted discriminator/ fills our Discriminator exactly as the torch state dict does."""
   from sodec_jax.discriminator import Discriminator
   from sodec_jax.weights.hific import load_hific_discriminator
+
   path, ref = checkpoint
   out = convert.convert_hific(path, str(tmp_path / "hific"))
   c = micro_codec_config().model.latent_channels
@@ -232,9 +277,10 @@ def test_stage4_discriminator_starts_from_a_converted_folder(checkpoint, tmp_pat
   """--config.loss.discriminator_init=DIR: make_discriminator (sodec_jax/train/build.py) starts from the converted
   HiFiC discriminator (widths read from it), the same values as a direct torch load."""
   from sodec_jax.discriminator import Discriminator, SpectralState
+  from sodec_jax.errors import SodecError
   from sodec_jax.train.build import make_discriminator
   from sodec_jax.weights.hific import load_hific_discriminator
-  from sodec_jax.errors import SodecError
+
   path, ref = checkpoint
   out = convert.convert_hific(path, str(tmp_path / "hific"))
   config = micro_codec_config()
@@ -242,8 +288,10 @@ def test_stage4_discriminator_starts_from_a_converted_folder(checkpoint, tmp_pat
   _, state, _ = make_discriminator(config)
   direct = Discriminator(config.model.latent_channels, filters=(8, 8, 16, 16), rngs=nnx.Rngs(1))
   load_hific_discriminator({k: v.numpy() for k, v in ref.state_dict().items()}, direct)
-  want = {"params": nnx.to_pure_dict(nnx.state(direct, nnx.Param)),
-          "spectral": nnx.to_pure_dict(nnx.state(direct, SpectralState))}
+  want = {
+    "params": nnx.to_pure_dict(nnx.state(direct, nnx.Param)),
+    "spectral": nnx.to_pure_dict(nnx.state(direct, SpectralState)),
+  }
   for part in ("params", "spectral"):
     got, exp = jax.tree.leaves(state[part]), jax.tree.leaves(want[part])
     assert len(got) == len(exp) > 0
@@ -271,11 +319,11 @@ def test_key_map_covers_upstream_keys_exactly():
   """Every key of upstream's paper-size model_state_dict is mapped by hific_key_map (with its
   shape in our layout) or is a Discriminator key the discriminator map takes; nothing else."""
   from configs import base
-  from sodec_jax.weights.hific import hific_discriminator_key_map
-  from sodec_jax.weights.hific import _to_ours, hific_key_map
+  from sodec_jax.weights.hific import _to_ours, hific_discriminator_key_map, hific_key_map
+
   upstream = _manifest()
   config = base.get_config()
-  config.model.factorized_last_gate = True          # as hific_model_config sets it
+  config.model.factorized_last_gate = True  # as hific_model_config sets it
   rows = hific_key_map(config.model)
   mapped = [r[0] for r in rows]
   assert len(mapped) == len(set(mapped))
@@ -301,22 +349,28 @@ def test_wrong_names_are_listed_with_the_likely_cause(checkpoint, tmp_path):
   path, _ = checkpoint
   obj = torch.load(path, weights_only=True)
   sd = obj["model_state_dict"]
-  for leaf in ("weight", "bias"):   # the name an earlier layout guessed for upstream's last conv
+  for leaf in ("weight", "bias"):  # the name an earlier layout guessed for upstream's last conv
     sd[f"Encoder.conv_out.1.{leaf}"] = sd.pop(f"Encoder.conv_block_out.1.{leaf}")
   torch.save(obj, tmp_path / "renamed.pt")
   with pytest.raises(SodecError) as e:
     convert.convert_hific(str(tmp_path / "renamed.pt"), str(tmp_path / "o"))
   msg = str(e.value)
-  assert ("missing 2: Encoder.conv_block_out.1.bias, Encoder.conv_block_out.1.weight | "
-          "unexpected 2: Encoder.conv_out.1.bias, Encoder.conv_out.1.weight") in msg
+  assert (
+    "missing 2: Encoder.conv_block_out.1.bias, Encoder.conv_block_out.1.weight | "
+    "unexpected 2: Encoder.conv_out.1.bias, Encoder.conv_out.1.weight"
+  ) in msg
   assert "Hint: likely cause: it was saved by another version or fork of that code" in msg
   assert "not a HiFiC" not in msg and "looks like" not in msg and "\n" not in msg
-  obj["model_state_dict"] = {f"module.{k}": v for k, v in torch.load(
-      path, weights_only=True)["model_state_dict"].items()}
+  obj["model_state_dict"] = {
+    f"module.{k}": v for k, v in torch.load(path, weights_only=True)["model_state_dict"].items()
+  }
   obj["model_state_dict"]["Encoder.conv_block1.1.weight"] = torch.zeros(1)
   torch.save(obj, tmp_path / "dp.pt")
-  with pytest.raises(SodecError, match=r"missing \d+: .*\| unexpected \d+: .*Hint: likely cause: its "
-                                       r"keys start with 'module.'"):
+  with pytest.raises(
+    SodecError,
+    match=r"missing \d+: .*\| unexpected \d+: .*Hint: likely cause: its "
+    r"keys start with 'module.'",
+  ):
     convert.convert_hific(str(tmp_path / "dp.pt"), str(tmp_path / "o"))
   assert_out_clean(str(tmp_path / "o"))
 
@@ -326,8 +380,20 @@ def test_wrong_names_are_listed_with_the_likely_cause(checkpoint, tmp_path):
 
 def _convert_cli(src: str, out: str) -> str:
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "convert", "from_torch.py"), "hific",
-                      "--src", src, "--out", out], env=env, capture_output=True, text=True)
+  r = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, "convert", "from_torch.py"),
+      "hific",
+      "--src",
+      src,
+      "--out",
+      out,
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+  )
   assert r.returncode == 0, r.stderr[-2000:]
   return out
 
@@ -337,6 +403,7 @@ def code_against_reference(folder: str, ref: hific_torch.HiFiC, image: np.ndarra
   PSNR of ours against its reconstruction, max uint8 difference, coded bits / its estimate."""
   from sodec_jax import api
   from sodec_jax.codec import bitstream
+
   model = api.load_model(folder)
   data = api.compress(model, image)
   decoded = api.decompress(model, data).astype(np.float64)
@@ -345,9 +412,13 @@ def code_against_reference(folder: str, ref: hific_torch.HiFiC, image: np.ndarra
   out = ref.code(x)
   want = out["reconstruction"][0].permute(1, 2, 0).double().numpy() * 255.0
   mse = float(np.mean((decoded - want) ** 2))
-  res = {"psnr": 10 * np.log10(255.0 ** 2 / max(mse, 1e-12)),
-         "max_diff": float(np.abs(decoded - np.round(want)).max()),
-         "bit_ratio": bits / out["bits"], "bits": bits, "ref_bits": out["bits"]}
+  res = {
+    "psnr": 10 * np.log10(255.0**2 / max(mse, 1e-12)),
+    "max_diff": float(np.abs(decoded - np.round(want)).max()),
+    "bit_ratio": bits / out["bits"],
+    "bits": bits,
+    "ref_bits": out["bits"],
+  }
   print(f"[hific e2e] {image.shape[0]}x{image.shape[1]}: {res}")
   return res
 
@@ -362,7 +433,7 @@ def test_converted_checkpoint_reproduces_upstream_at_any_size(checkpoint, tmp_pa
   if not os.path.isdir(out):
     _convert_cli(path, out)
   h, w = size
-  image = np.ascontiguousarray(load_photo("astronaut.png")[100:100 + h, 150:150 + w])
+  image = np.ascontiguousarray(load_photo("astronaut.png")[100 : 100 + h, 150 : 150 + w])
   res = code_against_reference(out, ref, image)
   assert res["psnr"] >= 50.0 and res["max_diff"] <= 1.0
   assert abs(res["bit_ratio"] - 1.0) <= 0.02
@@ -381,6 +452,7 @@ def test_paper_size_checkpoint_reproduces_upstream(tmp_path):
     ref.Hyperprior.synthesis_std.conv3.bias.fill_(2.0)
   path = str(tmp_path / "hific_paper.pt")
   from configs import base
+
   save_upstream_checkpoint(ref, path, upstream_args(base.get_config().model))
   out = _convert_cli(path, str(tmp_path / "conv"))
   image = np.ascontiguousarray(load_photo("astronaut.png")[100:201, 150:283])

@@ -1,4 +1,5 @@
 """Fixtures for the Stable Diffusion module tests: diffusers helpers on sys.path, seeded torch."""
+
 import os
 import sys
 
@@ -10,5 +11,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "ref
 @pytest.fixture(autouse=True)
 def _seed_torch():
   import torch
+
   torch.manual_seed(0)
   yield

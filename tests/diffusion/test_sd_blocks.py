@@ -1,4 +1,5 @@
 """Per-block equality with diffusers (float32, same random weights): relative error <= 1e-5."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -9,10 +10,14 @@ from diffusers.models.embeddings import Timesteps as TTimesteps
 from diffusers.models.resnet import ResnetBlock2D as TResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel as TTransformer2DModel
 from diffusers.models.unets import unet_2d_blocks as tblocks
+from diffusers_reference import assert_close, nchw, nhwc, randomize_, state_dict_np
 from flax import nnx
 
-from diffusers_reference import assert_close, nchw, nhwc, randomize_, state_dict_np
-from sodec_jax.diffusion.attention import BasicTransformerBlock, Transformer2DModel, dot_product_attention
+from sodec_jax.diffusion.attention import (
+  BasicTransformerBlock,
+  Transformer2DModel,
+  dot_product_attention,
+)
 from sodec_jax.diffusion.blocks import ResnetBlock2D, TimestepEmbedding, timestep_embedding
 from sodec_jax.diffusion.unet import DownBlock, MidBlock, UpBlock
 from sodec_jax.weights.diffusers import abstract_module, load_state_dict_into
@@ -34,8 +39,9 @@ def _x(*shape):
 @pytest.mark.parametrize("cin,cout", [(32, 32), (32, 64)])
 def test_resnet_block(cin, cout):
   theirs = TResnetBlock2D(in_channels=cin, out_channels=cout, temb_channels=48, groups=8, eps=1e-5)
-  ours = _copy(lambda: ResnetBlock2D(cin, cout, temb_channels=48, groups=8, eps=1e-5, rngs=nnx.Rngs(0)),
-               theirs)
+  ours = _copy(
+    lambda: ResnetBlock2D(cin, cout, temb_channels=48, groups=8, eps=1e-5, rngs=nnx.Rngs(0)), theirs
+  )
   x, temb = _x(2, 8, 6, cin), _x(2, 48)
   with torch.no_grad():
     ref = nhwc(theirs(nchw(x), torch.from_numpy(temb)))
@@ -58,8 +64,12 @@ def test_time_embedding(flip, shift):
 
 def test_basic_transformer_block():
   theirs = TBasicTransformerBlock(64, 4, 16, cross_attention_dim=24, activation_fn="geglu")
-  ours = _copy(lambda: BasicTransformerBlock(64, heads=4, dim_head=16, cross_attention_dim=24,
-                                     rngs=nnx.Rngs(0)), theirs)
+  ours = _copy(
+    lambda: BasicTransformerBlock(
+      64, heads=4, dim_head=16, cross_attention_dim=24, rngs=nnx.Rngs(0)
+    ),
+    theirs,
+  )
   x, ctx = _x(2, 20, 64), _x(2, 7, 24)
   with torch.no_grad():
     ref = theirs(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(ctx)).numpy()
@@ -68,12 +78,26 @@ def test_basic_transformer_block():
 
 @pytest.mark.parametrize("linear,chunk", [(True, 0), (False, 0), (True, 16)])
 def test_transformer_2d(linear, chunk):
-  theirs = TTransformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=32,
-                               norm_num_groups=8, cross_attention_dim=24,
-                               use_linear_projection=linear)
-  ours = _copy(lambda: Transformer2DModel(32, heads=4, cross_attention_dim=24, groups=8,
-                                  use_linear_projection=linear, query_chunk=chunk,
-                                  rngs=nnx.Rngs(0)), theirs)
+  theirs = TTransformer2DModel(
+    num_attention_heads=4,
+    attention_head_dim=8,
+    in_channels=32,
+    norm_num_groups=8,
+    cross_attention_dim=24,
+    use_linear_projection=linear,
+  )
+  ours = _copy(
+    lambda: Transformer2DModel(
+      32,
+      heads=4,
+      cross_attention_dim=24,
+      groups=8,
+      use_linear_projection=linear,
+      query_chunk=chunk,
+      rngs=nnx.Rngs(0),
+    ),
+    theirs,
+  )
   x, ctx = _x(2, 8, 8, 32), _x(2, 5, 24)
   with torch.no_grad():
     ref = nhwc(theirs(nchw(x), encoder_hidden_states=torch.from_numpy(ctx)).sample)
@@ -93,32 +117,68 @@ def test_chunked_attention_memory_at_any_length():
   """The logits buffer stays [chunk, Tk] when Tq is not a multiple of the chunk (1000 = 3.9 x 256):
   XLA's temporaries for the chunked call are a fraction of the whole [Tq, Tk] logits."""
   import jax
+
   q = k = v = jax.ShapeDtypeStruct((1, 1000, 1, 8), jnp.float32)
+
   def temp(chunk):
-    c = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, query_chunk=chunk)).lower(q, k, v).compile()
+    c = (
+      jax.jit(lambda q, k, v: dot_product_attention(q, k, v, query_chunk=chunk))
+      .lower(q, k, v)
+      .compile()
+    )
     return c.memory_analysis().temp_size_in_bytes
+
   whole = temp(0)
-  assert whole >= 1000 * 1000 * 4           # the whole [Tq, Tk] float32 logits
-  assert 3 * temp(256) < whole               # measured 2.1 MB vs 8.0 MB
+  assert whole >= 1000 * 1000 * 4  # the whole [Tq, Tk] float32 logits
+  assert 3 * temp(256) < whole  # measured 2.1 MB vs 8.0 MB
 
 
-_BLOCK = dict(groups=8, eps=1e-5, use_linear_projection=True, query_chunk=0, remat=False,
-              dtype=jnp.float32, param_dtype=jnp.float32)
+_BLOCK = dict(
+  groups=8,
+  eps=1e-5,
+  use_linear_projection=True,
+  query_chunk=0,
+  remat=False,
+  dtype=jnp.float32,
+  param_dtype=jnp.float32,
+)
 
 
 @pytest.mark.parametrize("attention,downsample", [(True, True), (False, False)])
 def test_down_block(attention, downsample):
-  kw = dict(num_layers=2, in_channels=16, out_channels=32, temb_channels=48, resnet_eps=1e-5,
-            resnet_groups=8, add_downsample=downsample, downsample_padding=1)
+  kw = dict(
+    num_layers=2,
+    in_channels=16,
+    out_channels=32,
+    temb_channels=48,
+    resnet_eps=1e-5,
+    resnet_groups=8,
+    add_downsample=downsample,
+    downsample_padding=1,
+  )
   if attention:
-    theirs = tblocks.CrossAttnDownBlock2D(num_attention_heads=2, cross_attention_dim=24,
-                                          use_linear_projection=True, **kw)
+    theirs = tblocks.CrossAttnDownBlock2D(
+      num_attention_heads=2, cross_attention_dim=24, use_linear_projection=True, **kw
+    )
   else:
     theirs = tblocks.DownBlock2D(**kw)
-  ours = _copy(lambda: DownBlock(16, 32, temb_channels=48, num_layers=2, with_attention=attention,
-                         add_downsample=downsample, heads=2, cross_attention_dim=24,
-                         transformer_layers=1, downsample_padding=1, rngs=nnx.Rngs(0), **_BLOCK),
-               theirs)
+  ours = _copy(
+    lambda: DownBlock(
+      16,
+      32,
+      temb_channels=48,
+      num_layers=2,
+      with_attention=attention,
+      add_downsample=downsample,
+      heads=2,
+      cross_attention_dim=24,
+      transformer_layers=1,
+      downsample_padding=1,
+      rngs=nnx.Rngs(0),
+      **_BLOCK,
+    ),
+    theirs,
+  )
   x, temb, ctx = _x(2, 8, 8, 16), _x(2, 48), _x(2, 5, 24)
   with torch.no_grad():
     args = (nchw(x), torch.from_numpy(temb))
@@ -135,16 +195,39 @@ def test_down_block(attention, downsample):
 
 @pytest.mark.parametrize("attention,upsample", [(True, True), (False, True), (True, False)])
 def test_up_block(attention, upsample):
-  kw = dict(num_layers=3, in_channels=16, prev_output_channel=32, out_channels=32,
-            temb_channels=48, resnet_eps=1e-5, resnet_groups=8, add_upsample=upsample)
+  kw = dict(
+    num_layers=3,
+    in_channels=16,
+    prev_output_channel=32,
+    out_channels=32,
+    temb_channels=48,
+    resnet_eps=1e-5,
+    resnet_groups=8,
+    add_upsample=upsample,
+  )
   if attention:
-    theirs = tblocks.CrossAttnUpBlock2D(num_attention_heads=2, cross_attention_dim=24,
-                                        use_linear_projection=True, **kw)
+    theirs = tblocks.CrossAttnUpBlock2D(
+      num_attention_heads=2, cross_attention_dim=24, use_linear_projection=True, **kw
+    )
   else:
     theirs = tblocks.UpBlock2D(**kw)
-  ours = _copy(lambda: UpBlock(16, 32, 32, temb_channels=48, num_layers=3, with_attention=attention,
-                       add_upsample=upsample, heads=2, cross_attention_dim=24,
-                       transformer_layers=1, rngs=nnx.Rngs(0), **_BLOCK), theirs)
+  ours = _copy(
+    lambda: UpBlock(
+      16,
+      32,
+      32,
+      temb_channels=48,
+      num_layers=3,
+      with_attention=attention,
+      add_upsample=upsample,
+      heads=2,
+      cross_attention_dim=24,
+      transformer_layers=1,
+      rngs=nnx.Rngs(0),
+      **_BLOCK,
+    ),
+    theirs,
+  )
   x, temb, ctx = _x(2, 4, 4, 32), _x(2, 48), _x(2, 5, 24)
   skips = [_x(2, 4, 4, 16), _x(2, 4, 4, 32), _x(2, 4, 4, 32)]
   with torch.no_grad():
@@ -155,12 +238,28 @@ def test_up_block(attention, upsample):
 
 
 def test_mid_block():
-  theirs = tblocks.UNetMidBlock2DCrossAttn(in_channels=32, temb_channels=48, resnet_eps=1e-5,
-                                           resnet_groups=8, num_attention_heads=4,
-                                           cross_attention_dim=24, use_linear_projection=True)
-  ours = _copy(lambda: MidBlock(32, temb_channels=48, heads=4, cross_attention_dim=24,
-                        transformer_layers=1, output_scale_factor=1.0, rngs=nnx.Rngs(0),
-                        **_BLOCK), theirs)
+  theirs = tblocks.UNetMidBlock2DCrossAttn(
+    in_channels=32,
+    temb_channels=48,
+    resnet_eps=1e-5,
+    resnet_groups=8,
+    num_attention_heads=4,
+    cross_attention_dim=24,
+    use_linear_projection=True,
+  )
+  ours = _copy(
+    lambda: MidBlock(
+      32,
+      temb_channels=48,
+      heads=4,
+      cross_attention_dim=24,
+      transformer_layers=1,
+      output_scale_factor=1.0,
+      rngs=nnx.Rngs(0),
+      **_BLOCK,
+    ),
+    theirs,
+  )
   x, temb, ctx = _x(2, 4, 4, 32), _x(2, 48), _x(2, 5, 24)
   with torch.no_grad():
     ref = theirs(nchw(x), torch.from_numpy(temb), encoder_hidden_states=torch.from_numpy(ctx))

@@ -3,15 +3,16 @@
 
 Random weights, saved as real diffusers folders with save_pretrained, read back with our loaders.
 """
+
 import gc
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from diffusers_reference import assert_close, nchw, nhwc
 from flax import nnx
 
-from diffusers_reference import assert_close, nchw, nhwc
 from sodec_jax.diffusion.autoencoder import sd21_vae_config
 from sodec_jax.diffusion.unet import count_params, sd21_unet_config
 from sodec_jax.weights.diffusers import load_unet, load_vae
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 def test_sd21_unet_full_size(tmp_path):
   from diffusers import UNet2DConditionModel as TUNet
+
   theirs = TUNet(**sd21_unet_config().to_dict()).eval()
   n_params = sum(p.numel() for p in theirs.parameters())
   assert n_params == 865_910_724
@@ -41,6 +43,7 @@ def test_sd21_unet_full_size(tmp_path):
 
 def test_sd21_vae_decoder_full_size(tmp_path):
   from diffusers import AutoencoderKL as TVAE
+
   theirs = TVAE(**sd21_vae_config().to_dict()).eval()
   n_params = sum(p.numel() for p in theirs.parameters())
   assert n_params == 83_653_863

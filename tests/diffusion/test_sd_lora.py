@@ -1,4 +1,5 @@
 """LoRA on the UNet: zero-B equals base, merge equals unmerged, gradients reach only LoRA params."""
+
 import dataclasses
 
 import jax
@@ -7,9 +8,9 @@ import numpy as np
 import optax
 import pytest
 from diffusers import UNet2DConditionModel as TUNet
+from diffusers_reference import assert_close, randomize_, state_dict_np
 from flax import nnx
 
-from diffusers_reference import assert_close, randomize_, state_dict_np
 from sodec_jax.diffusion.lora import LoRAAdapter, LoRAParam, apply_lora, lora_state, merge_lora
 from sodec_jax.diffusion.unet import UNet2DConditionModel, count_params, tiny_unet_config
 from sodec_jax.errors import SodecError
@@ -20,18 +21,26 @@ ALL = ("to_q", "to_k", "to_v", "to_out", "ff", "conv")
 
 def _unet():
   # one level of the family (a cross-attention down block, mid block, up block): quick to compile
-  cfg = dataclasses.replace(tiny_unet_config(), block_out_channels=(32,), attention_head_dim=(2,),
-                            down_block_types=("CrossAttnDownBlock2D",),
-                            up_block_types=("CrossAttnUpBlock2D",))
+  cfg = dataclasses.replace(
+    tiny_unet_config(),
+    block_out_channels=(32,),
+    attention_head_dim=(2,),
+    down_block_types=("CrossAttnDownBlock2D",),
+    up_block_types=("CrossAttnUpBlock2D",),
+  )
   theirs = randomize_(TUNet(**cfg.to_dict()), seed=12).eval()
-  return load_state_dict_into(abstract_module(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))),
-                              state_dict_np(theirs))
+  return load_state_dict_into(
+    abstract_module(lambda: UNet2DConditionModel(cfg, rngs=nnx.Rngs(0))), state_dict_np(theirs)
+  )
 
 
 def _inputs():
   rng = np.random.default_rng(13)
-  return (jnp.asarray(rng.standard_normal((2, 8, 8, 4)).astype(np.float32)),
-          jnp.array([999, 999]), jnp.asarray(rng.standard_normal((2, 5, 32)).astype(np.float32)))
+  return (
+    jnp.asarray(rng.standard_normal((2, 8, 8, 4)).astype(np.float32)),
+    jnp.array([999, 999]),
+    jnp.asarray(rng.standard_normal((2, 5, 32)).astype(np.float32)),
+  )
 
 
 def _call(m, *a):
@@ -55,7 +64,7 @@ def test_zero_b_equals_base_then_merge_equals_unmerged():
   assert any(p.endswith("ff.proj_in") for p in paths)
   assert count_params(unet, LoRAParam) > 0
   assert count_params(unet) == n_base + count_params(unet, LoRAParam)
-  assert np.array_equal(np.asarray(_call(unet, *args)), np.asarray(base))   # B = 0: exactly base
+  assert np.array_equal(np.asarray(_call(unet, *args)), np.asarray(base))  # B = 0: exactly base
   _randomize_b(unet, 0)
   unmerged = _call(unet, *args)
   assert float(jnp.linalg.norm(unmerged - base) / jnp.linalg.norm(base)) > 1e-2
@@ -66,7 +75,7 @@ def test_zero_b_equals_base_then_merge_equals_unmerged():
 
 def test_only_lora_params_get_gradients_and_updates():
   unet = _unet()
-  apply_lora(unet, rank=2, alpha=2, rngs=nnx.Rngs(2))   # default targets: attention q/k/v/out
+  apply_lora(unet, rank=2, alpha=2, rngs=nnx.Rngs(2))  # default targets: attention q/k/v/out
   _randomize_b(unet, 1)
   x, t, ctx = _inputs()
   base_before = jax.tree.map(np.asarray, nnx.state(unet, nnx.All(nnx.Param, nnx.Not(LoRAParam))))
@@ -91,8 +100,10 @@ def test_only_lora_params_get_gradients_and_updates():
   base_after = nnx.state(unet, nnx.All(nnx.Param, nnx.Not(LoRAParam)))
   for a, b in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)):
     assert np.array_equal(a, np.asarray(b))
-  changed = [not np.array_equal(a, np.asarray(b))
-             for a, b in zip(jax.tree.leaves(lora_before), jax.tree.leaves(lora_state(unet)))]
+  changed = [
+    not np.array_equal(a, np.asarray(b))
+    for a, b in zip(jax.tree.leaves(lora_before), jax.tree.leaves(lora_state(unet)))
+  ]
   assert any(changed)
 
 

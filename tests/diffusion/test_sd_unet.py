@@ -1,4 +1,5 @@
 """Whole small-configuration UNet against diffusers (float32, same random weights)."""
+
 import dataclasses
 
 import jax
@@ -7,15 +8,21 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel as TUNet
+from diffusers_reference import assert_close, nchw, nhwc, randomize_, state_dict_np
 from flax import nnx
 
-from diffusers_reference import assert_close, nchw, nhwc, randomize_, state_dict_np
-from sodec_jax.diffusion.unet import (DownBlock, UNet2DConditionModel, UNetConfig, count_params,
-                                      sd21_unet_config, tiny_unet_config)
+from sodec_jax.diffusion.unet import (
+  DownBlock,
+  UNet2DConditionModel,
+  UNetConfig,
+  count_params,
+  sd21_unet_config,
+  tiny_unet_config,
+)
 from sodec_jax.errors import SodecError
 from sodec_jax.weights.diffusers import abstract_module, load_state_dict_into
 
-SD21_PARAMS = 865_910_724   # diffusers UNet2DConditionModel(**SD 2.1 config), see test_sd_full.py
+SD21_PARAMS = 865_910_724  # diffusers UNet2DConditionModel(**SD 2.1 config), see test_sd_full.py
 
 
 def _pair(cfg: UNetConfig, **kwargs):
@@ -42,20 +49,28 @@ def test_small_unet_matches_diffusers(variant):
   shape = (2, 16, 16, 4)
   if variant == "conv_proj_3_levels":
     cfg = dataclasses.replace(
-        cfg, block_out_channels=(16, 32, 32), use_linear_projection=False,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=(2, 4, 4), layers_per_block=(1, 2, 1), transformer_layers_per_block=2,
-        flip_sin_to_cos=False, freq_shift=1, cross_attention_dim=(32, 32, 32))
+      cfg,
+      block_out_channels=(16, 32, 32),
+      use_linear_projection=False,
+      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+      attention_head_dim=(2, 4, 4),
+      layers_per_block=(1, 2, 1),
+      transformer_layers_per_block=2,
+      flip_sin_to_cos=False,
+      freq_shift=1,
+      cross_attention_dim=(32, 32, 32),
+    )
   elif variant == "odd_size":
-    shape = (1, 13, 10, 4)   # not a multiple of the down factor: upsampling follows the skips
+    shape = (1, 13, 10, 4)  # not a multiple of the down factor: upsampling follows the skips
   ours, theirs = _pair(cfg)
   out, ref = _run_both(ours, theirs, shape, 32, t=(999,) * shape[0])
   assert out.shape == ref.shape
   assert_close(out, ref, tol=1e-5, what=variant)
   assert count_params(ours) == sum(p.numel() for p in theirs.parameters())
-  if variant == "odd_size":   # the decoder's CPU path: 3x3 convs as Winograd F(4x4, 3x3)
+  if variant == "odd_size":  # the decoder's CPU path: 3x3 convs as Winograd F(4x4, 3x3)
     from sodec_jax.layers import use_winograd
+
     assert use_winograd(ours, min_channels=16) > 0
     out_w, _ = _run_both(ours, theirs, shape, 32, t=(999,) * shape[0])
     assert_close(out_w, ref, tol=2e-5, what=f"{variant}, winograd")
@@ -67,8 +82,11 @@ def test_jit_bfloat16_close_to_float32():
   ours, theirs = _pair(cfg)
   out32, ref = _run_both(ours, theirs, (2, 16, 16, 4), 32)
   graphdef, state = nnx.split(ours)
-  bf = abstract_module(lambda: UNet2DConditionModel(cfg, dtype=jnp.bfloat16,
-                                                    param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+  bf = abstract_module(
+    lambda: UNet2DConditionModel(
+      cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0)
+    )
+  )
   nnx.update(bf, jax.tree.map(lambda a: a.astype(jnp.bfloat16), state))
   rng = np.random.default_rng(1)
   x = rng.standard_normal((2, 16, 16, 4)).astype(np.float32)
@@ -80,12 +98,29 @@ def test_jit_bfloat16_close_to_float32():
 
 def test_remat_same_gradients():
   """remat=True (nnx.remat around resnets and transformers) changes memory, not gradients."""
+
   def build(remat):
-    return DownBlock(16, 16, temb_channels=32, num_layers=1, with_attention=True,
-                     add_downsample=True, heads=2, cross_attention_dim=8, transformer_layers=1,
-                     groups=8, eps=1e-5, use_linear_projection=True, downsample_padding=1,
-                     query_chunk=0, remat=remat, dtype=jnp.float32, param_dtype=jnp.float32,
-                     rngs=nnx.Rngs(0))
+    return DownBlock(
+      16,
+      16,
+      temb_channels=32,
+      num_layers=1,
+      with_attention=True,
+      add_downsample=True,
+      heads=2,
+      cross_attention_dim=8,
+      transformer_layers=1,
+      groups=8,
+      eps=1e-5,
+      use_linear_projection=True,
+      downsample_padding=1,
+      query_chunk=0,
+      remat=remat,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs=nnx.Rngs(0),
+    )
+
   plain = build(False)
   remat = abstract_module(lambda: build(True))
   nnx.update(remat, nnx.state(plain))
@@ -97,8 +132,12 @@ def test_remat_same_gradients():
   g1 = jax.tree.leaves(nnx.jit(nnx.grad(loss))(plain))
   g2 = jax.tree.leaves(nnx.jit(nnx.grad(loss))(remat))
   assert len(g1) == len(g2) > 0
-  assert_close(np.concatenate([np.ravel(a) for a in g2]), np.concatenate([np.ravel(a) for a in g1]),
-               tol=1e-6, what="remat gradients")
+  assert_close(
+    np.concatenate([np.ravel(a) for a in g2]),
+    np.concatenate([np.ravel(a) for a in g1]),
+    tol=1e-6,
+    what="remat gradients",
+  )
 
 
 def test_sd21_parameter_count_without_allocating():
@@ -108,10 +147,17 @@ def test_sd21_parameter_count_without_allocating():
 
 def test_config_from_diffusers_dict():
   d = sd21_unet_config().to_dict()
-  d.update(_class_name="UNet2DConditionModel", _diffusers_version="0.10.0", act_fn="silu",
-           dual_cross_attention=False, num_class_embeds=None, only_cross_attention=False,
-           mid_block_type="UNetMidBlock2DCrossAttn", resnet_time_scale_shift="default",
-           dropout=0.0)
+  d.update(
+    _class_name="UNet2DConditionModel",
+    _diffusers_version="0.10.0",
+    act_fn="silu",
+    dual_cross_attention=False,
+    num_class_embeds=None,
+    only_cross_attention=False,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    resnet_time_scale_shift="default",
+    dropout=0.0,
+  )
   assert UNetConfig.from_dict(d) == sd21_unet_config()
   with pytest.raises(SodecError, match="class_embed_type"):
     UNetConfig.from_dict({**d, "class_embed_type": "timestep"})

@@ -1,4 +1,5 @@
 """diffusers folder loaders: round trip through save_pretrained, strictness, bf16, torch-free path."""
+
 import json
 import os
 import subprocess
@@ -11,9 +12,9 @@ import safetensors.numpy
 import torch
 from diffusers import AutoencoderKL as TVAE
 from diffusers import UNet2DConditionModel as TUNet
+from diffusers_reference import assert_close, nchw, nhwc, randomize_
 from flax import nnx
 
-from diffusers_reference import assert_close, nchw, nhwc, randomize_
 from sodec_jax.diffusion.autoencoder import tiny_vae_config
 from sodec_jax.diffusion.unet import tiny_unet_config
 from sodec_jax.errors import SodecError
@@ -41,15 +42,22 @@ def vae_folder(tmp_path_factory):
 
 def _unet_inputs():
   rng = np.random.default_rng(8)
-  return (rng.standard_normal((1, 16, 16, 4)).astype(np.float32), np.array([999]),
-          rng.standard_normal((1, 5, 32)).astype(np.float32))
+  return (
+    rng.standard_normal((1, 16, 16, 4)).astype(np.float32),
+    np.array([999]),
+    rng.standard_normal((1, 5, 32)).astype(np.float32),
+  )
 
 
 def test_rename_table():
-  assert diffusers_module_path("up_blocks.1.attentions.0.transformer_blocks.0.ff.proj_in") == \
-      "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"
-  assert diffusers_module_path("mid_block.attentions.0.transformer_blocks.0.attn2.to_out") == \
-      "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"
+  assert (
+    diffusers_module_path("up_blocks.1.attentions.0.transformer_blocks.0.ff.proj_in")
+    == "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj"
+  )
+  assert (
+    diffusers_module_path("mid_block.attentions.0.transformer_blocks.0.attn2.to_out")
+    == "mid_block.attentions.0.transformer_blocks.0.attn2.to_out.0"
+  )
   assert diffusers_module_path("down_blocks.0.resnets.1.conv1") == "down_blocks.0.resnets.1.conv1"
 
 
@@ -68,9 +76,13 @@ def test_load_vae_bin_and_legacy_attention_names(vae_folder, tmp_path):
   folder, theirs = vae_folder
   sd = {k: v.clone() for k, v in theirs.state_dict().items()}
   legacy = {}
-  for k, v in sd.items():   # pre-0.14 names: query/key/value/proj_attn
-    for new, old in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."),
-                     (".to_out.0.", ".proj_attn.")):
+  for k, v in sd.items():  # pre-0.14 names: query/key/value/proj_attn
+    for new, old in (
+      (".to_q.", ".query."),
+      (".to_k.", ".key."),
+      (".to_v.", ".value."),
+      (".to_out.0.", ".proj_attn."),
+    ):
       k = k.replace(new, old)
     legacy[k] = v
   assert any(".proj_attn." in k for k in legacy)
@@ -80,8 +92,12 @@ def test_load_vae_bin_and_legacy_attention_names(vae_folder, tmp_path):
   z = np.random.default_rng(9).standard_normal((1, 4, 4, 4)).astype(np.float32)
   with torch.no_grad():
     ref = nhwc(theirs.decode(nchw(z)).sample)
-  assert_close(nnx.jit(lambda m, a: m.decode(a))(vae, jnp.asarray(z)), ref, tol=1e-5,
-               what="load_vae .bin legacy names")
+  assert_close(
+    nnx.jit(lambda m, a: m.decode(a))(vae, jnp.asarray(z)),
+    ref,
+    tol=1e-5,
+    what="load_vae .bin legacy names",
+  )
 
 
 def test_strict_errors_list_every_problem(unet_folder, tmp_path):
@@ -97,8 +113,15 @@ def test_strict_errors_list_every_problem(unet_folder, tmp_path):
   with pytest.raises(SodecError) as e:
     load_unet(str(tmp_path))
   msg = str(e.value)
-  for needle in ("missing 2", "conv_in.weight", "mid_block.resnets.0.norm1.bias", "unexpected 1",
-                 "extra.weight", "mis-shaped 1", "conv_out.bias"):
+  for needle in (
+    "missing 2",
+    "conv_in.weight",
+    "mid_block.resnets.0.norm1.bias",
+    "unexpected 1",
+    "extra.weight",
+    "mis-shaped 1",
+    "conv_out.bias",
+  ):
     assert needle in msg, msg
 
 
@@ -130,13 +153,17 @@ def test_bfloat16_safetensors_and_param_dtype(vae_folder, tmp_path):
 
 def test_safetensors_path_needs_no_torch(unet_folder):
   folder, _ = unet_folder
-  code = ("import sys; sys.modules['torch'] = None\n"
-          "from sodec_jax.weights.diffusers import load_unet\n"
-          f"u = load_unet({folder!r}); print(type(u).__name__)\n"
-          "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]")
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=300)
+  code = (
+    "import sys; sys.modules['torch'] = None\n"
+    "from sodec_jax.weights.diffusers import load_unet\n"
+    f"u = load_unet({folder!r}); print(type(u).__name__)\n"
+    "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]"
+  )
+  env = dict(
+    os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert "UNet2DConditionModel" in out.stdout

@@ -1,4 +1,5 @@
 """Our Flax ViT / Swin against transformers' ViTModel / SwinModel (float32, real photo crops)."""
+
 from __future__ import annotations
 
 import jax
@@ -52,16 +53,20 @@ def test_vit_other_size_needs_interpolation(vit_pair):
 
 def test_torch_bicubic_matrix_matches_interpolate():
   import torch
+
   rng = np.random.RandomState(0)
   for n_in, n_out in ((4, 6), (5, 3), (14, 16), (7, 7)):
     v = rng.randn(1, 2, n_in, 1).astype(np.float32)
-    want = torch.nn.functional.interpolate(torch.from_numpy(v), size=(n_out, 1), mode="bicubic",
-                                           align_corners=False).numpy()[0, :, :, 0]
+    want = torch.nn.functional.interpolate(
+      torch.from_numpy(v), size=(n_out, 1), mode="bicubic", align_corners=False
+    ).numpy()[0, :, :, 0]
     got = np.einsum("oi,ci->co", torch_bicubic_matrix(n_in, n_out), v[0, :, :, 0])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,overrides,hw,kw", [
+@pytest.mark.parametrize(
+  "name,overrides,hw,kw",
+  [
     # 16x16 then 8x8 patch grids, window 4: both stages shifted (masks), patch merging
     ("2 stages", {}, (32, 32), {}),
     # 3rd stage is 4x4 == window: transformers drops the shift there
@@ -69,9 +74,14 @@ def test_torch_bicubic_matrix_matches_interpolate():
     # 18x22 grid: padding to the window grid, odd-sized patch merging
     ("3 stages odd size", dict(depths=[2, 2, 2], num_heads=[2, 4, 8]), (36, 44), {}),
     # absolute position embeddings, resized bicubically to a 20x24 grid
-    ("abs pos interpolated", dict(use_absolute_embeddings=True), (40, 48),
-     dict(interpolate_pos_encoding=True)),
-])
+    (
+      "abs pos interpolated",
+      dict(use_absolute_embeddings=True),
+      (40, 48),
+      dict(interpolate_pos_encoding=True),
+    ),
+  ],
+)
 def test_swin_matches_transformers(tmp_path, name, overrides, hw, kw):
   ref = tiny_swin(**overrides)
   ref.save_pretrained(tmp_path)
@@ -119,8 +129,9 @@ def test_preprocess_resizes_and_normalises(vit_pair):
   assert y.shape == (2, 32, 32, 3)
   assert float(y.min()) >= -1.0 - 1e-4 and float(y.max()) <= 1.0 + 1e-4
   same = preprocess(x01, IMAGENET_MEAN, IMAGENET_STD, (48, 40))  # no resize at the same size
-  np.testing.assert_allclose(np.asarray(same), (np.asarray(x01) - IMAGENET_MEAN) / IMAGENET_STD,
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(same), (np.asarray(x01) - IMAGENET_MEAN) / IMAGENET_STD, rtol=1e-6, atol=1e-6
+  )
   with pytest.raises(SodecError):
     preprocess(jnp.zeros((32, 32, 3)), IMAGENET_MEAN, IMAGENET_STD, 32)
 
@@ -131,12 +142,19 @@ def test_paper_size_token_shapes(kind, expected):
   and microsoft/swin-base-patch4-window7-224 both give D = 1024, SD 2.1's cross-attention width."""
   from sodec_jax.guidance.swin import Swin, SwinSpec
   from sodec_jax.guidance.vit import ViT, ViTSpec
+
   if kind == "vit-l16":
-    build = lambda: ViT(ViTSpec(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                                intermediate_size=4096))
+    build = lambda: ViT(
+      ViTSpec(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+      )
+    )
   else:
     build = lambda: Swin(SwinSpec(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)))
   graphdef, state = nnx.split(nnx.eval_shape(build))
-  out = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state,
-                       jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
+  out = jax.eval_shape(
+    lambda s, x: nnx.merge(graphdef, s)(x),
+    state,
+    jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32),
+  )
   assert out.shape == expected

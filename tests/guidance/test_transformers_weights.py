@@ -1,4 +1,5 @@
 """load_vit / load_swin: file formats, task-model prefixes, strict key checks, refused pickles."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,9 @@ from tests.guidance._tiny_hf import photo_batch, rel_err, tiny_swin, tiny_vit, t
 def _hub_state(model) -> dict[str, np.ndarray]:
   """The checkpoint keys save_pretrained writes (hub layout), as numpy."""
   import tempfile
+
   from safetensors.numpy import load_file
+
   with tempfile.TemporaryDirectory() as d:
     model.save_pretrained(d)
     return dict(load_file(os.path.join(d, "model.safetensors")))
@@ -24,18 +27,24 @@ def _hub_state(model) -> dict[str, np.ndarray]:
 
 def _write_bin(folder, model, state: dict) -> None:
   import torch
+
   os.makedirs(folder, exist_ok=True)
   model.config.to_json_file(os.path.join(folder, "config.json"))
-  torch.save({k: torch.as_tensor(np.asarray(v)) for k, v in state.items()},
-             os.path.join(folder, "pytorch_model.bin"))
+  torch.save(
+    {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()},
+    os.path.join(folder, "pytorch_model.bin"),
+  )
 
 
 def _write_safetensors(folder, model, state: dict) -> None:
   from safetensors.numpy import save_file
+
   os.makedirs(folder, exist_ok=True)
   model.config.to_json_file(os.path.join(folder, "config.json"))
-  save_file({k: np.ascontiguousarray(v) for k, v in state.items()},
-            os.path.join(folder, "model.safetensors"))
+  save_file(
+    {k: np.ascontiguousarray(v) for k, v in state.items()},
+    os.path.join(folder, "model.safetensors"),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +89,9 @@ def test_vit_for_image_classification_folder(tmp_path):
 def test_swin_for_image_classification_and_v5_bin(tmp_path):
   ref = tiny_swin("SwinForImageClassification", depths=[2, 1], num_heads=[2, 2])
   ref.save_pretrained(tmp_path / "cls")
-  (tmp_path / "cls" / "preprocessor_config.json").write_text(json.dumps(
-      {"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
+  (tmp_path / "cls" / "preprocessor_config.json").write_text(
+    json.dumps({"image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]})
+  )
   ours = load_swin(tmp_path / "cls")
   assert ours.ignored_keys == ("classifier.bias", "classifier.weight")
   assert ours.image_mean == (0.485, 0.456, 0.406)
@@ -94,13 +104,18 @@ def test_swin_for_image_classification_and_v5_bin(tmp_path):
 
 def test_sharded_safetensors(vit_ref, tmp_path):
   from safetensors.numpy import save_file
+
   state = _hub_state(vit_ref)
   keys = sorted(state)
-  shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+  shards = {
+    "model-00001-of-00002.safetensors": keys[::2],
+    "model-00002-of-00002.safetensors": keys[1::2],
+  }
   for name, ks in shards.items():
     save_file({k: state[k] for k in ks}, str(tmp_path / name))
-  (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-      {"weight_map": {k: name for name, ks in shards.items() for k in ks}}))
+  (tmp_path / "model.safetensors.index.json").write_text(
+    json.dumps({"weight_map": {k: name for name, ks in shards.items() for k in ks}})
+  )
   vit_ref.config.to_json_file(str(tmp_path / "config.json"))
   x = photo_batch(32, 32)
   assert rel_err(np.asarray(load_vit(tmp_path)(jnp.asarray(x))), torch_forward(vit_ref, x)) <= 1e-5
@@ -128,8 +143,11 @@ def test_swin_missing_table_is_reported(tmp_path):
   with pytest.raises(SodecError, match="relative_position_bias_table"):
     load_swin(tmp_path)
   from sodec_jax.guidance.swin import SwinSpec
+
   # every checkpoint tensor of SwinModel is in the table (and nothing else is)
-  assert {k for k, _, _ in swin_table(SwinSpec.from_config(ref.config.to_dict()))} == set(_hub_state(ref))
+  assert {k for k, _, _ in swin_table(SwinSpec.from_config(ref.config.to_dict()))} == set(
+    _hub_state(ref)
+  )
 
 
 def test_wrong_model_type_names_the_right_loader(vit_ref, tmp_path):
@@ -148,6 +166,7 @@ def test_wrong_model_type_names_the_right_loader(vit_ref, tmp_path):
 
 def test_malicious_pickle_is_refused_not_run(vit_ref, tmp_path):
   import pickle
+
   marker = tmp_path / "pwned"
 
   class Payload:

@@ -9,6 +9,7 @@ once by tests/reference/upstream_goldens.py, running the wheel's DISTS_pt.py wit
 `torchvision.models.vgg16` that returns the seed-1 VGG16 of tests/reference/torch_vgg16.py and
 alpha/beta = torch_dists.random_alpha_beta(seed=1); the trunk's layout (torchvision cfg "D") is
 the one part not from upstream."""
+
 from __future__ import annotations
 
 import os
@@ -54,7 +55,9 @@ def test_l2_pool_matches_torch():
   got = np.asarray(l2_pool(jnp.asarray(x)))
   assert got.shape == want.shape == (2, 5, 6, 5)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-  np.testing.assert_array_equal(hanning_filter(), np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16)
+  np.testing.assert_array_equal(
+    hanning_filter(), np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 16
+  )
 
 
 @pytest.mark.parametrize("size", [(64, 64), (75, 53)])
@@ -76,8 +79,10 @@ def test_matches_torch_reference(models, size):
 
 # DISTS_pytorch 0.1 DISTS_pt.DISTS(load_weights=False).forward(x, y) on _photos.crops(size) vs
 # _photos.degrade (tests/reference/upstream_goldens.py), float32
-DISTS_PYTORCH = {(64, 64): [0.007013916969299316, 0.00793755054473877],
-                 (75, 53): [0.005591392517089844, 0.008247137069702148]}
+DISTS_PYTORCH = {
+  (64, 64): [0.007013916969299316, 0.00793755054473877],
+  (75, 53): [0.005591392517089844, 0.008247137069702148],
+}
 
 
 @pytest.mark.parametrize("size", sorted(DISTS_PYTORCH))
@@ -113,7 +118,9 @@ def test_weights_are_frozen(models):
 def test_loader_round_trips(models, tmp_path):
   ref, ours, (alpha, beta) = models
   # the wheel's weights.pt layout: {'alpha': [1,1475,1,1], 'beta': [1,1475,1,1]} as torch tensors
-  torch.save({"alpha": torch.from_numpy(alpha), "beta": torch.from_numpy(beta)}, tmp_path / "weights.pt")
+  torch.save(
+    {"alpha": torch.from_numpy(alpha), "beta": torch.from_numpy(beta)}, tmp_path / "weights.pt"
+  )
   np.savez(tmp_path / "w.npz", alpha=alpha, beta=beta)
   for name in ("weights.pt", "w.npz"):
     a, b = load_dists_weights(tmp_path / name)
@@ -123,7 +130,9 @@ def test_loader_round_trips(models, tmp_path):
   torch.save({k: torch.from_numpy(v) for k, v in ours.vgg.to_state_dict().items()}, vgg)
   loaded = load_dists(vgg, tmp_path / "weights.pt")
   x = _photos.crops((32, 32))
-  np.testing.assert_allclose(np.asarray(loaded(x, x[::-1])), np.asarray(ours(x, x[::-1])), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(loaded(x, x[::-1])), np.asarray(ours(x, x[::-1])), rtol=1e-6
+  )
 
 
 class _Evil:

@@ -1,4 +1,5 @@
 """load_lpips / load_vgg16: .safetensors and .pth round trips, and the errors users see."""
+
 from __future__ import annotations
 
 import os
@@ -69,8 +70,14 @@ def test_pth_round_trip_full_and_features_only(tmp_path, vgg, images, reference_
   _check_same(full, vgg, images, reference_value)
   # `model.features.state_dict()` layout: keys 0.weight ... 28.bias
   feats = tmp_path / "vgg16_features.pth"
-  torch.save({k[len("features."):]: torch.from_numpy(v) for k, v in vgg.items()
-              if k.startswith("features.")}, feats)
+  torch.save(
+    {
+      k[len("features.") :]: torch.from_numpy(v)
+      for k, v in vgg.items()
+      if k.startswith("features.")
+    },
+    feats,
+  )
   _check_same(feats, vgg, images, reference_value)
 
 

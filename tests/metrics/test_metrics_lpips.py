@@ -10,6 +10,7 @@ while the wheel is imported and `lpips.LPIPS(net="vgg", pnet_rand=True)` is buil
 (ScalingLayer, the slices, normalize_tensor, the NetLinLayer heads read by the wheel from its own
 weights/v0.1/vgg.pth, the spatial average) is the wheel's code. The VGG16 trunk is the one part
 not from upstream (the real weights are ImageNet's; the layout is torchvision's cfg "D")."""
+
 from __future__ import annotations
 
 import sys
@@ -61,12 +62,14 @@ def lpips_package():
   sys.modules["torchvision"], sys.modules["torchvision.models"] = tv, tv.models
   try:
     import lpips
-    net = lpips.LPIPS(net="vgg", version="0.1", pretrained=True, pnet_rand=True,
-                      verbose=False).eval()
-  finally:   # the stand-in and the wheel leave no trace for later tests
+
+    net = lpips.LPIPS(
+      net="vgg", version="0.1", pretrained=True, pnet_rand=True, verbose=False
+    ).eval()
+  finally:  # the stand-in and the wheel leave no trace for later tests
     for k in [k for k in sys.modules if k.split(".")[0] in ("torchvision", "lpips")]:
       del sys.modules[k]
-  assert calls == [(False, {})]      # pnet_rand: nothing downloaded, the trunk is ours
+  assert calls == [(False, {})]  # pnet_rand: nothing downloaded, the trunk is ours
   return net
 
 
@@ -177,6 +180,7 @@ def test_shipped_heads_equal_wheel():
 
 def test_normalize_zero_feature_vector_has_finite_grad():
   from sodec_jax.metrics.lpips import _normalize_channels
+
   f = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, 2, 8)), jnp.float32)
   f = f.at[0, 0, 0].set(0.0)  # an all-zero feature vector (all ReLUs off): torch's grad is NaN here
   n = _normalize_channels(f)

@@ -1,5 +1,6 @@
 """MS-SSIM vs pytorch_msssim (the package itself, pinned 1.0.0: an independent reference) on real
 photos; PSNR vs its closed form."""
+
 from __future__ import annotations
 
 import sys

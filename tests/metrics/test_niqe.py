@@ -11,6 +11,7 @@ parameters at run time), so its values were computed once by tests/reference/ups
 and are checked in below, with its pristine model (tests/data/basicsr_niqe_pris_params.npz, copied
 from the sdist, Apache-2.0). No MATLAB run was available.
 """
+
 import hashlib
 import os
 import sys
@@ -54,9 +55,11 @@ BASICSR_PARAMS = os.path.join(ROOT, "tests", "data", "basicsr_niqe_pris_params.n
 BASICSR_SHA256 = "2a7c182a68c9e7f1b2e2e5ec723279d6f65d912b6fcaf37eb2bf03d7367c4296"
 # scikit-image 0.26 photo: (basicsr calculate_niqe(img, 0, input_order="HW"), which casts to
 # float32 first; basicsr's niqe() core on the float64 image), both with BASICSR_PARAMS
-BASICSR_NIQE = {"camera": (3.0962066193457405, 3.09622028525054),
-                "coins": (3.6226717159368853, 3.622671252317404),
-                "moon": (9.112051531111902, 9.113508038820404)}
+BASICSR_NIQE = {
+  "camera": (3.0962066193457405, 3.09622028525054),
+  "coins": (3.6226717159368853, 3.622671252317404),
+  "moon": (9.112051531111902, 9.113508038820404),
+}
 
 
 @pytest.mark.parametrize("name", sorted(BASICSR_NIQE))
@@ -78,12 +81,19 @@ def _random_spd(seed=0) -> NiqeParams:
   return NiqeParams(rng.normal(size=36), a @ a.T / 36 + np.eye(36))
 
 
-@pytest.mark.parametrize("name,crop", [("astronaut.png", None), ("coffee.png", (300, 451)),
-                                       ("chelsea.png", (200, 290)), ("camera.png", (250, 333))])
+@pytest.mark.parametrize(
+  "name,crop",
+  [
+    ("astronaut.png", None),
+    ("coffee.png", (300, 451)),
+    ("chelsea.png", (200, 290)),
+    ("camera.png", (250, 333)),
+  ],
+)
 def test_matches_reference_on_photos(pristine, name, crop):
   img = load_photo(name)
   if crop:
-    img = img[:crop[0], :crop[1]]   # sides that are not multiples of 96
+    img = img[: crop[0], : crop[1]]  # sides that are not multiples of 96
   y = ref.rgb_to_y(img)
   np.testing.assert_array_equal(luma(img), y)
   for params in (pristine, _random_spd()):
@@ -93,7 +103,7 @@ def test_matches_reference_on_photos(pristine, name, crop):
 
 
 def test_gray_input_and_features(pristine):
-  gray = load_photo("camera.png")[..., 0]           # camera is a gray photo: [H, W]
+  gray = load_photo("camera.png")[..., 0]  # camera is a gray photo: [H, W]
   want = ref.niqe(gray.astype(np.float64), pristine.mu, pristine.cov)
   assert niqe(gray, pristine) == pytest.approx(want, rel=1e-9)
   y = gray[:288, :384].astype(np.float64)
@@ -122,7 +132,9 @@ def test_distortions_raise_the_score(pristine):
   rng = np.random.default_rng(0)
   noisy = np.clip(clean + rng.normal(0, 25, clean.shape), 0, 255).astype(np.uint8)
   p = np.pad(clean.astype(np.float64), ((2, 2), (2, 2), (0, 0)), mode="edge")
-  blurred = np.round(sum(p[i:i + 512, j:j + 512] for i in range(5) for j in range(5)) / 25).astype(np.uint8)
+  blurred = np.round(
+    sum(p[i : i + 512, j : j + 512] for i in range(5) for j in range(5)) / 25
+  ).astype(np.uint8)
   base = niqe(clean, pristine)
   assert niqe(noisy, pristine) > base + 5
   assert niqe(blurred, pristine) > base + 1
@@ -131,8 +143,12 @@ def test_distortions_raise_the_score(pristine):
 def test_param_files(tmp_path, pristine):
   mat, npz = tmp_path / "modelparameters.mat", tmp_path / "niqe_pris_params.npz"
   scipy.io.savemat(mat, {"mu_prisparam": pristine.mu[None], "cov_prisparam": pristine.cov})
-  np.savez(npz, mu_pris_param=pristine.mu[None], cov_pris_param=pristine.cov,
-           gaussian_window=gaussian_window())
+  np.savez(
+    npz,
+    mu_pris_param=pristine.mu[None],
+    cov_pris_param=pristine.cov,
+    gaussian_window=gaussian_window(),
+  )
   a, b = load_niqe_params(str(mat)), load_niqe_params(str(npz))
   np.testing.assert_array_equal(a.mu, pristine.mu)
   np.testing.assert_array_equal(a.cov, b.cov)

@@ -1,4 +1,5 @@
 """Helpers to compare our flax modules with diffusers (PyTorch) ones on the same random weights."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -33,8 +34,16 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in module.named_parameters():
-      if name.endswith(("norm.weight", "norm1.weight", "norm2.weight", "norm3.weight",
-                        "norm_out.weight", "group_norm.weight")):
+      if name.endswith(
+        (
+          "norm.weight",
+          "norm1.weight",
+          "norm2.weight",
+          "norm3.weight",
+          "norm_out.weight",
+          "group_norm.weight",
+        )
+      ):
         p.copy_(1.0 + scale * torch.randn(p.shape, generator=g))
       elif p.ndim == 1:
         p.copy_(scale * torch.randn(p.shape, generator=g))
@@ -44,6 +53,7 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.1) -> torch.
 def assert_close(a, b, tol: float, what: str = "") -> float:
   """Assert rel_err(a, b) <= tol; prints the error (see it with pytest -s)."""
   import os
+
   err = rel_err(a, b)
   test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
   print(f"[rel_err] {test} {what}: {err:.3e} (tol {tol:.0e})")

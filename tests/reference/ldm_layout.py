@@ -16,6 +16,7 @@ convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint`, the pinned diffuser
 (every key, every tensor). So the names a test writes to a single file are the ones diffusers
 reads, whatever our converter's tables say.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,14 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 
 # ResBlock (openaimodel.py) submodules -> their diffusers ResnetBlock2D names
-_RESBLOCK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-             "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_RESBLOCK = {
+  "in_layers.0": "norm1",
+  "in_layers.2": "conv1",
+  "emb_layers.1": "time_emb_proj",
+  "out_layers.0": "norm2",
+  "out_layers.3": "conv2",
+  "skip_connection": "conv_shortcut",
+}
 
 
 def _take(sd: dict, out: dict, theirs: str, ldm: str, leaves: dict | None = None) -> None:
@@ -37,10 +44,10 @@ def _take(sd: dict, out: dict, theirs: str, ldm: str, leaves: dict | None = None
   `leaves`: LDM submodule -> diffusers submodule)."""
   inverse = {v: k for k, v in (leaves or {}).items()}
   for k in [k for k in sd if k.startswith(theirs + ".")]:
-    rest = k[len(theirs) + 1:]
+    rest = k[len(theirs) + 1 :]
     for diff_sub, ldm_sub in inverse.items():
       if rest.startswith(diff_sub + "."):
-        rest = ldm_sub + rest[len(diff_sub):]
+        rest = ldm_sub + rest[len(diff_sub) :]
         break
     out[f"{ldm}.{rest}"] = sd.pop(k)
 
@@ -55,7 +62,7 @@ def _ldm_unet_names(sd: dict, cfg: dict) -> dict:
   _take(sd, out, "time_embedding.linear_2", "time_embed.2")
   _take(sd, out, "conv_in", "input_blocks.0.0")
   i = 1
-  for level in range(n):                  # UNetModel.__init__: input_blocks, in order
+  for level in range(n):  # UNetModel.__init__: input_blocks, in order
     for j in range(layers):
       _take(sd, out, f"down_blocks.{level}.resnets.{j}", f"input_blocks.{i}.0", _RESBLOCK)
       if down_attn[level]:
@@ -68,14 +75,14 @@ def _ldm_unet_names(sd: dict, cfg: dict) -> dict:
   _take(sd, out, "mid_block.attentions.0", "middle_block.1")
   _take(sd, out, "mid_block.resnets.1", "middle_block.2", _RESBLOCK)
   i = 0
-  for b in range(n):                      # output_blocks, deepest level first
+  for b in range(n):  # output_blocks, deepest level first
     for j in range(layers + 1):
       mods = [f"output_blocks.{i}.0"]
       _take(sd, out, f"up_blocks.{b}.resnets.{j}", mods[0], _RESBLOCK)
       if up_attn[b]:
         mods.append(f"output_blocks.{i}.1")
         _take(sd, out, f"up_blocks.{b}.attentions.{j}", mods[-1])
-      if b != n - 1 and j == layers:      # Upsample is the block's last layer
+      if b != n - 1 and j == layers:  # Upsample is the block's last layer
         _take(sd, out, f"up_blocks.{b}.upsamplers.0.conv", f"output_blocks.{i}.{len(mods)}.conv")
       i += 1
   _take(sd, out, "conv_norm_out", "out.0")
@@ -100,11 +107,16 @@ def _ldm_vae_names(sd: dict, cfg: dict) -> dict:
     _take(sd, out, f"{part}.conv_out", f"{part}.conv_out")
   for level in range(n):
     for j in range(cfg["layers_per_block"]):
-      _take(sd, out, f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}",
-            res)
-    _take(sd, out, f"encoder.down_blocks.{level}.downsamplers.0.conv",
-          f"encoder.down.{level}.downsample.conv")
-  for b in range(n):                      # Decoder: self.up.insert(0, up) -> up[level]
+      _take(
+        sd, out, f"encoder.down_blocks.{level}.resnets.{j}", f"encoder.down.{level}.block.{j}", res
+      )
+    _take(
+      sd,
+      out,
+      f"encoder.down_blocks.{level}.downsamplers.0.conv",
+      f"encoder.down.{level}.downsample.conv",
+    )
+  for b in range(n):  # Decoder: self.up.insert(0, up) -> up[level]
     level = n - 1 - b
     for j in range(cfg["layers_per_block"] + 1):
       _take(sd, out, f"decoder.up_blocks.{b}.resnets.{j}", f"decoder.up.{level}.block.{j}", res)
@@ -112,7 +124,7 @@ def _ldm_vae_names(sd: dict, cfg: dict) -> dict:
   _take(sd, out, "quant_conv", "quant_conv")
   _take(sd, out, "post_quant_conv", "post_quant_conv")
   assert not sd, f"diffusers VAE keys with no LDM module here: {sorted(sd)[:5]}"
-  for k, v in out.items():                # AttnBlock's projections are 1x1 convs
+  for k, v in out.items():  # AttnBlock's projections are 1x1 convs
     if ".mid.attn_1." in k and k.endswith("weight") and v.ndim == 2:
       out[k] = v[:, :, None, None]
   return {VAE + k: v for k, v in out.items()}
@@ -120,8 +132,9 @@ def _ldm_vae_names(sd: dict, cfg: dict) -> dict:
 
 def _same(converted: dict, state: dict, what: str) -> None:
   assert sorted(converted) == sorted(state), (
-      f"{what}: diffusers' converter gave other keys: missing "
-      f"{sorted(set(state) - set(converted))[:5]}, extra {sorted(set(converted) - set(state))[:5]}")
+    f"{what}: diffusers' converter gave other keys: missing "
+    f"{sorted(set(state) - set(converted))[:5]}, extra {sorted(set(converted) - set(state))[:5]}"
+  )
   for k, v in state.items():
     assert torch.equal(converted[k].reshape(v.shape), v), f"{what}: {k} holds another tensor"
 

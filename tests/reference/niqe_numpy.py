@@ -5,6 +5,7 @@ computefeature.m) and MATLAB imresize's documented bicubic kernel, in the loop-p
 those scripts, sharing no code with the package: filtering by scipy.ndimage.correlate, shape
 estimation per block by boolean indexing, imresize by per-output-pixel contributions.
 """
+
 import math
 
 import numpy as np
@@ -30,9 +31,9 @@ def fspecial_gaussian(n=7, sigma=7 / 6):
 def _cubic(x):
   ax = abs(x)
   if ax <= 1:
-    return 1.5 * ax ** 3 - 2.5 * ax ** 2 + 1
+    return 1.5 * ax**3 - 2.5 * ax**2 + 1
   if ax <= 2:
-    return -0.5 * ax ** 3 + 2.5 * ax ** 2 - 4 * ax + 2
+    return -0.5 * ax**3 + 2.5 * ax**2 - 4 * ax + 2
   return 0.0
 
 
@@ -81,8 +82,8 @@ def estimate_aggd(v):
   left = math.sqrt(np.mean(v[v < 0] ** 2))
   right = math.sqrt(np.mean(v[v > 0] ** 2))
   g = left / right
-  r_hat = np.mean(np.abs(v)) ** 2 / np.mean(v ** 2)
-  r_norm = r_hat * (g ** 3 + 1) * (g + 1) / (g ** 2 + 1) ** 2
+  r_hat = np.mean(np.abs(v)) ** 2 / np.mean(v**2)
+  r_norm = r_hat * (g**3 + 1) * (g + 1) / (g**2 + 1) ** 2
   alpha = GAM[np.argmin((R_GAM - r_norm) ** 2)]
   c = math.sqrt(gamma(1 / alpha) / gamma(3 / alpha))
   return alpha, left * c, right * c
@@ -100,7 +101,7 @@ def compute_feature(block):
 def niqe_features(y, block=96):
   """Y/gray image (0-255 float) -> block features [P, 36]."""
   nh, nw = y.shape[0] // block, y.shape[1] // block
-  img = y[:nh * block, :nw * block].astype(np.float64)
+  img = y[: nh * block, : nw * block].astype(np.float64)
   window = fspecial_gaussian()
   per_scale = []
   for scale in (1, 2):
@@ -111,7 +112,7 @@ def niqe_features(y, block=96):
     feats = []
     for i in range(nh):
       for j in range(nw):
-        feats.append(compute_feature(mscn[i * b:(i + 1) * b, j * b:(j + 1) * b]))
+        feats.append(compute_feature(mscn[i * b : (i + 1) * b, j * b : (j + 1) * b]))
     per_scale.append(np.array(feats))
     img = imresize(img / 255.0, 0.5) * 255.0
   return np.concatenate(per_scale, 1)

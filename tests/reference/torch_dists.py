@@ -10,12 +10,13 @@ importing it (its module imports torchvision for `models.vgg16`).
     dist2 += (beta_k * (2 cov + c2) / (vx + vy + c2)).sum(1),  c1 = c2 = 1e-6
     score = 1 - (dist1 + dist2).squeeze()
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class L2pooling(nn.Module):
@@ -30,8 +31,10 @@ class L2pooling(nn.Module):
     self.register_buffer("filter", g[None, None, :, :].repeat((self.channels, 1, 1, 1)))
 
   def forward(self, input):
-    input = input ** 2
-    out = F.conv2d(input, self.filter, stride=self.stride, padding=self.padding, groups=input.shape[1])
+    input = input**2
+    out = F.conv2d(
+      input, self.filter, stride=self.stride, padding=self.padding, groups=input.shape[1]
+    )
     return (out + 1e-12).sqrt()
 
 
@@ -40,7 +43,9 @@ class TorchDISTS(nn.Module):
 
   def __init__(self, features: nn.Sequential, alpha, beta):
     super().__init__()
-    self.stage1, self.stage2, self.stage3, self.stage4, self.stage5 = (nn.Sequential() for _ in range(5))
+    self.stage1, self.stage2, self.stage3, self.stage4, self.stage5 = (
+      nn.Sequential() for _ in range(5)
+    )
     for x in range(0, 4):
       self.stage1.add_module(str(x), features[x])
     self.stage2.add_module(str(4), L2pooling(channels=64))
@@ -96,7 +101,7 @@ class TorchDISTS(nn.Module):
     for k in range(len(self.chns)):
       x_mean = feats0[k].mean([2, 3], keepdim=True)
       y_mean = feats1[k].mean([2, 3], keepdim=True)
-      S1 = (2 * x_mean * y_mean + c1) / (x_mean ** 2 + y_mean ** 2 + c1)
+      S1 = (2 * x_mean * y_mean + c1) / (x_mean**2 + y_mean**2 + c1)
       dist1 = dist1 + (alpha[k] * S1).sum(1, keepdim=True)
       x_var = ((feats0[k] - x_mean) ** 2).mean([2, 3], keepdim=True)
       y_var = ((feats1[k] - y_mean) ** 2).mean([2, 3], keepdim=True)

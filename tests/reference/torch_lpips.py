@@ -10,19 +10,20 @@ lpips.LPIPS(net='vgg', version='0.1').forward(in0, in1, normalize=True):
   res_l = mean_hw(conv1x1(d, lin_l, bias=False))    (NetLinLayer; dropout is identity in eval)
   val = sum_l res_l                                 -> [N, 1, 1, 1]
 """
+
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-SHIFT = torch.tensor([-.030, -.088, -.188])[None, :, None, None]
-SCALE = torch.tensor([.458, .448, .450])[None, :, None, None]
+SHIFT = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
+SCALE = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
 SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
 
 
 def normalize_tensor(in_feat: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-  norm_factor = torch.sqrt(torch.sum(in_feat ** 2, dim=1, keepdim=True))
+  norm_factor = torch.sqrt(torch.sum(in_feat**2, dim=1, keepdim=True))
   return in_feat / (norm_factor + eps)
 
 
@@ -44,8 +45,9 @@ class TorchLPIPS(nn.Module):
     self.features = features.eval()
     self.lins = [torch.as_tensor(heads[f"lin{i}.model.1.weight"]).float() for i in range(5)]
 
-  def forward(self, in0: torch.Tensor, in1: torch.Tensor, normalize: bool = True,
-              ret_per_layer: bool = False):
+  def forward(
+    self, in0: torch.Tensor, in1: torch.Tensor, normalize: bool = True, ret_per_layer: bool = False
+  ):
     """in0, in1: NCHW; in [0,1] with normalize=True, else in [-1,1]. Returns [N, 1, 1, 1]."""
     if normalize:
       in0 = 2 * in0 - 1

@@ -5,6 +5,7 @@ MaxPool2d(2, 2) after each of the 5 blocks; state-dict keys `0.weight` ... `28.b
 `features.` inside `VGG16FeaturesOnly`). Random init follows torchvision's `_initialize_weights`
 (kaiming_normal_ fan_out / relu, zero bias), optionally with small random biases.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -48,5 +49,7 @@ class VGG16FeaturesOnly(nn.Module):
 
 def features_state_dict_numpy(features: nn.Sequential) -> dict[str, np.ndarray]:
   """`features.{i}.weight|bias` -> float32 numpy."""
-  return {f"features.{k}": v.detach().cpu().numpy().astype(np.float32)
-          for k, v in features.state_dict().items()}
+  return {
+    f"features.{k}": v.detach().cpu().numpy().astype(np.float32)
+    for k, v in features.state_dict().items()
+  }

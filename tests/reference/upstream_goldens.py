@@ -18,6 +18,7 @@ DISTS: DISTS_pytorch/DISTS_pt.py `DISTS(load_weights=False)` with alpha/beta set
 tests/reference/torch_vgg16.py (a stand-in `torchvision.models.vgg16` returns it), on
 tests/metrics/_photos.py's crops.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,6 +39,7 @@ def _load(name: str, path: str):
 
 def basicsr_niqe(root: str) -> None:
   from skimage import data
+
   b = os.path.join(root, "basicsr")
   sys.modules.setdefault("cv2", types.ModuleType("cv2"))
   for pkg in ("basicsr", "basicsr.utils", "basicsr.metrics"):
@@ -52,23 +54,28 @@ def basicsr_niqe(root: str) -> None:
   for name in ("camera", "coins", "moon"):
     img = getattr(data, name)()
     f32 = niqe.calculate_niqe(img, 0, input_order="HW")
-    f64 = niqe.niqe(img.astype(np.float64), p["mu_pris_param"], p["cov_pris_param"],
-                    p["gaussian_window"])
+    f64 = niqe.niqe(
+      img.astype(np.float64), p["mu_pris_param"], p["cov_pris_param"], p["gaussian_window"]
+    )
     print(f"NIQE {name} {img.shape}: calculate_niqe {f32!r}  float64 core {f64!r}")
 
 
 def dists_pytorch(root: str) -> None:
   import torch
+
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                  "metrics"))
+  sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "metrics")
+  )
   import _photos
   import torch_dists
   import torch_vgg16
+
   feats = torch_vgg16.vgg16_features(seed=1)
   tv = types.ModuleType("torchvision")
-  tv.models = types.SimpleNamespace(vgg16=lambda pretrained=True: types.SimpleNamespace(
-      features=feats))
+  tv.models = types.SimpleNamespace(
+    vgg16=lambda pretrained=True: types.SimpleNamespace(features=feats)
+  )
   tv.transforms = types.ModuleType("torchvision.transforms")
   sys.modules["torchvision"] = tv
   dists = _load("DISTS_pt", os.path.join(root, "DISTS_pytorch", "DISTS_pt.py"))
