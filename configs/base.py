@@ -137,6 +137,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.progress = True
   c.train.max_nonfinite_steps = 3  # stop after this many in a row
   c.train.sample_every = 0  # WORKDIR/samples/step_<n>.png (0 = off)
+  # Held-out validation and the guard (sodec_jax/train/guard.py): every validate_every steps
+  # (0 = off), at a stage's start and end, data.holdout's photos centre-cropped to validate_size
+  # go through real .sodec files -> val_psnr / val_bpp / val_ms_ssim rows in metrics.jsonl; the
+  # best step by val_psnr is kept and written to best.json (what --checkpoint and init_from load).
+  c.train.validate_every = 0
+  c.train.validate_size = 256  # crop side (MS-SSIM needs >= 161)
+  c.train.guard_db = 3.0  # drop (dB) below the stage start reported
+  c.train.guard_action = "continue"  # continue | stop (SodecError naming the stage)
   c.train.fsdp = 1  # >1: shard params + optimizer state over that many devices
   c.train.allow_config_change = False  # resume a workdir with a different config
   # Which parameters train: regexes over '/'-joined nnx paths of the model's nnx.Params (the
@@ -156,5 +164,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # The tiny default's latent-space pretraining (stage 0) and multi-stage pipeline; empty here.
   c.pretrain = ml_collections.ConfigDict({"kl_weight": 1e-4})
-  c.pipeline = ml_collections.ConfigDict({"stages": ()})
+  # summary: at the end, each coding stage on data.holdout (full size, real files) ->
+  # a printed table, WORKDIR/summary.json and WORKDIR/summary.png (train/pipeline.py summary)
+  c.pipeline = ml_collections.ConfigDict({"stages": (), "summary": True})
   return c

@@ -46,6 +46,7 @@ def get_config():
   c.train.log_every = 50
   c.train.checkpoint_every = 250
   c.train.sample_every = 250  # samples/step_<n>.png: original | x_f | x_hat
+  c.train.validate_every = 250  # held-out astronaut + coffee, 256 px crops
   # the diffusion decoder at small widths (used from stage 2 on)
   c.diffusion.unet = "tiny"
   c.diffusion.vae = "tiny"

@@ -8,7 +8,9 @@ Layout of a workdir:
                                other non-Param variables are rebuilt from the config, not saved
         opt_state/             the optax state (AdamW moments and step count)
         meta/                  JSON: step, seed, stage, config name and fingerprint, time
-    metrics.jsonl              one row per logged step (process 0)
+    metrics.jsonl              one row per logged step (process 0); val_* rows: validation
+    best.json                  the step with the best held-out validation PSNR (train/guard.py):
+                               what inference and init_from load when present
     events.out.tfevents.*      TensorBoard scalars (tensorboardX)
 
 A checkpoint at step s holds the state after s updates; the next update to run is step s.
@@ -28,7 +30,8 @@ Resume order (what `python -m sodec_jax.train` does when WORKDIR/config.json exi
   6. drop rows of metrics.jsonl with step > s (they will be logged again).
 
 `restore_params(workdir, model)` does step 4 for the params alone (no optimizer needed): it is
-what inference (`sodec_jax.load_model`) uses.
+what inference (`sodec_jax.load_model`) uses; with no step given it takes best.json's step when
+that checkpoint exists, else the latest (init_from's read_params does the same).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from flax import nnx
 from sodec_jax.errors import SodecError
 
 CONFIG_FILE = "config.json"
+BEST_FILE = "best.json"
 CHECKPOINT_DIR = "checkpoints"
 ITEMS = ("params", "opt_state", "meta")
 
@@ -60,6 +64,11 @@ RESUME_IGNORED = (
   "train.keep_checkpoints",
   "train.progress",
   "train.allow_config_change",
+  "train.validate_every",
+  "train.validate_size",
+  "train.guard_db",
+  "train.guard_action",
+  "pipeline.summary",
   "train.sample_every",
   "train.fsdp",
   "data.worker_count",
@@ -210,6 +219,54 @@ def _check_same(template, restored, what: str, workdir: str, step: int) -> None:
       )
 
 
+def prune(mngr: ocp.CheckpointManager, keep: int | None, protect=()) -> list[int]:
+  """Deletes all but the latest `keep` checkpoints (None or 0: keep all), never a step in
+  `protect` (the best validation step); returns the deleted steps. The managers are made with
+  keep-all, so this is the only place checkpoints are removed."""
+  steps = sorted(mngr.all_steps())
+  if not keep or len(steps) <= keep:
+    return []
+  gone = [s for s in steps[:-keep] if s not in set(protect)]
+  for s in gone:
+    mngr.delete(s)
+  return gone
+
+
+def read_best(workdir: str) -> dict | None:
+  """WORKDIR/best.json ({"step", "val_psnr", "start_step", "start_psnr", ...}) or None."""
+  path = os.path.join(workdir, BEST_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      record = json.load(f)
+    int(record["step"])
+  except (OSError, ValueError, KeyError, TypeError) as err:
+    raise SodecError(
+      f"{path} is damaged ({type(err).__name__}); delete it to use the latest checkpoint"
+    ) from None
+  return record
+
+
+def write_best(workdir: str, record: dict) -> str:
+  """Writes WORKDIR/best.json atomically; returns its path."""
+  path = os.path.join(workdir, BEST_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+  return path
+
+
+def default_step(workdir: str, steps) -> int:
+  """The step a reader takes when none is given: best.json's (if that checkpoint is among
+  `steps`), else the latest."""
+  record = read_best(workdir)
+  if record is not None and int(record["step"]) in steps:
+    return int(record["step"])
+  return max(steps)
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, params, opt_state, workdir: str = ""):
   """(params, opt_state, meta) of `step`, shaped like the given templates."""
   try:
@@ -261,7 +318,7 @@ def restore_params(workdir: str, model: nnx.Module, step: int | None = None) -> 
         f"python -m sodec_jax.train --config ... --workdir {workdir}"
       )
     if step is None:
-      step = max(steps)
+      step = default_step(workdir, steps)
     elif step not in steps:
       raise SodecError(f"no checkpoint for step {step} in {workdir} (have {sorted(steps)})")
     state = nnx.state(model, nnx.Param)
@@ -322,7 +379,7 @@ def read_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
     steps = mngr.all_steps() if mngr else []
     if not steps:
       raise SodecError(f"no checkpoint in {workdir} to start from; train that stage first")
-    step = max(steps) if step is None else step
+    step = default_step(workdir, steps) if step is None else step
     out = mngr.restore(int(step), args=ocp.args.Composite(params=ocp.args.StandardRestore()))
     return out["params"], int(step)
   finally:

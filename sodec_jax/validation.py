@@ -116,7 +116,7 @@ def validate(
 
 def pipeline_models(workdir: str) -> list[tuple[str, api.LoadedModel]]:
   """(stage directory name, LoadedModel) of each coding stage of a pipeline workdir (the tiny
-  default's) that has a checkpoint (its latest); stage 0, the latent pretraining, codes nothing
+  default's) that has a checkpoint (best.json's step, else the latest); stage 0 codes nothing
   and is left out. A plain training workdir gives itself."""
   path = os.path.join(workdir, checkpoints.PIPELINE_FILE)
   if not os.path.isfile(path):

@@ -40,6 +40,9 @@ def make_micro_config(**overrides):
   c.train.checkpoint_every = 2
   c.train.progress = False
   c.train.sample_every = 0  # no sample grids unless a test asks
+  c.train.validate_every = 0  # no held-out validation unless a test asks
+  c.train.validate_size = 64
+  c.pipeline.summary = False  # no held-out summary unless a test asks
   for key, value in overrides.items():
     node = c
     *parents, leaf = key.split(".")

@@ -23,6 +23,7 @@ from flax import nnx
 from sodec_jax import checkpoints, data
 from sodec_jax.errors import SodecError
 from sodec_jax.train import build, logs, parallel, pipeline
+from sodec_jax.train import guard as guard_lib
 from sodec_jax.train.step import make_sample_fn, make_train_step
 
 
@@ -68,7 +69,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   paths = data.list_images(config.data.train_dir)
   logs.prepare_workdir(config, workdir)
 
-  mngr = checkpoints.manager(workdir, keep=config.train.keep_checkpoints)
+  mngr = checkpoints.manager(workdir)  # keep-all; checkpoints.prune keeps N and the best step
   start = mngr.latest_step() or 0
   num_steps = int(config.train.num_steps)
   if start >= num_steps:
@@ -152,6 +153,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   sample_every = int(config.train.get("sample_every", 0)) if jax.process_count() == 1 else 0
   sample_fn = make_sample_fn(graphdef, config) if sample_every else None
+  guard = guard_lib.Guard.create(config, workdir, graphdef, start)
   max_bad = int(config.train.get("max_nonfinite_steps", 3))
   bad, sums, count, times, row = 0, {}, 0, [], {"step": start}
   t_start = time.time()
@@ -163,9 +165,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if "disc" not in state
       else {"model": state["opt_state"], "disc": state["disc"]}
     )
+    if done in mngr.all_steps():
+      return
     checkpoints.save(mngr, done, build.merge_pure(state["params"], frozen), extra, config)
+    checkpoints.prune(
+      mngr,
+      config.train.keep_checkpoints,
+      () if guard is None or guard.best_step is None else (guard.best_step,),
+    )
+
+  def validate(done):  # held-out photos through real files; the best step is kept (guard.py)
+    guard.check(done, state["params"], consts, log, save, bar.write)
 
   try:
+    if guard is not None and guard.needs_start():
+      validate(start)
     for step in range(start, num_steps):
       if stop.set:  # preemption: `state` holds `step` updates; save it (unless saved) and stop
         if mngr.latest_step() != step:
@@ -212,6 +226,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
       if done % config.train.checkpoint_every == 0 or done == num_steps:
         save(done)
+      if guard is not None and guard.due(done, num_steps):
+        validate(done)
   finally:
     stop.restore()
     bar.close()

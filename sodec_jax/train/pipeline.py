@@ -10,9 +10,10 @@ import os
 import time
 from typing import Callable
 
+import jax
 import ml_collections
 
-from sodec_jax import checkpoints
+from sodec_jax import checkpoints, validation
 from sodec_jax.errors import SodecError
 from sodec_jax.train.logs import METRICS_FILE
 
@@ -66,6 +67,8 @@ def run_pipeline(config, workdir: str, train: Callable[..., dict]) -> dict:
     c.init_from = ",".join(earlier) if c.stage >= 2 else ""  # stages 0 and 1 start from scratch
     print(f"=== pipeline stage {i + 1}/{len(names)}: {name} -> {os.path.join(workdir, sub)}")
     row = train(c, os.path.join(workdir, sub))
+  if config.pipeline.get("summary", True):
+    summary(config, workdir)
   minutes, seconds = divmod(int(time.time() - t0), 60)
   print(
     f"pipeline done in {minutes}m{seconds:02d}s: stages {', '.join(dirs)} in {workdir} "
@@ -76,3 +79,55 @@ def run_pipeline(config, workdir: str, train: Callable[..., dict]) -> dict:
     f"  python -m sodec_jax.evaluate --checkpoint {workdir} --images FOLDER --out eval/"
   )
   return row
+
+
+SUMMARY_JSON, SUMMARY_PNG = "summary.json", "summary.png"
+
+
+def summary(config, workdir: str) -> list[dict] | None:
+  """What the pipeline made, measured on the held-out photos (config.data.holdout, full size,
+  through real .sodec files of each coding stage's output, best.json's step where present):
+  prints a table stage | step | bpp | PSNR | MS-SSIM, writes WORKDIR/summary.json (those rows)
+  and WORKDIR/summary.png (original | each stage's decode, the first two photos). Returns the
+  rows, or None (with a note) when data.holdout is empty or the run has several processes."""
+  if not tuple(config.data.get("holdout", ())):
+    print("no held-out summary: config.data.holdout is empty (name photos kept out of training)")
+    return None
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      print("no held-out summary in a multi-process run: run python -m sodec_jax.evaluate")
+    return None
+  images = validation.holdout_images(config)
+  models = validation.pipeline_models(workdir)
+  rows = []
+  for name, model in models:
+    r = validation.validate(model, images)
+    rows.append(
+      {
+        "stage": name,
+        "step": model.step,
+        "bpp": r["bpp"],
+        "psnr": r["psnr"],
+        "ms_ssim": r["ms_ssim"],
+        "images": r["images"],
+      }
+    )
+  with open(os.path.join(workdir, SUMMARY_JSON), "w") as f:
+    json.dump({"holdout": list(config.data.holdout), "stages": rows}, f, indent=2)
+  validation.summary_png(os.path.join(workdir, SUMMARY_PNG), models, images[:2])
+  width = max(len("stage"), *(len(r["stage"]) for r in rows))
+  lines = [
+    f"held-out photos ({', '.join(config.data.holdout)}), full size, through .sodec files:",
+    f"{'stage':<{width}}  {'step':>6}  {'bpp':>6}  {'PSNR':>6}  {'MS-SSIM':>7}",
+  ]
+  for r in rows:
+    ssim = "-" if r["ms_ssim"] is None else f"{r['ms_ssim']:.4f}"
+    lines.append(
+      f"{r['stage']:<{width}}  {r['step']:>6}  {r['bpp']:>6.3f}  {r['psnr']:>6.2f}  {ssim:>7}"
+    )
+  lines.append(
+    f"(also {os.path.join(workdir, SUMMARY_JSON)}; original | each stage: "
+    f"{os.path.join(workdir, SUMMARY_PNG)})"
+  )
+  print("\n".join(lines))
+  return rows
