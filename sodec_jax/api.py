@@ -1,5 +1,9 @@
 """Public API: load_model, compress, decompress, read_header, and the coding steps.
 
+(Over 450 lines: the whole coding path, from image to bytes and back, including the file
+format's version handling, is kept in one module so that what a .sodec file holds reads in
+one place.)
+
     import sodec_jax
     model = sodec_jax.load_model("runs/tiny")           # the --workdir training wrote
     data = sodec_jax.compress(model, image)             # image: uint8 [H, W, 3] -> bytes

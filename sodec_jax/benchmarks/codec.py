@@ -1,5 +1,8 @@
 """Codec encode/decode latency: `python -m sodec_jax.bench --what codec [options]`.
 
+(Over 450 lines: every stage of encode and decode is timed beside its PyTorch twin in one
+report; the twin itself is torch_reference.py.)
+
   --checkpoint DIR   a training workdir (default: the paper-size codec, configs/base.py, with
                      random weights: the neural timings are the same, the range-coding ones are
                      not representative because random latents code differently)

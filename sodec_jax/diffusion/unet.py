@@ -1,5 +1,8 @@
 """UNet2DConditionModel (Stable Diffusion 2.1 family) in flax.nnx, NHWC, equal to diffusers'.
 
+(Over 450 lines: one file per diffusers model class, so that the key map and the parity tests
+read against a single module, as diffusers' own unet_2d_condition.py.)
+
     unet = UNet2DConditionModel(sd21_unet_config(), rngs=nnx.Rngs(0))
     eps = unet(sample, timesteps, encoder_hidden_states)   # [B,H,W,4], [B], [B,T,1024] -> [B,H,W,4]
 
