@@ -212,7 +212,8 @@ def test_user_errors_are_one_line(micro_workdir, photos, tmp_path, capsys):
 
 
 def test_center_crop_and_detail_window():
-  from sodec_jax.evaluate import center_crop, detail_window
+  from sodec_jax.evaluate import center_crop
+  from sodec_jax.figures import detail_window
 
   img = load_photo("astronaut.png")
   c = center_crop(img, 100)
