@@ -150,6 +150,11 @@ def tiny_unet_config() -> UNetConfig:
   )
 
 
+def _attentions(n: int, channels: int, **kw) -> nnx.List:
+  """The n cross-attention transformers of a down or up block (none when n == 0)."""
+  return nnx.List([Transformer2DModel(channels, **kw) for _ in range(n)])
+
+
 class DownBlock(nnx.Module):
   """CrossAttnDownBlock2D (with_attention) or DownBlock2D.
 
@@ -193,22 +198,16 @@ class DownBlock(nnx.Module):
         for i in range(num_layers)
       ]
     )
-    self.attentions = nnx.List(
-      [
-        Transformer2DModel(
-          out_channels,
-          heads=heads,
-          cross_attention_dim=cross_attention_dim,
-          num_layers=transformer_layers,
-          groups=groups,
-          use_linear_projection=use_linear_projection,
-          query_chunk=query_chunk,
-          **kw,
-        )
-        for _ in range(num_layers)
-      ]
-      if with_attention
-      else []
+    self.attentions = _attentions(
+      num_layers if with_attention else 0,
+      out_channels,
+      heads=heads,
+      cross_attention_dim=cross_attention_dim,
+      num_layers=transformer_layers,
+      groups=groups,
+      use_linear_projection=use_linear_projection,
+      query_chunk=query_chunk,
+      **kw,
     )
     self.downsamplers = nnx.List(
       [Downsample2D(out_channels, out_channels, padding=downsample_padding, **kw)]
@@ -275,22 +274,16 @@ class UpBlock(nnx.Module):
         )
       )
     self.resnets = nnx.List(resnets)
-    self.attentions = nnx.List(
-      [
-        Transformer2DModel(
-          out_channels,
-          heads=heads,
-          cross_attention_dim=cross_attention_dim,
-          num_layers=transformer_layers,
-          groups=groups,
-          use_linear_projection=use_linear_projection,
-          query_chunk=query_chunk,
-          **kw,
-        )
-        for _ in range(num_layers)
-      ]
-      if with_attention
-      else []
+    self.attentions = _attentions(
+      num_layers if with_attention else 0,
+      out_channels,
+      heads=heads,
+      cross_attention_dim=cross_attention_dim,
+      num_layers=transformer_layers,
+      groups=groups,
+      use_linear_projection=use_linear_projection,
+      query_chunk=query_chunk,
+      **kw,
     )
     self.upsamplers = nnx.List(
       [Upsample2D(out_channels, out_channels, **kw)] if add_upsample else []
