@@ -73,6 +73,24 @@ def tiny_vae_config() -> VAEConfig:
   )
 
 
+def _resnets(in_channels: int, out_channels: int, n: int, groups: int, **kw) -> nnx.List:
+  """The n resnets (no time embedding) of an encoder or decoder block; the first maps
+  in_channels -> out_channels."""
+  return nnx.List(
+    [
+      ResnetBlock2D(
+        in_channels if i == 0 else out_channels,
+        out_channels,
+        temb_channels=None,
+        groups=groups,
+        eps=_EPS,
+        **kw,
+      )
+      for i in range(n)
+    ]
+  )
+
+
 class EncoderBlock(nnx.Module):
   """DownEncoderBlock2D: resnets (no time embedding), then a stride-2 conv (pad right/bottom)."""
 
@@ -80,19 +98,7 @@ class EncoderBlock(nnx.Module):
     self, in_channels, out_channels, *, num_layers, add_downsample, groups, dtype, param_dtype, rngs
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List(
-      [
-        ResnetBlock2D(
-          in_channels if i == 0 else out_channels,
-          out_channels,
-          temb_channels=None,
-          groups=groups,
-          eps=_EPS,
-          **kw,
-        )
-        for i in range(num_layers)
-      ]
-    )
+    self.resnets = _resnets(in_channels, out_channels, num_layers, groups, **kw)
     self.downsamplers = nnx.List(
       [Downsample2D(out_channels, out_channels, padding=0, **kw)] if add_downsample else []
     )
@@ -112,19 +118,7 @@ class DecoderBlock(nnx.Module):
     self, in_channels, out_channels, *, num_layers, add_upsample, groups, dtype, param_dtype, rngs
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.resnets = nnx.List(
-      [
-        ResnetBlock2D(
-          in_channels if i == 0 else out_channels,
-          out_channels,
-          temb_channels=None,
-          groups=groups,
-          eps=_EPS,
-          **kw,
-        )
-        for i in range(num_layers)
-      ]
-    )
+    self.resnets = _resnets(in_channels, out_channels, num_layers, groups, **kw)
     self.upsamplers = nnx.List(
       [Upsample2D(out_channels, out_channels, **kw)] if add_upsample else []
     )
