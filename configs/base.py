@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.factorized_init_scale = 10.0
   c.model.scale_lower_bound = 0.11
   c.model.likelihood_bound = 1e-9
+  # HiFiC's flag: False = E sees x in [0, 1] and D_a's raw output is the image (HiFiC's default);
+  # True = E sees 2x - 1 and the image is (tanh(D_a) + 1) / 2 (the tiny default: codec/hific.py)
+  c.model.normalize_input_image = False
   c.model.dtype = "float32"  # compute dtype of the conv stacks
   c.model.param_dtype = "float32"
   # Optional, absent here (= native): model.padding ("sodec" | "hific", codec/padding.py) and

@@ -187,7 +187,7 @@ class SODEC(nnx.Module):
   def analysis(self, x: jax.Array, latent_multiple: int = 1) -> tuple[jax.Array, jax.Array]:
     """x [B, H, W, 3] -> (y [B, H/16, W/16, C], z [B, H/64, W/64, N]); y reflect-padded
     bottom/right to a multiple of `latent_multiple` first (codec/padding.py)."""
-    y = pad_latent(self.codec.encoder(x), latent_multiple)
+    y = pad_latent(self.codec.encode(x), latent_multiple)
     return y, self.codec.hyper_analysis(y)
 
   def prior_parameters(self, z_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -196,7 +196,7 @@ class SODEC(nnx.Module):
 
   def fidelity_reconstruction(self, y_hat: jax.Array) -> jax.Array:
     """y_hat -> x_f = D_a(y_hat) [B, H, W, 3] (unclamped)."""
-    return self.codec.fidelity_decoder(y_hat)
+    return self.codec.decode(y_hat)
 
   def guidance(self, x_f: jax.Array, z_hat: jax.Array) -> jax.Array:
     """c_g [B, 77, width]: F_p(F(x_f)) in fidelity mode (see guidance/projection.py)."""

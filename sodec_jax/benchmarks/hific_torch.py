@@ -293,8 +293,12 @@ class HiFiC(nn.Module):
     density_filters=(3, 3, 3),
     discriminator_filters=None,
     eps: float = 1e-3,
+    normalize_input_image: bool = False,
   ):
     super().__init__()
+    # upstream's args.normalize_input_image: inputs 2x - 1 (its dataset's Normalize(0.5, 0.5)),
+    # reconstruction tanh'd and mapped back with (r + 1) / 2 (src/model.py)
+    self.normalize_input_image = bool(normalize_input_image)
     self.Encoder = Encoder(C, tuple(encoder_filters), eps)
     self.Generator = Generator(C, tuple(decoder_filters), n_residual_blocks, eps)
     self.Hyperprior = Hyperprior(C, N, tuple(density_filters))
@@ -312,19 +316,22 @@ class HiFiC(nn.Module):
       m.decoder_residual_blocks,
       tuple(m.factorized_filters),
       eps=m.channel_norm_eps,
+      normalize_input_image=bool(m.get("normalize_input_image", False)),
     )
 
   # -- the pieces, unpadded (inputs already of suitable size) ------------------------------------
   def analysis(self, x):
-    """E + H_a: x -> (y, z), no padding."""
-    y = self.Encoder(x)
+    """E + H_a: x [0, 1] -> (y, z), no padding."""
+    y = self.Encoder(2.0 * x - 1.0 if self.normalize_input_image else x)
     return y, self.Hyperprior.analysis_net(y)
 
   def prior(self, z_hat):
     return self.Hyperprior.prior(z_hat)
 
   def synthesis(self, y_hat):
-    return self.Generator(y_hat)
+    """G: y_hat -> the image in [0, 1] units."""
+    x = self.Generator(y_hat)
+    return (torch.tanh(x) + 1.0) / 2.0 if self.normalize_input_image else x
 
   # -- upstream's evaluation path -----------------------------------------------------------------
   @torch.no_grad()
@@ -332,7 +339,8 @@ class HiFiC(nn.Module):
     """x [B, 3, H, W] in [0, 1] -> reconstruction [B, 3, H, W] in [0, 1], bits per image
     (upstream's estimate), y_hat and z_hat (padded sizes)."""
     h, w = x.shape[2:]
-    y = self.Encoder(pad_factor(x, 2**self.Encoder.n_downsampling_layers))
+    x_in = 2.0 * x - 1.0 if self.normalize_input_image else x
+    y = self.Encoder(pad_factor(x_in, 2**self.Encoder.n_downsampling_layers))
     y = pad_factor(y, 2**self.Hyperprior.analysis_net.n_downsampling_layers)
     z_hat = torch.floor(self.Hyperprior.analysis_net(y) + 0.5)
     mu, sigma = self.Hyperprior.prior(z_hat)
@@ -344,7 +352,7 @@ class HiFiC(nn.Module):
       float(-torch.sum(torch.log(lik + ENTROPY_EPS)) / (b * math.log(2.0)))
       for lik in (lik_z, lik_y)
     )
-    x_hat = self.Generator(y_hat)[:, :, :h, :w]
+    x_hat = self.synthesis(y_hat)[:, :, :h, :w]
     return {
       "reconstruction": torch.clamp(x_hat, 0.0, 1.0),
       "bits": bits,

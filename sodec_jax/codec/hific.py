@@ -23,7 +23,12 @@ from sodec_jax.layers import ChannelNorm, Conv2d, ConvTranspose2d, ResidualBlock
 # Codec config fields a `model` section may omit, with the value absence means. They are set
 # for checkpoints converted from the HiFiC PyTorch implementation (its padding, codec/padding.py,
 # and its density's gate after the last layer); a fingerprint leaves them out at these values.
-OPTIONAL_FIELDS = {padding.FIELD: padding.DEFAULT, "factorized_last_gate": False}
+# normalize_input_image is upstream's flag of the same name (its default False: E sees [0, 1]).
+OPTIONAL_FIELDS = {
+  padding.FIELD: padding.DEFAULT,
+  "factorized_last_gate": False,
+  "normalize_input_image": False,
+}
 
 
 class Encoder(nnx.Module):
@@ -210,7 +215,16 @@ class FidelityDecoder(nnx.Module):
 
 class Codec(nnx.Module):
   """The four trainable parts of the VAE codec, named as in DESIGN.md: `encoder` (E),
-  `hyper_analysis` (H_a), `prior` (P) and `fidelity_decoder` (D_a)."""
+  `hyper_analysis` (H_a), `prior` (P) and `fidelity_decoder` (D_a).
+
+  `encode(x [0, 1])` and `decode(y_hat) -> [0, 1]` are E and D_a with the image range of
+  `model.normalize_input_image` (HiFiC's flag of that name): False (HiFiC's default) feeds E
+  with x in [0, 1] and takes D_a's raw output as the image; True feeds E with 2x - 1 and maps
+  D_a's output through (tanh + 1) / 2, as HiFiC does with the flag set. The tiny default sets
+  it: with [0, 1] inputs, the per-pixel ChannelNorm after E's first conv (12 channels there)
+  largely cancels brightness, and the tiny codec stalls near a flat image for hundreds of steps
+  (docs/ARCHITECTURE.md, "Choices").
+  """
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     dtype = jnp.dtype(cfg.dtype)
@@ -236,3 +250,14 @@ class Codec(nnx.Module):
     self.fidelity_decoder = FidelityDecoder(
       c, tuple(cfg.decoder_filters), cfg.decoder_residual_blocks, eps=cfg.channel_norm_eps, **kw
     )
+    self.normalize_input_image = bool(cfg.get("normalize_input_image", False))
+
+  def encode(self, x: jax.Array) -> jax.Array:
+    """E on an image x [B, H, W, 3] in [0, 1] -> y [B, H/16, W/16, C]."""
+    return self.encoder(2.0 * x - 1.0 if self.normalize_input_image else x)
+
+  def decode(self, y_hat: jax.Array) -> jax.Array:
+    """D_a: y_hat [B, h, w, C] -> x_f [B, 16h, 16w, 3] in [0, 1] units (unclamped when
+    normalize_input_image is False, within (0, 1) when True)."""
+    x = self.fidelity_decoder(y_hat)
+    return (jnp.tanh(x) + 1.0) / 2.0 if self.normalize_input_image else x

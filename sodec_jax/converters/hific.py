@@ -59,6 +59,8 @@ def hific_model_config(state: TensorSource, args: Mapping | None = None):
   m.decoder_filters = (state.shape("Generator.conv_block_init.2.weight")[0],) + tuple(
     state.shape(f"Generator.upconv_block{i}.0.weight")[1] for i in range(1, 5)
   )
+  if args and "normalize_input_image" in args:
+    m.normalize_input_image = bool(args["normalize_input_image"])  # upstream's own flag
   if args:
     for ours, theirs in (
       ("latent_channels", "latent_channels"),

@@ -93,3 +93,30 @@ def test_strict_key_map_errors(pair):
     {**sd, "Discriminator.conv1.weight_orig": np.zeros(1)}, ours, config.model
   )
   assert ignored == ["Discriminator.conv1.weight_orig"]
+
+
+def test_normalize_input_image_is_upstreams_flag(pair):
+  """model.normalize_input_image=True is HiFiC's flag of that name (src/model.py of
+  Justin-Tan/high-fidelity-generative-compression at b44c6f7: the dataset feeds [-1, 1] images,
+  `reconstruction = torch.tanh(reconstruction)`, and decompress maps (r + 1) / 2): written here
+  from upstream's modules directly, not through our torch twin's wrapper."""
+  config, ref, _, sd = pair
+  m = config.model.copy_and_resolve_references()
+  m.normalize_input_image = True
+  config = config.copy_and_resolve_references()
+  config.model = m
+  ours = build_model(config, nnx.Rngs(1))
+  load_hific_state_dict(sd, ours, m)
+  x = load_photo("astronaut.png")[128:256, 192:384].astype(np.float32)[None] / 255.0
+  with torch.no_grad():
+    y_ref = ref.Encoder(_nchw(2.0 * x - 1.0))
+    x_ref = (torch.tanh(ref.Generator(y_ref)) + 1.0) / 2.0
+  y, _ = ours.analysis(jnp.asarray(x))
+  assert _rel(y, _nhwc(y_ref)) < 1e-5
+  x_f = ours.fidelity_reconstruction(jnp.asarray(_nhwc(y_ref)))
+  assert _rel(x_f, _nhwc(x_ref)) < 1e-5
+  twin = hific_torch.HiFiC.from_model_config(m).eval()
+  twin.load_state_dict(ref.state_dict())
+  with torch.no_grad():
+    assert _rel(_nhwc(twin.synthesis(y_ref)), _nhwc(x_ref)) < 1e-6
+    assert _rel(_nhwc(twin.analysis(_nchw(x))[0]), _nhwc(y_ref)) < 1e-6

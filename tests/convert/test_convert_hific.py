@@ -138,6 +138,7 @@ def test_hific_codec(checkpoint, tmp_path):
   ):
     assert tuple(np.atleast_1d(cfg[k])) == tuple(np.atleast_1d(micro.model[k])), k
   assert cfg["padding"] == "hific" and cfg["factorized_last_gate"] is True
+  assert cfg["normalize_input_image"] is False  # upstream_args: HiFiC's default
   micro.model.factorized_last_gate = True
   ours = build_model(micro, nnx.Rngs(5))
   converted.load_codec_params(out, ours)
@@ -179,6 +180,15 @@ def test_hific_discriminator_arrays(checkpoint, tmp_path):
   sigma = disc["conv1"]["sn_u"] @ w_mat @ disc["conv1"]["sn_v"]
   rel, _ = errors((k / sigma).transpose(3, 2, 0, 1), w_eval)
   assert rel < TOL
+
+
+def test_hific_normalize_input_image_comes_from_args(checkpoint, tmp_path):
+  path, _ = checkpoint
+  obj = torch.load(path, weights_only=True)
+  obj["args"]["normalize_input_image"] = True
+  torch.save(obj, tmp_path / "normalized.pt")
+  out = convert.convert_hific(str(tmp_path / "normalized.pt"), str(tmp_path / "o"))
+  assert converted.load_codec_config(out)["normalize_input_image"] is True
 
 
 def test_hific_errors(checkpoint, tmp_path):
