@@ -105,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.anneal.end = 8.0  # the larger target weight (low bitrate)
   c.loss.anneal.steps = 20_000  # steps to go from start to end
   c.loss.anneal.shape = "linear"  # linear | cosine | step | none (end at once)
+  # Final rate (bpp) the anneal steers to; 0 = off. When > 0, HiFiC's target-rate rule on top of
+  # lambda(t): lambda(t) while the (noisy, training-mode) batch bpp is above it, lambda(t) *
+  # lambda_B / lambda_A at or below (losses.targeted_lambda). configs/paper.py:BPP sets it.
+  c.loss.anneal.target_rate = 0.0
   # Alignment loss alpha * L_align(x, x_f) (Eq. 10); "merged" adds d(x, x_f) to the distortion.
   c.loss.alignment = "none"  # none | mse | mse+lpips | merged
   c.loss.alpha = 1.0
