@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- data -----------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.train_dir = ""  # "" = the photos bundled with scikit-image
-  c.data.crop_size = 256
+  c.data.crop_size = 256  # stage 1 (HiFiC's own crop); stages 2-4 use the paper's 512
   c.data.batch_size = 8  # global batch
   c.data.hflip = True
   c.data.worker_count = 0  # grain worker processes (0 = threads)
@@ -109,7 +109,8 @@ def get_config() -> ml_collections.ConfigDict:
   # lambda(t): lambda(t) while the (noisy, training-mode) batch bpp is above it, lambda(t) *
   # lambda_B / lambda_A at or below (losses.targeted_lambda). configs/paper.py:BPP sets it.
   c.loss.anneal.target_rate = 0.0
-  # Alignment loss alpha * L_align(x, x_f) (Eq. 10); "merged" adds d(x, x_f) to the distortion.
+  # Alignment loss alpha * L_align(x, x_f) (Eq. 10), Table 3; "merged" takes no separate term but
+  # the distortion over x_hat and x_f as one batch (losses.merged_distortion says why).
   c.loss.alignment = "none"  # none | mse | mse+lpips | merged
   c.loss.alpha = 1.0
   c.loss.beta = 0.0  # GAN weight (stage 4: HiFiC's 0.15)
