@@ -21,7 +21,9 @@ def get_config(target_bpp: str = str(stage3.DEFAULT_TARGET_BPP)):
   try:
     target = float(target_bpp)
   except ValueError:
-    raise ValueError(f"configs/paper.py:{target_bpp}: the final rate must be a number (bpp)")
+    raise ValueError(
+      f"configs/paper.py:{target_bpp}: the final rate must be a number (bpp)"
+    ) from None
   if not 0 < target < stage1.STAGE1_TARGET_BPP:
     raise ValueError(
       f"configs/paper.py:{target_bpp}: the final rate must lie in (0, "

@@ -152,7 +152,7 @@ def test_paper_operating_points_are_one_family():
     points[bpp] = stages["stage3"].to_dict()
   # the four points differ in the rate target alone
   first = points[paper.OPERATING_POINTS[0]]
-  for bpp, d in points.items():
+  for d in points.values():
     assert _diff(d, first) - {"name"} <= {"loss.anneal.target_rate"}
   with pytest.raises(UsageError, match="below stage 1"):
     load_config_file(os.path.join(ROOT, "configs/paper.py:0.2"))
