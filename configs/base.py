@@ -119,9 +119,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.gan_ramp_steps = 0  # then beta rises linearly over these
   c.loss.discriminator_init = ""  # stage 4: a `convert/from_torch.py hific` folder's discriminator
 
-  # LPIPS needs ImageNet VGG16 weights from a local file (torchvision layout, .pth or .safetensors).
+  # The LPIPS trunk of the loss: "vgg" (ours by default) or "alex" (HiFiC's default, and the
+  # LPIPS of most compression papers' tables). Either needs its ImageNet weights from a local file
+  # (torchvision layout, .pth or .safetensors): lpips.vgg_weights / lpips.alexnet_weights.
+  c.loss.lpips_net = "vgg"
   c.lpips = ml_collections.ConfigDict()
   c.lpips.vgg_weights = ""
+  c.lpips.alexnet_weights = ""
 
   # --- optimisation -----------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()

@@ -84,3 +84,27 @@ def test_load_lpips_alex_from_a_file(models, tmp_path):
     lw.load_lpips_alex(tmp_path / "missing.pth")
   with pytest.raises(ValueError, match="at least 31x31"):
     ours(x[:, :30, :30], y[:, :30, :30])
+
+
+def test_training_loss_takes_lpips_net_alex(models, tmp_path):
+  """loss.lpips_net='alex' builds the loss's LPIPS from lpips.alexnet_weights (and names that
+  field when it is empty)."""
+  from flax import nnx
+
+  from sodec_jax.train import build
+  from tests.conftest import make_micro_config
+
+  feats, _, ours = models
+  path = tmp_path / "alexnet.pth"
+  torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, path)
+  c = make_micro_config(**{"loss.k_P": 1.0, "loss.lpips_net": "alex"})
+  with pytest.raises(SodecError, match="lpips.alexnet_weights"):
+    build.validate_config(c)
+  c.lpips.alexnet_weights = str(path)
+  build.validate_config(c)
+  graphdef, state = build.load_lpips(c)
+  fn = nnx.merge(graphdef, state)
+  assert isinstance(fn, LPIPSAlex)
+  x = _photos.crops((64, 64))
+  y = _photos.degrade(x)
+  np.testing.assert_allclose(np.asarray(fn(x, y)), np.asarray(ours(x, y)), rtol=1e-4)
