@@ -81,7 +81,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- data -----------------------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.train_dir = ""  # "" = the photos bundled with scikit-image
-  c.data.crop_size = 256
+  c.data.crop_size = 256  # stage 1 (HiFiC's own crop); stages 2-4 use the paper's 512
   c.data.batch_size = 8  # global batch
   c.data.hflip = True
   c.data.worker_count = 0  # grain worker processes (0 = threads)
@@ -108,7 +108,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.anneal.end = 8.0  # the larger target weight (low bitrate)
   c.loss.anneal.steps = 20_000  # steps to go from start to end
   c.loss.anneal.shape = "linear"  # linear | cosine | step | none (end at once)
-  # Alignment loss alpha * L_align(x, x_f) (Eq. 10); "merged" adds d(x, x_f) to the distortion.
+  # Final rate (bpp) the anneal steers to; 0 = off. When > 0, HiFiC's target-rate rule on top of
+  # lambda(t): lambda(t) while the (noisy, training-mode) batch bpp is above it, lambda(t) *
+  # lambda_B / lambda_A at or below (losses.targeted_lambda). configs/paper.py:BPP sets it.
+  c.loss.anneal.target_rate = 0.0
+  # Alignment loss alpha * L_align(x, x_f) (Eq. 10), Table 3; "merged" takes no separate term but
+  # the distortion over x_hat and x_f as one batch (losses.merged_distortion says why).
   c.loss.alignment = "none"  # none | mse | mse+lpips | merged
   c.loss.alpha = 1.0
   c.loss.beta = 0.0  # GAN weight (stage 4: HiFiC's 0.15)
@@ -117,9 +122,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.gan_ramp_steps = 0  # then beta rises linearly over these
   c.loss.discriminator_init = ""  # stage 4: a `convert/from_torch.py hific` folder's discriminator
 
-  # LPIPS needs ImageNet VGG16 weights from a local file (torchvision layout, .pth or .safetensors).
+  # The LPIPS trunk of the loss: "vgg" (ours by default) or "alex" (HiFiC's default, and the
+  # LPIPS of most compression papers' tables). Either needs its ImageNet weights from a local file
+  # (torchvision layout, .pth or .safetensors): lpips.vgg_weights / lpips.alexnet_weights.
+  c.loss.lpips_net = "vgg"
   c.lpips = ml_collections.ConfigDict()
   c.lpips.vgg_weights = ""
+  c.lpips.alexnet_weights = ""
 
   # --- optimisation -----------------------------------------------------------------------------
   c.optim = ml_collections.ConfigDict()

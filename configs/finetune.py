@@ -1,6 +1,8 @@
 """Stage 4: the final GAN finetune (paper Eq. 12): stage 3 plus beta * L_g with HiFiC's
 conditional discriminator (conditioned on y_hat), trained in alternation with the generator.
-Start from the stage-3 workdir (--config.init_from=runs/stage3).
+Start from the stage-3 workdir (--config.init_from=runs/stage3). The final rate weight
+throughout, still switched around stage 3's loss.anneal.target_rate (so the GAN cannot push the
+rate off the operating point); crop 512, batch 2 (stage2.apply).
 
 The balance. beta = 0.15 is HiFiC's GAN weight for HiFiC's own distortion
 d = k_M * MSE(0..255) + k_P * LPIPS with k_M = 0.075 * 2^-5, k_P = 1, which this config keeps

@@ -29,7 +29,7 @@ def apply(c):
   c.loss.alignment = "none"
   c.loss.beta = 0.0
   c.optim.learning_rate = 5e-5  # OSEDiff / OSCAR
-  c.data.crop_size = 256
+  c.data.crop_size = 512  # the paper: "random 512x512 patches" (64x64 latents, as at test)
   c.data.batch_size = 2  # the paper's batch size
   return c
 

@@ -412,10 +412,13 @@ def init_from(model: nnx.Module, workdirs) -> list[str]:
       k for k, v in theirs.items() if k in ours and tuple(np.shape(v)) == tuple(ours[k].shape)
     ]
     bad = [k for k, v in theirs.items() if k in ours and tuple(np.shape(v)) != tuple(ours[k].shape)]
-    if bad:
+    if bad:  # never copied in part: a shape mismatch means another model config
+      k = bad[0]
       raise SodecError(
-        f"config.init_from: {wd} step {step} has {len(bad)} parameter(s) with other "
-        f"shapes than this model (e.g. {bad[0]}): different model config?"
+        f"config.init_from: {wd} step {step} has {len(bad)} parameter(s) with other shapes "
+        f"than this model (e.g. {k}: {tuple(np.shape(theirs[k]))} there, "
+        f"{tuple(ours[k].shape)} here): start from a workdir of the same model config (a "
+        "guidance.mode other than the workdir's trains its own stage 2 from stage 1)"
       )
     for k in hits:
       updates[k] = np.asarray(theirs[k])

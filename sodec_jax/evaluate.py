@@ -4,8 +4,17 @@
 stay together so a result row can be traced in one file; figures live in figures.py.)
 
   python -m sodec_jax.evaluate --checkpoint runs/a runs/b --images /data/kodak --out eval/kodak \\
-      [--center-crop 512] [--limit 24] [--vgg-weights vgg16.pth] [--dists-weights weights.pt] \\
+      [--protocol default|paper] [--center-crop 512] [--limit 24] [--vgg-weights vgg16.pth] \\
+      [--alexnet-weights alexnet.pth] [--dists-weights weights.pt] \\
       [--niqe-params modelparameters.mat] [--clip-iqa converted/clip_iqa]
+
+--protocol paper is the paper's: every image (Kodak included) centre-cropped to 512x512, bpp over
+that crop, and the columns bpp (whole .sodec file), bpp_payload (the coded streams z, y and the
+overflow escapes only: no container header or CRC), psnr, ms_ssim, lpips_vgg (LPIPS-VGG, empty
+without --vgg-weights), lpips (LPIPS-AlexNet, the metric of the paper's peers, with
+--alexnet-weights) and dists (with --vgg-weights and --dists-weights). The default protocol is
+unchanged: no crop unless --center-crop, `lpips` = LPIPS-VGG (and lpips_alex with
+--alexnet-weights), no bpp_payload.
 
 For every checkpoint and every image: compress to a real `.sodec` file (kept under
 OUT/sodec/<checkpoint>/), decode it, and score the decoded image against the original. bpp is
@@ -52,7 +61,10 @@ from sodec_jax.images import list_images
 
 MS_SSIM_MIN_SIDE = 161
 BASE_COLUMNS = ["checkpoint", "image", "height", "width", "bytes", "bpp"]
+PROTOCOLS = ("default", "paper")
+PAPER_CROP = 512  # "We center-crop all images in the validation datasets to 512x512"
 TIME_COLUMNS = ["encode_s", "decode_s"]
+_COLUMN_ORDER = ["psnr", "ms_ssim", "lpips", "lpips_vgg", "lpips_alex", "dists", "niqe", "clip_iqa"]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -87,22 +99,45 @@ class Metrics:
   weights are given (NIQE and CLIP-IQA score the decoded image alone)."""
 
   def __init__(
-    self, vgg_weights: str = "", dists_weights: str = "", niqe_params: str = "", clip_iqa: str = ""
+    self,
+    vgg_weights: str = "",
+    dists_weights: str = "",
+    niqe_params: str = "",
+    clip_iqa: str = "",
+    *,
+    alexnet_weights: str = "",
+    protocol: str = "default",
   ):
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from sodec_jax.metrics import ms_ssim, psnr
+    from sodec_jax.metrics.alexnet import ALEXNET_MIN_SIDE
+
+    self.alex_min_side = ALEXNET_MIN_SIDE
 
     self.notes: list[str] = []
     self.names = ["psnr", "ms_ssim"]
+    # the paper's protocol: `lpips` is LPIPS-AlexNet, LPIPS-VGG is `lpips_vgg` (always a column)
+    vgg_name, alex_name = ("lpips_vgg", "lpips") if protocol == "paper" else ("lpips", "lpips_alex")
+    self.empty = [vgg_name] if protocol == "paper" and not vgg_weights else []
     fns: dict[str, Callable] = {"psnr": jax.jit(psnr), "ms_ssim": jax.jit(ms_ssim)}
+    if alexnet_weights:
+      from sodec_jax.weights.lpips import load_lpips_alex
+
+      fns[alex_name] = self._jit_module(load_lpips_alex(alexnet_weights), jax, nnx)
+      self.names.append(alex_name)
+    elif protocol == "paper":
+      self.notes.append(
+        "LPIPS-AlexNet (lpips) skipped: no --alexnet-weights (torchvision AlexNet ImageNet "
+        "weights, .pth or .safetensors)"
+      )
     if vgg_weights:
       from sodec_jax.weights.lpips import load_lpips
 
-      fns["lpips"] = self._jit_module(load_lpips(vgg_weights), jax, nnx)
-      self.names.append("lpips")
+      fns[vgg_name] = self._jit_module(load_lpips(vgg_weights), jax, nnx)
+      self.names.append(vgg_name)
       if dists_weights:
         from sodec_jax.weights.dists import load_dists
 
@@ -153,11 +188,13 @@ class Metrics:
   def __call__(self, original: np.ndarray, decoded: np.ndarray) -> dict[str, float]:
     x = (original.astype(np.float32) / 255.0)[None]
     y = (decoded.astype(np.float32) / 255.0)[None]
-    out = {}
+    out = {name: float("nan") for name in self.empty}
     for name in self.names:
       if name == "ms_ssim" and min(original.shape[:2]) < MS_SSIM_MIN_SIDE:
         out[name] = float("nan")
-      elif name in ("lpips", "dists") and min(original.shape[:2]) < 16:
+      elif name in ("lpips", "lpips_vgg", "dists") and min(original.shape[:2]) < 16:
+        out[name] = float("nan")
+      elif name in ("lpips", "lpips_alex") and min(original.shape[:2]) < self.alex_min_side:
         out[name] = float("nan")
       elif name == "niqe":
         try:
@@ -172,6 +209,15 @@ class Metrics:
 
 
 # ----------------------------------------------------------------------------- coding
+
+
+def payload_bytes(data: bytes) -> int:
+  """Bytes of the coded streams of a .sodec file (z, y, overflow): the file less its container
+  header (fixed fields, stream lengths) and CRC."""
+  from sodec_jax.codec import bitstream
+
+  _, streams = bitstream.unpack(data)
+  return sum(len(s) for s in streams)
 
 
 def code_image(model, image: np.ndarray, want_x_f: bool) -> dict[str, Any]:
@@ -233,6 +279,8 @@ def evaluate(
   *,
   center_crop_size: int = 0,
   limit: int = 0,
+  protocol: str = "default",
+  alexnet_weights: str = "",
   vgg_weights: str = "",
   dists_weights: str = "",
   niqe_params: str = "",
@@ -251,14 +299,27 @@ def evaluate(
   from sodec_jax.images import read_image, write_atomic
   from sodec_jax.model import PAD_MULTIPLE
 
+  if protocol not in PROTOCOLS:
+    raise SodecError(f"--protocol {protocol}: use one of {', '.join(PROTOCOLS)}")
+  if protocol == "paper":
+    if center_crop_size not in (0, PAPER_CROP):
+      raise SodecError(f"--protocol paper crops to {PAPER_CROP}: drop --center-crop")
+    center_crop_size = PAPER_CROP
   paths = list_images(images, "--images")
-  metrics = Metrics(
-    vgg_weights, dists_weights, niqe_params, clip_iqa
-  )  # bad weights: before any output
+  metrics = Metrics(  # bad weights: before any output
+    vgg_weights,
+    dists_weights,
+    niqe_params,
+    clip_iqa,
+    alexnet_weights=alexnet_weights,
+    protocol=protocol,
+  )
   os.makedirs(out, exist_ok=True)
   for note in metrics.notes:
     log(f"note: {note}")
-  columns = BASE_COLUMNS + metrics.names + TIME_COLUMNS
+  sized = ["bpp_payload"] if protocol == "paper" else []
+  metric_columns = sorted(metrics.names + metrics.empty, key=_COLUMN_ORDER.index)
+  columns = BASE_COLUMNS + sized + metric_columns + TIME_COLUMNS
   rows: list[dict] = []
   skipped: dict[str, str] = {}
   summary_ckpts: list[dict] = []
@@ -311,6 +372,8 @@ def evaluate(
         "bytes": len(r["data"]),
         "bpp": 8.0 * len(r["data"]) / (h * w),
       }
+      if sized:
+        row["bpp_payload"] = 8.0 * payload_bytes(r["data"]) / (h * w)
       row.update(metrics(image, r["x_hat"]))
       row.update(encode_s=r["encode_s"], decode_s=r["decode_s"])
       rows.append(row)
@@ -327,7 +390,9 @@ def evaluate(
             (f"{label}: x_hat\n{tag}", r["x_hat"]),
           ]
     bar.close()
-    means = {k: _mean(r[k] for r in ckpt_rows) for k in ["bpp"] + metrics.names + TIME_COLUMNS}
+    means = {
+      k: _mean(r[k] for r in ckpt_rows) for k in ["bpp"] + sized + metrics.names + TIME_COLUMNS
+    }
     counts = {k: sum(1 for r in ckpt_rows if not math.isnan(r[k])) for k in metrics.names}
     summary_ckpts.append(
       {
@@ -377,6 +442,7 @@ def evaluate(
   summary = {
     "protocol": {
       "images": os.path.abspath(images),
+      "name": protocol,
       "center_crop": center_crop_size or None,
       "limit": limit or None,
       "listed": len(paths),
@@ -421,11 +487,18 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--images", required=True, metavar="FOLDER", help="folder of images (recursive)")
   p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
   p.add_argument(
+    "--protocol",
+    choices=PROTOCOLS,
+    default="default",
+    help="paper: centre crop 512 for every image, bpp_payload, lpips = LPIPS-AlexNet and "
+    "lpips_vgg columns (see above); default: as before",
+  )
+  p.add_argument(
     "--center-crop",
     type=int,
     default=0,
     metavar="N",
-    help="code the central NxN crop (the paper's DIV2K/CLIC protocol: 512); 0 = full images",
+    help="code the central NxN crop (--protocol paper: 512 for every dataset); 0 = full images",
   )
   p.add_argument("--limit", type=int, default=0, metavar="N", help="at most N images (0 = all)")
   p.add_argument(
@@ -433,6 +506,12 @@ def build_parser() -> argparse.ArgumentParser:
     default="",
     metavar="PATH",
     help="torchvision VGG16 weights (.pth/.safetensors) for LPIPS and DISTS",
+  )
+  p.add_argument(
+    "--alexnet-weights",
+    default="",
+    metavar="PATH",
+    help="torchvision AlexNet weights (.pth/.safetensors) for LPIPS-AlexNet",
   )
   p.add_argument(
     "--dists-weights",
@@ -475,6 +554,8 @@ def main(argv=None) -> int:
       args.out,
       center_crop_size=args.center_crop,
       limit=args.limit,
+      protocol=args.protocol,
+      alexnet_weights=args.alexnet_weights,
       vgg_weights=args.vgg_weights,
       dists_weights=args.dists_weights,
       niqe_params=args.niqe_params,

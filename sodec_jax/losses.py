@@ -113,6 +113,22 @@ def annealed_lambda(step, anneal) -> jax.Array:
   return jnp.asarray(anneal.start, jnp.float32) + (anneal.end - anneal.start) * w
 
 
+def targeted_lambda(batch_bpp, step, loss_config):
+  """Stage 3's rate weight: `annealed_lambda`, steered to `loss.anneal.target_rate` (bpp) when
+  that is > 0 by HiFiC's target-rate rule: lambda(t) while the batch's bpp is above the target,
+  lambda(t) * lambda_B / lambda_A at or below it. Which bpp: the one the loss differentiates
+  (training mode: y and z with uniform noise), as stage 1's switch (HiFiC decides on the
+  quantized rate). Returns (lambda, target) (target 0 when off)."""
+  c = loss_config
+  lam = annealed_lambda(step, c.anneal)
+  target = float(c.anneal.get("target_rate", 0.0))
+  if target <= 0:
+    return lam, jnp.float32(0.0)
+  low = lam * (c.lambda_B / c.lambda_A)
+  lam = jnp.where(jax.lax.stop_gradient(batch_bpp) > target, lam, low)
+  return lam, jnp.float32(target)
+
+
 def distortion(x, x_hat, config, lpips=None, prefix: str = "") -> dict:
   """d(x, x_hat) = k_M * MSE(0..255) + k_P * LPIPS (paper Eq. 3), as named terms."""
   c = config.loss
@@ -130,17 +146,34 @@ def distortion(x, x_hat, config, lpips=None, prefix: str = "") -> dict:
 
 
 def alignment(x, x_f, config, lpips=None) -> jax.Array:
-  """L_align (paper Eq. 10) in the distortion's units: k_M * MSE(x, x_f) ('mse'), plus
-  k_P * LPIPS ('mse+lpips'); 'merged' is d(x, x_f); 'none' is 0."""
+  """The separate L_align term (paper Eq. 10) in the distortion's units, by `loss.alignment`
+  (Table 3): 'none' (i) and 'merged' (iii) 0; 'mse+lpips' (ii) k_M * MSE(x, x_f) + k_P *
+  LPIPS(x, x_f); 'mse' (iv) k_M * MSE(x, x_f). 'merged' acts in the distortion instead
+  (`merged_distortion`)."""
   c = config.loss
   if c.alignment not in ALIGNMENTS:
     raise ValueError(f"loss.alignment={c.alignment!r} is not one of {ALIGNMENTS}")
-  if c.alignment == "none":
+  if c.alignment in ("none", "merged"):
     return jnp.float32(0.0)
   value = c.k_M * mse_255(x, x_f)
-  if c.alignment in ("mse+lpips", "merged") and c.k_P > 0:
+  if c.alignment == "mse+lpips" and c.k_P > 0:
     value = value + c.k_P * lpips_loss(lpips, x, x_f)
   return value
+
+
+def merged_distortion(x, x_hat, x_f, config, lpips=None) -> dict:
+  """Table 3 (iii), 'merged into the main loss'. The paper: "(iii) no separate L_align term
+  (L_align=0)" and "merging the constraint into the main loss (case iii) enhances fidelity but
+  at the expense of perceptual quality". Our reading: the main distortion d (Eq. 3) is taken
+  over both reconstructions as one batch, d([x, x], [x_hat, x_f]) = (d(x, x_hat) + d(x, x_f))
+  / 2: one term whose weight (1) the two decoders share, so x_hat's own distortion weight halves
+  (the perceptual price) while D_a is supervised by the full d, LPIPS included. (ii) instead
+  keeps d(x, x_hat) whole and adds alpha * L_align; alpha plays no part here.
+  Returns the distortion terms of x_hat, those of x_f (prefix 'f_'), and 'distortion'."""
+  terms = distortion(x, x_hat, config, lpips)
+  terms.update(distortion(x, x_f, config, lpips, prefix="f_"))
+  terms["distortion"] = 0.5 * (terms["distortion"] + terms["f_distortion"])
+  return terms
 
 
 def gan_weight(step, loss_config) -> jax.Array:
@@ -166,18 +199,23 @@ def sodec_loss(
   """Stages 2-4 (paper Eq. 9, 11, 12): d(x, x_hat) + lambda * r + alpha * L_align + beta * L_g.
 
   The rate weight follows `loss.rate_mode`: "none" (stage 2), "anneal" (stage 3+: lambda(t)),
-  "hific" (the stage-1 switching). 'merged' alignment adds d(x, x_f) to the distortion with
-  weight alpha. Returns (loss, terms).
+  "hific" (the stage-1 switching); with "anneal", `loss.anneal.target_rate` > 0 steers to that
+  bpp (`targeted_lambda`). 'merged' alignment takes the distortion over x_hat and x_f together
+  (`merged_distortion`). Returns (loss, terms).
   """
   c = config.loss
   b, h, w = x.shape[:3]
   parts = {f"bpp_{k}": bpp({k: p}, b * h * w) for k, p in outputs["likelihoods"].items()}
   rate = sum(parts.values())
-  terms = {"bpp": rate, **parts, **distortion(x, outputs["x_hat"], config, lpips)}
+  if c.alignment == "merged":
+    d = merged_distortion(x, outputs["x_hat"], outputs["x_f"], config, lpips)
+  else:
+    d = distortion(x, outputs["x_hat"], config, lpips)
+  terms = {"bpp": rate, **parts, **d}
   if c.rate_mode == "none":
     lam = jnp.float32(0.0)
   elif c.rate_mode == "anneal":
-    lam = annealed_lambda(step, c.anneal)
+    lam, terms["target_bpp"] = targeted_lambda(rate, step, c)
   elif c.rate_mode == "hific":
     lam, terms["target_bpp"] = rate_weight(rate, step, c)
   else:

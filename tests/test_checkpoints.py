@@ -104,3 +104,26 @@ def test_interrupted_write_is_never_used(tmp_path):
   fresh = build_model(c, nnx.Rngs(0))
   assert checkpoints.restore_params(wd, fresh) == 4
   jax.tree.map(np.testing.assert_array_equal, _params(fresh), p)
+
+
+def test_init_from_refuses_parameters_of_other_shapes_in_one_line(tmp_path):
+  """A workdir whose parameter has another shape (another model config: here H_a's first bias
+  saved 6 wide, as with model.hyper_channels=6) is never copied in part: one line naming the
+  parameter, both shapes and the fix."""
+  c = make_micro_config()
+  m = build_model(c, nnx.Rngs(0))
+  before = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+  saved = jax.tree_util.tree_map(np.asarray, before)
+  saved["codec"]["hyper_analysis"]["conv1"]["bias"] = np.zeros(6, np.float32)
+  saved["codec"]["encoder"]["conv_in"]["bias"] = saved["codec"]["encoder"]["conv_in"]["bias"] + 1
+  mngr = checkpoints.manager(str(tmp_path))
+  checkpoints.save(mngr, 0, saved, {"u": np.zeros(1)}, c)
+  mngr.close()
+  checkpoints.save_config(str(tmp_path), c)
+  with pytest.raises(SodecError) as err:
+    checkpoints.init_from(m, str(tmp_path))
+  msg = str(err.value)
+  assert "\n" not in msg and "same model config" in msg, msg
+  assert "codec/hyper_analysis/conv1/bias: (6,) there, (4,) here" in msg, msg
+  after = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)  # nothing copied

@@ -330,3 +330,77 @@ def test_bad_no_reference_weights_stop_before_writing(micro_workdir, photos, tmp
     assert err.count("\n") == 0 and err.startswith("sodec_jax.evaluate: error:"), err
     assert words in err
     assert not out.exists()
+
+
+@pytest.mark.slow  # ~15 s: codes and scores a 512x512 photo
+def test_paper_protocol(micro_workdir, tmp_path, capsys):
+  """--protocol paper: every image centre-cropped to 512, bpp over the crop from the whole file, bpp_payload from the coded streams alone, `lpips` =
+  LPIPS-AlexNet recomputed here from the kept .sodec file, `lpips_vgg` an (empty) column."""
+  import torch_alexnet
+
+  from sodec_jax import api
+  from sodec_jax.codec import bitstream
+  from sodec_jax.evaluate import center_crop
+  from sodec_jax.weights.lpips import load_lpips_alex
+
+  d = tmp_path / "photos"
+  d.mkdir()
+  big = np.concatenate([load_photo("coffee.png")] * 2, axis=0)[:560, :600]  # 560 x 600
+  Image.fromarray(big).save(d / "big.png")
+  alex = tmp_path / "alexnet.pth"
+  feats = torch_alexnet.alexnet_features(seed=1)
+  torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, alex)
+  out = str(tmp_path / "eval")
+  args = ["--checkpoint", micro_workdir, "--images", str(d), "--out", out, "--no-plots"]
+  assert _run(*args, "--protocol", "paper", "--alexnet-weights", str(alex)) == 0
+  cols, rows = _rows(out)
+  assert cols[:8] == [*"checkpoint image height width bytes bpp bpp_payload psnr".split()]
+  assert {"ms_ssim", "lpips", "lpips_vgg"} <= set(cols) and "dists" not in cols
+  assert [(r["image"], r["height"], r["width"]) for r in rows] == [("big.png", "512", "512")]
+  lpips_alex = load_lpips_alex(alex)
+  model = api.load_model(micro_workdir)
+  for r, image in zip(rows, (big,)):
+    h, w = int(r["height"]), int(r["width"])
+    data = open(
+      os.path.join(out, "sodec", os.path.basename(micro_workdir), r["image"][:-4] + ".sodec"), "rb"
+    ).read()
+    assert int(r["bytes"]) == len(data)
+    assert float(r["bpp"]) == pytest.approx(8 * len(data) / (h * w), rel=1e-5)
+    payload = len(data) - bitstream.HEADER_MIN
+    assert float(r["bpp_payload"]) == pytest.approx(8 * payload / (h * w), rel=1e-5)
+    crop = center_crop(image, 512)
+    decoded = api.decompress(model, data)
+    want = float(lpips_alex(crop[None] / np.float32(255), decoded[None] / np.float32(255))[0])
+    assert float(r["lpips"]) == pytest.approx(want, rel=1e-4)
+    assert r["lpips_vgg"] == ""
+  summary = json.load(open(os.path.join(out, "summary.json")))
+  assert summary["protocol"]["name"] == "paper" and summary["protocol"]["center_crop"] == 512
+  assert _run(*args, "--protocol", "paper", "--center-crop", "256") == 1
+  assert "--protocol paper crops to 512" in capsys.readouterr().err
+
+
+def test_paper_protocol_columns_and_payload(tmp_path):
+  """The paper protocol's metric set (lpips = LPIPS-AlexNet, lpips_vgg always a column) and
+  bpp_payload's byte count (the coded streams: the file less header and CRC), fast."""
+  import torch_alexnet
+
+  from sodec_jax.codec import bitstream
+  from sodec_jax.evaluate import Metrics, payload_bytes
+  from sodec_jax.metrics.lpips import LPIPSAlex
+  from sodec_jax.weights.lpips import load_shipped_heads
+
+  data = open(os.path.join(ROOT, "tests", "data", "v1_micro_astronaut_64x96.sodec"), "rb").read()
+  _, streams = bitstream.unpack(data)
+  assert payload_bytes(data) == sum(map(len, streams)) == len(data) - bitstream.HEADER_MIN
+  feats = torch_alexnet.alexnet_features(seed=1)
+  path = tmp_path / "alexnet.pth"
+  torch.save({f"features.{k}": v for k, v in feats.state_dict().items()}, path)
+  m = Metrics(alexnet_weights=str(path), protocol="paper")
+  assert m.names == ["psnr", "ms_ssim", "lpips"] and m.empty == ["lpips_vgg"]
+  a = load_photo("astronaut.png")[:64, :64]
+  b = load_photo("coffee.png")[:64, :64]
+  got = m(a, b)
+  ours = LPIPSAlex(torch_alexnet.features_state_dict_numpy(feats), load_shipped_heads("alex"))
+  want = float(ours(a[None] / np.float32(255), b[None] / np.float32(255))[0])
+  assert got["lpips"] == pytest.approx(want, rel=1e-5) and np.isnan(got["lpips_vgg"])
+  assert Metrics(alexnet_weights=str(path)).names == ["psnr", "ms_ssim", "lpips_alex"]

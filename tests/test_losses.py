@@ -137,3 +137,86 @@ def test_gan_weight_warms_up_then_ramps_to_beta():
     loss, terms = losses.sodec_loss(out, x, step, cfg, gan_generator_loss=jnp.float32(2.0))
     assert float(terms["beta"]) == pytest.approx(beta)
     assert float(loss) == pytest.approx(float(terms["distortion"]) + 2.0 * beta)
+
+
+@pytest.mark.parametrize(
+  "step,bpp,lam",
+  [
+    (0, 0.5, 2.0),  # above the target: lambda(0) = anneal.start
+    (50, 0.5, 3.0),  # halfway through the linear anneal 2 -> 4
+    (50, 0.1, 3.0 * 2.0**-4 / 2.0),  # below: lambda(t) * lambda_B / lambda_A
+    (200, 0.19, 4.0 * 2.0**-4 / 2.0),  # below at the end of the anneal
+    (200, 0.21, 4.0),
+  ],
+)
+def test_anneal_target_rate_switches_lambda(step, bpp, lam):
+  c = _config(
+    **{
+      "loss.rate_mode": "anneal",
+      "loss.alignment": "none",
+      "loss.anneal.start": 2.0,
+      "loss.anneal.end": 4.0,
+      "loss.anneal.steps": 100,
+      "loss.anneal.shape": "linear",
+      "loss.anneal.target_rate": 0.2,
+    }
+  )
+  x = jnp.zeros((1, 64, 64, 3))
+  x_hat = jnp.full((1, 64, 64, 3), 10.0 / 255.0)
+  bits = bpp * 64 * 64
+  out = dict(_outputs(0.75 * bits, 0.25 * bits, x_hat), x_f=x_hat)
+  loss, t = losses.sodec_loss(out, x, step, c)
+  assert float(t["lambda"]) == pytest.approx(lam, rel=1e-6)
+  assert float(t["target_bpp"]) == pytest.approx(0.2)
+  assert float(loss) == pytest.approx(lam * bpp + c.loss.k_M * 100.0, rel=1e-4)
+  # target_rate 0: the plain anneal whatever the rate
+  c.loss.anneal.target_rate = 0.0
+  _, t = losses.sodec_loss(out, x, step, c)
+  assert float(t["lambda"]) == pytest.approx(2.0 + 2.0 * min(step / 100, 1.0))
+  jitted = jax.jit(
+    lambda b, s: losses.targeted_lambda(
+      b,
+      s,
+      _config(
+        **{
+          "loss.anneal.start": 2.0,
+          "loss.anneal.end": 4.0,
+          "loss.anneal.steps": 100,
+          "loss.anneal.target_rate": 0.2,
+        }
+      ).loss,
+    )[0]
+  )
+  assert float(jitted(jnp.float32(0.1), jnp.int32(100))) == pytest.approx(4.0 / 32.0)
+
+
+def test_table3_alignment_modes_by_hand():
+  """The four alignment modes of Table 3 give four different losses, each computed here by hand
+  on one batch: d = k_M * MSE(0..255) + k_P * LPIPS (a stand-in LPIPS: mean |a - b|)."""
+  k_m, k_p, alpha = 0.075 * 2**-5, 0.5, 0.7
+  c = _config(**{"loss.k_P": k_p, "loss.alpha": alpha, "loss.rate_mode": "none"})
+  fake_lpips = lambda a, b: jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))
+  rng = np.random.default_rng(0)
+  x, x_hat, x_f = (jnp.asarray(rng.uniform(size=(2, 64, 64, 3)), jnp.float32) for _ in range(3))
+  out = dict(_outputs(100.0, 10.0, x_hat, b=2), x_f=x_f)
+  xn, hn, fn = (np.asarray(a, np.float64) for a in (x, x_hat, x_f))
+
+  def d(a):
+    return k_m * np.mean(((a - xn) * 255) ** 2) + k_p * np.mean(np.abs(a - xn))
+
+  want = {
+    "none": d(hn),
+    "mse+lpips": d(hn) + alpha * d(fn),
+    "merged": 0.5 * (d(hn) + d(fn)),
+    "mse": d(hn) + alpha * k_m * np.mean(((fn - xn) * 255) ** 2),
+  }
+  got = {}
+  for mode, value in want.items():
+    c.loss.alignment = mode
+    loss, terms = losses.sodec_loss(out, x, 0, c, fake_lpips)
+    got[mode] = float(loss)
+    assert got[mode] == pytest.approx(value, rel=1e-5), mode
+    assert float(terms["alignment"]) == (
+      0.0 if mode in ("none", "merged") else pytest.approx((value - d(hn)) / alpha, rel=1e-5)
+    )
+  assert len({round(v, 6) for v in got.values()}) == 4, got

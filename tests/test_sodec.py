@@ -177,3 +177,30 @@ def test_codec_model_refuses_a_diffusion_file(pipeline_dir, tmp_path):
   codec_only = api.load_model(os.path.join(pipeline_dir, "1_stage1"))
   with pytest.raises(SodecError, match="different model|diffusion"):
     api.decompress(codec_only, data)
+
+
+def _save_start(workdir, config):
+  m = build_model(config, nnx.Rngs(config.seed))
+  mngr = checkpoints.manager(str(workdir))
+  state = nnx.to_pure_dict(nnx.state(m, nnx.Param))
+  checkpoints.save(mngr, 0, state, {"unused": np.zeros(1)}, config)
+  mngr.close()
+  checkpoints.save_config(str(workdir), config)
+
+
+@pytest.mark.slow  # ~55 s on 2 shared cores: builds and saves three micro SODEC models
+def test_hyperprior_variant_initialises_from_stage1_not_from_another_guidance(tmp_path):
+  """Table 2 (iii) runs its own stage 2 from stage 1 (configs/ablations/guidance_hyperprior.py):
+  that init copies the codec and leaves F_p (z_hat's N channels -> D) fresh; a fidelity stage 2,
+  whose F_p maps the extractor's width, is refused in one line naming the parameter."""
+  stage1_dir, fidelity_dir = tmp_path / "stage1", tmp_path / "fidelity_stage2"
+  _save_start(stage1_dir, make_micro_sodec_config(1))
+  _save_start(fidelity_dir, make_micro_sodec_config(2))
+  c = make_micro_sodec_config(2, **{"guidance.mode": "hyperprior"})
+  m = build_model(c, nnx.Rngs(3))
+  report = checkpoints.init_from(m, str(stage1_dir))
+  assert len(report) == 1 and "init_from" in report[0]
+  with pytest.raises(SodecError) as err:
+    checkpoints.init_from(m, str(fidelity_dir))
+  msg = str(err.value)
+  assert "\n" not in msg and "guidance_projection" in msg and "own stage 2" in msg, msg

@@ -282,3 +282,26 @@ def test_sample_grids(tmp_path):
   img = np.asarray(Image.open(tmp_path / SAMPLES_DIR / "step_4.png"))
   assert img.shape == (2 * 64, 3 * 64, 3) and img.dtype == np.uint8
   assert img[:, :64].std() > 0 and img[:, 128:].std() > 0  # the photo and a reconstruction
+
+
+def test_pipeline_first_stage_keeps_the_configs_init_from(tmp_path):
+  """A pipeline that starts after stage 1 (configs/paper.py's stage 3 -> finetune from a shared
+  stage 2, an ablation row from the 50K stage 1) starts from config.init_from; later stages from
+  the stages before them; stage 1 from scratch."""
+  from sodec_jax.train.pipeline import run_pipeline
+  from tests.conftest import make_micro_config
+
+  seen = []
+  c = make_micro_config()
+  c.pipeline.summary = False
+  c.init_from = "runs/shared/1_stage2"
+  c.pipeline.stages = ("stage3", "finetune")
+  run_pipeline(c, str(tmp_path / "a"), lambda sc, wd: seen.append((sc.stage, sc.init_from)))
+  c.pipeline.stages = ("stage1", "stage2")
+  run_pipeline(c, str(tmp_path / "b"), lambda sc, wd: seen.append((sc.stage, sc.init_from)))
+  assert seen == [
+    (3, "runs/shared/1_stage2"),
+    (4, str(tmp_path / "a" / "0_stage3")),
+    (1, ""),
+    (2, str(tmp_path / "b" / "0_stage1")),
+  ]

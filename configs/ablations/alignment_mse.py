@@ -1,10 +1,7 @@
-"""Table 3 (iv): the paper's MSE-only alignment loss (= configs/stage3.py)."""
+"""Table 3 (iv): the paper's MSE-only alignment loss (= configs/stage3.py's)."""
 
-from configs import stage3
+from configs import ablations
 
 
 def get_config():
-  c = stage3.get_config()
-  c.name = "ablation/alignment_mse"
-  c.loss.alignment = "mse"
-  return c
+  return ablations.row("alignment_mse", 3, {"loss": {"alignment": "mse"}})

@@ -1,10 +1,7 @@
-"""Table 3 (ii): alignment loss k_M * MSE + k_P * LPIPS between x and x_f."""
+"""Table 3 (ii): alignment loss k_M * MSE + k_P * LPIPS between x and x_f, weighted alpha."""
 
-from configs import stage3
+from configs import ablations
 
 
 def get_config():
-  c = stage3.get_config()
-  c.name = "ablation/alignment_mse_lpips"
-  c.loss.alignment = "mse+lpips"
-  return c
+  return ablations.row("alignment_mse_lpips", 3, {"loss": {"alignment": "mse+lpips"}})

@@ -1,10 +1,9 @@
-"""Table 2 (i): no explicit guidance: one learned context for every image (stage 3)."""
+"""Table 2 (i): no explicit guidance: one learned context for every image (stages 2 and 3)."""
 
-from configs import stage3
+from configs import ablations
 
 
 def get_config():
-  c = stage3.get_config()
-  c.name = "ablation/guidance_none"
+  c = ablations.row("guidance_none", 2)
   c.guidance.mode = "none"
   return c

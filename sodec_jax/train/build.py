@@ -60,11 +60,19 @@ def validate_config(config) -> None:
       f"config.loss.lambda_A={l.lambda_A} must be >= config.loss.lambda_B="
       f"{l.lambda_B} (lambda_A applies above the target rate)"
     )
-  if l.k_P > 0 and not config.lpips.vgg_weights:
+  net = l.get("lpips_net", "vgg")
+  if net not in ("vgg", "alex"):
+    raise SodecError(f"config.loss.lpips_net={net!r}: use 'vgg' or 'alex'")
+  if l.k_P > 0 and net == "vgg" and not config.lpips.vgg_weights:
     raise SodecError(
       f"config.loss.k_P={l.k_P} needs LPIPS VGG16 weights: pass "
       "--config.lpips.vgg_weights=/path/to/vgg16.pth (torchvision layout), or "
       "--config.loss.k_P=0 to train on MSE alone"
+    )
+  if l.k_P > 0 and net == "alex" and not config.lpips.get("alexnet_weights", ""):
+    raise SodecError(
+      f"config.loss.k_P={l.k_P} with loss.lpips_net='alex' needs AlexNet weights: pass "
+      "--config.lpips.alexnet_weights=/path/to/alexnet.pth (torchvision layout)"
     )
 
 
@@ -185,12 +193,17 @@ def converted_discriminator(folder: str, latent_channels: int):
 
 
 def load_lpips(config):
-  """(graphdef, state) of the frozen LPIPS network, or (None, None) when k_P == 0."""
+  """(graphdef, state) of the frozen LPIPS network (loss.lpips_net: VGG16 or AlexNet trunk), or
+  (None, None) when k_P == 0."""
   if config.loss.k_P <= 0:
     return None, None
-  path = config.lpips.vgg_weights
-  if not os.path.isfile(path):
-    raise SodecError(f"config.lpips.vgg_weights={path!r} is not a file")
-  from sodec_jax.weights.lpips import load_lpips as _load  # pylint: disable=import-outside-toplevel
+  from sodec_jax.weights import lpips as lw  # pylint: disable=import-outside-toplevel
 
-  return nnx.split(_load(path, precision="default"))
+  if config.loss.get("lpips_net", "vgg") == "alex":
+    field, load = "alexnet_weights", lw.load_lpips_alex
+  else:
+    field, load = "vgg_weights", lw.load_lpips
+  path = config.lpips[field]
+  if not os.path.isfile(path):
+    raise SodecError(f"config.lpips.{field}={path!r} is not a file")
+  return nnx.split(load(path, precision="default"))

@@ -64,7 +64,12 @@ def run_pipeline(config, workdir: str, train: Callable[..., dict]) -> dict:
   t0, row = time.time(), {}
   for i, ((name, c), sub) in enumerate(zip(stage_configs(config), dirs)):
     earlier = [os.path.join(workdir, d) for d in dirs[:i]]
-    c.init_from = ",".join(earlier) if c.stage >= 2 else ""  # stages 0 and 1 start from scratch
+    # stages 0 and 1 start from scratch; a later one from the stages before it, or, when it is
+    # the first stage run here, from the config's own init_from (e.g. a shared stage 2)
+    if c.stage < 2:
+      c.init_from = ""
+    elif earlier:
+      c.init_from = ",".join(earlier)
     print(f"=== pipeline stage {i + 1}/{len(names)}: {name} -> {os.path.join(workdir, sub)}")
     row = train(c, os.path.join(workdir, sub))
   if config.pipeline.get("summary", True):

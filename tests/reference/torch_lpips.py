@@ -1,5 +1,7 @@
-"""LPIPS v0.1 (VGG trunk) in plain torch: the `lpips` package's formula, without importing lpips
-(which needs torchvision).
+"""LPIPS v0.1 (VGG or AlexNet trunk) in plain torch: the `lpips` package's formula, without
+importing lpips (which needs torchvision). Written from lpips/lpips.py (LPIPS.forward) and
+lpips/pretrained_networks.py (the trunks' slices), richzhang/PerceptualSimilarity at commit
+9606c353e5777fc95186a5a4c876e7c6a17651a6 (= the lpips 0.1.4 wheel).
 
 lpips.LPIPS(net='vgg', version='0.1').forward(in0, in1, normalize=True):
   in = 2 * in - 1                                   (normalize=True: [0,1] -> [-1,1])
@@ -20,6 +22,9 @@ from torch import nn
 SHIFT = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
 SCALE = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
 SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
+# pretrained_networks.alexnet: relu1 = features[0:2], relu2 [2:5], relu3 [5:8], relu4 [8:10],
+# relu5 [10:12]
+ALEX_SLICES = ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12))
 
 
 def normalize_tensor(in_feat: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -27,10 +32,10 @@ def normalize_tensor(in_feat: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
   return in_feat / (norm_factor + eps)
 
 
-def vgg_taps(features: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
+def vgg_taps(features: nn.Sequential, x: torch.Tensor, slices=SLICES) -> list[torch.Tensor]:
   outs = []
   h = x
-  for a, b in SLICES:
+  for a, b in slices:
     for i in range(a, b):
       h = features[i](h)
     outs.append(h)
@@ -38,11 +43,13 @@ def vgg_taps(features: nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 class TorchLPIPS(nn.Module):
-  """features: torchvision-layout vgg16 `features`; heads: {'lin{i}.model.1.weight': [1,C,1,1]}."""
+  """features: torchvision-layout vgg16 `features` (or alexnet's, with slices=ALEX_SLICES);
+  heads: {'lin{i}.model.1.weight': [1,C,1,1]}."""
 
-  def __init__(self, features: nn.Sequential, heads: dict):
+  def __init__(self, features: nn.Sequential, heads: dict, slices=SLICES):
     super().__init__()
     self.features = features.eval()
+    self.slices = slices
     self.lins = [torch.as_tensor(heads[f"lin{i}.model.1.weight"]).float() for i in range(5)]
 
   def forward(
@@ -54,7 +61,8 @@ class TorchLPIPS(nn.Module):
       in1 = 2 * in1 - 1
     in0 = (in0 - SHIFT) / SCALE
     in1 = (in1 - SHIFT) / SCALE
-    outs0, outs1 = vgg_taps(self.features, in0), vgg_taps(self.features, in1)
+    outs0 = vgg_taps(self.features, in0, self.slices)
+    outs1 = vgg_taps(self.features, in1, self.slices)
     res = []
     for kk in range(5):
       f0, f1 = normalize_tensor(outs0[kk]), normalize_tensor(outs1[kk])
