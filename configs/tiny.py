@@ -63,9 +63,9 @@ def get_config():
   c.pipeline.stages = ("pretrain", "stage1", "stage2", "stage3", "finetune")
   c.pipeline.pretrain = ml_collections.ConfigDict(
     {
-      "train": {"num_steps": 800, "checkpoint_every": 400},
+      "train": {"num_steps": 1200, "checkpoint_every": 600},
       "data": {"crop_size": 64, "batch_size": 8},
-      "optim": {"learning_rate": 2e-3, "lr_decay_steps": (650,)},
+      "optim": {"learning_rate": 2e-3, "lr_decay_steps": (1000,)},
     }
   )
   small = {
