@@ -113,7 +113,7 @@ def components(m, ref, y_hat, z_hat) -> dict:
       "H_s": rel(_nhwc(ref.hyper_synthesis(_nchw(z))), m.hyper_synthesis(z)),
       "y_t": rel(_nhwc(ref.content_variable(_nchw(y), _nchw(z))), y_t),
       "c_g": rel(ref.guidance(_nchw(x_f)).numpy(), c_g),
-      "eps": rel(_nhwc(ref.eps(yt_t, torch.from_numpy(np.asarray(c_g)))), eps),
+      "eps": rel(_nhwc(ref.eps(yt_t, torch.from_numpy(np.array(c_g)))), eps),
       "x0": rel(_nhwc(ref.predict_x0(yt_t, eps_t)), x0),
       "image": rel(_nhwc(ref.image(yt_t, eps_t)), image),
     }
@@ -203,8 +203,26 @@ def test_mutated_vit_name_fails_parity(loaded, coded, monkeypatch):
   assert rel(got, f(f.preprocess(x))) > 100 * TOL["c_g"]
 
 
+def test_exported_folder_rebuilds_the_decoder(loaded, ref, coded, tmp_path):
+  """export_torch -> load_exported (torch, diffusers and transformers only): the same tensors
+  and the same image as the in-process reference."""
+  from sodec_jax.benchmarks import sodec_torch
+  from sodec_jax.converters.torch_export import export_torch
+
+  out = export_torch(loaded, str(tmp_path / "sodec_torch"))
+  again = sodec_torch.load_exported(out)
+  a, b = ref.state_dict(), again.state_dict()
+  assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+  _, y_hat, z_hat = coded
+  np.testing.assert_array_equal(
+    sodec_torch.reconstruct(again, y_hat, z_hat), sodec_torch.reconstruct(ref, y_hat, z_hat)
+  )
+  with pytest.raises(SodecError, match="not empty"):
+    export_torch(loaded, out)
+
+
 @pytest.mark.slow
-def test_workdir_decodes_in_torch(workdir, loaded, coded):
+def test_workdir_decodes_in_torch(workdir, loaded, coded, tmp_path):
   """A training workdir -> api.load_model -> the torch decoder: the same image as our decoder
   (and as the in-memory model's torch twin)."""
   from sodec_jax import api
@@ -216,6 +234,11 @@ def test_workdir_decodes_in_torch(workdir, loaded, coded):
   a, b = api.decompress(from_disk, data), sodec_torch.decompress(ref, from_disk, data)
   assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
   assert np.array_equal(a, api.decompress(loaded, data))
+  from convert.from_torch import main
+
+  assert main(["export-torch", "--src", workdir, "--out", str(tmp_path / "t")]) == 0
+  b2 = sodec_torch.reconstruct(sodec_torch.load_exported(str(tmp_path / "t")), *coded[1:])
+  np.testing.assert_array_equal(b2, sodec_torch.reconstruct(ref, *coded[1:]))
 
 
 @pytest.mark.slow

@@ -387,7 +387,7 @@ def diffusion_stages(loaded, y_hat, z_hat, ref=None) -> list[Stage]:
     y_tt, epst = _nchw(np.asarray(y_t), dt), _nchw(np.asarray(eps), dt)
     import torch
 
-    c_gt = torch.from_numpy(np.asarray(c_g, np.float32)).to(dt)
+    c_gt = torch.from_numpy(np.array(c_g, np.float32)).to(dt)
     t = {
       "F + F_p (guidance)": _no_grad(lambda: ref.guidance(x_ft)),
       "H_s + T_s": _no_grad(lambda: ref.content_variable(y_ht, z_ht)),

@@ -1,6 +1,9 @@
 """The whole SODEC decoder in PyTorch, built from our weights: the reference the codec benchmark
 times and the parity tests compare with, and a way for a PyTorch user to decode with a
-checkpoint trained here.
+checkpoint trained here (`python convert/from_torch.py export-torch`, then `load_exported`).
+
+(Over 450 lines: the torch modules, their weights through the inverse key maps and the
+exported folder's description are one unit; splitting them would spread one key map.)
 
     ref = build_sodec_reference(loaded)                  # loaded = api.load_model(workdir)
     x_hat, x_f = ref.reconstruct(y_hat, z_hat)           # NCHW float tensors
@@ -13,7 +16,8 @@ Pieces (NCHW; the one-step decoder of `sodec_jax.model.SODEC.diffusion_reconstru
                -> convT3 s2 -> ChannelNorm -> ReLU -> reflect conv3 (our layer order)
   F            transformers `ViTModel` (no pooler): last_hidden_state of the clamped x_f,
                resized (bilinear, antialiased, as `guidance.vit.preprocess`) and normalised
-  F_p          `GuidanceProjection`: tokens @ kernel, token map T -> 77, + bias
+  F_p          `GuidanceProjection`: tokens @ kernel, token map T -> 77, + bias (fidelity
+               guidance; or mode none: a learned context; the other modes have no twin)
   eps_theta    diffusers `UNet2DConditionModel`, the LoRA merged into its base weights
   D_m          diffusers `AutoencoderKL` (decoder and post_quant_conv; no encoder)
   x0           (y_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) at t = 999 (v-prediction:
@@ -74,30 +78,25 @@ class Transform(nn.Module):
 
 
 class GuidanceProjection(nn.Module):
-  """F_p, modes fidelity (tokens [B, T, D] -> [B, 77, width]), text and none."""
+  """F_p, modes fidelity (tokens [B, T, D] -> [B, 77, width]) and none (a learned context)."""
 
   def __init__(self, mode: str, width: int, tokens: int, in_tokens: int = 0, in_features: int = 0):
     super().__init__()
-    if mode not in ("fidelity", "text", "none"):
-      raise SodecError(
-        f"guidance.mode={mode!r} has no PyTorch twin here (fidelity, text and none do)"
-      )
+    if mode not in ("fidelity", "none"):
+      raise SodecError(f"guidance.mode={mode!r} has no PyTorch twin here (fidelity and none do)")
     self.mode, self.width, self.tokens = mode, width, tokens
     if mode == "fidelity":
       self.kernel = nn.Parameter(torch.zeros(in_features, width))
       self.token_map = nn.Parameter(torch.zeros(tokens, in_tokens))
       self.bias = nn.Parameter(torch.zeros(width))
-    elif mode == "none":
-      self.context = nn.Parameter(torch.zeros(tokens, width))
     else:
-      self.register_buffer("embedding", torch.zeros(tokens, width))
+      self.context = nn.Parameter(torch.zeros(tokens, width))
 
   def forward(self, features):
     if self.mode == "fidelity":
       h = torch.einsum("ot,btd->bod", self.token_map, features @ self.kernel)
       return h + self.bias
-    table = self.context if self.mode == "none" else self.embedding
-    return table.expand(features.shape[0], -1, -1)
+    return self.context.expand(features.shape[0], -1, -1)
 
 
 class SODECDecoder(nn.Module):
@@ -246,136 +245,217 @@ def _on_meta(build):
   return module.to_empty(device="cpu")
 
 
-def torch_extractor(extractor):
-  """transformers `ViTModel` (no pooler) holding our ViT's weights."""
+def vit_config(spec) -> dict:
+  """Our ViTSpec -> transformers ViTConfig kwargs."""
+  if spec.head_dim is not None:
+    raise SodecError("a ViT with head_dim != hidden_size / heads has no transformers twin")
+  return dict(
+    hidden_size=spec.hidden_size,
+    num_hidden_layers=spec.num_hidden_layers,
+    num_attention_heads=spec.num_attention_heads,
+    intermediate_size=spec.intermediate_size,
+    hidden_act=spec.hidden_act,
+    layer_norm_eps=spec.layer_norm_eps,
+    image_size=list(spec.image_size),
+    patch_size=list(spec.patch_size),
+    num_channels=spec.num_channels,
+    qkv_bias=spec.qkv_bias,
+  )
+
+
+def _vit(config: dict):
   import transformers
 
-  from sodec_jax.guidance.vit import ViT
+  cfg = transformers.ViTConfig(**config, attn_implementation="eager")
+  return _on_meta(lambda: transformers.ViTModel(cfg, add_pooling_layer=False))
 
-  if not isinstance(extractor, ViT):
-    raise SodecError(
-      f"the PyTorch reference has a twin for the ViT extractor only, not {type(extractor).__name__}"
-    )
-  s = extractor.spec
-  cfg = transformers.ViTConfig(
-    hidden_size=s.hidden_size,
-    num_hidden_layers=s.num_hidden_layers,
-    num_attention_heads=s.num_attention_heads,
-    intermediate_size=s.intermediate_size,
-    hidden_act=s.hidden_act,
-    layer_norm_eps=s.layer_norm_eps,
-    image_size=list(s.image_size),
-    patch_size=list(s.patch_size),
-    num_channels=s.num_channels,
-    qkv_bias=s.qkv_bias,
-    attn_implementation="eager",
-  )
-  if s.head_dim is not None:
-    raise SodecError("a ViT with head_dim != hidden_size / heads has no transformers twin")
-  vit = _on_meta(lambda: transformers.ViTModel(cfg, add_pooling_layer=False))
+
+def fill_extractor(vit, extractor) -> None:
+  """Our ViT's weights -> the transformers ViTModel `vit` (through the hub names)."""
   hub = hub_state_dict(extractor)
   names = {k: hub_name(k, "vit") for k in vit.state_dict()}
   unmapped = sorted(set(hub) - set(names.values()))  # a table row no torch key renames onto
   strict.check("the ViT F exported to PyTorch", unexpected=[f"hub key {k}" for k in unmapped])
   load_strict(vit, {k: hub[n] for k, n in names.items() if n in hub}, "the ViT F")
+
+
+def torch_extractor(extractor):
+  """transformers `ViTModel` (no pooler) holding our ViT's weights."""
+  vit = _vit(vit_config(extractor.spec))
+  fill_extractor(vit, extractor)
   return vit
 
 
-def _diffusers_module(module, cls, drop=()):
+def _unet(config: dict):
+  from diffusers import UNet2DConditionModel
+
+  return _on_meta(lambda: UNet2DConditionModel(**config))
+
+
+def _vae_decoder(config: dict):
+  from diffusers import AutoencoderKL
+
   def build():
-    built = cls(**module.config.to_dict())
-    for name in drop:  # parts our model does not hold (the VAE's encoder)
-      setattr(built, name, None)
-    return built
+    vae = AutoencoderKL(**config)
+    vae.encoder, vae.quant_conv = None, None  # not part of SODEC (D_m is the decoder)
+    return vae
 
   return _on_meta(build)
 
 
-def torch_unet(unet):
-  """diffusers UNet2DConditionModel holding our UNet's weights, the LoRA merged."""
-  from diffusers import UNet2DConditionModel
-
-  ref = _diffusers_module(unet, UNet2DConditionModel)
+def fill_unet(ref, unet) -> None:
+  """Our UNet (the LoRA merged) -> the diffusers UNet2DConditionModel `ref`."""
   want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
   arrays = {
     k: v.reshape(want[k]) if k in want and v.size == np.prod(want[k]) else v
     for k, v in diffusers_state_dict(unet).items()
   }
   load_strict(ref, arrays, "the UNet")
+
+
+def torch_unet(unet):
+  """diffusers UNet2DConditionModel holding our UNet's weights, the LoRA merged."""
+  ref = _unet(unet.config.to_dict())
+  fill_unet(ref, unet)
   return ref
 
 
 def torch_vae_decoder(vae):
   """diffusers AutoencoderKL holding our D_m (decoder and post_quant_conv; its encoder and
   quant_conv are dropped, as in our SODEC)."""
-  from diffusers import AutoencoderKL
-
-  ref = _diffusers_module(vae, AutoencoderKL, drop=("encoder", "quant_conv"))
+  ref = _vae_decoder(vae.config.to_dict())
   load_strict(ref, diffusers_state_dict(vae), "the VAE decoder D_m")
   return ref
 
 
-def schedule_alphas_cumprod(schedule) -> torch.Tensor:
-  """abar_t of diffusers' DDPMScheduler with our NoiseSchedule's settings."""
+def schedule_alphas_cumprod(schedule: dict) -> torch.Tensor:
+  """abar_t of diffusers' DDPMScheduler with our NoiseSchedule's settings (a dict of them)."""
   from diffusers import DDPMScheduler
 
-  sched = DDPMScheduler(
-    num_train_timesteps=schedule.num_train_timesteps,
-    beta_start=schedule.beta_start,
-    beta_end=schedule.beta_end,
-    beta_schedule=schedule.beta_schedule,
-    prediction_type=schedule.prediction_type,
-  )
-  return sched.alphas_cumprod.float()
+  return DDPMScheduler(**schedule).alphas_cumprod.float()
 
 
-def build_sodec_reference(loaded, dtype: torch.dtype = torch.float32) -> SODECDecoder:
-  """The PyTorch SODEC decoder holding `loaded.model`'s weights (a diffusion model)."""
-  from sodec_jax.benchmarks.torch_reference import build_reference
+def describe(loaded) -> dict:
+  """Everything `build_decoder` needs to rebuild the torch decoder of `loaded` (JSON-able):
+  the codec config, H_s / T_s / F_p sizes, the ViT, UNet and VAE configs, the schedule."""
+  import dataclasses
 
   m, cfg = loaded.model, loaded.config
   if m.decoder_kind != "diffusion":
     raise SodecError("the model has the codec decoder; use torch_reference.build_reference")
-  s, mc, g = cfg.sodec, cfg.model, cfg.guidance
-  hs = HyperSynthesis(mc.hyper_channels, s.hyper_synthesis_channels)
-  ts = Transform(
-    mc.latent_channels,
-    s.hyper_synthesis_channels,
-    s.transform_channels,
-    s.transform_blocks,
-    m.unet.config.in_channels,
-    mc.channel_norm_eps,
-  )
-  p = m.guidance_projection
-  extractor = None
-  kw = {}
+  s, mc, g, p = cfg.sodec, cfg.model, cfg.guidance, m.guidance_projection
+  if g.mode not in ("fidelity", "none"):
+    raise SodecError(f"guidance.mode={g.mode!r} has no PyTorch twin here (fidelity and none do)")
+  if g.mode == "fidelity" and type(m.guidance_extractor).__name__ != "ViT":
+    raise SodecError(
+      "the PyTorch decoder has a twin for the ViT extractor only, not "
+      f"{type(m.guidance_extractor).__name__}"
+    )
+  out = {
+    "model": {k: list(v) if isinstance(v, tuple) else v for k, v in mc.to_dict().items()},
+    "heads": dict(
+      hyper_channels=mc.hyper_channels,
+      latent_channels=mc.latent_channels,
+      hyper_synthesis_channels=s.hyper_synthesis_channels,
+      transform_channels=s.transform_channels,
+      transform_blocks=s.transform_blocks,
+      eps=mc.channel_norm_eps,
+      guidance=g.mode,
+      width=p.width,
+      tokens=p.tokens,
+    ),
+    "unet": m.unet.config.to_dict(),
+    "vae": m.vae_decoder.config.to_dict(),
+    "schedule": dataclasses.asdict(m.schedule),
+    "timestep": m.timestep,
+    "scaling_factor": m.scaling_factor,
+    "extractor": None,
+  }
   if g.mode == "fidelity":
-    extractor = torch_extractor(m.guidance_extractor)
-    in_features, width = p.kernel.shape
-    proj = GuidanceProjection("fidelity", width, p.tokens, p.token_map.shape[1], in_features)
     f = m.guidance_extractor
-    kw = dict(image_mean=f.image_mean, image_std=f.image_std, image_size=f.spec.image_size)
-  else:
-    proj = GuidanceProjection(g.mode, p.width, p.tokens)
-    if g.mode == "text":
-      proj.embedding.copy_(torch.from_numpy(np.asarray(p.embedding[...], np.float32)))
-  heads = nn.ModuleDict(dict(hyper_synthesis=hs, transform=ts, guidance_projection=proj))
-  load_strict(heads, heads_state_dict(m), "H_s, T_s and F_p", skip=lambda k: "embedding" in k)
-  ref = SODECDecoder(
-    build_reference(loaded),
-    hs,
-    ts,
+    out["heads"].update(in_tokens=p.token_map.shape[1], in_features=p.kernel.shape[0])
+    out["extractor"] = dict(
+      vit=vit_config(f.spec), image_mean=list(f.image_mean), image_std=list(f.image_std)
+    )
+  return out
+
+
+def build_decoder(d: dict) -> SODECDecoder:
+  """The torch decoder `describe` describes; the UNet, VAE and ViT are built on the meta device
+  (no initialisation): their weights must be loaded next (`build_sodec_reference`,
+  `load_exported`)."""
+  from types import SimpleNamespace
+
+  from sodec_jax.benchmarks.hific_torch import HiFiC
+
+  h = d["heads"]
+  ts = (h["latent_channels"], h["hyper_synthesis_channels"], h["transform_channels"])
+  kw, extractor, e = {}, None, d["extractor"]
+  if e is not None:
+    extractor = _vit(e["vit"])
+    kw = dict(image_mean=e["image_mean"], image_std=e["image_std"])
+    kw["image_size"] = tuple(e["vit"]["image_size"])
+  return SODECDecoder(
+    HiFiC.from_model_config(SimpleNamespace(**d["model"])),
+    HyperSynthesis(h["hyper_channels"], h["hyper_synthesis_channels"]),
+    Transform(*ts, h["transform_blocks"], d["unet"]["in_channels"], h["eps"]),
     extractor,
-    proj,
-    torch_unet(m.unet),
-    torch_vae_decoder(m.vae_decoder),
-    timestep=m.timestep,
-    alphas_cumprod=schedule_alphas_cumprod(m.schedule),
-    prediction_type=m.schedule.prediction_type,
-    scaling_factor=m.scaling_factor,
+    GuidanceProjection(
+      h["guidance"], h["width"], h["tokens"], h.get("in_tokens", 0), h.get("in_features", 0)
+    ),
+    _unet(d["unet"]),
+    _vae_decoder(d["vae"]),
+    timestep=d["timestep"],
+    alphas_cumprod=schedule_alphas_cumprod(d["schedule"]),
+    prediction_type=d["schedule"]["prediction_type"],
+    scaling_factor=d["scaling_factor"],
     **kw,
   )
+
+
+def build_sodec_reference(loaded, dtype: torch.dtype = torch.float32) -> SODECDecoder:
+  """The PyTorch SODEC decoder holding `loaded.model`'s weights (a diffusion model), every
+  tensor set strictly through the inverse key maps."""
+  from sodec_jax.benchmarks.torch_reference import state_dict_from_jax
+
+  m = loaded.model
+  ref = build_decoder(describe(loaded))
+  load_strict(ref.codec, state_dict_from_jax(m, loaded.config.model), "the codec")
+  heads = nn.ModuleDict(
+    dict(
+      hyper_synthesis=ref.hyper_synthesis,
+      transform=ref.transform,
+      guidance_projection=ref.guidance_projection,
+    )
+  )
+  load_strict(heads, heads_state_dict(m), "H_s, T_s and F_p")
+  if ref.extractor is not None:
+    fill_extractor(ref.extractor, m.guidance_extractor)
+  fill_unet(ref.unet, m.unet)
+  load_strict(ref.vae_decoder, diffusers_state_dict(m.vae_decoder), "the VAE decoder D_m")
   return ref.to(dtype).eval()
+
+
+def load_exported(folder: str, dtype: torch.dtype = torch.float32) -> SODECDecoder:
+  """The decoder `python convert/from_torch.py export-torch` wrote (FOLDER/sodec_torch.json +
+  FOLDER/model.safetensors), with torch, diffusers and transformers only (no JAX model)."""
+  import json
+  import os
+
+  from safetensors.torch import load_file
+
+  for name in (EXPORT_CONFIG, EXPORT_WEIGHTS):
+    if not os.path.isfile(os.path.join(folder, name)):
+      raise SodecError(f"{folder} has no {name}: make it with `{EXPORT_HINT}`")
+  with open(os.path.join(folder, EXPORT_CONFIG)) as f:
+    ref = build_decoder(json.load(f))
+  tensors = load_file(os.path.join(folder, EXPORT_WEIGHTS))
+  load_strict(ref, {k: v.numpy() for k, v in tensors.items()}, f"the decoder in {folder}")
+  return ref.to(dtype).eval()
+
+
+EXPORT_CONFIG, EXPORT_WEIGHTS = "sodec_torch.json", "model.safetensors"
+EXPORT_HINT = "python convert/from_torch.py export-torch --src WORKDIR --out FOLDER"
 
 
 # ----------------------------------------------------------------------------- decoding
