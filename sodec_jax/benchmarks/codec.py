@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -160,7 +161,13 @@ def random_model(config):
 
   from sodec_jax.errors import SodecError
   from sodec_jax.model import SODEC
-  from sodec_jax.pretrained import build_model, build_unet, build_vae, randomize_extractor
+  from sodec_jax.pretrained import (
+    build_model,
+    build_unet,
+    build_vae,
+    random_tiny_extractor,
+    randomize_extractor,
+  )
 
   if config.get("decoder", "codec") != "diffusion":
     return build_model(config, nnx.Rngs(0))
@@ -171,22 +178,15 @@ def random_model(config):
   parts = dict(
     unet=build_unet(config.diffusion, rngs, False), vae=build_vae(config.diffusion, rngs, False)
   )
-  if g.mode == "fidelity":
+  dtype = jnp.dtype(d.dtype)
+  if g.mode == "fidelity" and g.extractor_config == "tiny":
+    parts["extractor"] = random_tiny_extractor(g.extractor, dtype, config.seed)
+  elif g.mode == "fidelity":
     from sodec_jax.guidance.vit import ViT, ViTSpec
 
     if g.extractor != "vit":
       raise SodecError(f"random weights are built for the ViT extractor only, not {g.extractor!r}")
-    spec = dict(VIT_LARGE)
-    if g.extractor_config == "tiny":
-      spec.update(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        image_size=(64, 64),
-        patch_size=(8, 8),
-      )
-    parts["extractor"] = randomize_extractor(ViT(ViTSpec(**spec), dtype=jnp.dtype(d.dtype)), 0)
+    parts["extractor"] = randomize_extractor(ViT(ViTSpec(**VIT_LARGE), dtype=dtype), config.seed)
   return SODEC(config, rngs=rngs, **parts)
 
 
@@ -503,6 +503,10 @@ def bench_codec(
       row["ratio"] = row["jax"]["median_ms"] / row["torch"]["median_ms"]
       row["shared"] = st.shared
     result["stages"].append(row)
+    if log is print:  # progress on stderr: a long (paper-size) run shows what it has measured
+      t = f", torch {row['torch']['median_ms']:.1f} ms" if "torch" in row else ""
+      done = f"{st.side} {st.name}: JAX {row['jax']['median_ms']:.1f} ms{t}"
+      print(f"measured {done}", file=sys.stderr, flush=True)
   if ref is not None:
     from sodec_jax.benchmarks import torch_reference as tr
 
