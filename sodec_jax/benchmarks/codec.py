@@ -281,7 +281,7 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
   ]
 
 
-def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
+def decode_stages(loaded, data: bytes, ref=None, winograd=None) -> list[Stage]:
   import jax.numpy as jnp
 
   from sodec_jax import api
@@ -314,7 +314,7 @@ def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
     Stage("D_a", "decode", lambda: _block(api.fidelity(loaded, y_hat)), t.get("D_a")),
   ]
   if loaded.decoder == bitstream.DECODER_DIFFUSION:
-    stages += diffusion_stages(loaded, y_hat, z_hat, ref)
+    stages += diffusion_stages(loaded, y_hat, z_hat, ref, winograd)
   stages.append(Stage("total", "decode", lambda: api.decompress(loaded, data), t.get("total")))
   return stages
 
@@ -345,11 +345,12 @@ def torch_decompress(ref, loaded, data: bytes) -> np.ndarray:
   return tr.decompress(ref, loaded, data)
 
 
-def diffusion_stages(loaded, y_hat, z_hat, ref=None) -> list[Stage]:
+def diffusion_stages(loaded, y_hat, z_hat, ref=None, winograd=None) -> list[Stage]:
   """The one-step decoder's components, each jitted alone on the decoding model the API runs
   (api.decoding_model: the same inference kernels), fed the previous component's real output:
   F + F_p (guidance tokens from x_f), H_s + T_s (y_t), the UNet at t = 999, x0 + D_m; then the
-  whole decoder after range decoding as the API runs it (one jit, D_a included). With `ref`
+  whole decoder after range decoding as the API runs it (one jit, D_a included). `winograd`:
+  as the LoadedModel was prepared with (api.decoding_model; None: on CPU). With `ref`
   (sodec_torch.SODECDecoder) each has its torch twin, fed the same (JAX-computed) inputs."""
   import jax
   import jax.numpy as jnp
@@ -357,7 +358,7 @@ def diffusion_stages(loaded, y_hat, z_hat, ref=None) -> list[Stage]:
 
   from sodec_jax import api
 
-  graphdef, state = nnx.split(api.decoding_model(loaded.model))
+  graphdef, state = nnx.split(api.decoding_model(loaded.model, winograd))
 
   def jitted(fn):
     f = jax.jit(lambda st, *a: fn(nnx.merge(graphdef, st), *a))
@@ -460,7 +461,7 @@ def bench_codec(
       torch_threads[n] = measure(lambda: torch_decompress(ref, loaded, data), 1, 0)["median_ms"]
     torch.set_num_threads(min(torch_threads, key=torch_threads.get))
   codec_ref = None if ref is None else codec_of(ref)
-  stages = encode_stages(loaded, images[0], codec_ref) + decode_stages(loaded, data, ref)
+  stages = encode_stages(loaded, images[0], codec_ref) + decode_stages(loaded, data, ref, winograd)
   cfg = loaded.config.model
   dev = jax.devices()[0]
   result: dict[str, Any] = {
