@@ -283,7 +283,7 @@ def test_paper_size_random_weights_parity():
   from sodec_jax.benchmarks.codec import random_model
 
   config = stage2.get_config()
-  loaded = api.prepare(config, random_model(config))
+  loaded = api.prepare(config, random_model(config), winograd=False)  # memory: 24 GB machine
   ref = sodec_torch.build_sodec_reference(loaded)
   data = api.compress(loaded, np.ascontiguousarray(load_photo("astronaut.png")))
   _, y_hat, z_hat = api.decode_latents(loaded, data)
