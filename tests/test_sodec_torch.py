@@ -203,6 +203,7 @@ def test_mutated_vit_name_fails_parity(loaded, coded, monkeypatch):
   assert rel(got, f(f.preprocess(x))) > 100 * TOL["c_g"]
 
 
+@pytest.mark.slow  # 7 s; the default suite's budget is tight
 def test_exported_folder_rebuilds_the_decoder(loaded, ref, coded, tmp_path):
   """export_torch -> load_exported (torch, diffusers and transformers only): the same tensors
   and the same image as the in-process reference."""
