@@ -277,7 +277,8 @@ def test_bench_parity_failure_is_loud(workdir, monkeypatch, capsys):
 def test_paper_size_random_weights_parity():
   """The paper-size decoder (configs/stage2.py: SD 2.1 UNet and VAE, ViT-L/16 F, random weights)
   on the astronaut photo at 512 x 512 (so F's input is resized 512 -> 224 on both sides): every
-  component and the whole decoder within the stated tolerances."""
+  component and the whole decoder within the stated tolerances (measured 2026-11-30: x_f 1.3e-6,
+  H_s 1.4e-7, y_t 8.2e-7, c_g 5.5e-7, eps 2.0e-6, x0 5.5e-7, image 5.0e-7; ~8 min, ~15 GB)."""
   from configs import stage2
   from sodec_jax import api
   from sodec_jax.benchmarks import sodec_torch
@@ -291,6 +292,6 @@ def test_paper_size_random_weights_parity():
   errors = components(loaded.model, ref, y_hat, z_hat)
   print(errors)
   for name, err in errors.items():
-    assert err <= 10 * TOL[name], f"{name}: relative error {err:.2e} > {10 * TOL[name]:.0e}"
+    assert err <= TOL[name], f"{name}: relative error {err:.2e} > {TOL[name]:.0e}"
   a, b = api.decompress(loaded, data), sodec_torch.decompress(ref, loaded, data)
   assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
