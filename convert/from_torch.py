@@ -13,8 +13,10 @@
     python convert/from_torch.py dists --src dists/weights.pt --vgg vgg16-397923af.pth --out /weights/dists
     python convert/from_torch.py clip-iqa --src clip-vit-base-patch32/ --out /weights/clip-iqa
     python convert/from_torch.py export-lora --src WORKDIR --out lora/
+    python convert/from_torch.py export-torch --src WORKDIR --out sodec_torch/
 
-A thin CLI over `sodec_jax.converters` (and `sodec_jax.converters.lora` for export-lora). Problems are one
+A thin CLI over `sodec_jax.converters` (`converters.lora` for export-lora,
+`converters.torch_export` for export-torch). Problems are one
 line on stderr ("from_torch: error: ...") and exit status 1; nothing is left in --out.
 """
 
@@ -35,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(name, help=help_, description=help_)
     s.add_argument("--src", required=True, help=src_help)
     s.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
-    if name != "export-lora":
+    if not name.startswith("export-"):
       s.add_argument(
         "--dtype",
         default="float32",
@@ -108,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     "a sodec-jax training workdir",
   )
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  s = add(
+    "export-torch",
+    "the whole SODEC decoder of a diffusion workdir -> PyTorch (diffusers UNet with the LoRA "
+    "merged and VAE, transformers ViT, torch codec / H_s / T_s / F_p): "
+    "sodec_jax.benchmarks.sodec_torch.load_exported(OUT)",
+    "a sodec-jax training workdir (stage 2 or later)",
+  )
+  s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   return p
 
 
@@ -118,6 +128,10 @@ def run(args) -> str:
     from sodec_jax.converters.lora import export_lora_from_workdir
 
     return export_lora_from_workdir(args.src, args.out, args.step)
+  if args.command == "export-torch":
+    from sodec_jax.converters.torch_export import export_torch_from_workdir
+
+    return export_torch_from_workdir(args.src, args.out, args.step)
   kw = {}
   if args.command == "sd21":
     kw = dict(config_dir=args.config_dir, prediction_type=args.prediction_type)

@@ -132,7 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     "--config",
     default="",
     help="unet/vae: a diffusers-style config.json (default SD 2.1); "
-    "train: an experiment config, configs/<name>.py",
+    "train: an experiment config, configs/<name>.py; codec without --checkpoint: random "
+    "weights of this experiment config (e.g. configs/stage2.py: the paper-size diffusion "
+    "decoder; default configs/base.py)",
+  )
+  p.add_argument(
+    "--no-batches",
+    dest="batches",
+    action="store_false",
+    help="codec: skip the batch 1 / 8 throughput runs",
   )
   p.add_argument(
     "--devices", default="", help="train: device counts to time, e.g. 1,4 (default 1 and all)"

@@ -254,6 +254,12 @@ def random_tiny_extractor(kind: str, dtype, seed: int):
       ),
       dtype=dtype,
     )
+  return randomize_extractor(module, seed)
+
+
+def randomize_extractor(module, seed: int):
+  """Fills a frozen extractor (ViT or Swin) with random weights in place: N(0, 0.02) matrices and
+  embeddings, unit norm scales, zero biases; returns it."""
   from sodec_jax.layers import FrozenWeight
 
   flat = dict(nnx.to_flat_state(nnx.state(module, FrozenWeight)))

@@ -1,7 +1,8 @@
 """Codec encode/decode latency: `python -m sodec_jax.bench --what codec [options]`.
 
 (Over 450 lines: every stage of encode and decode is timed beside its PyTorch twin in one
-report; the twin itself is torch_reference.py.)
+report, with the parity check of the two decodes; the twins themselves are torch_reference.py
+(the codec) and sodec_torch.py (the one-step diffusion decoder).)
 
   --checkpoint DIR   a training workdir (default: the paper-size codec, configs/base.py, with
                      random weights: the neural timings are the same, the range-coding ones are
@@ -9,9 +10,16 @@ report; the twin itself is torch_reference.py.)
   --size 512         side of the square test image (centre crops of the photos bundled with
                      scikit-image, reflect-padded when smaller)
   --dtype float32|bfloat16|all   compute dtype of the conv stacks (parameters stay float32)
-  --reference torch  also run the same weights through the plain-PyTorch HiFiC-layout codec
-                     (`sodec_jax.benchmarks.torch_reference`) in this process, with as many
-                     torch threads as JAX's CPU client uses, and print JAX/PyTorch per stage
+  --config FILE      without --checkpoint: random weights of this experiment config instead of
+                     configs/base.py (e.g. configs/stage2.py: the paper-size diffusion decoder,
+                     SD 2.1 UNet / VAE shapes and a ViT-L/16 F, all random)
+  --reference torch  also run the same weights through the PyTorch twin in this process: the
+                     HiFiC-layout codec (`sodec_jax.benchmarks.torch_reference`) and, for a
+                     diffusion model, the whole SODEC decoder (`sodec_torch`: diffusers UNet and
+                     VAE, transformers ViT, torch H_s / T_s / F_p); as many torch threads as
+                     JAX's CPU client uses; JAX/PyTorch per stage. The parity line decodes the
+                     same .sodec file on both sides and fails (SodecError, exit status 1) when
+                     the images differ by more than PARITY_TOLERANCE uint8 levels
   --repeats N --warmup N
 
 Per stage, the time is the median over --repeats calls after --warmup calls, with the min-max
@@ -30,12 +38,17 @@ from __future__ import annotations
 import dataclasses
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 BATCH_SIZES = (1, 8)
+# Parity of the two decodes of one .sodec file (max |x_jax - x_torch|, uint8 levels): float32
+# differs by rounding only (1 level where a value sits on a rounding boundary); bfloat16 keeps
+# 8 mantissa bits on both sides, in different orders of operations.
+PARITY_TOLERANCE = {"float32": 2, "bfloat16": 48}
 
 
 @dataclasses.dataclass
@@ -128,8 +141,58 @@ def test_images(size: int, n: int) -> list[np.ndarray]:
   return out
 
 
-def load_for_bench(checkpoint: str, dtype: str):
-  """LoadedModel from `checkpoint` (or the paper-size config, random weights) computing in `dtype`."""
+# transformers' google/vit-large-patch16-224-in21k: the paper's F (random weights here).
+VIT_LARGE = dict(
+  hidden_size=1024,
+  num_hidden_layers=24,
+  num_attention_heads=16,
+  intermediate_size=4096,
+  image_size=(224, 224),
+  patch_size=(16, 16),
+)
+
+
+def random_model(config):
+  """`config`'s SODEC with random weights and no files: for a diffusion config the UNet and VAE
+  at their configured shapes (random init) and, with fidelity guidance, a random ViT (the tiny
+  one for extractor_config='tiny', else ViT-L/16 at 224, the paper's F)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from sodec_jax.errors import SodecError
+  from sodec_jax.model import SODEC
+  from sodec_jax.pretrained import (
+    build_model,
+    build_unet,
+    build_vae,
+    random_tiny_extractor,
+    randomize_extractor,
+  )
+
+  if config.get("decoder", "codec") != "diffusion":
+    return build_model(config, nnx.Rngs(0))
+  d, g = config.diffusion, config.guidance
+  config = config.copy_and_resolve_references()
+  config.diffusion.weights = config.guidance.extractor_weights = ""
+  rngs = nnx.Rngs(0)
+  parts = dict(
+    unet=build_unet(config.diffusion, rngs, False), vae=build_vae(config.diffusion, rngs, False)
+  )
+  dtype = jnp.dtype(d.dtype)
+  if g.mode == "fidelity" and g.extractor_config == "tiny":
+    parts["extractor"] = random_tiny_extractor(g.extractor, dtype, config.seed)
+  elif g.mode == "fidelity":
+    from sodec_jax.guidance.vit import ViT, ViTSpec
+
+    if g.extractor != "vit":
+      raise SodecError(f"random weights are built for the ViT extractor only, not {g.extractor!r}")
+    parts["extractor"] = randomize_extractor(ViT(ViTSpec(**VIT_LARGE), dtype=dtype), config.seed)
+  return SODEC(config, rngs=rngs, **parts)
+
+
+def load_for_bench(checkpoint: str, dtype: str, config_path: str = "", winograd=None):
+  """LoadedModel from `checkpoint` (or random weights of the experiment config at
+  `config_path`, default configs/base.py: the paper-size codec) computing in `dtype`."""
   import jax.numpy as jnp
   from flax import nnx
 
@@ -137,19 +200,28 @@ def load_for_bench(checkpoint: str, dtype: str):
   from sodec_jax.pretrained import build_model
 
   if checkpoint:
-    loaded = api.load_model(checkpoint)
+    loaded = api.load_model(checkpoint, winograd=winograd)
   else:
-    from configs import base
+    if config_path:
+      from sodec_jax.errors import SodecError
+      from sodec_jax.train.cli import UsageError, load_config_file
 
-    config = base.get_config()
-    loaded = api.prepare(config, build_model(config, nnx.Rngs(0)))
+      try:
+        config = load_config_file(config_path)
+      except UsageError as e:
+        raise SodecError(str(e)) from None
+    else:
+      from configs import base
+
+      config = base.get_config()
+    loaded = api.prepare(config, random_model(config), winograd=winograd)
   if jnp.dtype(dtype) == jnp.dtype(loaded.config.model.dtype):
     return loaded
   config = loaded.config.copy_and_resolve_references()
   config.model.dtype = str(jnp.dtype(dtype))
-  model = build_model(config, nnx.Rngs(0))
+  model = build_model(config, nnx.Rngs(0)) if checkpoint else random_model(config)
   nnx.update(model, nnx.state(loaded.model, nnx.Param))
-  return api.prepare(config, model, loaded.step)
+  return api.prepare(config, model, loaded.step, winograd=winograd)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -209,7 +281,7 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
   ]
 
 
-def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
+def decode_stages(loaded, data: bytes, ref=None, winograd=None) -> list[Stage]:
   import jax.numpy as jnp
 
   from sodec_jax import api
@@ -224,24 +296,15 @@ def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
 
   t = {}
   if ref is not None:
-    import torch
-
     from sodec_jax.benchmarks import torch_reference as tr
 
+    codec = codec_of(ref)
     dtype = next(ref.parameters()).dtype
     zt, yt = tr._nchw(z_hat_np, dtype), tr._nchw(y_hat_np, dtype)
-
-    def no_grad(f):
-      def g():
-        with torch.inference_mode():
-          return f()
-
-      return g
-
     t = {
-      "P": no_grad(lambda: ref.prior(zt)),
-      "D_a": no_grad(lambda: ref.synthesis(yt)),
-      "total": lambda: tr.decompress(ref, loaded, data),
+      "P": _no_grad(lambda: codec.prior(zt)),
+      "D_a": _no_grad(lambda: codec.synthesis(yt)),
+      "total": lambda: torch_decompress(ref, loaded, data),
     }
   stages = [
     Stage(
@@ -251,23 +314,51 @@ def decode_stages(loaded, data: bytes, ref=None) -> list[Stage]:
     Stage("D_a", "decode", lambda: _block(api.fidelity(loaded, y_hat)), t.get("D_a")),
   ]
   if loaded.decoder == bitstream.DECODER_DIFFUSION:
-    stages += diffusion_stages(loaded, y_hat, z_hat)
+    stages += diffusion_stages(loaded, y_hat, z_hat, ref, winograd)
   stages.append(Stage("total", "decode", lambda: api.decompress(loaded, data), t.get("total")))
   return stages
 
 
-def diffusion_stages(loaded, y_hat, z_hat) -> list[Stage]:
+def _no_grad(f):
+  def g():
+    import torch
+
+    with torch.inference_mode():
+      return f()
+
+  return g
+
+
+def codec_of(ref):
+  """The HiFiC torch codec of a reference (itself, or the SODEC decoder's `codec`)."""
+  return getattr(ref, "codec", ref)
+
+
+def torch_decompress(ref, loaded, data: bytes) -> np.ndarray:
+  """The torch twin of api.decompress for `ref` (the codec, or the whole SODEC decoder)."""
+  if hasattr(ref, "codec"):
+    from sodec_jax.benchmarks import sodec_torch
+
+    return sodec_torch.decompress(ref, loaded, data)
+  from sodec_jax.benchmarks import torch_reference as tr
+
+  return tr.decompress(ref, loaded, data)
+
+
+def diffusion_stages(loaded, y_hat, z_hat, ref=None, winograd=None) -> list[Stage]:
   """The one-step decoder's components, each jitted alone on the decoding model the API runs
   (api.decoding_model: the same inference kernels), fed the previous component's real output:
   F + F_p (guidance tokens from x_f), H_s + T_s (y_t), the UNet at t = 999, x0 + D_m; then the
-  whole decoder after range decoding as the API runs it (one jit, D_a included)."""
+  whole decoder after range decoding as the API runs it (one jit, D_a included). `winograd`:
+  as the LoadedModel was prepared with (api.decoding_model; None: on CPU). With `ref`
+  (sodec_torch.SODECDecoder) each has its torch twin, fed the same (JAX-computed) inputs."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
 
   from sodec_jax import api
 
-  graphdef, state = nnx.split(api.decoding_model(loaded.model))
+  graphdef, state = nnx.split(api.decoding_model(loaded.model, winograd))
 
   def jitted(fn):
     f = jax.jit(lambda st, *a: fn(nnx.merge(graphdef, st), *a))
@@ -288,12 +379,39 @@ def diffusion_stages(loaded, y_hat, z_hat) -> list[Stage]:
   c_g = guidance(x_f, z_hat)
   y_t = content(y_hat, z_hat)
   eps = unet(y_t, c_g)
+  t = {}
+  if ref is not None:
+    from sodec_jax.benchmarks.torch_reference import _nchw
+
+    dt = next(ref.parameters()).dtype
+    x_ft, y_ht, z_ht = (_nchw(np.asarray(a), dt) for a in (x_f, y_hat, z_hat))
+    y_tt, epst = _nchw(np.asarray(y_t), dt), _nchw(np.asarray(eps), dt)
+    import torch
+
+    c_gt = torch.from_numpy(np.array(c_g, np.float32)).to(dt)
+    t = {
+      "F + F_p (guidance)": _no_grad(lambda: ref.guidance(x_ft)),
+      "H_s + T_s": _no_grad(lambda: ref.content_variable(y_ht, z_ht)),
+      "UNet (t=999)": _no_grad(lambda: ref.eps(y_tt, c_gt)),
+      "x0 + D_m": _no_grad(lambda: ref.image(y_tt, epst)),
+      "decoder (one jit)": _no_grad(lambda: ref.reconstruct(y_ht, z_ht)),
+    }
   return [
-    Stage("F + F_p (guidance)", "decode", lambda: _block(guidance(x_f, z_hat))),
-    Stage("H_s + T_s", "decode", lambda: _block(content(y_hat, z_hat))),
-    Stage("UNet (t=999)", "decode", lambda: _block(unet(y_t, c_g))),
-    Stage("x0 + D_m", "decode", lambda: _block(decode(y_t, eps))),
-    Stage("decoder (one jit)", "decode", lambda: _block(api.reconstruct(loaded, y_hat, z_hat))),
+    Stage(
+      "F + F_p (guidance)",
+      "decode",
+      lambda: _block(guidance(x_f, z_hat)),
+      t.get("F + F_p (guidance)"),
+    ),
+    Stage("H_s + T_s", "decode", lambda: _block(content(y_hat, z_hat)), t.get("H_s + T_s")),
+    Stage("UNet (t=999)", "decode", lambda: _block(unet(y_t, c_g)), t.get("UNet (t=999)")),
+    Stage("x0 + D_m", "decode", lambda: _block(decode(y_t, eps)), t.get("x0 + D_m")),
+    Stage(
+      "decoder (one jit)",
+      "decode",
+      lambda: _block(api.reconstruct(loaded, y_hat, z_hat)),
+      t.get("decoder (one jit)"),
+    ),
   ]
 
 
@@ -309,13 +427,16 @@ def bench_codec(
   warmup: int,
   batch_sizes=BATCH_SIZES,
   log=print,
+  config_path: str = "",
+  winograd=None,
 ) -> dict:
   import jax
 
   from sodec_jax import api
+  from sodec_jax.codec import bitstream
 
-  loaded = load_for_bench(checkpoint, dtype)
-  images = test_images(size, max(batch_sizes))
+  loaded = load_for_bench(checkpoint, dtype, config_path, winograd)
+  images = test_images(size, max(batch_sizes, default=1))
   ref = None
   threads = cpu_threads()
   if reference == "torch":
@@ -323,7 +444,12 @@ def bench_codec(
 
     from sodec_jax.benchmarks import torch_reference as tr
 
-    ref = tr.build_reference(loaded, getattr(torch, dtype))
+    if loaded.decoder == bitstream.DECODER_DIFFUSION:
+      from sodec_jax.benchmarks import sodec_torch
+
+      ref = sodec_torch.build_sodec_reference(loaded, getattr(torch, dtype))
+    else:
+      ref = tr.build_reference(loaded, getattr(torch, dtype))
   data = api.compress(loaded, images[0])
   torch_threads = {}
   if ref is not None:
@@ -332,9 +458,10 @@ def bench_codec(
     # end-to-end decode picks the count (the reference is never handicapped).
     for n in sorted({threads, 1}, reverse=True):
       torch.set_num_threads(n)
-      torch_threads[n] = measure(lambda: tr.decompress(ref, loaded, data), 2, 1)["median_ms"]
+      torch_threads[n] = measure(lambda: torch_decompress(ref, loaded, data), 1, 0)["median_ms"]
     torch.set_num_threads(min(torch_threads, key=torch_threads.get))
-  stages = encode_stages(loaded, images[0], ref) + decode_stages(loaded, data, ref)
+  codec_ref = None if ref is None else codec_of(ref)
+  stages = encode_stages(loaded, images[0], codec_ref) + decode_stages(loaded, data, ref, winograd)
   cfg = loaded.config.model
   dev = jax.devices()[0]
   result: dict[str, Any] = {
@@ -342,7 +469,9 @@ def bench_codec(
     "jax": jax.__version__,
     "size": size,
     "dtype": dtype,
-    "checkpoint": checkpoint or "random weights, configs/base.py",
+    "checkpoint": checkpoint or f"random weights, {config_path or 'configs/base.py'}",
+    "winograd": "auto (on for CPU)" if winograd is None else ("on" if winograd else "off"),
+    "decoder": "diffusion" if loaded.decoder == bitstream.DECODER_DIFFUSION else "codec",
     "model": {
       "C": cfg.latent_channels,
       "N": cfg.hyper_channels,
@@ -375,15 +504,21 @@ def bench_codec(
       row["ratio"] = row["jax"]["median_ms"] / row["torch"]["median_ms"]
       row["shared"] = st.shared
     result["stages"].append(row)
+    if log is print:  # progress on stderr: a long (paper-size) run shows what it has measured
+      t = f", torch {row['torch']['median_ms']:.1f} ms" if "torch" in row else ""
+      done = f"{st.side} {st.name}: JAX {row['jax']['median_ms']:.1f} ms{t}"
+      print(f"measured {done}", file=sys.stderr, flush=True)
   if ref is not None:
     from sodec_jax.benchmarks import torch_reference as tr
 
-    x_jax = api.decompress(loaded, data)
-    t_data = tr.compress(ref, loaded, images[0])
-    x_t = tr.decompress(ref, loaded, t_data)
+    # like with like: the same .sodec file decoded by the same decoder on both sides
+    diff = np.abs(api.decompress(loaded, data).astype(int) - torch_decompress(ref, loaded, data))
     result["parity"] = {
-      "same_bytes": t_data == data,
-      "max_abs_uint8_diff": int(np.abs(x_jax.astype(int) - x_t.astype(int)).max()),
+      "same_bytes": tr.compress(codec_ref, loaded, images[0]) == data,
+      "decoder": result["decoder"],
+      "max_abs_uint8_diff": int(diff.max()),
+      "mean_abs_uint8_diff": float(diff.mean()),
+      "tolerance": PARITY_TOLERANCE[dtype],
     }
   for b in batch_sizes:
     batch = images[:b]
@@ -397,6 +532,15 @@ def bench_codec(
       "decode": dec,
     }
   print_report(result, log)
+  p = result.get("parity")
+  if p and p["max_abs_uint8_diff"] > p["tolerance"]:
+    from sodec_jax.errors import SodecError
+
+    raise SodecError(
+      f"parity failed: the JAX and PyTorch {p['decoder']} decoders decode the same .sodec file "
+      f"{p['max_abs_uint8_diff']} uint8 levels apart (tolerance {p['tolerance']}, {dtype}); "
+      "the torch reference no longer computes what the model does"
+    )
   return result
 
 
@@ -408,17 +552,18 @@ def print_report(r: dict, log=print) -> None:
   m = r["model"]
   log(
     f"codec {r['size']}x{r['size']}, {r['dtype']}, {r['device']}, jax {r['jax']}, "
-    f"C={m['C']} N={m['N']} ({r['checkpoint']}), {r['bpp']:.3f} bpp; "
+    f"C={m['C']} N={m['N']} ({r['checkpoint']}), {r['decoder']} decoder, "
+    f"winograd {r['winograd']}, {r['bpp']:.3f} bpp; "
     f"{r['cpu_threads']} CPU threads"
     + (f", load avg {r['load_avg'][0]:.1f}" if "load_avg" in r else "")
   )
   has_t = any("torch" in s for s in r["stages"])
-  head = f"{'side':6} {'stage':13} {'JAX ms median [min-max]':>28} {'first call ms':>14}"
+  head = f"{'side':6} {'stage':18} {'JAX ms median [min-max]':>28} {'first call ms':>14}"
   if has_t:
     head += f" {'torch ms median [min-max]':>28} {'JAX/torch':>9}"
   log(head)
   for s in r["stages"]:
-    line = f"{s['side']:6} {s['name']:13} {_fmt(s['jax']):>28} {s['jax']['first_call_ms']:14.1f}"
+    line = f"{s['side']:6} {s['name']:18} {_fmt(s['jax']):>28} {s['jax']['first_call_ms']:14.1f}"
     if "torch" in s:
       t = "(same host code)" if s["shared"] else _fmt(s["torch"])
       line += f" {t:>28} {s['ratio']:9.2f}"
@@ -438,8 +583,10 @@ def print_report(r: dict, log=print) -> None:
   if "parity" in r:
     p = r["parity"]
     log(
-      f"torch vs JAX: same .sodec bytes: {p['same_bytes']}, max |x_jax - x_torch| = "
-      f"{p['max_abs_uint8_diff']} (uint8)"
+      f"torch vs JAX: same .sodec bytes from E + H_a + P: {p['same_bytes']}; that file decoded "
+      f"by the {p['decoder']} decoder on both sides: max |x_jax - x_torch| = "
+      f"{p['max_abs_uint8_diff']} (mean {p['mean_abs_uint8_diff']:.4f}) uint8 levels, "
+      f"tolerance {p['tolerance']}"
     )
 
 
@@ -449,6 +596,14 @@ def run_codec(args) -> dict:
   out = {}
   for dtype in dtypes:
     out[dtype] = bench_codec(
-      args.checkpoint, args.size, dtype, args.reference, args.repeats, args.warmup
+      args.checkpoint,
+      args.size,
+      dtype,
+      args.reference,
+      args.repeats,
+      args.warmup,
+      batch_sizes=BATCH_SIZES if args.batches else (),
+      config_path="" if args.checkpoint else (args.config or ""),
+      winograd={"on": True, "off": False}.get(getattr(args, "winograd", "auto")),
     )
   return out
