@@ -316,7 +316,7 @@ class HiFiC(nn.Module):
       m.decoder_residual_blocks,
       tuple(m.factorized_filters),
       eps=m.channel_norm_eps,
-      normalize_input_image=bool(m.get("normalize_input_image", False)),
+      normalize_input_image=bool(getattr(m, "normalize_input_image", False)),
     )
 
   # -- the pieces, unpadded (inputs already of suitable size) ------------------------------------
