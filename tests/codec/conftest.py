@@ -16,6 +16,9 @@ def micro_codec_config():
   c.model.hyper_channels = 8
   c.model.decoder_filters = (16, 16, 8, 8, 4)
   c.model.decoder_residual_blocks = 1
+  # HiFiC's default image range, so upstream-parity tests compare the raw modules; the tiny
+  # default's normalize_input_image=True has its own parity test (test_hific_parity.py)
+  c.model.normalize_input_image = False
   return c
 
 
