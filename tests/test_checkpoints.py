@@ -106,6 +106,7 @@ def test_interrupted_write_is_never_used(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, _params(fresh), p)
 
 
+@pytest.mark.slow  # 14 s (builds a micro model); the default suite's budget is tight
 def test_init_from_refuses_parameters_of_other_shapes_in_one_line(tmp_path):
   """A workdir whose parameter has another shape (another model config: here H_a's first bias
   saved 6 wide, as with model.hyper_channels=6) is never copied in part: one line naming the

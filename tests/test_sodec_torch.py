@@ -127,6 +127,7 @@ def test_components_match(loaded, ref, coded):
     assert err <= TOL[name], f"{name}: relative error {err:.2e} > {TOL[name]:.0e}"
 
 
+@pytest.mark.slow  # 12 s; test_components_match keeps parity in the default suite
 def test_end_to_end_on_a_photo(loaded, ref, coded):
   """The same .sodec file decoded by both whole decoders: float images within 1e-5, uint8 within
   one level (a value on a rounding boundary)."""

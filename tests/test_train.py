@@ -83,7 +83,7 @@ def test_print_config_shows_each_pipeline_stage_as_trained(tmp_path):
   parts = _sections(r.stdout)
   assert list(parts) == ["config", "pretrain", "stage1", "stage2", "stage3", "finetune"]
   assert all("  log_every: 7\n" in text for text in parts.values())  # the override
-  assert "stage: 0\n" in parts["pretrain"] and "  num_steps: 800\n" in parts["pretrain"]
+  assert "stage: 0\n" in parts["pretrain"] and "  num_steps: 1200\n" in parts["pretrain"]
   assert "decoder: diffusion\n" in parts["stage2"] and "  num_steps: 150\n" in parts["stage2"]
   assert "decoder: codec\n" in parts["stage1"] and "  num_steps: 1000\n" in parts["stage1"]
   assert "stage: 4\n" in parts["finetune"] and "  num_steps: 100\n" in parts["finetune"]
