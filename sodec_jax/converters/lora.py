@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 
 import numpy as np
 from flax import nnx
 
+from sodec_jax.converters.output import atomic_folder
 from sodec_jax.errors import SodecError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -104,17 +103,9 @@ def export_lora(unet: nnx.Module, path: str, *, metadata: dict | None = None) ->
       "the UNet has no LoRA adapters to export (apply_lora was never called on it, "
       "or they were merged)"
     )
-  out = os.path.abspath(path)
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise SodecError(f"--out {path} already exists and is not empty; choose a new folder")
-  try:
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=os.path.dirname(out))
-  except OSError as e:
-    raise SodecError(f"cannot write {path}: {e.strerror or e}") from None
-  try:
-    from sodec_jax.weights.formats import CONVERTER_VERSION
+  from sodec_jax.weights.formats import CONVERTER_VERSION
 
+  with atomic_folder(path) as tmp:
     meta = {
       "format": "peft-lora",
       "converter": f"sodec-jax {CONVERTER_VERSION}",
@@ -123,15 +114,7 @@ def export_lora(unet: nnx.Module, path: str, *, metadata: dict | None = None) ->
     save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata=meta)
     with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
       json.dump(peft_config(layers), f, indent=2, sort_keys=True)
-    if os.path.isdir(out):
-      os.rmdir(out)
-    os.rename(tmp, out)
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, OSError):
-      raise SodecError(f"cannot write {path}: {e.strerror or e}") from None
-    raise
-  return out
+  return os.path.abspath(path)
 
 
 def find_unet(model: nnx.Module):

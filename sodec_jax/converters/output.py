@@ -141,6 +141,31 @@ def _json_default(o):
 
 
 @contextlib.contextmanager
+def atomic_folder(out: str):
+  """with atomic_folder(out) as tmp: ...write files into tmp...; on success tmp (a temporary
+  sibling of `out`) is renamed to `out`, on any exception it is removed. `out` must not exist or
+  be an empty folder; an OSError is one SodecError line naming `out`."""
+  path = os.path.abspath(out)
+  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    raise SodecError(f"--out {out} already exists and is not empty; choose a new folder")
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+  except OSError as e:
+    raise SodecError(f"cannot write {out}: {e.strerror or e}") from None
+  try:
+    yield tmp
+    if os.path.isdir(path):
+      os.rmdir(path)
+    os.rename(tmp, path)
+  except BaseException as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise SodecError(f"cannot write {out}: {e.strerror or e}") from None
+    raise
+
+
+@contextlib.contextmanager
 def output(out: str, kind: str, dtype: str):
   """with output(out, kind, dtype) as o: ...write components...; renamed into place on success."""
   o = Output(out, kind, dtype)

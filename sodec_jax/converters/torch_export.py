@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 
+from sodec_jax.converters.output import atomic_folder
 from sodec_jax.errors import SodecError
 
 
@@ -32,30 +31,14 @@ def export_torch(loaded, out: str, *, metadata: dict | None = None) -> str:
 
   description = sodec_torch.describe(loaded)
   ref = sodec_torch.build_sodec_reference(loaded)
-  path = os.path.abspath(out)
-  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-    raise SodecError(f"--out {out} already exists and is not empty; choose a new folder")
-  try:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
-  except OSError as e:
-    raise SodecError(f"cannot write {out}: {e.strerror or e}") from None
-  try:
+  with atomic_folder(out) as tmp:
     meta = {"format": "sodec-torch", "converter": f"sodec-jax {CONVERTER_VERSION}"}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     state = {k: v.contiguous() for k, v in ref.state_dict().items()}
     save_file(state, os.path.join(tmp, sodec_torch.EXPORT_WEIGHTS), metadata=meta)
     with open(os.path.join(tmp, sodec_torch.EXPORT_CONFIG), "w") as f:
       json.dump(description, f, indent=2, sort_keys=True)
-    if os.path.isdir(path):
-      os.rmdir(path)
-    os.rename(tmp, path)
-  except BaseException as e:
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, OSError):
-      raise SodecError(f"cannot write {out}: {e.strerror or e}") from None
-    raise
-  return path
+  return os.path.abspath(out)
 
 
 def export_torch_from_workdir(workdir: str, out: str, step: int | None = None) -> str:
