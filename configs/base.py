@@ -13,6 +13,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.name = "base"
   c.stage = 1
   c.seed = 0
+  # Compute precision of the reconstruction path (D_a, H_s, T_s, UNet, D_m, F, F_p, LPIPS):
+  # "auto" = bf16 on GPU/TPU, fp32 on the CPU; "fp32" | "bf16" to choose. Parameters, optimizer
+  # state, norms, softmax and losses stay float32, and the entropy path (E, H_a, P) is never
+  # affected (sodec_jax/precision.py).
+  c.precision = "auto"
 
   # --- the HiFiC-style codec: E, H_a, P, D_a ------------------------------------------------
   c.model = ml_collections.ConfigDict()
@@ -35,7 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   # HiFiC's flag: False = E sees x in [0, 1] and D_a's raw output is the image (HiFiC's default);
   # True = E sees 2x - 1 and the image is (tanh(D_a) + 1) / 2 (the tiny default: codec/hific.py)
   c.model.normalize_input_image = False
-  c.model.dtype = "float32"  # compute dtype of the conv stacks
+  # Construction dtypes of the codec's conv stacks: E, H_a, P keep model.dtype whatever the
+  # precision (keep float32: the files depend on it); D_a follows `precision` at run time.
+  c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   # Optional, absent here (= native): model.padding ("sodec" | "hific", codec/padding.py) and
   # model.factorized_last_gate; `convert/from_torch.py hific` sets them for HiFiC checkpoints.
@@ -56,7 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.vae = "sd21"
   c.diffusion.weights = ""  # convert/from_torch.py sd21 output, or a diffusers folder
   c.diffusion.prediction_type = "epsilon"  # SD 2.1-base: epsilon; SD 2.1 (768): v_prediction
-  c.diffusion.dtype = "float32"  # compute dtype of UNet / VAE / extractor
+  c.diffusion.dtype = "float32"  # storage dtype of loaded UNet / VAE / extractor weights
   c.diffusion.remat = False  # rematerialise UNet blocks (training memory)
   c.diffusion.lora_rank = 16  # OSCAR's rank
   c.diffusion.lora_alpha = 16.0

@@ -44,6 +44,7 @@ still decode where they were written (see docs/ARCHITECTURE.md, "Determinism").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -54,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sodec_jax import precision as precision_lib
 from sodec_jax.codec import bitstream, integer_prior, padding
 from sodec_jax.codec.entropy import (
   CodingTable,
@@ -87,6 +89,8 @@ class LoadedModel:
   _prior: Any = None
   _synthesis: Any = None  # (y_hat, z_hat) -> (x_hat, x_f): the whole decoder, one jit
   _fidelity: Any = None  # y_hat -> x_f = D_a(y_hat)
+  _decode_image: Any = None  # (y symbols, z_hat, H, W) -> uint8 [B, H, W, 3], one jit
+  precision: str = "fp32"  # the reconstruction path's ("fp32" | "bf16"; sodec_jax/precision.py)
 
   @property
   def decoder(self) -> int:
@@ -124,9 +128,12 @@ def fingerprint(config, model: nnx.Module) -> bytes:
   return h.digest()[:16]
 
 
-def decoding_model(model: SODEC, winograd: bool | None = None) -> SODEC:
+def decoding_model(model: SODEC, winograd: bool | None = None, dtype=None) -> SODEC:
   """The model the jitted coding functions run: a clone of `model` sharing its arrays, with
   inference-time kernels computed once instead of on every call:
+  - with `dtype` (a precision: "fp32" | "bf16" | "auto", or "float32" | "bfloat16"), the
+    reconstruction path (D_a, H_s, T_s, UNet, D_m, F, F_p) computing in that precision with its
+    weights stored in it (cast once, here); E, H_a and P are untouched (sodec_jax/precision.py);
   - every sub-pixel transposed convolution's rearranged kernel (layers.use_subpixel_kernels:
     the same values, so the same outputs);
   - with `winograd` (None: when the backend is the CPU), the reconstruction-only 3x3
@@ -140,6 +147,9 @@ def decoding_model(model: SODEC, winograd: bool | None = None) -> SODEC:
   if winograd is None:
     winograd = jax.default_backend() == "cpu"
   clone = nnx.clone(model)
+  if dtype is not None:
+    resolved = precision_lib.apply_precision(clone, dtype)
+    precision_lib.cast_reconstruction_params(clone, precision_lib.compute_dtype(resolved))
   use_subpixel_kernels(clone)
   if winograd:
     for name in ("hyper_synthesis", "transform", "unet", "vae_decoder"):
@@ -149,18 +159,24 @@ def decoding_model(model: SODEC, winograd: bool | None = None) -> SODEC:
   return clone
 
 
-def prepare(config, model: SODEC, step: int = 0, *, winograd: bool | None = None) -> LoadedModel:
+def prepare(
+  config, model: SODEC, step: int = 0, *, winograd: bool | None = None, dtype: str | None = None
+) -> LoadedModel:
   """Wraps an in-memory model for coding (computes tables, fingerprint and jitted functions).
 
   `winograd`: run the decoders' large 3x3 convolutions as Winograd F(4x4, 3x3) (None: on CPU
-  only; see decoding_model). `model` itself is never modified."""
+  only; see decoding_model). `dtype`: the reconstruction path's precision ("fp32" | "bf16" |
+  "auto", or "float32" | "bfloat16"; None = config.precision, "auto" by default: bf16 on GPU/TPU,
+  fp32 on the CPU). The fingerprint is taken from `model`'s own (float32) weights, and E, H_a, P
+  never change precision, so files do not depend on `dtype`. `model` itself is never modified."""
   e = config.entropy
   scales = scale_table(e.scale_min, e.scale_max, e.scale_levels)
   y_table: CodingTable = gaussian_coding_table(scales, config.entropy.tail_mass)
   z_table: CodingTable = factorized_coding_table(
     model.codec.prior.hyperlatent.numpy_params(), config.entropy.tail_mass
   )
-  graphdef, state = nnx.split(decoding_model(model, winograd))
+  dtype = precision_lib.resolve(config.get("precision", "auto") if dtype is None else dtype)
+  graphdef, state = nnx.split(decoding_model(model, winograd, dtype))
   latent_multiple = padding.scheme(config.model).latent_multiple
   indexer = integer_prior.derive(
     integer_prior.stack_params_of(model.codec.prior.scale_synthesis),
@@ -186,6 +202,16 @@ def prepare(config, model: SODEC, step: int = 0, *, winograd: bool | None = None
   def jit_synthesis(state, y_hat, z_hat):  # the whole decoder after range decoding, one jit
     return nnx.merge(graphdef, state).reconstruction(y_hat, z_hat)
 
+  @functools.partial(jax.jit, static_argnums=(3, 4))
+  def jit_decode_image(state, y_symbols, z_hat, height, width):
+    """Range-decoded symbols -> uint8 images, one program: mu = P(z_hat), y_hat = symbols + mu,
+    the decoder, crop, clamp, round (nothing but the symbols in and the pixels out cross
+    between host and device)."""
+    m = nnx.merge(graphdef, state)
+    y_hat = y_symbols.astype(jnp.float32) + m.prior_parameters(z_hat)[0]
+    x_hat, _ = m.reconstruction(y_hat, z_hat)
+    return quantize_image(x_hat[:, :height, :width])
+
   return LoadedModel(
     config=config,
     model=model,
@@ -199,14 +225,22 @@ def prepare(config, model: SODEC, step: int = 0, *, winograd: bool | None = None
     _prior=lambda z: jit_prior(state, z),
     _synthesis=lambda y, z: jit_synthesis(state, y, z),
     _fidelity=lambda y: jit_fidelity(state, y),
+    _decode_image=lambda y, z, h, w: jit_decode_image(state, y, z, h, w),
+    precision=dtype,
   )
 
 
 def load_model(
-  checkpoint_dir: str, step: int | None = None, *, winograd: bool | None = None
+  checkpoint_dir: str,
+  step: int | None = None,
+  *,
+  winograd: bool | None = None,
+  dtype: str | None = None,
 ) -> LoadedModel:
   """Loads the model a training run wrote to `checkpoint_dir` (its --workdir), or a
-  `convert/from_torch.py hific` folder. `winograd`: see decoding_model (None: on CPU)."""
+  `convert/from_torch.py hific` folder. `winograd`: see decoding_model (None: on CPU).
+  `dtype`: the reconstruction path's precision, "fp32" | "bf16" | "auto" (None: the checkpoint
+  config's `precision`, "auto" = bf16 on GPU/TPU, fp32 on CPU); see `prepare`."""
   from sodec_jax import checkpoints  # deferred: orbax import is slow and only needed here
 
   if not os.path.isdir(checkpoint_dir):
@@ -215,14 +249,14 @@ def load_model(
       "a training run wrote (e.g. runs/tiny)"
     )
   if os.path.isfile(os.path.join(checkpoint_dir, "manifest.json")):
-    return _load_converted_codec(checkpoint_dir, winograd)
+    return _load_converted_codec(checkpoint_dir, winograd, dtype)
   config = checkpoints.load_config(checkpoint_dir)
   model = build_model(config, nnx.Rngs(0), pretrained=False)  # weights come from the checkpoint
   restored_step = checkpoints.restore_params(checkpoint_dir, model, step=step)
-  return prepare(config, model, restored_step, winograd=winograd)
+  return prepare(config, model, restored_step, winograd=winograd, dtype=dtype)
 
 
-def _load_converted_codec(folder: str, winograd: bool | None = None) -> LoadedModel:
+def _load_converted_codec(folder: str, winograd: bool | None = None, dtype=None) -> LoadedModel:
   """A `convert/from_torch.py hific` folder is a complete codec (D_a decoder)."""
   import importlib.util
 
@@ -247,7 +281,7 @@ def _load_converted_codec(folder: str, winograd: bool | None = None) -> LoadedMo
       config.model[key] = tuple(value) if isinstance(value, list) else value
   model = build_model(config, nnx.Rngs(0), pretrained=False)
   converted.load_codec_params(folder, model)
-  return prepare(config, model, 0, winograd=winograd)
+  return prepare(config, model, 0, winograd=winograd, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- images <-> tensors
@@ -268,6 +302,12 @@ def pad_image(model: LoadedModel, image: np.ndarray) -> np.ndarray:
   """uint8 [H, W, 3] -> float32 [1, H', W', 3] in [0, 1], reflect-padded bottom/right as the
   model codes (codec/padding.py: to a multiple of 64 natively, of 16 for converted HiFiC)."""
   return padding.pad_image(image, padding.scheme(model.config.model))
+
+
+def quantize_image(x: jax.Array) -> jax.Array:
+  """float [..., 3] -> uint8: clamp to [0, 1], scale to 255, round half to even (jittable; the
+  same values as `to_uint8`)."""
+  return jnp.round(jnp.clip(x.astype(jnp.float32), 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
 def to_uint8(x: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -407,17 +447,9 @@ def _from_file(step, *args, version: int = bitstream.VERSION):
     ) from None
 
 
-def decode_latents(
-  model: LoadedModel, data: bytes, prior_fn=None
-) -> tuple[bitstream.Header, np.ndarray, np.ndarray]:
-  """Range-decodes a .sodec file -> (header, y_hat float32 [1, h, w, C], z_hat [1, h/4, w/4, N]).
-
-  `prior_fn`: z_hat -> (mu, sigma), default `prior(model, .)` (a reference implementation can
-  pass its own). The y scale indexes come from z_hat through `model.indexer` (version 2 files)
-  or from the float32 sigma (version 1 files, see codec/bitstream.py). Only the container and
-  the range decoding are reported as a bad file (SodecError); an error in the prior or anywhere
-  else is a bug and propagates as it is."""
-  header, (z_stream, y_stream, over_stream) = bitstream.unpack(data, model.max_pixels)
+def _check_file(model: LoadedModel, data: bytes):
+  """The header and streams of a .sodec file that this model can decode; SodecError else."""
+  header, streams = bitstream.unpack(data, model.max_pixels)
   if header.fingerprint != model.fingerprint:
     raise SodecError(
       f"this file was written by a different model (fingerprint "
@@ -435,11 +467,45 @@ def decode_latents(
       f"latent channels {header.y_shape[2]}/{header.z_shape[2]} in the file do not "
       f"match the model's {c}/{n}"
     )
-  overflow = bitstream.OverflowReader(over_stream)
+  return header, streams
+
+
+def _decode_z(model: LoadedModel, header, z_stream, overflow) -> np.ndarray:
   z_sym = _from_file(model.z_coder.decode, z_stream, _channel_ids(header.z_shape), overflow)
   z_hat = z_sym.reshape(header.z_shape).astype(np.float32)[None]
   if not np.all(np.abs(z_hat) < 1e6):
     raise SodecError("corrupted .sodec file: implausible hyper-latent values")
+  return z_hat
+
+
+def decode_symbols(model: LoadedModel, data: bytes):
+  """Range-decodes a version-2 .sodec file without any float work -> (header, y symbols float32
+  [1, h, w, C], z_hat float32 [1, h/4, w/4, N]); y_hat = symbols + P(z_hat)'s mu. The indexes
+  come from z_hat alone (model.indexer). Returns None for a version-1 file (its indexes need the
+  float sigma: use decode_latents)."""
+  header, (z_stream, y_stream, over_stream) = _check_file(model, data)
+  if header.version < 2:
+    return None
+  overflow = bitstream.OverflowReader(over_stream)
+  z_hat = _decode_z(model, header, z_stream, overflow)
+  y_sym = _from_file(model.y_coder.decode, y_stream, model.indexer(z_hat)[0], overflow)
+  _from_file(overflow.finish)
+  return header, y_sym.reshape(header.y_shape)[None].astype(np.float32), z_hat
+
+
+def decode_latents(
+  model: LoadedModel, data: bytes, prior_fn=None
+) -> tuple[bitstream.Header, np.ndarray, np.ndarray]:
+  """Range-decodes a .sodec file -> (header, y_hat float32 [1, h, w, C], z_hat [1, h/4, w/4, N]).
+
+  `prior_fn`: z_hat -> (mu, sigma), default `prior(model, .)` (a reference implementation can
+  pass its own). The y scale indexes come from z_hat through `model.indexer` (version 2 files)
+  or from the float32 sigma (version 1 files, see codec/bitstream.py). Only the container and
+  the range decoding are reported as a bad file (SodecError); an error in the prior or anywhere
+  else is a bug and propagates as it is."""
+  header, (z_stream, y_stream, over_stream) = _check_file(model, data)
+  overflow = bitstream.OverflowReader(over_stream)
+  z_hat = _decode_z(model, header, z_stream, overflow)
   mu_sigma = (prior_fn or (lambda z: prior(model, z)))(z_hat)  # jax: runs while the host works
   if header.version >= 2:
     indexes = model.indexer(z_hat)[0]
@@ -459,10 +525,10 @@ def compress(model: LoadedModel, image: np.ndarray) -> bytes:
 
 
 def decompress(model: LoadedModel, data: bytes) -> np.ndarray:
-  """The bytes of a .sodec file -> uint8 [H, W, 3] (decode_latents + reconstruct + to_uint8)."""
-  header, y_hat, z_hat = decode_latents(model, data)
-  x_hat, _ = reconstruct(model, y_hat, z_hat)
-  return to_uint8(np.asarray(x_hat), header.height, header.width)
+  """The bytes of a .sodec file -> uint8 [H, W, 3]: range decoding on the host (decode_symbols),
+  then one jitted program from the symbols to the pixels (mu = P(z_hat), y_hat, the decoder,
+  crop, uint8). Version-1 files: decode_latents + reconstruct + to_uint8."""
+  return decompress_batch(model, [data])[0]
 
 
 def compress_batch(model: LoadedModel, images: list[np.ndarray]) -> list[bytes]:
@@ -478,9 +544,18 @@ def compress_batch(model: LoadedModel, images: list[np.ndarray]) -> list[bytes]:
 def decompress_batch(model: LoadedModel, files: list[bytes]) -> list[np.ndarray]:
   """decompress over files of same-size images: range decoding per file, the decoder batched
   (one jitted call) -> uint8 [H, W, 3] each."""
-  decoded = [decode_latents(model, d) for d in files]
+  symbols = [decode_symbols(model, d) for d in files]
+  decoded = symbols if all(s is not None for s in symbols) else None
+  if decoded is None:  # a version-1 file among them: the host assembles y_hat
+    decoded = [decode_latents(model, d) for d in files]
   if len({(hd.height, hd.width) for hd, _, _ in decoded}) > 1:
     raise SodecError("decompress_batch needs files of one image size; decompress them one by one")
+  if decoded is symbols:
+    h, w = decoded[0][0].height, decoded[0][0].width
+    pixels = model._decode_image(
+      np.concatenate([y for _, y, _ in decoded]), np.concatenate([z for _, _, z in decoded]), h, w
+    )
+    return list(np.asarray(pixels))
   x_hat, _ = reconstruct(
     model, np.concatenate([y for _, y, _ in decoded]), np.concatenate([z for _, _, z in decoded])
   )

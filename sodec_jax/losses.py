@@ -44,7 +44,7 @@ def mse_255(x: jax.Array, x_hat: jax.Array) -> jax.Array:
 
 def lpips_loss(lpips: Callable, x: jax.Array, x_hat: jax.Array) -> jax.Array:
   """Mean LPIPS over the batch (NHWC in [0, 1])."""
-  return jnp.mean(lpips(x_hat, x))
+  return jnp.mean(lpips(x_hat, x).astype(jnp.float32))  # float32 at any precision
 
 
 def rate_weight(batch_bpp, step, loss_config):

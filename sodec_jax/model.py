@@ -195,8 +195,8 @@ class SODEC(nnx.Module):
     return self.codec.prior(z_hat)
 
   def fidelity_reconstruction(self, y_hat: jax.Array) -> jax.Array:
-    """y_hat -> x_f = D_a(y_hat) [B, H, W, 3] (unclamped)."""
-    return self.codec.decode(y_hat)
+    """y_hat -> x_f = D_a(y_hat) float32 [B, H, W, 3] (unclamped)."""
+    return self.codec.decode(y_hat).astype(jnp.float32)
 
   def guidance(self, x_f: jax.Array, z_hat: jax.Array) -> jax.Array:
     """c_g [B, 77, width]: F_p(F(x_f)) in fidelity mode (see guidance/projection.py)."""
@@ -218,7 +218,8 @@ class SODEC(nnx.Module):
     y_t = self.content_variable(y_hat, z_hat)
     c_g = self.guidance(x_f, z_hat)
     t = jnp.full((y_t.shape[0],), self.timestep, jnp.int32)
-    x0 = self.schedule.predict_x0(y_t, self.unet(y_t, t, c_g), t)
+    eps = self.unet(y_t, t, c_g).astype(jnp.float32)  # x0 (Eq. 5) in float32 at any precision
+    x0 = self.schedule.predict_x0(y_t, eps, t)
     image = self.vae_decoder.decode(x0 / self.scaling_factor)
     return (image.astype(jnp.float32) + 1.0) / 2.0
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sodec_jax.errors import SodecError
+from sodec_jax.precision import apply_precision
 from sodec_jax.weights.formats import read_json
 
 SD21_HINT = (
@@ -291,7 +292,9 @@ def build_model(config, rngs: nnx.Rngs, pretrained: bool = True):
     parts = dict(unet=build_unet(d, rngs, pretrained), vae=build_vae(d, rngs, pretrained))
     if g.mode == "fidelity":
       parts["extractor"] = build_extractor(g, jnp.dtype(d.dtype), config.seed)
-  return SODEC(config, rngs=rngs, **parts)
+  model = SODEC(config, rngs=rngs, **parts)
+  apply_precision(model, config.get("precision", "auto"))
+  return model
 
 
 def build_latent_pretrain(config, rngs: nnx.Rngs):

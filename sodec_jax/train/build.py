@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sodec_jax import precision as precision_lib
 from sodec_jax import pretrained
 from sodec_jax.discriminator import Discriminator, SpectralState
 from sodec_jax.errors import SodecError
@@ -22,6 +23,7 @@ from sodec_jax.weights import converted
 def validate_config(config) -> None:
   """One-line SodecError for configs training cannot run with."""
   d, t, l = config.data, config.train, config.loss
+  precision_lib.resolve(config.get("precision", "auto"))  # "fp32" | "bf16" | "auto"
   pretrained.check_paths(config)
   source = l.get("discriminator_init", "")
   if source and not os.path.isfile(os.path.join(source, "manifest.json")):
@@ -206,4 +208,5 @@ def load_lpips(config):
   path = config.lpips[field]
   if not os.path.isfile(path):
     raise SodecError(f"config.lpips.{field}={path!r} is not a file")
-  return nnx.split(load(path, precision="default"))
+  dtype = precision_lib.compute_dtype(config.get("precision", "auto"))  # bf16 on GPU/TPU
+  return nnx.split(load(path, dtype=dtype, precision="default"))

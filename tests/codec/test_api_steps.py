@@ -58,7 +58,26 @@ def test_prior_failure_is_a_traceback_not_a_bad_file(codec_model, astronaut, mon
 
   monkeypatch.setattr(api, "prior", broken_prior)
   with pytest.raises(RuntimeError, match="out of memory in the prior"):
+    api.decode_latents(codec_model, data)
+  # decompress runs P inside its one jitted decoder program: a failure there propagates too
+  monkeypatch.setattr(
+    codec_model, "_decode_image", lambda *a: broken_prior(codec_model, a[1]), raising=True
+  )
+  with pytest.raises(RuntimeError, match="out of memory in the prior"):
     api.decompress(codec_model, data)
+
+
+def test_decompress_in_one_program_equals_the_steps(codec_model, astronaut):
+  """decompress (symbols -> pixels in one jit: mu, y_hat, decoder, uint8 inside) gives the image
+  the public steps give (decode_latents, reconstruct, to_uint8, with mu on the host)."""
+  image = np.ascontiguousarray(astronaut[:100, :90])
+  data = api.compress(codec_model, image)
+  header, y_hat, z_hat = api.decode_latents(codec_model, data)
+  steps = api.to_uint8(np.asarray(api.reconstruct(codec_model, y_hat, z_hat)[0]), 100, 90)
+  fast = api.decompress(codec_model, data)
+  assert fast.shape == (100, 90, 3) and fast.dtype == np.uint8
+  assert np.abs(fast.astype(int) - steps.astype(int)).max() <= 1
+  assert np.mean(fast != steps) < 1e-3
 
 
 def test_range_decoding_failure_after_the_crc_names_model_or_build(codec_model, astronaut):
