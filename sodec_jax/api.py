@@ -90,6 +90,7 @@ class LoadedModel:
   _synthesis: Any = None  # (y_hat, z_hat) -> (x_hat, x_f): the whole decoder, one jit
   _fidelity: Any = None  # y_hat -> x_f = D_a(y_hat)
   _decode_image: Any = None  # (y symbols, z_hat, H, W) -> uint8 [B, H, W, 3], one jit
+  _lower_synthesis: Any = None  # (y_hat, z_hat) -> jax.stages.Lowered of _synthesis (inspection)
   precision: str = "fp32"  # the reconstruction path's ("fp32" | "bf16"; sodec_jax/precision.py)
 
   @property
@@ -226,6 +227,7 @@ def prepare(
     _synthesis=lambda y, z: jit_synthesis(state, y, z),
     _fidelity=lambda y: jit_fidelity(state, y),
     _decode_image=lambda y, z, h, w: jit_decode_image(state, y, z, h, w),
+    _lower_synthesis=lambda y, z: jit_synthesis.lower(state, y, z),
     precision=dtype,
   )
 

@@ -8,6 +8,11 @@
                    PyTorch reference (sodec_jax.benchmarks.codec).
   --what train     one training step of --config configs/<experiment>.py on 1 and N devices:
                    compile time, step time, images/s, FLOPs, MFU, memory (sodec_jax.benchmarks.train).
+  --what gpu-check the prepared accelerator check (sodec_jax.benchmarks.gpu_check): decode and
+                   encode ms (bf16 and fp32), the stage-3 step and its MFU, peak memory, cuDNN
+                   attention, a CPU-encoded file decoded on the accelerator; paper-size random
+                   weights at 512x512 on a GPU/TPU, the tiny widths at 64x64 on the CPU.
+                   --json OUT.json keeps the report; exit status 1 when a check failed.
 
 Times are medians over --repeats calls after --warmup calls; compilation is reported apart.
 A problem the user can fix (a missing checkpoint, a bad option value) is one line on stderr and
@@ -119,9 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  p.add_argument("--what", required=True, choices=["entropy", "unet", "vae", "codec", "train"])
+  p.add_argument(
+    "--what", required=True, choices=["entropy", "unet", "vae", "codec", "train", "gpu-check"]
+  )
   p.add_argument("--checkpoint", default="", help="a training workdir (default: random weights)")
-  p.add_argument("--size", type=int, default=512, help="image side for unet/vae (latent = size/8)")
+  p.add_argument(
+    "--size",
+    type=int,
+    default=None,
+    help="image side (unet/vae/codec: default 512; gpu-check: 512 on an accelerator, 64 on CPU)",
+  )
+  p.add_argument("--json", default="", help="gpu-check: write the report to this JSON file")
   p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | all")
   p.add_argument(
     "--reference", default="", choices=["", "torch"], help="also time the PyTorch reference"
@@ -156,6 +169,11 @@ def main(argv=None) -> int:
   diffusion_benchmark.add_arguments(parser)
   args = parser.parse_args(argv)
   try:
+    if args.what == "gpu-check":  # the prepared accelerator check (benchmarks/gpu_check.py)
+      from sodec_jax.benchmarks import gpu_check
+
+      return gpu_check.main_check(args)
+    args.size = args.size or 512
     if args.what == "entropy":
       run_entropy(args)
     elif args.what == "train":  # one training step on 1 and N devices (benchmarks/train.py)

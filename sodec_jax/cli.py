@@ -1,8 +1,12 @@
 """`sodec` command line: compress, decompress, info.
 
   sodec compress photo.png photo.sodec --checkpoint runs/tiny
-  sodec decompress photo.sodec photo_hat.png --checkpoint runs/tiny
+  sodec decompress photo.sodec photo_hat.png --checkpoint runs/tiny [--dtype bf16]
   sodec info photo.sodec
+
+Compiled programs are kept in a persistent compilation cache ($SODEC_CACHE_DIR, default
+~/.cache/sodec_jax/xla; SODEC_CACHE_DIR=off disables it), so a second run on an image of the
+same size loads the decoder instead of compiling it again.
 
 Every user error is one line on stderr ("sodec: error: ...") and exit status 1; outputs are
 written through a temporary file and a rename, so a failed run leaves nothing behind.
@@ -56,7 +60,7 @@ def cmd_decompress(args) -> None:
   api.read_header(data)  # a bad file fails before the model is loaded
   images.image_format(args.output)
   images.check_writable(args.output)
-  model = api.load_model(args.checkpoint)
+  model = api.load_model(args.checkpoint, dtype=args.dtype)
   t = time.perf_counter()
   image = api.decompress(model, data)
   elapsed = time.perf_counter() - t
@@ -96,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
   d.add_argument("input")
   d.add_argument("output")
   d.add_argument("--checkpoint", required=True, help="the --workdir a training run wrote")
+  d.add_argument(
+    "--dtype",
+    default=None,
+    choices=["auto", "fp32", "bf16", "float32", "bfloat16"],
+    help="precision of the decoder networks (default: the checkpoint's config.precision, "
+    "'auto' = bf16 on GPU/TPU, fp32 on CPU); the file decodes the same symbols either way",
+  )
   d.set_defaults(func=cmd_decompress)
   i = sub.add_parser("info", help="describe a .sodec file (no model needed)")
   i.add_argument("input")
@@ -103,8 +114,30 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def enable_compilation_cache() -> str | None:
+  """Points JAX's persistent compilation cache at $SODEC_CACHE_DIR (default
+  ~/.cache/sodec_jax/xla; "off" disables it); returns the folder or None."""
+  folder = os.environ.get("SODEC_CACHE_DIR", "") or os.path.join(
+    os.path.expanduser("~"), ".cache", "sodec_jax", "xla"
+  )
+  if folder.lower() in ("off", "0", "none"):
+    return None
+  import jax  # deferred: `sodec info` and --help stay fast
+
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError:
+    return None  # an unwritable home: run without the cache
+  jax.config.update("jax_compilation_cache_dir", folder)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return folder
+
+
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  if args.command in ("compress", "decompress"):
+    enable_compilation_cache()
   try:
     args.func(args)
   except SodecError as e:

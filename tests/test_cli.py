@@ -27,9 +27,12 @@ class _Result:
 
 
 @pytest.fixture
-def sodec(capsys):
-  """Runs `sodec ARGS` in this process (fast); the console-script test below runs a real one."""
+def sodec(capsys, monkeypatch):
+  """Runs `sodec ARGS` in this process (fast); the console-script test below runs a real one.
+  The persistent compilation cache stays off here (it would serve the whole test process)."""
   from sodec_jax import cli
+
+  monkeypatch.setenv("SODEC_CACHE_DIR", "off")
 
   def run(*args, check=True):
     capsys.readouterr()
@@ -43,25 +46,34 @@ def sodec(capsys):
 
 
 def test_console_script_in_a_subprocess(workdir, tmp_path):
+  """Real processes: compress, then decompress twice; the second decompress of the same size
+  finds its programs in the persistent compilation cache (no new cache entries)."""
   src = tmp_path / "p.png"
   Image.fromarray(load_photo("astronaut.png")[:64, :64]).save(src)
-  r = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "sodec_jax.cli",
-      "compress",
-      str(src),
-      str(tmp_path / "p.sodec"),
-      "--checkpoint",
-      workdir,
-    ],
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
+  cache = tmp_path / "xla-cache"
+  env = dict(os.environ, SODEC_CACHE_DIR=str(cache))
+
+  def sodec_process(*args):
+    return subprocess.run(
+      [sys.executable, "-m", "sodec_jax.cli", *args],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      env=env,
+    )
+
+  r = sodec_process("compress", str(src), str(tmp_path / "p.sodec"), "--checkpoint", workdir)
   assert r.returncode == 0 and "bpp" in r.stdout, r.stderr
+  entries = []
+  for k in range(2):
+    out = tmp_path / f"p{k}.png"
+    r = sodec_process("decompress", str(tmp_path / "p.sodec"), str(out), "--checkpoint", workdir)
+    assert r.returncode == 0, r.stderr
+    entries.append(sorted(os.listdir(cache)))
+  assert entries[0] and entries[1] == entries[0], entries
+  a, b = (np.asarray(Image.open(tmp_path / f"p{k}.png")) for k in range(2))
+  np.testing.assert_array_equal(a, b)
   r = subprocess.run(
     [sys.executable, "-m", "sodec_jax.cli", "info", str(tmp_path / "nothing.sodec")],
     cwd=ROOT,
@@ -95,6 +107,18 @@ def test_compress_info_decompress(workdir, tmp_path, sodec):
   )
   out = np.asarray(Image.open(tmp_path / "cat_hat.png"))
   assert out.shape == (100, 150, 3) and out.dtype == np.uint8
+  # the bf16 decoder: same symbols, the reconstruction within bf16 rounding of float32's
+  sodec(
+    "decompress",
+    str(tmp_path / "cat.sodec"),
+    str(tmp_path / "cat_bf16.png"),
+    "--checkpoint",
+    workdir,
+    "--dtype",
+    "bf16",
+  )
+  bf16 = np.asarray(Image.open(tmp_path / "cat_bf16.png")).astype(int)
+  assert 0 < np.abs(bf16 - out).max() <= 24 and np.abs(bf16 - out).mean() < 2.0
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "I;16", "CMYK"])

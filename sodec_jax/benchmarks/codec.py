@@ -9,7 +9,8 @@ report, with the parity check of the two decodes; the twins themselves are torch
                      not representative because random latents code differently)
   --size 512         side of the square test image (centre crops of the photos bundled with
                      scikit-image, reflect-padded when smaller)
-  --dtype float32|bfloat16|all   compute dtype of the conv stacks (parameters stay float32)
+  --dtype float32|bfloat16|all   precision of the reconstruction path (api.load_model(dtype=):
+                     D_a and the diffusion decoder; E, H_a and P stay float32)
   --config FILE      without --checkpoint: random weights of this experiment config instead of
                      configs/base.py (e.g. configs/stage2.py: the paper-size diffusion decoder,
                      SD 2.1 UNet / VAE shapes and a ViT-L/16 F, all random)
@@ -161,6 +162,7 @@ def random_model(config):
 
   from sodec_jax.errors import SodecError
   from sodec_jax.model import SODEC
+  from sodec_jax.precision import apply_precision
   from sodec_jax.pretrained import (
     build_model,
     build_unet,
@@ -187,20 +189,19 @@ def random_model(config):
     if g.extractor != "vit":
       raise SodecError(f"random weights are built for the ViT extractor only, not {g.extractor!r}")
     parts["extractor"] = randomize_extractor(ViT(ViTSpec(**VIT_LARGE), dtype=dtype), config.seed)
-  return SODEC(config, rngs=rngs, **parts)
+  model = SODEC(config, rngs=rngs, **parts)
+  apply_precision(model, config.get("precision", "auto"))  # as pretrained.build_model does
+  return model
 
 
 def load_for_bench(checkpoint: str, dtype: str, config_path: str = "", winograd=None):
   """LoadedModel from `checkpoint` (or random weights of the experiment config at
-  `config_path`, default configs/base.py: the paper-size codec) computing in `dtype`."""
-  import jax.numpy as jnp
-  from flax import nnx
-
+  `config_path`, default configs/base.py: the paper-size codec), its reconstruction path
+  computing in `dtype` (a precision: sodec_jax/precision.py)."""
   from sodec_jax import api
-  from sodec_jax.pretrained import build_model
 
   if checkpoint:
-    loaded = api.load_model(checkpoint, winograd=winograd)
+    return api.load_model(checkpoint, winograd=winograd, dtype=dtype)
   else:
     if config_path:
       from sodec_jax.errors import SodecError
@@ -214,14 +215,7 @@ def load_for_bench(checkpoint: str, dtype: str, config_path: str = "", winograd=
       from configs import base
 
       config = base.get_config()
-    loaded = api.prepare(config, random_model(config), winograd=winograd)
-  if jnp.dtype(dtype) == jnp.dtype(loaded.config.model.dtype):
-    return loaded
-  config = loaded.config.copy_and_resolve_references()
-  config.model.dtype = str(jnp.dtype(dtype))
-  model = build_model(config, nnx.Rngs(0)) if checkpoint else random_model(config)
-  nnx.update(model, nnx.state(loaded.model, nnx.Param))
-  return api.prepare(config, model, loaded.step, winograd=winograd)
+    return api.prepare(config, random_model(config), winograd=winograd, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -358,7 +352,7 @@ def diffusion_stages(loaded, y_hat, z_hat, ref=None, winograd=None) -> list[Stag
 
   from sodec_jax import api
 
-  graphdef, state = nnx.split(api.decoding_model(loaded.model, winograd))
+  graphdef, state = nnx.split(api.decoding_model(loaded.model, winograd, loaded.precision))
 
   def jitted(fn):
     f = jax.jit(lambda st, *a: fn(nnx.merge(graphdef, st), *a))

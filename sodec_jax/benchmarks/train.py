@@ -48,16 +48,26 @@ def _memory(compiled) -> int | None:
 
 
 def bench_train(
-  config, device_counts=None, repeats: int = 5, warmup: int = 1, peak_tflops: float = 0.0
+  config,
+  device_counts=None,
+  repeats: int = 5,
+  warmup: int = 1,
+  peak_tflops: float = 0.0,
+  *,
+  model=None,
+  batch=None,
 ) -> list[dict]:
-  """One result dict per device count (see the module docstring)."""
+  """One result dict per device count (see the module docstring). `model`: the model to train
+  (default: the config's, built as training builds it); `batch`: uint8 [B, H, W, 3] (default:
+  the config's data loader's first batch)."""
   from sodec_jax import data  # pylint: disable=import-outside-toplevel
   from sodec_jax.train import build, parallel, step  # pylint: disable=import-outside-toplevel
 
-  build.validate_config(config)
+  if model is None:
+    build.validate_config(config)
+    model = build.build_training_model(config)
   devices = jax.devices()
   counts = device_counts or sorted({1, len(devices)})
-  model = build.build_training_model(config)
   graphdef, params, frozen, rest = nnx.split(model, build.trainable_filter(config), nnx.Param, ...)
   params, frozen, rest = (nnx.to_pure_dict(t) for t in (params, frozen, rest))
   lpips_graphdef, lpips_state = build.load_lpips(config)
@@ -66,7 +76,8 @@ def bench_train(
   host_state = {"params": params, "opt_state": tx.init(params)}
   if config.stage == 4 and config.loss.beta > 0:
     disc_graphdef, host_state["disc"], disc_tx = build.make_discriminator(config)
-  batch = next(data.train_iterator(config, 0, data.list_images(config.data.train_dir)))
+  if batch is None:
+    batch = next(data.train_iterator(config, 0, data.list_images(config.data.train_dir)))
   results = []
   for n in counts:
     mesh = parallel.make_mesh(config, devices[:n])
