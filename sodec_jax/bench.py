@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     help="image side (unet/vae/codec: default 512; gpu-check: 512 on an accelerator, 64 on CPU)",
   )
   p.add_argument("--json", default="", help="gpu-check: write the report to this JSON file")
+  p.add_argument(
+    "--sections", default="", help="gpu-check: a comma-separated subset of its sections"
+  )
   p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | all")
   p.add_argument(
     "--reference", default="", choices=["", "torch"], help="also time the PyTorch reference"
