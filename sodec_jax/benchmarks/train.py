@@ -10,8 +10,8 @@
 
 For each device count: compile time (`lower().compile()` of the jitted `train_step`), the median
 step time over --repeats steps after --warmup steps (the same batch, the state carried over),
-images/s (global batch / step time), the FLOPs per step from XLA's cost analysis (one device's
-share times the device count), achieved
+images/s (global batch / step time), the FLOPs per step from XLA's cost analysis of the lowered
+step (the program as written, the same on every backend), achieved
 TFLOP/s and MFU, and memory: XLA's memory analysis of the compiled step (arguments + outputs +
 temporaries) and, where the backend reports it, the device's peak bytes in use.
 """
@@ -103,7 +103,8 @@ def bench_train(
     consts = jax.device_put(consts, consts_sh)
     b = jax.device_put(batch, batch_sharding)
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, consts, b, np.int32(0)).compile()
+    lowered = step_fn.lower(state, consts, b, np.int32(0))
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     times = []
     for i in range(warmup + repeats):
@@ -113,9 +114,11 @@ def bench_train(
       if i >= warmup:
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times)
-    # XLA's cost analysis of an SPMD-partitioned step counts one device's share
-    per_device = float(_cost(compiled).get("flops", 0.0)) or None
-    flops = per_device * n if per_device else None
+    # FLOPs of the program as written (the lowered, unoptimised step: the same count on every
+    # backend; the compiled count leaves out what a GPU compiles to library calls, e.g. cuDNN
+    # convolutions, and of an SPMD-partitioned step counts one device's share)
+    flops = float(_cost(lowered).get("flops", 0.0)) or None
+    per_device = flops / n if flops else None
     r = {
       "devices": n,
       "global_batch": int(config.data.batch_size),
