@@ -8,6 +8,8 @@
                    PyTorch reference (sodec_jax.benchmarks.codec).
   --what train     one training step of --config configs/<experiment>.py on 1 and N devices:
                    compile time, step time, images/s, FLOPs, MFU, memory (sodec_jax.benchmarks.train).
+  --what data      the input pipeline's images/s beside the step's need (batch / step time, the
+                   step measured or --step-ms); takes --config.a.b=v overrides (benchmarks/data.py).
 
 Times are medians over --repeats calls after --warmup calls; compilation is reported apart.
 A problem the user can fix (a missing checkpoint, a bad option value) is one line on stderr and
@@ -119,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  p.add_argument("--what", required=True, choices=["entropy", "unet", "vae", "codec", "train"])
+  p.add_argument(
+    "--what", required=True, choices=["entropy", "unet", "vae", "codec", "train", "data"]
+  )
   p.add_argument("--checkpoint", default="", help="a training workdir (default: random weights)")
   p.add_argument("--size", type=int, default=512, help="image side for unet/vae (latent = size/8)")
   p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | all")
@@ -148,13 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--peak_tflops", type=float, default=0.0, help="train: device peak TFLOP/s for MFU"
   )
+  p.add_argument("--step-ms", type=float, default=0.0, help="data: the step time (0: measure)")
   return p
 
 
 def main(argv=None) -> int:
   parser = build_parser()
   diffusion_benchmark.add_arguments(parser)
-  args = parser.parse_args(argv)
+  args, overrides = parser.parse_known_args(argv)  # --config.a.b=v overrides: --what data
+  if overrides and args.what != "data":
+    parser.error(f"unrecognized arguments: {' '.join(overrides)}")
   try:
     if args.what == "entropy":
       run_entropy(args)
@@ -162,6 +169,10 @@ def main(argv=None) -> int:
       from sodec_jax.benchmarks import train as train_benchmark
 
       train_benchmark.run_train(args)
+    elif args.what == "data":  # the input pipeline against the step (benchmarks/data.py)
+      from sodec_jax.benchmarks import data as data_benchmark
+
+      data_benchmark.run_data(args, overrides)
     elif args.what == "codec":  # jitted encode/decode latency per stage (benchmarks/codec.py)
       from sodec_jax.benchmarks import codec as codec_benchmark
 
