@@ -91,7 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.crop_size = 256  # stage 1 (HiFiC's own crop); stages 2-4 use the paper's 512
   c.data.batch_size = 8  # global batch
   c.data.hflip = True
-  c.data.worker_count = 0  # grain worker processes (0 = threads)
+  # grain worker processes decoding and cropping in parallel (0 = 2 threads in this process);
+  # `python -m sodec_jax.bench --what data --config ...` says whether the loader keeps up
+  c.data.worker_count = 0
+  c.data.prefetch = 2  # batches on their way to the devices ahead of the step (train/feed.py)
   c.data.cache_mb = 1024  # keep decoded images in RAM if they fit
   c.data.holdout = ()  # file names (no extension) kept out of training
 

@@ -13,6 +13,8 @@
                    attention, a CPU-encoded file decoded on the accelerator; paper-size random
                    weights at 512x512 on a GPU/TPU, the tiny widths at 64x64 on the CPU.
                    --json OUT.json keeps the report; exit status 1 when a check failed.
+  --what data      the input pipeline's images/s beside the step's need (batch / step time, the
+                   step measured or --step-ms); takes --config.a.b=v overrides (benchmarks/data.py).
 
 Times are medians over --repeats calls after --warmup calls; compilation is reported apart.
 A problem the user can fix (a missing checkpoint, a bad option value) is one line on stderr and
@@ -125,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   p.add_argument(
-    "--what", required=True, choices=["entropy", "unet", "vae", "codec", "train", "gpu-check"]
+    "--what",
+    required=True,
+    choices=["entropy", "unet", "vae", "codec", "train", "gpu-check", "data"],
   )
   p.add_argument("--checkpoint", default="", help="a training workdir (default: random weights)")
   p.add_argument(
@@ -164,13 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--peak_tflops", type=float, default=0.0, help="train: device peak TFLOP/s for MFU"
   )
+  p.add_argument("--step-ms", type=float, default=0.0, help="data: the step time (0: measure)")
   return p
 
 
 def main(argv=None) -> int:
   parser = build_parser()
   diffusion_benchmark.add_arguments(parser)
-  args = parser.parse_args(argv)
+  args, overrides = parser.parse_known_args(argv)  # --config.a.b=v overrides: --what data
+  if overrides and args.what != "data":
+    parser.error(f"unrecognized arguments: {' '.join(overrides)}")
   try:
     if args.what == "gpu-check":  # the prepared accelerator check (benchmarks/gpu_check.py)
       from sodec_jax.benchmarks import gpu_check
@@ -183,6 +190,10 @@ def main(argv=None) -> int:
       from sodec_jax.benchmarks import train as train_benchmark
 
       train_benchmark.run_train(args)
+    elif args.what == "data":  # the input pipeline against the step (benchmarks/data.py)
+      from sodec_jax.benchmarks import data as data_benchmark
+
+      data_benchmark.run_data(args, overrides)
     elif args.what == "codec":  # jitted encode/decode latency per stage (benchmarks/codec.py)
       from sodec_jax.benchmarks import codec as codec_benchmark
 

@@ -1,13 +1,25 @@
 """The training directory (workdir): config, orbax checkpoints, and how a run resumes.
 
+(Over 450 lines on purpose: this is the one contract of the workdir layout that the loop, the
+readers (load_model, init_from, evaluation) and the pipeline share: config, steps, the frozen
+Params, best step, pipeline folders.)
+
 Layout of a workdir:
     config.json                the resolved config of the run (written at start)
     checkpoints/<step>/        one orbax checkpoint per saved step, three named items:
-        params/                the model's nnx.Param state as a pure dict
-                               (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`); constants and
-                               other non-Param variables are rebuilt from the config, not saved
+        params/                the stage's TRAINED nnx.Params as a pure dict (those matching
+                               config.train.trainable); constants and other non-Param variables
+                               (LPIPS, the extractor F) are rebuilt from the config, not saved
         opt_state/             the optax state (AdamW moments and step count)
-        meta/                  JSON: step, seed, stage, config name and fingerprint, time
+        meta/                  JSON: step, seed, stage, config name and fingerprint, time, and
+                               `frozen`: the fingerprint of the frozen/ it completes
+    frozen/0/                  the nnx.Params this stage does not train (the SD UNet's base
+                               weights, the VAE, codec parts a stage keeps fixed), written ONCE per
+                               workdir at the run's first save, not in every step: items params/
+                               and meta/ (fingerprint: a hash of paths, shapes, dtypes and sums
+                               of the arrays; the list of their paths). Absent when a stage trains
+                               every Param (stage 1). Checkpoints of older versions hold all
+                               Params in params/ and no `frozen` in meta: they restore as before.
     metrics.jsonl              one row per logged step (process 0); val_* rows: validation
     best.json                  the step with the best held-out validation PSNR (train/guard.py):
                                what inference and init_from load when present
@@ -16,7 +28,12 @@ Layout of a workdir:
 A checkpoint at step s holds the state after s updates; the next update to run is step s.
 Orbax writes each checkpoint into a temporary directory and renames it into place only once
 complete, so a save interrupted mid-write leaves no `<step>/` directory and is never used
-(leftover temporaries are ignored and cleaned up).
+(leftover temporaries are ignored and cleaned up). Training saves asynchronously
+(`manager(..., async_save=True)`): `save` returns once the arrays are copied off the
+accelerator (from each device's shards: no gather to one host) and the files are written in the
+background while training continues; the loop waits for the write before the next save, before
+pruning, and before it returns or stops (preemption), so the next pipeline stage reads complete
+checkpoints.
 
 Resume order (what `python -m sodec_jax.train` does when WORKDIR/config.json exists):
   1. read WORKDIR/config.json and compare it with the config of this command; fields that do
@@ -24,7 +41,8 @@ Resume order (what `python -m sodec_jax.train` does when WORKDIR/config.json exi
      run unless --config.train.allow_config_change=True;
   2. build the model from the config and nnx.Rngs(config.seed), and the optimizer;
   3. take the latest complete step s in WORKDIR/checkpoints (none: start at 0);
-  4. restore 'params' and 'opt_state' of step s over the freshly built ones ('meta' is checked);
+  4. restore 'params' and 'opt_state' of step s over the freshly built ones ('meta' is checked),
+     the frozen Params from frozen/ (its fingerprint must be the one step s's meta names);
   5. restart the data at step s (the dataset is indexed by step) and derive each step's RNG
      key from (seed, step), so the resumed run reproduces an uninterrupted one;
   6. drop rows of metrics.jsonl with step > s (they will be logged again).
@@ -54,7 +72,9 @@ from sodec_jax.errors import SodecError
 CONFIG_FILE = "config.json"
 BEST_FILE = "best.json"
 CHECKPOINT_DIR = "checkpoints"
+FROZEN_DIR = "frozen"
 ITEMS = ("params", "opt_state", "meta")
+FROZEN_ITEMS = ("params", "meta")
 
 # Config fields that do not change what training computes: they may differ on resume.
 RESUME_IGNORED = (
@@ -72,6 +92,7 @@ RESUME_IGNORED = (
   "train.sample_every",
   "train.fsdp",
   "data.worker_count",
+  "data.prefetch",
   "data.cache_mb",
   "distributed.coordinator_address",
   "distributed.num_processes",
@@ -160,8 +181,12 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
 
 
-def manager(workdir: str, keep: int | None = None, create: bool = True) -> ocp.CheckpointManager:
-  """The orbax CheckpointManager of WORKDIR/checkpoints (synchronous, atomic saves).
+def manager(
+  workdir: str, keep: int | None = None, create: bool = True, async_save: bool = False
+) -> ocp.CheckpointManager:
+  """The orbax CheckpointManager of WORKDIR/checkpoints (atomic saves; with async_save, `save`
+  returns once the arrays are off the device and the write finishes in the background:
+  `mngr.wait_until_finished()` waits for it, `mngr.close()` too).
 
   Only the writer (create=True: training) removes leftover temporaries of interrupted saves; a
   reader (create=False) must not, since they may be the save a running training is writing."""
@@ -169,13 +194,13 @@ def manager(workdir: str, keep: int | None = None, create: bool = True) -> ocp.C
     max_to_keep=keep,
     create=create,
     cleanup_tmp_directories=create,
-    enable_async_checkpointing=False,
+    enable_async_checkpointing=async_save,
   )
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
-def make_meta(step: int, config) -> dict:
-  return {
+def make_meta(step: int, config, frozen: str | None = None) -> dict:
+  meta = {
     "step": int(step),
     "seed": int(config.seed),
     "stage": int(config.stage),
@@ -183,20 +208,158 @@ def make_meta(step: int, config) -> dict:
     "config_fingerprint": fingerprint(config),
     "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
+  if frozen is not None:
+    meta["frozen"] = frozen
+  return meta
 
 
-def save(mngr: ocp.CheckpointManager, step: int, params, opt_state, config) -> None:
-  """Saves params (pure dict), opt_state and meta at `step` (overwrites nothing)."""
+def save(
+  mngr: ocp.CheckpointManager, step: int, params, opt_state, config, frozen: str | None = None
+) -> None:
+  """Saves params (pure dict), opt_state and meta at `step` (overwrites nothing). `frozen`: the
+  fingerprint `save_frozen` returned when `params` holds the trained Params only (the rest live
+  in WORKDIR/frozen/); None: `params` holds them all. Arrays are handed to orbax as they are
+  (sharded jax.Arrays are written from their shards). With an async manager this returns before
+  the files are written (see `manager`); a synchronous one has finished writing."""
   mngr.save(
     int(step),
     args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       opt_state=ocp.args.StandardSave(opt_state),
-      meta=ocp.args.JsonSave(make_meta(step, config)),
+      meta=ocp.args.JsonSave(make_meta(step, config, frozen)),
     ),
     force=True,
   )
-  mngr.wait_until_finished()
+
+
+# --- the frozen Params, written once per workdir ----------------------------------------------
+
+
+def frozen_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), FROZEN_DIR)
+
+
+def _frozen_manager(workdir: str, create: bool) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+    create=create, cleanup_tmp_directories=create, enable_async_checkpointing=False
+  )
+  return ocp.CheckpointManager(frozen_dir(workdir), options=options, item_names=FROZEN_ITEMS)
+
+
+@jax.jit
+def _sums(leaves):
+  """Per leaf (sum, sum of squares) in float32: computed where the arrays live (sharded ones
+  included), only these scalars come to the host."""
+  f32 = lambda a: a.astype(jnp.float32)
+  return [jnp.stack([jnp.sum(f32(a)), jnp.sum(jnp.square(f32(a)))]) for a in leaves]
+
+
+def frozen_fingerprint(tree) -> str:
+  """16 hex digits: sha256 over the leaves' paths, shapes, dtypes and (sum, sum of squares)."""
+  flat = _flat(tree)
+  names = sorted(flat)
+  sums = jax.device_get(_sums([flat[k] for k in names]))
+  h = hashlib.sha256()
+  for k, s in zip(names, sums):
+    a = flat[k]
+    h.update(f"{k}|{tuple(a.shape)}|{jnp.dtype(a.dtype).name}|".encode())
+    h.update(np.asarray(s, np.float32).tobytes())
+  return h.hexdigest()[:16]
+
+
+def read_frozen_meta(workdir: str) -> dict | None:
+  """WORKDIR/frozen's meta ({"fingerprint", "paths", "time"}), or None when there is none."""
+  if not os.path.isdir(os.path.join(frozen_dir(workdir), "0")):
+    return None
+  mngr = _frozen_manager(workdir, create=False)
+  try:
+    return dict(mngr.restore(0, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  finally:
+    mngr.close()
+
+
+def save_frozen(workdir: str, frozen) -> str | None:
+  """Writes the frozen Params (pure dict; sharded arrays are written from their shards) to
+  WORKDIR/frozen/, replacing an older one; returns its fingerprint (what `save(..., frozen=)`
+  records), or None when `frozen` has no arrays (nothing is written). The loop calls it once per
+  run, at its first save; a resumed run keeps the frozen/ its checkpoint names."""
+  if not jax.tree.leaves(frozen):
+    return None
+  fp = frozen_fingerprint(frozen)
+  mngr = _frozen_manager(workdir, create=True)
+  try:
+    if 0 in mngr.all_steps():
+      mngr.delete(0)
+    meta = {"fingerprint": fp, "paths": sorted(_flat(frozen)), "time": time.strftime("%FT%T")}
+    mngr.save(
+      0,
+      args=ocp.args.Composite(params=ocp.args.StandardSave(frozen), meta=ocp.args.JsonSave(meta)),
+      force=True,
+    )
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  return fp
+
+
+def _select(tree: dict, keep, prefix: str = "") -> dict:
+  """The nested pure dict of the leaves whose '/'-joined path `keep` accepts."""
+  out = {}
+  for k, v in tree.items():
+    path = f"{prefix}{k}"
+    if isinstance(v, dict):
+      sub = _select(v, keep, path + "/")
+      if sub:
+        out[k] = sub
+    elif keep(path):
+      out[k] = v
+  return out
+
+
+def _merge(a: dict, b: dict) -> dict:
+  """Union of two nested pure dicts with disjoint leaves."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _merge(out[k], v) if k in out and isinstance(v, dict) else v
+  return out
+
+
+def _frozen_paths(workdir: str, step: int, meta: dict) -> set[str]:
+  """The paths WORKDIR/frozen holds, after checking it is the one step `step` was saved with."""
+  fz = read_frozen_meta(workdir)
+  if fz is None or fz.get("fingerprint") != meta["frozen"]:
+    got = "missing" if fz is None else f"fingerprint {fz.get('fingerprint')}"
+    raise SodecError(
+      f"checkpoint step {step} in {workdir} needs {FROZEN_DIR}/ with fingerprint "
+      f"{meta['frozen']}, found {got}: copy the workdir whole (checkpoints/ and {FROZEN_DIR}/)"
+    )
+  return set(fz["paths"])
+
+
+def _restore_frozen(workdir: str, template) -> dict:
+  mngr = _frozen_manager(workdir, create=False)
+  try:
+    args = ocp.args.StandardRestore(None if template is None else _abstract(template))
+    return mngr.restore(0, args=ocp.args.Composite(params=args))["params"]
+  finally:
+    mngr.close()
+
+
+def _restore_all_params(mngr, step: int, template, workdir: str, meta: dict) -> dict:
+  """The full Params pure dict of `step`: the step's own params (all of them, older layout) or
+  its trained ones merged with WORKDIR/frozen (shaped like `template`; None: as saved)."""
+  if "frozen" not in meta:
+    args = ocp.args.StandardRestore(None if template is None else _abstract(template))
+    return mngr.restore(int(step), args=ocp.args.Composite(params=args))["params"]
+  paths = _frozen_paths(workdir, step, meta)
+  if template is None:
+    trained_t = frozen_t = None
+  else:
+    trained_t = _select(template, lambda p: p not in paths)
+    frozen_t = _select(template, lambda p: p in paths)
+  args = ocp.args.StandardRestore(None if trained_t is None else _abstract(trained_t))
+  trained = mngr.restore(int(step), args=ocp.args.Composite(params=args))["params"]
+  return _merge(trained, _restore_frozen(workdir, frozen_t))
 
 
 def _abstract(tree):
@@ -267,24 +430,29 @@ def default_step(workdir: str, steps) -> int:
   return max(steps)
 
 
+def _meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  return dict(mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, params, opt_state, workdir: str = ""):
-  """(params, opt_state, meta) of `step`, shaped like the given templates."""
+  """(params, opt_state, meta) of `step`, shaped like the given templates; `params` is the full
+  Params pure dict (the step's trained ones and WORKDIR/frozen's, or all of an older step's)."""
+  workdir = workdir or os.path.dirname(str(mngr.directory))
   try:
-    out = mngr.restore(
-      int(step),
-      args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(params)),
-        opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-        meta=ocp.args.JsonRestore(),
-      ),
-    )
+    meta = _meta(mngr, step)
+    full = _restore_all_params(mngr, step, params, workdir, meta)
+    opt = mngr.restore(
+      int(step), args=ocp.args.Composite(opt_state=ocp.args.StandardRestore(_abstract(opt_state)))
+    )["opt_state"]
+  except SodecError:
+    raise
   except Exception as err:  # pylint: disable=broad-except
     raise SodecError(
-      f"cannot restore checkpoint step {step} in {workdir or mngr.directory}: "
+      f"cannot restore checkpoint step {step} in {workdir}: "
       f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     ) from None
-  _check_same(params, out["params"], "params", workdir, step)
-  return out["params"], out["opt_state"], dict(out["meta"])
+  _check_same(params, full, "params", workdir, step)
+  return full, opt, meta
 
 
 def latest_step(workdir: str) -> int | None:
@@ -301,8 +469,9 @@ def latest_step(workdir: str) -> int | None:
 
 
 def restore_params(workdir: str, model: nnx.Module, step: int | None = None) -> int:
-  """Loads the 'params' item of the latest (or given) checkpoint into `model`; returns the step.
-  A pipeline workdir (pipeline.json) means its final finished stage."""
+  """Loads the Params of the latest (or given) checkpoint into `model` (the step's 'params' item
+  and WORKDIR/frozen); returns the step. A pipeline workdir (pipeline.json) means its final
+  finished stage."""
   workdir = resolve_workdir(workdir)
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise SodecError(
@@ -324,16 +493,16 @@ def restore_params(workdir: str, model: nnx.Module, step: int | None = None) -> 
     state = nnx.state(model, nnx.Param)
     template = nnx.to_pure_dict(state)
     try:
-      out = mngr.restore(
-        int(step), args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(template)))
-      )
+      params = _restore_all_params(mngr, step, template, workdir, _meta(mngr, step))
+    except SodecError:
+      raise
     except Exception as err:  # pylint: disable=broad-except
       raise SodecError(
         f"cannot restore params of step {step} in {workdir}: "
         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
       ) from None
-    _check_same(template, out["params"], "params", workdir, step)
-    nnx.replace_by_pure_dict(state, out["params"])
+    _check_same(template, params, "params", workdir, step)
+    nnx.replace_by_pure_dict(state, params)
     nnx.update(model, state)
     return int(step)
   finally:
@@ -343,9 +512,7 @@ def restore_params(workdir: str, model: nnx.Module, step: int | None = None) -> 
 def read_meta(workdir: str, step: int) -> dict[str, Any]:
   mngr = manager(workdir, create=False)
   try:
-    return dict(
-      mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    )
+    return _meta(mngr, step)
   finally:
     mngr.close()
 
@@ -372,7 +539,8 @@ def resolve_workdir(workdir: str) -> str:
 
 
 def read_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
-  """The 'params' pure dict (numpy arrays, as saved) of a workdir's latest or given step."""
+  """All Params (pure dict, arrays as saved: the step's and WORKDIR/frozen's) of a workdir's
+  latest or given step."""
   workdir = resolve_workdir(workdir)
   mngr = manager(workdir, create=False) if os.path.isdir(checkpoint_dir(workdir)) else None
   try:
@@ -380,8 +548,7 @@ def read_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
     if not steps:
       raise SodecError(f"no checkpoint in {workdir} to start from; train that stage first")
     step = default_step(workdir, steps) if step is None else step
-    out = mngr.restore(int(step), args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-    return out["params"], int(step)
+    return _restore_all_params(mngr, step, None, workdir, _meta(mngr, step)), int(step)
   finally:
     if mngr:
       mngr.close()

@@ -260,7 +260,12 @@ def train_iterator(
   process_count: int = 1,
 ):
   """An iterator over the batches of steps start_step, start_step + 1, ... (prefetched); with
-  process_count > 1, this process's share of each global batch (train_dataset)."""
+  process_count > 1, this process's share of each global batch (train_dataset).
+
+  config.data.worker_count > 0: that many grain worker processes decode and crop in parallel
+  (mp_prefetch); 0: two reader threads in this process. The loop then puts the batches on the
+  devices ahead of the step (train/feed.py, config.data.prefetch); `python -m sodec_jax.bench
+  --what data` measures whether this keeps up with the train step."""
   ds = train_dataset(config, start_step, paths, process_index, process_count)
   workers = int(config.data.worker_count)
   it = ds.to_iter_dataset(

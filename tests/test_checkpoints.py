@@ -13,6 +13,12 @@ from sodec_jax.errors import SodecError
 from sodec_jax.pretrained import build_model
 from tests.conftest import make_micro_config
 
+# The frozen-params test trains the same micro step three times: let the later ones reuse it.
+jax.config.update(
+  "jax_compilation_cache_dir", os.environ.get("SODEC_TEST_JAX_CACHE", "/tmp/sodec_jax_test_cache")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
 
 def _params(model):
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -128,3 +134,81 @@ def test_init_from_refuses_parameters_of_other_shapes_in_one_line(tmp_path):
   assert "codec/hyper_analysis/conv1/bias: (6,) there, (4,) here" in msg, msg
   after = nnx.to_pure_dict(nnx.state(m, nnx.Param))
   jax.tree_util.tree_map(np.testing.assert_array_equal, before, after)  # nothing copied
+
+
+def _by_path(tree) -> dict:
+  """{'a/b/0/kernel': numpy array}: int and str keys alike (orbax restores dict keys as str)."""
+  return {
+    "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def _assert_same(a, b):
+  a, b = _by_path(a), _by_path(b)
+  assert set(a) == set(b)
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+TRAIN_PART = {
+  "train.checkpoint_every": 1,
+  "train.trainable": ("codec/(encoder|hyper_analysis|prior)/.*",),  # the decoder stays frozen
+}
+
+
+def test_frozen_params_are_written_once_and_restored_exactly(tmp_path):
+  """A stage that trains part of the model: each step folder holds the trained params only,
+  WORKDIR/frozen/ the rest (once, at the first save); a resumed run takes them from there, and
+  restore_params / read_params rebuild the whole model."""
+  import orbax.checkpoint as ocp
+
+  from sodec_jax.train import train
+
+  wd = str(tmp_path)
+  c = make_micro_config(**{"train.num_steps": 2, **TRAIN_PART})
+  train(make_micro_config(**{"train.num_steps": 1, **TRAIN_PART}), wd)
+  frozen = checkpoints.read_frozen_meta(wd)
+  train(c, wd)  # resumes at step 1: the frozen params come from frozen/
+  assert checkpoints.read_frozen_meta(wd) == frozen  # not rewritten
+  assert frozen["fingerprint"] == checkpoints.read_meta(wd, 1)["frozen"]
+  assert frozen["fingerprint"] == checkpoints.read_meta(wd, 2)["frozen"]
+  assert frozen["paths"] and all(p.startswith("codec/fidelity_decoder/") for p in frozen["paths"])
+
+  mngr = checkpoints.manager(wd, create=False)
+  step = mngr.restore(2, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+  mngr.close()
+  assert set(step["codec"]) == {"encoder", "hyper_analysis", "prior"}  # no frozen weights
+
+  seeded = _params(build_model(c, nnx.Rngs(c.seed)))  # the frozen decoder as training built it
+  fresh = build_model(c, nnx.Rngs(99))
+  assert checkpoints.restore_params(wd, fresh) == 2
+  restored = _params(fresh)["codec"]
+  _assert_same(restored["fidelity_decoder"], seeded["codec"]["fidelity_decoder"])
+  _assert_same({k: v for k, v in restored.items() if k != "fidelity_decoder"}, step["codec"])
+  whole, _ = checkpoints.read_params(wd)  # what init_from reads
+  _assert_same(whole, _params(fresh))
+
+  # a frozen/ that is not the one the steps were saved with is refused in one line
+  meta_file = os.path.join(wd, "frozen", "0", "meta", "metadata")
+  with open(meta_file) as f:
+    text = f.read()
+  with open(meta_file, "w") as f:
+    f.write(text.replace(frozen["fingerprint"], "0" * 16))
+  with pytest.raises(SodecError, match="needs frozen/ with fingerprint .*copy the workdir whole"):
+    checkpoints.restore_params(wd, fresh)
+
+
+@pytest.mark.slow  # 3 micro trainings (~12 s)
+def test_resume_through_frozen_params_equals_an_uninterrupted_run(tmp_path):
+  from sodec_jax.train import train
+
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  c = make_micro_config(**{"train.num_steps": 3, **TRAIN_PART})
+  train(c, straight)
+  train(make_micro_config(**{"train.num_steps": 1, **TRAIN_PART}), resumed)
+  train(c, resumed)
+  p1, s1 = checkpoints.read_params(straight)
+  p2, s2 = checkpoints.read_params(resumed)
+  assert s1 == s2 == 3
+  _assert_same(p1, p2)

@@ -271,6 +271,17 @@ def test_non_finite_loss_skips_updates_then_stops(tmp_path, monkeypatch):
   assert checkpoints.latest_step(str(tmp_path)) == 2
   assert [r["step"] for r in _rows(str(tmp_path))] == [1, 2]
 
+  # metrics fetched every 4 steps only: the streak is still seen, before any save of a later
+  # step (steps 2 and 3 are checked when step 4 would be saved: no checkpoint 4)
+  c = make_micro_config(
+    **{"train.num_steps": 12, "train.checkpoint_every": 2, "train.log_every": 4}
+  )
+  late = str(tmp_path / "late")
+  with pytest.raises(SodecError, match="not finite for 3 steps in a row .last step 4.*is step 2"):
+    train(c, late)
+  assert checkpoints.latest_step(late) == 2
+  assert not os.path.exists(os.path.join(late, "metrics.jsonl"))  # row 4: step 3 not finite
+
 
 def test_sample_grids(tmp_path):
   c = make_micro_config(**{"train.num_steps": 4, "train.sample_every": 2})
@@ -305,3 +316,49 @@ def test_pipeline_first_stage_keeps_the_configs_init_from(tmp_path):
     (1, ""),
     (2, str(tmp_path / "b" / "0_stage1")),
   ]
+
+
+def test_metrics_are_fetched_every_log_every_steps_one_step_late(tmp_path, monkeypatch):
+  """The loop waits for metrics once per log_every steps (and at the first step, compilation),
+  in one transfer, after the next step was dispatched; the rows are the same as ever."""
+  from sodec_jax.train import loop
+
+  events = []
+  real_make, real_fetch = loop.make_train_step, loop._fetch
+
+  def make(*a, **k):
+    step_fn = real_make(*a, **k)
+
+    def traced(state, consts, batch, step):
+      events.append(("dispatch", int(step)))
+      return step_fn(state, consts, batch, step)
+
+    return traced
+
+  def fetch(tree):
+    events.append(("fetch", len(tree)))
+    return real_fetch(tree)
+
+  monkeypatch.setattr(loop, "make_train_step", make)
+  monkeypatch.setattr(loop, "_fetch", fetch)
+  c = make_micro_config(
+    **{"train.num_steps": 7, "train.log_every": 3, "train.checkpoint_every": 100}
+  )
+  train(c, str(tmp_path))
+  assert events == [
+    ("dispatch", 0),
+    ("fetch", 1),  # the first step: compilation, starts the step-time clock
+    ("dispatch", 1),
+    ("dispatch", 2),
+    ("dispatch", 3),
+    ("fetch", 2),  # steps 1, 2 (row 3) once step 3 is queued
+    ("dispatch", 4),
+    ("dispatch", 5),
+    ("dispatch", 6),
+    ("fetch", 3),  # steps 3, 4, 5 (row 6) once step 6 is queued
+    ("fetch", 1),  # the last step, before the final checkpoint
+  ]
+  rows = _rows(str(tmp_path))
+  assert [r["step"] for r in rows] == [3, 6, 7]
+  assert all(np.isfinite(r["loss"]) and r["step_time"] > 0 for r in rows)
+  assert checkpoints.latest_step(str(tmp_path)) == 7

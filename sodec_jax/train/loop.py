@@ -22,9 +22,14 @@ from flax import nnx
 
 from sodec_jax import checkpoints, data
 from sodec_jax.errors import SodecError
-from sodec_jax.train import build, logs, parallel, pipeline
+from sodec_jax.train import build, feed, logs, parallel, pipeline
 from sodec_jax.train import guard as guard_lib
 from sodec_jax.train.step import make_sample_fn, make_train_step
+
+
+def _fetch(tree):
+  """Device arrays -> numpy (a blocking transfer); the loop's only wait for its metrics."""
+  return jax.device_get(tree)
 
 
 class Preempted(Exception):
@@ -69,7 +74,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   paths = data.list_images(config.data.train_dir)
   logs.prepare_workdir(config, workdir)
 
-  mngr = checkpoints.manager(workdir)  # keep-all; checkpoints.prune keeps N and the best step
+  # keep-all (checkpoints.prune keeps N and the best step); saves write in the background
+  mngr = checkpoints.manager(workdir, async_save=True)
   start = mngr.latest_step() or 0
   num_steps = int(config.train.num_steps)
   if start >= num_steps:
@@ -101,6 +107,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.stage == 4 and config.loss.beta > 0:
     disc_graphdef, disc_state, disc_tx = build.make_discriminator(config)
     opt_state = {"model": opt_state, "disc": disc_state}  # the checkpoint's opt_state item
+  meta = {}
   if start:
     full, opt_state, meta = checkpoints.restore(
       mngr, start, build.merge_pure(params, frozen), opt_state, workdir
@@ -142,7 +149,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   consts = parallel.place(consts, consts_sharding)
   frozen = consts[0]
   # each process loads its rows of every global batch; the arrays span all processes' devices
-  batches = data.train_iterator(config, start, paths, jax.process_index(), jax.process_count())
+  batches = feed.device_batches(
+    data.train_iterator(config, start, paths, jax.process_index(), jax.process_count()),
+    batch_sharding,
+    int(config.data.get("prefetch", 2)),
+  )
   log = logs.MetricsLog(workdir, start)
   bar = tqdm(
     total=num_steps,
@@ -155,24 +166,89 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sample_fn = make_sample_fn(graphdef, config) if sample_every else None
   guard = guard_lib.Guard.create(config, workdir, graphdef, start)
   max_bad = int(config.train.get("max_nonfinite_steps", 3))
-  bad, sums, count, times, row = 0, {}, 0, [], {"step": start}
+  log_every = int(config.train.log_every)
+  # host-side bookkeeping of the fetched metrics (see `fetch`)
+  acc = {"bad": 0, "sums": {}, "count": 0, "seconds": 0.0, "steps": 0, "finite": True}
+  clock = [None, start]  # (perf_counter, steps done) at the last synchronisation
+  row = {"step": start}
+  pending = []  # (step, metrics as device arrays): dispatched, not fetched yet
+  saved = set(mngr.all_steps())
+  # (fingerprint of WORKDIR/frozen/, whether it is in place): a resumed step that names one was
+  # restored from it (checkpoints.restore checked it); otherwise the first save writes it
+  frozen_id = [meta["frozen"], True] if start and "frozen" in meta else [None, False]
   t_start = time.time()
   stop = _StopFlag()
 
+  def consume(step, metrics):
+    """One step's fetched metrics, in step order: the non-finite streak, the running means, the
+    progress bar and, at every log_every-th step, a metrics.jsonl row."""
+    nonlocal row
+    acc["finite"] = bool(metrics.pop("finite"))
+    if not acc["finite"]:
+      acc["bad"] += 1
+      bar.write(
+        f"step {step}: non-finite loss {float(metrics['loss'])} or gradient "
+        f"{float(metrics['grad_norm'])}; update skipped ({acc['bad']} in a row)"
+      )
+      if acc["bad"] >= max_bad:
+        raise SodecError(
+          f"loss or gradient not finite for {acc['bad']} steps in a row (last step {step}); "
+          f"the last checkpoint in {workdir} is step {max(saved, default='none')}; "
+          "try a lower --config.optim.learning_rate or --config.optim.grad_clip_norm=1"
+        )
+      return
+    acc["bad"] = 0
+    sums = acc["sums"]
+    for k, v in metrics.items():
+      sums[k] = sums.get(k, 0.0) + float(v)
+    acc["count"] += 1
+    shown = [k for k in ("loss", "bpp", "psnr") if k in metrics]
+    bar.set_postfix(refresh=False, **{k: f"{float(metrics[k]):.4g}" for k in shown})
+    bar.update(1)
+    done = step + 1
+    if done % log_every == 0 or done == num_steps:
+      row = {"step": done, **{k: v / acc["count"] for k, v in sums.items()}}
+      if acc["steps"]:
+        row["step_time"] = acc["seconds"] / acc["steps"]
+      log.write(row)
+      acc.update(sums={}, count=0, seconds=0.0, steps=0)
+
+  def fetch(keep: int = 0):
+    """Brings the pending metrics but the last `keep` steps' to the host in ONE transfer and
+    consumes them. The wall time since the last synchronisation, over the steps it covers, is
+    the logged step_time (a measure of throughput: data loading included)."""
+    todo = pending[: len(pending) - keep]
+    if not todo:
+      return
+    del pending[: len(todo)]
+    host = _fetch([m for _, m in todo])
+    now, last = time.perf_counter(), todo[-1][0] + 1
+    if clock[0] is not None:
+      acc["seconds"] += now - clock[0]
+      acc["steps"] += last - clock[1]
+    clock[:] = [now, last]
+    for (step, _), metrics in zip(todo, host):
+      consume(step, metrics)
+
   def save(done):
+    """Checkpoint `done` (the trained Params; the frozen ones once, in WORKDIR/frozen), after
+    the previous save finished writing and old ones were pruned; returns while it writes."""
+    if done in saved:
+      return
     extra = (
       state["opt_state"]
       if "disc" not in state
       else {"model": state["opt_state"], "disc": state["disc"]}
     )
-    if done in mngr.all_steps():
-      return
-    checkpoints.save(mngr, done, build.merge_pure(state["params"], frozen), extra, config)
-    checkpoints.prune(
-      mngr,
-      config.train.keep_checkpoints,
-      () if guard is None or guard.best_step is None else (guard.best_step,),
-    )
+    if not frozen_id[1]:
+      frozen_id[:] = [checkpoints.save_frozen(workdir, frozen), True]
+    mngr.wait_until_finished()
+    checkpoints.prune(mngr, config.train.keep_checkpoints, protected())
+    checkpoints.save(mngr, done, state["params"], extra, config, frozen=frozen_id[0])
+    saved.add(done)
+
+  def protected():
+    return () if guard is None or guard.best_step is None else (guard.best_step,)
 
   def validate(done):  # held-out photos through real files; the best step is kept (guard.py)
     guard.check(done, state["params"], consts, log, save, bar.write)
@@ -180,59 +256,50 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     if guard is not None and guard.needs_start():
       validate(start)
+    late = False  # the metrics of steps before this one are due (a log_every boundary)
     for step in range(start, num_steps):
       if stop.set:  # preemption: `state` holds `step` updates; save it (unless saved) and stop
-        if mngr.latest_step() != step:
-          save(step)
+        fetch()
+        save(step)
         raise Preempted(step, workdir)
-      host_batch = next(batches)
-      batch = jax.make_array_from_process_local_data(batch_sharding, host_batch)
-      t0 = time.perf_counter()
+      host_batch, batch = next(batches)
       state, metrics = train_step(state, consts, batch, np.int32(step))
-      metrics = jax.device_get(metrics)
-      if step > start:  # the first step of a run includes compilation
-        times.append(time.perf_counter() - t0)
-      if not metrics.pop("finite"):
-        bad += 1
-        bar.write(
-          f"step {step}: non-finite loss {float(metrics['loss'])} or gradient "
-          f"{float(metrics['grad_norm'])}; update skipped ({bad} in a row)"
-        )
-        if bad >= max_bad:
-          raise SodecError(
-            f"loss or gradient not finite for {bad} steps in a row (last step {step}); "
-            f"the last checkpoint in {workdir} is step {mngr.latest_step() or 'none'}; "
-            "try a lower --config.optim.learning_rate or --config.optim.grad_clip_norm=1"
-          )
-        continue
-      bad = 0
-      for k, v in metrics.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-      count += 1
-      shown = [k for k in ("loss", "bpp", "psnr") if k in metrics]
-      bar.set_postfix(refresh=False, **{k: f"{float(metrics[k]):.4g}" for k in shown})
-      bar.update(1)
+      pending.append((step, metrics))
+      # one step late: step `step` is queued on the device before the host waits for the
+      # earlier ones; the first step (compilation) is fetched at once to start the clock
+      if step == start or late:
+        fetch(keep=0 if step == start else 1)
       done = step + 1
-      if done % config.train.log_every == 0 or done == num_steps:
-        row = {"step": done, **{k: v / count for k, v in sums.items()}}
-        if times:
-          row["step_time"] = float(np.mean(times))
-        log.write(row)
-        sums, count, times = {}, 0, []
-      if sample_every and done % sample_every == 0 and log.enabled:
+      late = done % log_every == 0
+      sample = sample_every and done % sample_every == 0 and log.enabled
+      checkpoint = done % config.train.checkpoint_every == 0 or done == num_steps
+      validating = guard is not None and guard.due(done, num_steps)
+      if not (sample or checkpoint or validating or done == num_steps):
+        continue
+      fetch()  # these wait for the state anyway; nothing is saved before its steps are checked
+      late = False
+      if not acc["finite"]:
+        continue  # as ever: nothing is saved, sampled or validated at a non-finite step
+      if sample:
         x_f, x_hat = jax.device_get(sample_fn(state["params"], consts, host_batch[:2]))
         logs.save_sample_grid(
           os.path.join(workdir, logs.SAMPLES_DIR, f"step_{done}.png"), host_batch[:2], x_f, x_hat
         )
-      if done % config.train.checkpoint_every == 0 or done == num_steps:
+      if checkpoint:
         save(done)
-      if guard is not None and guard.due(done, num_steps):
+      if validating:
         validate(done)
+      clock[:] = [time.perf_counter(), done]  # samples, saves, validation: not in step_time
+    fetch()
   finally:
     stop.restore()
     bar.close()
     log.close()
-    mngr.close()
+    try:
+      mngr.wait_until_finished()  # the last save is complete before training returns or stops
+      checkpoints.prune(mngr, config.train.keep_checkpoints, protected())
+    finally:
+      mngr.close()
   minutes, seconds = divmod(int(time.time() - t_start), 60)
   print(
     f"done: steps {start}..{num_steps} in {minutes}m{seconds:02d}s; last logged step "

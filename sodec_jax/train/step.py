@@ -36,7 +36,8 @@ def make_train_step(
   consts = (the frozen nnx.Params, i.e. those outside config.train.trainable; the model's
             non-Param variables; the LPIPS state or None): never trained.
   batch: uint8 [B, H, W, 3]. The noise key of step s is fold_in(key(seed), s).
-  A non-finite loss or gradient leaves the state unchanged (metrics['finite'] is False).
+  A non-finite loss, gradient or updated parameter leaves the state unchanged
+  (metrics['finite'] is False), so the state the step returns is always finite.
   mesh (make_mesh): explicit shardings, state/consts/step replicated (or state_sharding /
   consts_sharding, trees from param_sharding, with 'fsdp') and the batch split over the devices;
   the metrics come back replicated. None: plain jit on the default device.
@@ -77,7 +78,11 @@ def make_train_step(
     updates, new_opt_state = tx.update(grads, opt_state, params)
     new_params = optax.apply_updates(params, updates)
     grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # the updated params are checked too: a finite gradient may still overflow them, and a
+    # non-finite state must never reach a checkpoint (the loop sees `finite` late, see loop.py)
+    finite = (
+      jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.global_norm(new_params))
+    )
     keep = lambda new, old: jnp.where(finite, new, old)
     new_state = {
       "params": jax.tree.map(keep, new_params, params),
