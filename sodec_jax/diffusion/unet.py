@@ -378,7 +378,8 @@ class UNet2DConditionModel(nnx.Module):
 
   dtype: compute dtype (float32 / bfloat16); param_dtype: storage dtype of the weights.
   remat: rematerialise resnets and transformers in the backward pass (training memory).
-  query_chunk: attention query chunk (None: 256 on CPU, whole sequence elsewhere; 0: off).
+  query_chunk: attention query chunk (None: attention.attention_plan decides per call: 256 on
+  CPU, cuDNN or a bounded logits buffer elsewhere; 0: whole sequence; > 0: that chunk).
   """
 
   def __init__(
