@@ -8,6 +8,9 @@
                    PyTorch reference (sodec_jax.benchmarks.codec).
   --what train     one training step of --config configs/<experiment>.py on 1 and N devices:
                    compile time, step time, images/s, FLOPs, MFU, memory (sodec_jax.benchmarks.train).
+  --what memory    the training step's memory (compiled, backward residuals, params) over
+                   fp32/bf16 x remat off/on, compiled only; --random-weights, --batch,
+                   --config.a.b=v overrides (sodec_jax.benchmarks.memory).
 
 Times are medians over --repeats calls after --warmup calls; compilation is reported apart.
 A problem the user can fix (a missing checkpoint, a bad option value) is one line on stderr and
@@ -119,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  p.add_argument("--what", required=True, choices=["entropy", "unet", "vae", "codec", "train"])
+  p.add_argument(
+    "--what", required=True, choices=["entropy", "unet", "vae", "codec", "train", "memory"]
+  )
   p.add_argument("--checkpoint", default="", help="a training workdir (default: random weights)")
   p.add_argument("--size", type=int, default=512, help="image side for unet/vae (latent = size/8)")
   p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | all")
@@ -148,13 +153,20 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--peak_tflops", type=float, default=0.0, help="train: device peak TFLOP/s for MFU"
   )
+  p.add_argument(
+    "--random-weights", action="store_true", help="memory: random weights, no weight files"
+  )
+  p.add_argument("--batch", type=int, default=0, help="memory: per-device batch (0: config's)")
+  p.add_argument("--skip-compile", action="store_true", help="memory: residuals/params only")
   return p
 
 
 def main(argv=None) -> int:
   parser = build_parser()
   diffusion_benchmark.add_arguments(parser)
-  args = parser.parse_args(argv)
+  args, overrides = parser.parse_known_args(argv)  # --config.a.b=v overrides: --what memory
+  if overrides and args.what != "memory":
+    parser.error(f"unrecognized arguments: {' '.join(overrides)}")
   try:
     if args.what == "entropy":
       run_entropy(args)
@@ -162,6 +174,10 @@ def main(argv=None) -> int:
       from sodec_jax.benchmarks import train as train_benchmark
 
       train_benchmark.run_train(args)
+    elif args.what == "memory":  # the training step's memory (benchmarks/memory.py)
+      from sodec_jax.benchmarks import memory as memory_benchmark
+
+      memory_benchmark.run_memory(args, overrides)
     elif args.what == "codec":  # jitted encode/decode latency per stage (benchmarks/codec.py)
       from sodec_jax.benchmarks import codec as codec_benchmark
 

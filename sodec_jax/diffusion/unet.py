@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sodec_jax import remat as remat_lib
 from sodec_jax.diffusion.attention import Transformer2DModel, default_query_chunk
 from sodec_jax.diffusion.blocks import (
   Conv2d,
@@ -364,11 +365,9 @@ class MidBlock(nnx.Module):
     return x
 
 
-def _call(module, remat: bool, *args):
-  """module(*args), rematerialised in the backward pass when `remat`."""
-  if remat:
-    return nnx.remat(lambda m, *a: m(*a))(module, *args)
-  return module(*args)
+def _call(module, remat, *args):
+  """module(*args), rematerialised in the backward pass when `remat` (sodec_jax/remat.py)."""
+  return remat_lib.call_module(module, remat, *args)
 
 
 class UNet2DConditionModel(nnx.Module):

@@ -11,6 +11,7 @@ never update them; the forward pass also applies `stop_gradient` to them.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.layers import FrozenWeight, resolve_precision
+from sodec_jax.remat import call
 
 # torchvision `vgg16().features` indices of the convolutions, grouped by stage (pool between stages).
 VGG16_STAGES: tuple[tuple[int, ...], ...] = (
@@ -70,6 +72,7 @@ class VGG16Features(nnx.Module):
   def __init__(self, state: Mapping[str, np.ndarray], *, dtype=jnp.float32, precision=None):
     self.dtype = jnp.dtype(dtype)
     self.precision = resolve_precision(precision, dtype)
+    self.remat = False  # per stage (sodec_jax/remat.py)
     for idx in VGG16_CONV_CHANNELS:
       w = np.asarray(state[f"features.{idx}.weight"], dtype=np.float32)
       b = np.asarray(state[f"features.{idx}.bias"], dtype=np.float32)
@@ -109,8 +112,7 @@ class VGG16Features(nnx.Module):
     for s, stage in enumerate(VGG16_STAGES[:num_stages]):
       if s > 0:
         h = pool(h)
-      for idx in stage:
-        h = jax.nn.relu(self.conv(idx, h))
+      h = call(functools.partial(_stage, stage), self.remat, self, h)
       outs.append(h)
     return outs
 
@@ -122,6 +124,13 @@ class VGG16Features(nnx.Module):
       out[f"features.{idx}.weight"] = k.transpose(3, 2, 0, 1)
       out[f"features.{idx}.bias"] = np.asarray(getattr(self, f"conv{idx}_bias")[...], np.float32)
     return out
+
+
+def _stage(stage, vgg: VGG16Features, h: jax.Array) -> jax.Array:
+  """One VGG stage's 3x3 convs + ReLU (the pool before it is the caller's)."""
+  for idx in stage:
+    h = jax.nn.relu(vgg.conv(idx, h))
+  return h
 
 
 def min_side_for_stages(num_stages: int = 5) -> int:
