@@ -295,7 +295,6 @@ def build_model(config, rngs: nnx.Rngs, pretrained: bool = True):
       parts["extractor"] = build_extractor(g, jnp.dtype(d.dtype), config.seed)
   model = SODEC(config, rngs=rngs, **parts)
   apply_precision(model, config.get("precision", "auto"))
-  apply_remat(model, config)
   return model
 
 
@@ -306,9 +305,7 @@ def build_latent_pretrain(config, rngs: nnx.Rngs):
 
   d = config.diffusion
   vae = build_vae(d, rngs)  # built first: the same random streams as before the split
-  model = LatentPretrain(config, unet=build_unet(d, rngs), vae=vae, rngs=rngs)
-  apply_remat(model, config)
-  return model
+  return LatentPretrain(config, unet=build_unet(d, rngs), vae=vae, rngs=rngs)
 
 
 #: config.memory.remat names -> the model attribute path of the part (lpips: train/build.py).
@@ -348,7 +345,9 @@ def remat_policy(config) -> str:
 def apply_remat(model, config) -> tuple[str, ...]:
   """Switches rematerialisation of the model's parts to config.memory.remat (on with
   memory.remat_policy, the others off; parts the model lacks are skipped); returns the parts
-  switched on. The weights are not touched."""
+  switched on. The weights are not touched. Training applies it (train/build.py
+  build_training_model); inference models are built without (remat only matters for gradients).
+  """
   parts, policy = remat_parts(config), remat_policy(config)
   on = []
   for name, path in REMAT_PARTS.items():

@@ -82,18 +82,14 @@ class VGG16Features(nnx.Module):
       )
       setattr(self, f"conv{idx}_bias", FrozenWeight(jnp.asarray(b, self.dtype)))
 
-  def conv(self, idx: int, x: jax.Array) -> jax.Array:
+  def weights(self, idx: int) -> tuple[jax.Array, jax.Array]:
+    """(kernel HWIO, bias) of conv `idx` (constants: no gradient)."""
     k = jax.lax.stop_gradient(getattr(self, f"conv{idx}_kernel")[...])
     b = jax.lax.stop_gradient(getattr(self, f"conv{idx}_bias")[...])
-    y = jax.lax.conv_general_dilated(
-      x,
-      k,
-      window_strides=(1, 1),
-      padding=((1, 1), (1, 1)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=self.precision,
-    )
-    return y + b
+    return k, b
+
+  def conv(self, idx: int, x: jax.Array) -> jax.Array:
+    return _conv(x, *self.weights(idx), self.precision)
 
   def __call__(
     self,
@@ -112,7 +108,10 @@ class VGG16Features(nnx.Module):
     for s, stage in enumerate(VGG16_STAGES[:num_stages]):
       if s > 0:
         h = pool(h)
-      h = call(functools.partial(_stage, stage), self.remat, self, h)
+      # the weights go in as arrays: a module merged outside the loss's trace (the train step's
+      # LPIPS) cannot enter nnx.remat
+      weights = [self.weights(idx) for idx in stage]
+      h = call(functools.partial(_stage, self.precision), self.remat, weights, h)
       outs.append(h)
     return outs
 
@@ -126,10 +125,23 @@ class VGG16Features(nnx.Module):
     return out
 
 
-def _stage(stage, vgg: VGG16Features, h: jax.Array) -> jax.Array:
-  """One VGG stage's 3x3 convs + ReLU (the pool before it is the caller's)."""
-  for idx in stage:
-    h = jax.nn.relu(vgg.conv(idx, h))
+def _conv(x: jax.Array, k: jax.Array, b: jax.Array, precision) -> jax.Array:
+  """torch Conv2d(3x3, padding 1) on NHWC with an HWIO kernel."""
+  y = jax.lax.conv_general_dilated(
+    x,
+    k,
+    window_strides=(1, 1),
+    padding=((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=precision,
+  )
+  return y + b
+
+
+def _stage(precision, weights, h: jax.Array) -> jax.Array:
+  """One VGG stage's 3x3 convs + ReLU, weights [(kernel, bias)] (the pool is the caller's)."""
+  for k, b in weights:
+    h = jax.nn.relu(_conv(h, k, b, precision))
   return h
 
 

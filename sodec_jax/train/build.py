@@ -89,6 +89,7 @@ def build_training_model(config):
     model = pretrained.build_latent_pretrain(config, rngs)
   else:
     model = pretrained.build_model(config, rngs)
+  pretrained.apply_remat(model, config)  # config.memory.remat (training memory)
   cast_frozen(model, config)
   return model
 
