@@ -36,12 +36,35 @@ def policy_name(remat) -> str | None:
 
 
 def call(fn: Callable[..., Any], remat, *args):
-  """fn(*args), rematerialised in the backward pass when `remat` is on (see POLICIES). Modules
-  among `args` are handled by nnx.remat; `fn` must not close over modules (pass them in)."""
+  """fn(*args), rematerialised in the backward pass when `remat` is on (see POLICIES).
+
+  Functional: modules among `args` are split into (graphdef, state) and merged again inside
+  `jax.checkpoint`, arrays go in as they are, anything else is closed over; so the modules'
+  variables may come from any trace (a model merged outside the loss's grad, frozen weights
+  closed over), and nothing is written back (the blocks have no mutable state)."""
   name = policy_name(remat)
   if name is None:
     return fn(*args)
-  return nnx.remat(fn, policy=POLICIES[name])(*args)
+  kinds, dynamic = [], []
+  for a in args:
+    if isinstance(a, nnx.Module):
+      graphdef, state = nnx.split(a)
+      kinds.append(("module", graphdef))
+      dynamic.append(state)
+    elif isinstance(a, jax.Array):
+      kinds.append(("array", None))
+      dynamic.append(a)
+    else:
+      kinds.append(("static", a))
+      dynamic.append(None)
+
+  def pure(dynamic):
+    rebuilt = []
+    for (kind, extra), d in zip(kinds, dynamic):
+      rebuilt.append(nnx.merge(extra, d) if kind == "module" else d if kind == "array" else extra)
+    return fn(*rebuilt)
+
+  return jax.checkpoint(pure, policy=POLICIES[name])(dynamic)
 
 
 def _apply(module, *args):
