@@ -20,7 +20,7 @@ from sodec_jax.diffusion.attention import SpatialSelfAttention, default_query_ch
 from sodec_jax.diffusion.blocks import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 from sodec_jax.diffusion.diffusers_config import DiffusersConfig
 from sodec_jax.errors import SodecError
-from sodec_jax.remat import call_module
+from sodec_jax.remat import call, call_module
 
 _UNSUPPORTED_DEFAULTS = {
   "act_fn": "silu",
@@ -221,13 +221,18 @@ class Decoder(nnx.Module):
       c.norm_num_groups, rch[-1], eps=_EPS, dtype=dtype, param_dtype=param_dtype
     )
     self.conv_out = Conv2d(rch[-1], c.out_channels, 3, **kw)
+    self.remat = False  # the full-resolution tail (norm, SiLU, conv_out): sodec_jax/remat.py
 
   def __call__(self, z):
     x = self.conv_in(z)
     x = self.mid_block(x)
     for b in self.up_blocks:
       x = b(x)
-    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+    return call(_tail, self.remat, self.conv_norm_out, self.conv_out, x)
+
+
+def _tail(norm, conv, x):
+  return conv(jax.nn.silu(norm(x)))
 
 
 class AutoencoderKL(nnx.Module):
