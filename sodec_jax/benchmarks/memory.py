@@ -207,8 +207,8 @@ def configurations(config, explicit: bool) -> list:
   return out
 
 
-def _gib(v) -> str:
-  return "nan" if v is None else f"{v / GIB:.2f}"
+def _gib(v, digits: int = 2) -> str:
+  return "nan" if v is None else f"{v / GIB:.{digits}f}"
 
 
 def run_memory(args, overrides) -> list[dict]:
@@ -262,8 +262,8 @@ def run_memory(args, overrides) -> list[dict]:
   if explicit:
     print(f"remat: {last['remat']}")
   print(
-    f"memory: compiled_gib={_gib(last['compiled'])} residual_gib={_gib(last['residuals'])} "
-    f"params_gib={_gib(last['params'])}"
+    f"memory: compiled_gib={_gib(last['compiled'], 4)} residual_gib={_gib(last['residuals'], 4)} "
+    f"params_gib={_gib(last['params'], 4)}"
   )
   sys.stdout.flush()
   return results
