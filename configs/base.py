@@ -19,6 +19,17 @@ def get_config() -> ml_collections.ConfigDict:
   # affected (sodec_jax/precision.py).
   c.precision = "auto"
 
+  # Training memory (sodec_jax/remat.py; docs/ARCHITECTURE.md "Memory"): the parts whose blocks
+  # are rematerialised in the backward pass (their activations recomputed instead of kept; the
+  # values do not change): any of "unet" (resnets, transformers), "vae_decoder" (D_m's mid and up
+  # blocks' resnets, attention, upsamplers), "extractor" (F: each ViT layer / Swin block),
+  # "fidelity_decoder" (D_a: residual blocks, up stages), "lpips" (each VGG stage); () = off.
+  # remat_policy: "nothing" (keep block inputs only: fewest bytes) | "dots" (keep matmul outputs
+  # too: less recomputation). `python -m sodec_jax.bench --what memory` measures a config.
+  c.memory = ml_collections.ConfigDict()
+  c.memory.remat = ()
+  c.memory.remat_policy = "nothing"
+
   # --- the HiFiC-style codec: E, H_a, P, D_a ------------------------------------------------
   c.model = ml_collections.ConfigDict()
   c.model.latent_channels = 220  # C: channels of y (H/16 x W/16)
@@ -64,7 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.weights = ""  # convert/from_torch.py sd21 output, or a diffusers folder
   c.diffusion.prediction_type = "epsilon"  # SD 2.1-base: epsilon; SD 2.1 (768): v_prediction
   c.diffusion.dtype = "float32"  # storage dtype of loaded UNet / VAE / extractor weights
-  c.diffusion.remat = False  # rematerialise UNet blocks (training memory)
+  c.diffusion.remat = False  # older spelling of "unet" in memory.remat (kept: True adds it)
   c.diffusion.lora_rank = 16  # OSCAR's rank
   c.diffusion.lora_alpha = 16.0
   c.diffusion.lora_targets = ("to_q", "to_k", "to_v", "to_out")

@@ -15,6 +15,9 @@
                    --json OUT.json keeps the report; exit status 1 when a check failed.
   --what data      the input pipeline's images/s beside the step's need (batch / step time, the
                    step measured or --step-ms); takes --config.a.b=v overrides (benchmarks/data.py).
+  --what memory    the training step's memory (compiled, backward residuals, params) over
+                   fp32/bf16 x remat off/on, compiled only; --random-weights, --batch,
+                   --config.a.b=v overrides (sodec_jax.benchmarks.memory).
 
 Times are medians over --repeats calls after --warmup calls; compilation is reported apart.
 A problem the user can fix (a missing checkpoint, a bad option value) is one line on stderr and
@@ -129,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--what",
     required=True,
-    choices=["entropy", "unet", "vae", "codec", "train", "gpu-check", "data"],
+    choices=["entropy", "unet", "vae", "codec", "train", "gpu-check", "data", "memory"],
   )
   p.add_argument("--checkpoint", default="", help="a training workdir (default: random weights)")
   p.add_argument(
@@ -169,14 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     "--peak_tflops", type=float, default=0.0, help="train: device peak TFLOP/s for MFU"
   )
   p.add_argument("--step-ms", type=float, default=0.0, help="data: the step time (0: measure)")
+  p.add_argument(
+    "--random-weights", action="store_true", help="memory: random weights, no weight files"
+  )
+  p.add_argument("--batch", type=int, default=0, help="memory: per-device batch (0: config's)")
+  p.add_argument("--skip-compile", action="store_true", help="memory: residuals/params only")
   return p
 
 
 def main(argv=None) -> int:
   parser = build_parser()
   diffusion_benchmark.add_arguments(parser)
-  args, overrides = parser.parse_known_args(argv)  # --config.a.b=v overrides: --what data
-  if overrides and args.what != "data":
+  args, overrides = parser.parse_known_args(argv)  # --config.a.b=v overrides: data, memory
+  if overrides and args.what not in ("data", "memory"):
     parser.error(f"unrecognized arguments: {' '.join(overrides)}")
   try:
     if args.what == "gpu-check":  # the prepared accelerator check (benchmarks/gpu_check.py)
@@ -194,6 +202,10 @@ def main(argv=None) -> int:
       from sodec_jax.benchmarks import data as data_benchmark
 
       data_benchmark.run_data(args, overrides)
+    elif args.what == "memory":  # the training step's memory (benchmarks/memory.py)
+      from sodec_jax.benchmarks import memory as memory_benchmark
+
+      memory_benchmark.run_memory(args, overrides)
     elif args.what == "codec":  # jitted encode/decode latency per stage (benchmarks/codec.py)
       from sodec_jax.benchmarks import codec as codec_benchmark
 

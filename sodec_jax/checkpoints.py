@@ -93,6 +93,8 @@ RESUME_IGNORED = (
   "train.fsdp",
   "data.worker_count",
   "data.prefetch",
+  "memory.remat",  # rematerialisation recomputes the same values
+  "memory.remat_policy",
   "data.cache_mb",
   "distributed.coordinator_address",
   "distributed.num_processes",

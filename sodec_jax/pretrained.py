@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sodec_jax import remat as remat_lib
 from sodec_jax.errors import SodecError
 from sodec_jax.precision import apply_precision
 from sodec_jax.weights.formats import read_json
@@ -305,3 +306,57 @@ def build_latent_pretrain(config, rngs: nnx.Rngs):
   d = config.diffusion
   vae = build_vae(d, rngs)  # built first: the same random streams as before the split
   return LatentPretrain(config, unet=build_unet(d, rngs), vae=vae, rngs=rngs)
+
+
+#: config.memory.remat names -> the model attribute path of the part (lpips: train/build.py).
+REMAT_PARTS = {
+  "unet": ("unet",),
+  "vae_decoder": ("vae_decoder",),
+  "extractor": ("guidance_extractor",),
+  "fidelity_decoder": ("codec", "fidelity_decoder"),
+  "lpips": None,
+}
+
+
+def remat_parts(config) -> tuple[str, ...]:
+  """The checked config.memory.remat names (config.diffusion.remat=True adds "unet")."""
+  memory = config.get("memory") or {}
+  parts = tuple(memory.get("remat", ()) or ())
+  unknown = [p for p in parts if p not in REMAT_PARTS]
+  if unknown:
+    raise SodecError(
+      f"config.memory.remat names {unknown[0]!r}: use any of {', '.join(REMAT_PARTS)}"
+    )
+  if config.get("diffusion") is not None and config.diffusion.get("remat", False):
+    parts = parts + ("unet",) if "unet" not in parts else parts
+  return parts
+
+
+def remat_policy(config) -> str:
+  """The checked config.memory.remat_policy ("nothing" | "dots")."""
+  policy = str((config.get("memory") or {}).get("remat_policy", "nothing"))
+  if policy not in remat_lib.POLICIES:
+    raise SodecError(
+      f"config.memory.remat_policy={policy!r}: use one of {', '.join(remat_lib.POLICIES)}"
+    )
+  return policy
+
+
+def apply_remat(model, config) -> tuple[str, ...]:
+  """Switches rematerialisation of the model's parts to config.memory.remat (on with
+  memory.remat_policy, the others off; parts the model lacks are skipped); returns the parts
+  switched on. The weights are not touched. Training applies it (train/build.py
+  build_training_model); inference models are built without (remat only matters for gradients).
+  """
+  parts, policy = remat_parts(config), remat_policy(config)
+  on = []
+  for name, path in REMAT_PARTS.items():
+    node = model
+    for attr in path or ():
+      node = getattr(node, attr, None)
+    if path is None or node is None:
+      continue
+    remat_lib.set_remat(node, policy if name in parts else False)
+    if name in parts:
+      on.append(name)
+  return tuple(on)

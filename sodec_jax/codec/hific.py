@@ -19,6 +19,7 @@ from flax import nnx
 from sodec_jax.codec import padding
 from sodec_jax.codec.entropy import FactorizedPrior, lower_bound
 from sodec_jax.layers import ChannelNorm, Conv2d, ConvTranspose2d, ResidualBlock
+from sodec_jax.remat import call, call_module
 
 # Codec config fields a `model` section may omit, with the value absence means. They are set
 # for checkpoints converted from the HiFiC PyTorch implementation (its padding, codec/padding.py,
@@ -201,16 +202,21 @@ class FidelityDecoder(nnx.Module):
     )
     self.up_norms = nnx.List([ChannelNorm(filters[i + 1], **norm) for i in range(4)])
     self.conv_out = Conv2d(filters[4], 3, 7, padding=3, padding_mode="reflect", **kw)
+    self.remat = False  # per residual block and up stage (sodec_jax/remat.py)
 
   def __call__(self, y_hat: jax.Array) -> jax.Array:
     head = self.norm_head(self.conv_in(self.norm_in(y_hat)))
     h = head
     for block in self.residual_blocks:
-      h = block(h)
+      h = call_module(block, self.remat, h)
     h = h + head
     for conv, norm in zip(self.up, self.up_norms):
-      h = jax.nn.relu(norm(conv(h)))
+      h = call(_up_stage, self.remat, conv, norm, h)
     return self.conv_out(h).astype(jnp.float32)
+
+
+def _up_stage(conv, norm, h):
+  return jax.nn.relu(norm(conv(h)))
 
 
 class Codec(nnx.Module):

@@ -1,11 +1,14 @@
 """Attention and transformer blocks of the SD UNet and VAE (diffusers semantics, NHWC).
 
 All attention goes through `jax.nn.dot_product_attention` (layout [B, T, heads, head_dim]), so a
-GPU can use cuDNN's fused kernel. Logits and softmax are computed in float32 even for bfloat16
+GPU can use cuDNN's fused kernel; `attention_plan` decides per call between that kernel and
+query-chunked XLA attention whose logits buffer stays under LOGITS_BUDGET_BYTES on any backend. Logits and softmax are computed in float32 even for bfloat16
 inputs (this is what diffusers' `upcast_attention` / `upcast_softmax` ask for).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,20 +16,102 @@ from flax import nnx
 
 from sodec_jax.diffusion.blocks import Conv2d, GroupNorm, LayerNorm, Linear
 
+#: query_chunk value meaning "let `attention_plan` decide at trace time" (the default).
+AUTO = -1
+#: Largest float32 logits buffer [B, heads, chunk, Tk] a planned attention call asks for
+#: (off the CPU; 512 MiB: a 2048x2048 decode through D_m's mid block, B=1, Tk=65,536, gets
+#: chunks of 2,048 queries instead of one 16 GiB buffer).
+LOGITS_BUDGET_BYTES = 1 << 29
+#: The CPU's chunk (cache-resident logits: also the fastest there); its results do not move.
+CPU_QUERY_CHUNK = 256
+
+
+class AttentionPlan(NamedTuple):
+  """How one attention call runs: "cudnn" (the fused kernel on the whole problem) or "xla"
+  with `query_chunk` queries at a time (0: all at once)."""
+
+  implementation: str
+  query_chunk: int
+
+
+def cudnn_eligible(backend: str, dtype, head_dim: int) -> bool:
+  """cuDNN's fused attention applies: GPU, 16-bit inputs, head_dim a multiple of 8 up to 128."""
+  return (
+    backend == "gpu"
+    and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    and head_dim % 8 == 0
+    and head_dim <= 128
+  )
+
+
+def attention_plan(
+  backend: str,
+  dtype,
+  head_dim: int,
+  *,
+  batch: int,
+  heads: int,
+  q_tokens: int,
+  kv_tokens: int,
+  budget_bytes: int = LOGITS_BUDGET_BYTES,
+  allow_cudnn: bool = True,
+) -> AttentionPlan:
+  """Pure decision (no device needed) for q [batch, q_tokens, heads, head_dim] against
+  kv_tokens keys on `backend` ("cpu" | "gpu" | "tpu"):
+
+  - cuDNN's fused kernel where eligible (`cudnn_eligible`); it never builds the logits;
+  - else XLA's attention, query-chunked so the float32 logits buffer [B, N, chunk, Tk] stays
+    bounded: on the CPU chunks of CPU_QUERY_CHUNK (256) as always; elsewhere the fewest equal
+    chunks (multiples of 8) of at most max(256, budget_bytes // (B * N * Tk * 4)) queries, so
+    memory grows linearly with the pixels (float32 on GPU, D_m's 512-wide head anywhere).
+  query_chunk 0 = the whole sequence at once (it fits the budget).
+  """
+  if allow_cudnn and cudnn_eligible(backend, dtype, head_dim):
+    return AttentionPlan("cudnn", 0)
+  if backend == "cpu":
+    return AttentionPlan("xla", CPU_QUERY_CHUNK if q_tokens > CPU_QUERY_CHUNK else 0)
+  per_query = max(1, batch * heads * kv_tokens * 4)  # float32 logits bytes of one query row
+  limit = max(CPU_QUERY_CHUNK, budget_bytes // per_query // 8 * 8)
+  if q_tokens <= limit:
+    return AttentionPlan("xla", 0)
+  chunks = -(-q_tokens // limit)
+  chunk = -(-q_tokens // chunks)
+  return AttentionPlan("xla", min(limit, -(-chunk // 8) * 8))
+
 
 def dot_product_attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, *, query_chunk: int = 0
+  q: jax.Array, k: jax.Array, v: jax.Array, *, query_chunk: int = AUTO
 ) -> jax.Array:
   """Softmax(q k^T / sqrt(head_dim)) v. q: [B, Tq, N, D], k and v: [B, Tk, N, D] -> [B, Tq, N, D].
 
-  `query_chunk` > 0 splits the queries into chunks of that many tokens, processed one after the
-  other (`lax.map`): the same result with a logits buffer of [B, N, chunk, Tk] instead of
-  [B, N, Tq, Tk]. When Tq is not a multiple of the chunk the queries are zero-padded to one and
-  the extra rows dropped (so any image size keeps the small buffer: a 1472x1472 image's
-  33,856 latent tokens would otherwise need 4.6 GB of logits per head). On CPU chunking is also
-  faster (cache-resident logits); on GPU leave it 0 so the fused kernel sees the whole problem.
+  query_chunk AUTO (default): `attention_plan` for the default backend decides (cuDNN where
+  eligible, else chunked XLA attention with a bounded logits buffer). `query_chunk` > 0 splits
+  the queries into chunks of that many tokens, processed one after the other (`lax.map`): the
+  same result with a logits buffer of [B, N, chunk, Tk] instead of [B, N, Tq, Tk]. When Tq is not
+  a multiple of the chunk the queries are zero-padded to one and the extra rows dropped (so any
+  image size keeps the small buffer: a 1472x1472 image's 33,856 latent tokens would otherwise
+  need 4.6 GB of logits per head). 0: the whole sequence in one call.
   """
   b, tq, n, d = q.shape
+  if query_chunk < 0:
+    plan = attention_plan(
+      jax.default_backend(), q.dtype, d, batch=b, heads=n, q_tokens=tq, kv_tokens=k.shape[1]
+    )
+    if plan.implementation == "cudnn":
+      out = _cudnn(q, k, v)
+      if out is not None:
+        return out
+      plan = attention_plan(
+        jax.default_backend(),
+        q.dtype,
+        d,
+        batch=b,
+        heads=n,
+        q_tokens=tq,
+        kv_tokens=k.shape[1],
+        allow_cudnn=False,
+      )
+    query_chunk = plan.query_chunk
   if query_chunk <= 0 or tq <= query_chunk:
     return _attend(q, k, v)
   chunks = -(-tq // query_chunk)
@@ -37,26 +122,28 @@ def dot_product_attention(
   return out.swapaxes(0, 1).reshape(b, chunks * query_chunk, n, d)[:, :tq]
 
 
+def _cudnn(q, k, v):
+  """cuDNN's fused kernel, or None when it refuses at trace time (shape, version)."""
+  try:
+    return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+  except (ValueError, NotImplementedError, RuntimeError):
+    return None
+
+
 def _attend(q, k, v):
-  """jax.nn.dot_product_attention; cuDNN's fused kernel on GPU where it applies (16-bit inputs,
-  head_dim a multiple of 8 up to 128), XLA's otherwise (or when cuDNN refuses at trace time)."""
-  d = q.shape[-1]
-  if (
-    jax.default_backend() == "gpu"
-    and q.dtype in (jnp.bfloat16, jnp.float16)
-    and d % 8 == 0
-    and d <= 128
-  ):
-    try:
-      return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    except (ValueError, NotImplementedError, RuntimeError):
-      pass
+  """jax.nn.dot_product_attention; cuDNN's fused kernel where it applies (`cudnn_eligible`),
+  XLA's otherwise (or when cuDNN refuses at trace time)."""
+  if cudnn_eligible(jax.default_backend(), q.dtype, q.shape[-1]):
+    out = _cudnn(q, k, v)
+    if out is not None:
+      return out
   return jax.nn.dot_product_attention(q, k, v)
 
 
 def default_query_chunk() -> int:
-  """Query chunk that suits the default backend: 256 tokens on CPU, off (0) elsewhere."""
-  return 256 if jax.default_backend() == "cpu" else 0
+  """The modules' default query chunk: AUTO (`attention_plan` decides per call: 256 tokens on
+  the CPU as before, cuDNN or a logits budget on GPU/TPU)."""
+  return AUTO
 
 
 class Attention(nnx.Module):

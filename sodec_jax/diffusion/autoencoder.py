@@ -20,6 +20,7 @@ from sodec_jax.diffusion.attention import SpatialSelfAttention, default_query_ch
 from sodec_jax.diffusion.blocks import Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 from sodec_jax.diffusion.diffusers_config import DiffusersConfig
 from sodec_jax.errors import SodecError
+from sodec_jax.remat import call, call_module
 
 _UNSUPPORTED_DEFAULTS = {
   "act_fn": "silu",
@@ -98,6 +99,7 @@ class EncoderBlock(nnx.Module):
     self, in_channels, out_channels, *, num_layers, add_downsample, groups, dtype, param_dtype, rngs
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.remat = False  # per resnet / downsampler (sodec_jax/remat.py)
     self.resnets = _resnets(in_channels, out_channels, num_layers, groups, **kw)
     self.downsamplers = nnx.List(
       [Downsample2D(out_channels, out_channels, padding=0, **kw)] if add_downsample else []
@@ -105,9 +107,9 @@ class EncoderBlock(nnx.Module):
 
   def __call__(self, x):
     for r in self.resnets:
-      x = r(x)
+      x = call_module(r, self.remat, x)
     for d in self.downsamplers:
-      x = d(x)
+      x = call_module(d, self.remat, x)
     return x
 
 
@@ -118,6 +120,7 @@ class DecoderBlock(nnx.Module):
     self, in_channels, out_channels, *, num_layers, add_upsample, groups, dtype, param_dtype, rngs
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.remat = False  # per resnet / upsampler (sodec_jax/remat.py)
     self.resnets = _resnets(in_channels, out_channels, num_layers, groups, **kw)
     self.upsamplers = nnx.List(
       [Upsample2D(out_channels, out_channels, **kw)] if add_upsample else []
@@ -125,9 +128,9 @@ class DecoderBlock(nnx.Module):
 
   def __call__(self, x):
     for r in self.resnets:
-      x = r(x)
+      x = call_module(r, self.remat, x)
     for u in self.upsamplers:
-      x = u(x)
+      x = call_module(u, self.remat, x)
     return x
 
 
@@ -136,6 +139,7 @@ class VAEMidBlock(nnx.Module):
 
   def __init__(self, channels, *, groups, query_chunk, dtype, param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.remat = False  # per resnet / attention (sodec_jax/remat.py)
     self.resnets = nnx.List(
       [
         ResnetBlock2D(channels, channels, temb_channels=None, groups=groups, eps=_EPS, **kw)
@@ -151,9 +155,9 @@ class VAEMidBlock(nnx.Module):
     )
 
   def __call__(self, x):
-    x = self.resnets[0](x)
-    x = self.attentions[0](x)
-    return self.resnets[1](x)
+    x = call_module(self.resnets[0], self.remat, x)
+    x = call_module(self.attentions[0], self.remat, x)
+    return call_module(self.resnets[1], self.remat, x)
 
 
 class Encoder(nnx.Module):
@@ -217,13 +221,18 @@ class Decoder(nnx.Module):
       c.norm_num_groups, rch[-1], eps=_EPS, dtype=dtype, param_dtype=param_dtype
     )
     self.conv_out = Conv2d(rch[-1], c.out_channels, 3, **kw)
+    self.remat = False  # the full-resolution tail (norm, SiLU, conv_out): sodec_jax/remat.py
 
   def __call__(self, z):
     x = self.conv_in(z)
     x = self.mid_block(x)
     for b in self.up_blocks:
       x = b(x)
-    return self.conv_out(jax.nn.silu(self.conv_norm_out(x)))
+    return call(_tail, self.remat, self.conv_norm_out, self.conv_out, x)
+
+
+def _tail(norm, conv, x):
+  return conv(jax.nn.silu(norm(x)))
 
 
 class AutoencoderKL(nnx.Module):

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sodec_jax import remat as remat_lib
 from sodec_jax.diffusion.attention import Transformer2DModel, default_query_chunk
 from sodec_jax.diffusion.blocks import (
   Conv2d,
@@ -364,11 +365,9 @@ class MidBlock(nnx.Module):
     return x
 
 
-def _call(module, remat: bool, *args):
-  """module(*args), rematerialised in the backward pass when `remat`."""
-  if remat:
-    return nnx.remat(lambda m, *a: m(*a))(module, *args)
-  return module(*args)
+def _call(module, remat, *args):
+  """module(*args), rematerialised in the backward pass when `remat` (sodec_jax/remat.py)."""
+  return remat_lib.call_module(module, remat, *args)
 
 
 class UNet2DConditionModel(nnx.Module):
@@ -378,7 +377,8 @@ class UNet2DConditionModel(nnx.Module):
 
   dtype: compute dtype (float32 / bfloat16); param_dtype: storage dtype of the weights.
   remat: rematerialise resnets and transformers in the backward pass (training memory).
-  query_chunk: attention query chunk (None: 256 on CPU, whole sequence elsewhere; 0: off).
+  query_chunk: attention query chunk (None: attention.attention_plan decides per call: 256 on
+  CPU, cuDNN or a bounded logits buffer elsewhere; 0: whole sequence; > 0: that chunk).
   """
 
   def __init__(

@@ -38,6 +38,7 @@ from sodec_jax.guidance.vit import (
   read,
 )
 from sodec_jax.layers import resolve_precision
+from sodec_jax.remat import call_module
 
 SHIFT_MASK_VALUE = -100.0  # transformers' value for cross-region pairs in shifted windows
 _TORCH_LN_EPS = 1e-5  # nn.LayerNorm default: embeddings.norm and downsample.norm use it
@@ -204,10 +205,11 @@ class SwinStage(nnx.Module):
       ]
     )
     self.downsample = PatchMerging(dim, **kw) if downsample else None
+    self.remat = False  # per block (sodec_jax/remat.py)
 
   def __call__(self, x):
     for block in self.blocks:
-      x = block(x)
+      x = call_module(block, self.remat, x)
     return x if self.downsample is None else self.downsample(x)
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 
 from sodec_jax.errors import SodecError
 from sodec_jax.layers import FrozenWeight, resolve_precision
+from sodec_jax.remat import call_module
 
 # transformers' ViTImageProcessor defaults (used when a folder has no preprocessor_config.json).
 VIT_DEFAULT_MEAN = (0.5, 0.5, 0.5)
@@ -333,6 +334,7 @@ class ViT(nnx.Module):
     self.cls_token = _frozen((1, 1, d), param_dtype)
     self.position_embeddings = _frozen((1, spec.num_tokens, d), param_dtype)
     self.layers = nnx.List([ViTLayer(spec, **kw) for _ in range(spec.num_hidden_layers)])
+    self.remat = False  # per transformer layer (sodec_jax/remat.py)
     self.layernorm = LayerNorm(
       d, eps=spec.layer_norm_eps, dtype=self.dtype, param_dtype=param_dtype
     )
@@ -371,7 +373,7 @@ class ViT(nnx.Module):
     """pixel_values [B, H, W, C], already normalised -> last_hidden_state [B, 1 + gh*gw, D]."""
     x = self.embed(pixel_values, interpolate_pos_encoding)
     for layer in self.layers:
-      x = layer(x)
+      x = call_module(layer, self.remat, x)
     return self.layernorm(x)
 
   def preprocess(self, x01: jax.Array, **kw) -> jax.Array:

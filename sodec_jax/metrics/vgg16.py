@@ -11,6 +11,7 @@ never update them; the forward pass also applies `stop_gradient` to them.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -19,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax.layers import FrozenWeight, resolve_precision
+from sodec_jax.remat import call
 
 # torchvision `vgg16().features` indices of the convolutions, grouped by stage (pool between stages).
 VGG16_STAGES: tuple[tuple[int, ...], ...] = (
@@ -70,6 +72,7 @@ class VGG16Features(nnx.Module):
   def __init__(self, state: Mapping[str, np.ndarray], *, dtype=jnp.float32, precision=None):
     self.dtype = jnp.dtype(dtype)
     self.precision = resolve_precision(precision, dtype)
+    self.remat = False  # per stage (sodec_jax/remat.py)
     for idx in VGG16_CONV_CHANNELS:
       w = np.asarray(state[f"features.{idx}.weight"], dtype=np.float32)
       b = np.asarray(state[f"features.{idx}.bias"], dtype=np.float32)
@@ -79,18 +82,14 @@ class VGG16Features(nnx.Module):
       )
       setattr(self, f"conv{idx}_bias", FrozenWeight(jnp.asarray(b, self.dtype)))
 
-  def conv(self, idx: int, x: jax.Array) -> jax.Array:
+  def weights(self, idx: int) -> tuple[jax.Array, jax.Array]:
+    """(kernel HWIO, bias) of conv `idx` (constants: no gradient)."""
     k = jax.lax.stop_gradient(getattr(self, f"conv{idx}_kernel")[...])
     b = jax.lax.stop_gradient(getattr(self, f"conv{idx}_bias")[...])
-    y = jax.lax.conv_general_dilated(
-      x,
-      k,
-      window_strides=(1, 1),
-      padding=((1, 1), (1, 1)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=self.precision,
-    )
-    return y + b
+    return k, b
+
+  def conv(self, idx: int, x: jax.Array) -> jax.Array:
+    return _conv(x, *self.weights(idx), self.precision)
 
   def __call__(
     self,
@@ -109,8 +108,10 @@ class VGG16Features(nnx.Module):
     for s, stage in enumerate(VGG16_STAGES[:num_stages]):
       if s > 0:
         h = pool(h)
-      for idx in stage:
-        h = jax.nn.relu(self.conv(idx, h))
+      # the weights go in as arrays: a module merged outside the loss's trace (the train step's
+      # LPIPS) cannot enter nnx.remat
+      weights = [self.weights(idx) for idx in stage]
+      h = call(functools.partial(_stage, self.precision), self.remat, weights, h)
       outs.append(h)
     return outs
 
@@ -122,6 +123,26 @@ class VGG16Features(nnx.Module):
       out[f"features.{idx}.weight"] = k.transpose(3, 2, 0, 1)
       out[f"features.{idx}.bias"] = np.asarray(getattr(self, f"conv{idx}_bias")[...], np.float32)
     return out
+
+
+def _conv(x: jax.Array, k: jax.Array, b: jax.Array, precision) -> jax.Array:
+  """torch Conv2d(3x3, padding 1) on NHWC with an HWIO kernel."""
+  y = jax.lax.conv_general_dilated(
+    x,
+    k,
+    window_strides=(1, 1),
+    padding=((1, 1), (1, 1)),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    precision=precision,
+  )
+  return y + b
+
+
+def _stage(precision, weights, h: jax.Array) -> jax.Array:
+  """One VGG stage's 3x3 convs + ReLU, weights [(kernel, bias)] (the pool is the caller's)."""
+  for k, b in weights:
+    h = jax.nn.relu(_conv(h, k, b, precision))
+  return h
 
 
 def min_side_for_stages(num_stages: int = 5) -> int:

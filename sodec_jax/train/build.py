@@ -9,12 +9,14 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 
 from sodec_jax import precision as precision_lib
 from sodec_jax import pretrained
+from sodec_jax import remat as remat_lib
 from sodec_jax.discriminator import Discriminator, SpectralState
 from sodec_jax.errors import SodecError
 from sodec_jax.weights import converted
@@ -24,6 +26,7 @@ def validate_config(config) -> None:
   """One-line SodecError for configs training cannot run with."""
   d, t, l = config.data, config.train, config.loss
   precision_lib.resolve(config.get("precision", "auto"))  # "fp32" | "bf16" | "auto"
+  pretrained.remat_parts(config), pretrained.remat_policy(config)  # config.memory
   pretrained.check_paths(config)
   source = l.get("discriminator_init", "")
   if source and not os.path.isfile(os.path.join(source, "manifest.json")):
@@ -83,8 +86,52 @@ def build_training_model(config):
   The one place training constructs a model."""
   rngs = nnx.Rngs(config.seed)
   if config.stage == 0:
-    return pretrained.build_latent_pretrain(config, rngs)
-  return pretrained.build_model(config, rngs)
+    model = pretrained.build_latent_pretrain(config, rngs)
+  else:
+    model = pretrained.build_model(config, rngs)
+  pretrained.apply_remat(model, config)  # config.memory.remat (training memory)
+  cast_frozen(model, config)
+  return model
+
+
+#: The pretrained parts whose frozen weights `cast_frozen` stores in the compute dtype.
+FROZEN_PARTS = ("unet", "vae_decoder", "guidance_extractor")
+
+
+def cast_frozen(model, config) -> int:
+  """Under bf16 precision, stores the frozen weights of the pretrained parts (UNet, D_m, F: every
+  floating nnx.Param outside config.train.trainable and every FrozenWeight) in bfloat16, in
+  place: half their memory in the train step's constants, and the same values the bf16 layers
+  compute with (each casts its kernel to bfloat16 anyway). Trainable parameters (LoRA, codec,
+  T_s, F_p) and the optimizer state stay float32, and so do the norms' scales and biases (they
+  are applied in float32). fp32: nothing changes. Returns the number of arrays cast.
+
+  Called once, in build_training_model: before init_from and a resume restore, which both
+  convert what they read to the dtype of the model's arrays (checkpoints.init_from casts;
+  orbax restores to the template's dtype)."""
+  if precision_lib.config_precision(config) != "bf16":
+    return 0
+  keep = trainable_filter(config)
+  n = 0
+  for path, node in nnx.iter_graph(model):
+    if not path or path[0] not in FROZEN_PARTS or not isinstance(node, nnx.Module):
+      continue
+    if _is_norm(node):
+      continue
+    for name, var in vars(node).items():
+      if not isinstance(var, nnx.Variable) or keep((*path, name), var):
+        continue
+      value = var.get_value() if hasattr(var, "get_value") else var.value
+      if isinstance(value, jax.Array) and jnp.issubdtype(value.dtype, jnp.floating):
+        if value.dtype != jnp.bfloat16:
+          var.value = value.astype(jnp.bfloat16)
+          n += 1
+  return n
+
+
+def _is_norm(module) -> bool:
+  """GroupNorm / LayerNorm / ChannelNorm-like modules (their statistics run in float32)."""
+  return "norm" in type(module).__name__.lower()
 
 
 def trainable_filter(config):
@@ -209,4 +256,7 @@ def load_lpips(config):
   if not os.path.isfile(path):
     raise SodecError(f"config.lpips.{field}={path!r} is not a file")
   dtype = precision_lib.compute_dtype(config.get("precision", "auto"))  # bf16 on GPU/TPU
-  return nnx.split(load(path, dtype=dtype, precision="default"))
+  lpips = load(path, dtype=dtype, precision="default")
+  if "lpips" in pretrained.remat_parts(config):
+    remat_lib.set_remat(lpips, pretrained.remat_policy(config))
+  return nnx.split(lpips)
