@@ -79,6 +79,7 @@ def test_four_devices_follow_the_one_device_loss_curve(tmp_path):
   print(f"1 vs 4 devices: largest relative difference {worst:.3g} over 5 steps")
 
 
+@pytest.mark.slow  # ~50 s: the 4-device data-parallel test keeps the default suite's coverage
 def test_fsdp_follows_the_one_device_loss_curve(tmp_path):
   rows1, _ = _run(tmp_path, 1)
   rows4, out4 = _run(tmp_path, 4, fsdp=2)

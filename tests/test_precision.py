@@ -9,7 +9,7 @@ from flax import nnx
 from sodec_jax import api, precision
 from sodec_jax.errors import SodecError
 from sodec_jax.pretrained import build_model
-from tests.conftest import load_photo, make_micro_sodec_config
+from tests.conftest import load_photo, make_micro_config, make_micro_sodec_config
 
 
 def test_resolve():
@@ -37,17 +37,24 @@ def _dtypes(module):
 
 
 def test_bf16_build_keeps_the_entropy_path_float32(micro):
-  config, _ = micro
-  config = config.copy_and_resolve_references()
-  config.precision = "bf16"
-  model = build_model(config, nnx.Rngs(0))
+  config, model = micro
+  codec_config = make_micro_config(precision="bf16")  # build_model applies config.precision
+  codec = build_model(codec_config, nnx.Rngs(0)).codec
+  assert _dtypes(codec.fidelity_decoder) == {jnp.dtype(jnp.bfloat16)}
+  assert jnp.dtype(jnp.bfloat16) not in _dtypes(codec.encoder)
+  model = nnx.clone(model)
+  assert precision.apply_precision(model, "bf16") == "bf16"
   for part in (model.unet, model.vae_decoder, model.transform, model.codec.fidelity_decoder):
     assert _dtypes(part) == {jnp.dtype(jnp.bfloat16)}
   for part in (model.codec.encoder, model.codec.hyper_analysis, model.codec.prior):
     assert jnp.dtype(jnp.bfloat16) not in _dtypes(part)
   params = jax.tree.leaves(nnx.state(model, nnx.Param))
   assert all(p.dtype == jnp.float32 for p in params)  # master weights stay float32
-  out = model(jnp.zeros((1, 64, 64, 3)), noise_key=jax.random.key(0), train=True)
+  graphdef, state = nnx.split(model)
+  out = jax.eval_shape(  # traced, not run: the output dtypes of the training forward
+    lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 64, 64, 3)), noise_key=jax.random.key(0)),
+    state,
+  )
   assert out["x_hat"].dtype == out["x_f"].dtype == jnp.float32
 
 

@@ -83,7 +83,7 @@ def _params(workdir, config):
   }
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.slow), 3])  # 2: -m slow
 def test_trainable_set_is_the_stage_table(tmp_path, stage):
   """One step of stage `stage` from a saved start: exactly the table's parameters change."""
   c = make_micro_sodec_config(stage, **{"train.num_steps": 1, "train.checkpoint_every": 1})
