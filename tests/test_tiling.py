@@ -1,0 +1,141 @@
+"""Tiled decoding on a memory budget (sodec_jax/tiling.py, api.decompress(max_memory=...)).
+
+Fast tests: the size parser, the windows and their blending weights, the whole-image GroupNorm
+statistics (the micro codec decoding within budgets: tests/codec/test_tiled_decode.py). The
+diffusion decoder at 1024x1024 (tiled vs whole: PSNR, seams, two budgets) is slow (`-m slow`)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from sodec_jax import api, tiling
+from sodec_jax.diffusion.blocks import GroupNorm
+from sodec_jax.errors import SodecError
+from tests.conftest import load_photo, make_micro_sodec_config
+
+
+def _psnr(a, b) -> float:
+  mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+  return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+
+
+@pytest.mark.parametrize(
+  "text, want",
+  [("8GiB", 8 << 30), ("512MiB", 512 << 20), ("64 KiB", 64 << 10), ("1.5GiB", 3 << 29), (99, 99)],
+)
+def test_parse_bytes(text, want):
+  assert tiling.parse_bytes(text) == want
+
+
+@pytest.mark.parametrize("text", ["8GB", "lots", "-1GiB", "0", "2 GiBs"])
+def test_parse_bytes_refuses_with_one_line(text):
+  with pytest.raises(SodecError) as e:
+    tiling.parse_bytes(text)
+  assert "\n" not in str(e.value) and "GiB" in str(e.value)
+
+
+@pytest.mark.parametrize(
+  "n, tile, overlap, align", [((40, 24), 16, 4, 1), ((64, 32), 24, 8, 8), ((10, 7), 16, 4, 1)]
+)
+@pytest.mark.parametrize("factor", [1, 3])
+def test_windows_cover_the_grid_and_weights_sum_to_one(n, tile, overlap, align, factor):
+  grid = tiling.Grid.make(n, tile, overlap, align)
+  total = np.zeros((n[0] * factor, n[1] * factor))
+  (th, tw), wins = grid.tile, grid.windows()
+  for (r, c, _), w in zip(wins, grid.weights_at(factor)):
+    assert r % align == 0 and c % align == 0 and r + th <= n[0] and c + tw <= n[1]
+    assert w.shape == (th * factor, tw * factor) and np.all(w > 0)
+    total[r * factor : (r + th) * factor, c * factor : (c + tw) * factor] += w
+  np.testing.assert_allclose(total, 1.0, atol=1e-6)
+  if max(n) > tile:
+    assert len(wins) > 1
+    rs = sorted({r for r, _, _ in wins})
+    assert all(b - a <= th - overlap for a, b in zip(rs, rs[1:]))  # neighbours overlap enough
+
+
+def test_group_norm_with_whole_image_statistics_equals_the_whole_image():
+  """Two overlapping windows record their weighted statistics; combined, they are the whole
+  image's, and each window normalised with them equals the plain GroupNorm of the whole image
+  there (GroupNorm is per position once its statistics are fixed)."""
+  norm = GroupNorm(4, 8)
+  norm.scale[...] = jax.random.normal(jax.random.key(1), (8,))
+  x = np.asarray(jax.random.normal(jax.random.key(0), (1, 12, 20, 8))) * 3 + 1
+  want = np.asarray(norm(x))
+  grid = tiling.Grid.make((12, 20), 12, 4)
+  acc = tiling.StatsAccumulator([4])
+  zero = [(np.zeros(4, np.float32), np.ones(4, np.float32))]
+  for r, c, w in grid.windows():
+    norm.tile_norm = hook = tiling.TileNorm(w, zero[0], np.bool_(False))
+    norm(x[:, r : r + 12, c : c + 12])
+    acc.add(hook.recorded)
+  ((mean, var),) = acc.stats()
+  xg = x.reshape(1, -1, 4, 2).astype(np.float64)
+  np.testing.assert_allclose(mean, xg.mean(axis=(1, 3))[0], atol=1e-5)
+  np.testing.assert_allclose(var, xg.var(axis=(1, 3))[0], rtol=1e-5)
+  for r, c, w in grid.windows():
+    norm.tile_norm = tiling.TileNorm(w, (mean, var), np.bool_(True))
+    got = np.asarray(norm(x[:, r : r + 12, c : c + 12]))
+    np.testing.assert_allclose(got, want[:, r : r + 12, c : c + 12], atol=2e-5)
+  norm.tile_norm = None
+  np.testing.assert_array_equal(np.asarray(norm(x)), want)  # the default path is untouched
+
+
+# --------------------------------------------------------------------------- the diffusion decoder
+def _border_ratio(diff: np.ndarray, plan: tiling.Plan, width: int = 4) -> float:
+  """Mean |difference| within `width` pixels of the windows' inner edges (every stage's) over
+  the mean elsewhere."""
+  d = diff.mean(-1)
+  near = np.zeros(d.shape, bool)
+  for s in plan.stages.values():
+    f = d.shape[0] // s.grid.n[0]
+    (rs, cs), (th, tw) = s.grid.starts(), s.grid.tile
+    for edges, axis in (
+      ({e for r in rs for e in (r * f, (r + th) * f)}, 0),
+      ({e for c in cs for e in (c * f, (c + tw) * f)}, 1),
+    ):
+      for e in edges:
+        if 0 < e < d.shape[axis]:
+          sl = [slice(None), slice(None)]
+          sl[axis] = slice(max(e - width, 0), e + width)
+          near[tuple(sl)] = True
+  return float(d[near].mean() / max(d[~near].mean(), 1e-9))
+
+
+@pytest.mark.slow
+def test_diffusion_decoder_tiled_against_whole_at_1024():
+  """The micro SODEC (tiny UNet and VAE, random weights) on a 1024x1024 photo: the whole
+  decoder in one program vs the tiled one (latent windows of 64 of 128, D_a 32 of 64) and vs a
+  second, smaller set of windows (as two budgets would pick)."""
+  from PIL import Image
+
+  c = make_micro_sodec_config(2)
+  model = api.prepare(
+    c, __import__("sodec_jax.pretrained", fromlist=["x"]).build_model(c, nnx.Rngs(0))
+  )
+  image = np.asarray(Image.fromarray(load_photo("astronaut.png")).resize((1024, 1024)))
+  data = api.compress(model, image)
+  _, y_hat, z_hat = api.decode_latents(model, data)
+  whole = api.to_uint8(np.asarray(api.reconstruct(model, y_hat, z_hat)[0]), 1024, 1024)
+  results = {}
+  for name, tiles in {
+    "large": {"fidelity": 32, "content": 8, "unet": 64, "vae": 64},
+    "small": {"fidelity": 24, "content": 6, "unet": 48, "vae": 48},
+  }.items():
+    x = api.decode_within(model, y_hat, z_hat, None, tiles=tiles)
+    results[name] = api.to_uint8(x, 1024, 1024)
+    plan = [p for k, p in model._plans.items() if dict(k[3]) == tiles][0]
+    diff = np.abs(results[name].astype(float) - whole)
+    print(
+      name,
+      plan.describe(),
+      "PSNR",
+      _psnr(results[name], whole),
+      "border/interior",
+      _border_ratio(diff, plan),
+    )
+    assert _psnr(results[name], whole) >= 30.0
+    assert _border_ratio(diff, plan) <= 1.5
+  assert _psnr(results["large"], results["small"]) >= 30.0
