@@ -279,7 +279,7 @@ def _stage_fns(graphdef):
 
 #: Overlap of neighbouring windows per stage, in base units (D_a: y = H/16; T_s: z = H/64; UNet
 #: and D_m: the diffusion latent, H/8).
-OVERLAP = {"fidelity": 8, "content": 3, "unet": 16, "vae": 16}
+OVERLAP = {"fidelity": 8, "content": 3, "unet": 32, "vae": 16}
 
 
 @dataclasses.dataclass

@@ -14,7 +14,19 @@ from flax import nnx
 from sodec_jax import api, tiling
 from sodec_jax.diffusion.blocks import GroupNorm
 from sodec_jax.errors import SodecError
-from tests.conftest import load_photo, make_micro_sodec_config
+from tests.conftest import ROOT, load_photo, make_micro_sodec_config
+
+
+def seam_ratio(diff, plan):
+  """scripts/tiled_decode_figure.py's seam metric."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(
+    "tiled_decode_figure", f"{ROOT}/scripts/tiled_decode_figure.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.seam_ratio(diff, plan)
 
 
 def _psnr(a, b) -> float:
@@ -84,58 +96,31 @@ def test_group_norm_with_whole_image_statistics_equals_the_whole_image():
 
 
 # --------------------------------------------------------------------------- the diffusion decoder
-def _border_ratio(diff: np.ndarray, plan: tiling.Plan, width: int = 4) -> float:
-  """Mean |difference| within `width` pixels of the windows' inner edges (every stage's) over
-  the mean elsewhere."""
-  d = diff.mean(-1)
-  near = np.zeros(d.shape, bool)
-  for s in plan.stages.values():
-    f = d.shape[0] // s.grid.n[0]
-    (rs, cs), (th, tw) = s.grid.starts(), s.grid.tile
-    for edges, axis in (
-      ({e for r in rs for e in (r * f, (r + th) * f)}, 0),
-      ({e for c in cs for e in (c * f, (c + tw) * f)}, 1),
-    ):
-      for e in edges:
-        if 0 < e < d.shape[axis]:
-          sl = [slice(None), slice(None)]
-          sl[axis] = slice(max(e - width, 0), e + width)
-          near[tuple(sl)] = True
-  return float(d[near].mean() / max(d[~near].mean(), 1e-9))
-
-
 @pytest.mark.slow
 def test_diffusion_decoder_tiled_against_whole_at_1024():
   """The micro SODEC (tiny UNet and VAE, random weights) on a 1024x1024 photo: the whole
-  decoder in one program vs the tiled one (latent windows of 64 of 128, D_a 32 of 64) and vs a
-  second, smaller set of windows (as two budgets would pick)."""
+  decoder in one program vs two budgets that need windows: PSNR against the whole decode, the
+  seam ratio (mean |difference| near window edges / elsewhere), and the two budgets' images
+  against each other."""
   from PIL import Image
 
+  from sodec_jax.pretrained import build_model
+
   c = make_micro_sodec_config(2)
-  model = api.prepare(
-    c, __import__("sodec_jax.pretrained", fromlist=["x"]).build_model(c, nnx.Rngs(0))
-  )
+  model = api.prepare(c, build_model(c, nnx.Rngs(0)))
   image = np.asarray(Image.fromarray(load_photo("astronaut.png")).resize((1024, 1024)))
   data = api.compress(model, image)
   _, y_hat, z_hat = api.decode_latents(model, data)
-  whole = api.to_uint8(np.asarray(api.reconstruct(model, y_hat, z_hat)[0]), 1024, 1024)
+  whole = np.round(np.clip(np.asarray(api.reconstruct(model, y_hat, z_hat)[0][0]), 0, 1) * 255)
   results = {}
-  for name, tiles in {
-    "large": {"fidelity": 32, "content": 8, "unet": 64, "vae": 64},
-    "small": {"fidelity": 24, "content": 6, "unet": 48, "vae": 48},
-  }.items():
-    x = api.decode_within(model, y_hat, z_hat, None, tiles=tiles)
-    results[name] = api.to_uint8(x, 1024, 1024)
-    plan = [p for k, p in model._plans.items() if dict(k[3]) == tiles][0]
-    diff = np.abs(results[name].astype(float) - whole)
-    print(
-      name,
-      plan.describe(),
-      "PSNR",
-      _psnr(results[name], whole),
-      "border/interior",
-      _border_ratio(diff, plan),
-    )
-    assert _psnr(results[name], whole) >= 30.0
-    assert _border_ratio(diff, plan) <= 1.5
-  assert _psnr(results["large"], results["small"]) >= 30.0
+  for budget in ("120MiB", "60MiB"):
+    x = np.round(np.clip(api.decode_within(model, y_hat, z_hat, budget)[0], 0, 1) * 255)
+    plan = model._plans[(y_hat.shape, z_hat.shape, tiling.parse_bytes(budget), ())]
+    assert isinstance(plan, tiling.Plan)
+    assert all(s.bytes <= tiling.parse_bytes(budget) for s in plan.stages.values())
+    ratio = seam_ratio(np.abs(x - whole), plan)
+    print(budget, plan.describe(), f"PSNR {_psnr(x, whole):.2f} dB, seam ratio {ratio:.3f}")
+    assert _psnr(x, whole) >= 30.0 and ratio <= 1.5
+    results[budget] = x
+  print(f"two budgets: PSNR {_psnr(results['120MiB'], results['60MiB']):.2f} dB")
+  assert _psnr(results["120MiB"], results["60MiB"]) >= 30.0
