@@ -113,14 +113,16 @@ def test_diffusion_decoder_tiled_against_whole_at_1024():
   _, y_hat, z_hat = api.decode_latents(model, data)
   whole = np.round(np.clip(np.asarray(api.reconstruct(model, y_hat, z_hat)[0][0]), 0, 1) * 255)
   results = {}
-  for budget in ("120MiB", "60MiB"):
+  # 120MiB: the UNet on the whole latent, D_m in 4 windows; 60MiB: the UNet in windows too
+  # (its receptive field is wider than the windows' margins: the approximation that costs most)
+  for budget, floor in (("120MiB", 40.0), ("60MiB", 33.0)):
     x = np.round(np.clip(api.decode_within(model, y_hat, z_hat, budget)[0], 0, 1) * 255)
     plan = model._plans[(y_hat.shape, z_hat.shape, tiling.parse_bytes(budget), ())]
     assert isinstance(plan, tiling.Plan)
     assert all(s.bytes <= tiling.parse_bytes(budget) for s in plan.stages.values())
     ratio = seam_ratio(np.abs(x - whole), plan)
     print(budget, plan.describe(), f"PSNR {_psnr(x, whole):.2f} dB, seam ratio {ratio:.3f}")
-    assert _psnr(x, whole) >= 30.0 and ratio <= 1.5
+    assert _psnr(x, whole) >= floor and ratio <= 1.5
     results[budget] = x
   print(f"two budgets: PSNR {_psnr(results['120MiB'], results['60MiB']):.2f} dB")
-  assert _psnr(results["120MiB"], results["60MiB"]) >= 30.0
+  assert _psnr(results["120MiB"], results["60MiB"]) >= 33.0
