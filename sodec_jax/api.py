@@ -573,12 +573,19 @@ def decode_within(
   if key not in model._plans:
     whole = None
     if not tiles:
-      whole = model._lower_synthesis(y_hat, z_hat).compile()
+      whole_key = ("whole", y_hat.shape, z_hat.shape)
+      if whole_key not in model._plans:
+        model._plans[whole_key] = model._lower_synthesis(y_hat, z_hat).compile()
+      whole = model._plans[whole_key]
       if budget is not None and tiling.program_bytes(whole) > budget:
         whole = None
-    model._plans[key] = whole or tiling.plan_decode(
-      model._graphdef, model._state, y_hat.shape, z_hat.shape, budget, tiles=tiles
-    )
+    plan = whole  # the one program (the whole decoder) or, below, the windows' plan
+    if plan is None:  # window programs are shared by every budget (as the whole one is)
+      cache = model._plans.setdefault(("windows", y_hat.shape, z_hat.shape), {})
+      plan = tiling.plan_decode(
+        model._graphdef, model._state, y_hat.shape, z_hat.shape, budget, tiles=tiles, cache=cache
+      )
+    model._plans[key] = plan
   plan = model._plans[key]
   if isinstance(plan, tiling.Plan):
     return tiling.decode_tiled(plan, y_hat, z_hat)[0]

@@ -1,5 +1,8 @@
 """Tiled decoding on bounded memory: the decoder run on overlapping windows of one size.
 
+(A little over 450 lines: the windows, their weights, the whole-image statistics and the stage
+programs depend on one another's conventions and read best in one place.)
+
     plan = tiling.plan_decode(graphdef, state, y_shape, z_shape, budget)   # None: fits whole
     x_hat = tiling.decode_tiled(plan, y_hat, z_hat)    # float32 [1, H', W', 3] (host numpy)
 
@@ -311,14 +314,21 @@ def _spec(shape, dtype=jnp.float32):
   return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-def _compile(stage: Stage, state, channels: tuple[int, ...], extra=()):
-  """Compiles the stage's window program at its grid's window size; sets compiled and bytes."""
+def _compile(stage: Stage, state, channels: tuple[int, ...], extra=(), cache=None):
+  """Compiles the stage's window program at its grid's window size (or takes it from `cache`,
+  keyed by stage and window shape); sets compiled and bytes."""
+  key = (stage.name, stage.grid.tile)
+  if cache is not None and key in cache:
+    stage.compiled, stage.bytes = cache[key]
+    return stage
   th, tw = stage.grid.tile
   inputs = [_spec((1, th * f, tw * f, c)) for f, c in zip(stage.factors, channels)]
   stats = [(_spec((g,)), _spec((g,))) for g in stage.norms]
   args = (state, *inputs, *extra, _spec((th, tw)), stats, _spec((), jnp.bool_))
   stage.compiled = jax.jit(stage.fn).lower(*args).compile()
   stage.bytes = program_bytes(stage.compiled)
+  if cache is not None:
+    cache[key] = (stage.compiled, stage.bytes)
   return stage
 
 
@@ -336,16 +346,16 @@ def _tile_candidates(n: tuple[int, int], align: int, overlap: int) -> list[int]:
   return sorted(set(sizes), reverse=True)
 
 
-def _fit_stage(stage: Stage, state, channels, extra, budget, tile, overlap, align):
+def _fit_stage(stage: Stage, state, channels, extra, budget, tile, overlap, align, cache):
   """The stage with its window: `tile` if given, else the largest candidate whose compiled
   program fits `budget` (SodecError when none does)."""
   if tile is not None:
     stage.grid = Grid.make(stage.grid.n, int(math.ceil(tile / align) * align), overlap, align)
-    return _compile(stage, state, channels, extra)
+    return _compile(stage, state, channels, extra, cache)
   smallest = None
   for t in _tile_candidates(stage.grid.n, align, overlap):
     stage.grid = Grid.make(stage.grid.n, t, overlap, align)
-    _compile(stage, state, channels, extra)
+    _compile(stage, state, channels, extra, cache)
     smallest = stage.bytes
     if budget is None or stage.bytes <= budget:
       return stage
@@ -364,11 +374,14 @@ def plan_decode(
   *,
   tiles: dict | None = None,
   overlap: dict | None = None,
+  cache: dict | None = None,
 ) -> Plan:
   """The tiled decoder for latents y [1, h, w, C], z [1, h/4, w/4, N] of the model
   `nnx.merge(graphdef, state)`: window sizes from `budget` (bytes; each stage's largest window
   whose program fits), or per stage from `tiles` ({"fidelity": 16, "unet": 32, ...} in base
-  units; a stage not named is fitted to the budget, or whole without one)."""
+  units; a stage not named is fitted to the budget, or whole without one). `cache`: a dict kept
+  by the caller for one model and latent size, so that a window shape compiles once whatever
+  the budget."""
   m = nnx.merge(graphdef, state)
   tiles, ov = tiles or {}, {**OVERLAP, **(overlap or {})}
   fns = _stage_fns(graphdef)
@@ -380,7 +393,7 @@ def plan_decode(
     norms = [g.num_groups for g in group_norms(module)]
     stage = Stage(name, fns[name], factors, out_factor, Grid.make(base, 1, 0), norms)
     stages[name] = _fit_stage(
-      stage, state, channels, extra, budget, tiles.get(name), ov[name], align
+      stage, state, channels, extra, budget, tiles.get(name), ov[name], align, cache
     )
 
   add("fidelity", (1,), up, (h, w), (c,), m.codec.fidelity_decoder)
@@ -403,7 +416,7 @@ def plan_decode(
   return Plan(graphdef, state, stages, guidance, budget)
 
 
-def _run(stage: Stage, state, inputs, extra=(), stats=None, use_global=False) -> np.ndarray:
+def _run(stage: Stage, state, inputs, extra=(), stats=None, use_global=False):
   """One pass of a stage over its windows; returns the blended output (host float32 numpy) and,
   with norms, the accumulated whole-image statistics of this pass."""
   grid, f = stage.grid, stage.out_factor
