@@ -56,6 +56,7 @@ import numpy as np
 from flax import nnx
 
 from sodec_jax import precision as precision_lib
+from sodec_jax import tiling
 from sodec_jax.codec import bitstream, integer_prior, padding
 from sodec_jax.codec.entropy import (
   CodingTable,
@@ -91,6 +92,10 @@ class LoadedModel:
   _fidelity: Any = None  # y_hat -> x_f = D_a(y_hat)
   _decode_image: Any = None  # (y symbols, z_hat, H, W) -> uint8 [B, H, W, 3], one jit
   _lower_synthesis: Any = None  # (y_hat, z_hat) -> jax.stages.Lowered of _synthesis (inspection)
+  _lower_analysis: Any = None  # x -> jax.stages.Lowered of _analysis (the encoder's memory)
+  _graphdef: Any = None  # nnx.split(decoding_model(...)): what the tiled decoder merges
+  _state: Any = None
+  _plans: dict = dataclasses.field(default_factory=dict)  # tiled decoders by (shapes, budget)
   precision: str = "fp32"  # the reconstruction path's ("fp32" | "bf16"; sodec_jax/precision.py)
 
   @property
@@ -228,6 +233,9 @@ def prepare(
     _fidelity=lambda y: jit_fidelity(state, y),
     _decode_image=lambda y, z, h, w: jit_decode_image(state, y, z, h, w),
     _lower_synthesis=lambda y, z: jit_synthesis.lower(state, y, z),
+    _lower_analysis=lambda x: jit_analysis.lower(state, x),
+    _graphdef=graphdef,
+    _state=state,
     precision=dtype,
   )
 
@@ -520,17 +528,68 @@ def decode_latents(
 
 
 # --------------------------------------------------------------------------- the public calls
-def compress(model: LoadedModel, image: np.ndarray) -> bytes:
-  """uint8 [H, W, 3] -> the bytes of a .sodec file (encode_latents + pack)."""
+def compress(model: LoadedModel, image: np.ndarray, max_memory=None) -> bytes:
+  """uint8 [H, W, 3] -> the bytes of a .sodec file (encode_latents + pack). `max_memory` (bytes
+  or "8GiB"): the encoder runs on the whole image, so a SodecError says so before any work
+  when its compiled program (E + H_a) needs more (encoding in tiles is not implemented)."""
+  if max_memory is not None:
+    budget = tiling.parse_bytes(max_memory)
+    m = padding.scheme(model.config.model).image_multiple
+    h, w = (-(-n // m) * m for n in _check_image(image).shape[:2])
+    x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+    need = tiling.program_bytes(model._lower_analysis(x).compile())
+    if need > budget:
+      raise SodecError(
+        f"encoding this {image.shape[1]}x{image.shape[0]} image needs {tiling.format_bytes(need)}"
+        f" (the encoder runs on the whole image): raise --max-memory to at least that"
+      )
   latents = encode_latents(model, image)
   return pack(model, latents, *image.shape[:2])
 
 
-def decompress(model: LoadedModel, data: bytes) -> np.ndarray:
+def decompress(model: LoadedModel, data: bytes, max_memory=None) -> np.ndarray:
   """The bytes of a .sodec file -> uint8 [H, W, 3]: range decoding on the host (decode_symbols),
   then one jitted program from the symbols to the pixels (mu = P(z_hat), y_hat, the decoder,
-  crop, uint8). Version-1 files: decode_latents + reconstruct + to_uint8."""
-  return decompress_batch(model, [data])[0]
+  crop, uint8). Version-1 files: decode_latents + reconstruct + to_uint8.
+
+  `max_memory` (bytes, or a string such as "8GiB"; None: no limit, the one program above):
+  the decoder's compiled programs stay within it (sodec_jax/tiling.py): the whole decoder when
+  its program fits, else overlapping windows of the largest size that fits."""
+  return decompress_batch(model, [data], max_memory)[0]
+
+
+def decode_within(
+  model: LoadedModel, y_hat, z_hat, max_memory, *, tiles: dict | None = None
+) -> np.ndarray:
+  """(y_hat [1, h, w, C], z_hat [1, h/4, w/4, N]) -> x_hat float32 [1, H', W', 3] (host, unclamped)
+  with every compiled program within `max_memory` (bytes or "8GiB"; None with `tiles`: only the
+  given window sizes): one program for the whole decoder when it fits, else the tiled decoder
+  (tiling.plan_decode; `tiles`: window sizes per stage in base units, for tests and figures)."""
+  budget = None if max_memory is None else tiling.parse_bytes(max_memory)
+  y_hat, z_hat = np.asarray(y_hat, np.float32), np.asarray(z_hat, np.float32)
+  if y_hat.shape[0] != 1:
+    raise SodecError(f"decode_within decodes one image, got a batch of {y_hat.shape[0]}")
+  key = (y_hat.shape, z_hat.shape, budget, tuple(sorted((tiles or {}).items())))
+  if key not in model._plans:
+    whole = None
+    if not tiles:
+      whole_key = ("whole", y_hat.shape, z_hat.shape)
+      if whole_key not in model._plans:
+        model._plans[whole_key] = model._lower_synthesis(y_hat, z_hat).compile()
+      whole = model._plans[whole_key]
+      if budget is not None and tiling.program_bytes(whole) > budget:
+        whole = None
+    plan = whole  # the one program (the whole decoder) or, below, the windows' plan
+    if plan is None:  # window programs are shared by every budget (as the whole one is)
+      cache = model._plans.setdefault(("windows", y_hat.shape, z_hat.shape), {})
+      plan = tiling.plan_decode(
+        model._graphdef, model._state, y_hat.shape, z_hat.shape, budget, tiles=tiles, cache=cache
+      )
+    model._plans[key] = plan
+  plan = model._plans[key]
+  if isinstance(plan, tiling.Plan):
+    return tiling.decode_tiled(plan, y_hat, z_hat)[0]
+  return np.asarray(plan(model._state, y_hat, z_hat)[0])
 
 
 def compress_batch(model: LoadedModel, images: list[np.ndarray]) -> list[bytes]:
@@ -543,9 +602,18 @@ def compress_batch(model: LoadedModel, images: list[np.ndarray]) -> list[bytes]:
   return [pack(model, latents[b], h, w) for b in range(len(latents))]
 
 
-def decompress_batch(model: LoadedModel, files: list[bytes]) -> list[np.ndarray]:
+def decompress_batch(model: LoadedModel, files: list[bytes], max_memory=None) -> list[np.ndarray]:
   """decompress over files of same-size images: range decoding per file, the decoder batched
-  (one jitted call) -> uint8 [H, W, 3] each."""
+  (one jitted call) -> uint8 [H, W, 3] each. With `max_memory` (see decompress) the files
+  decode one by one, each within it."""
+  if max_memory is not None:
+    tiling.parse_bytes(max_memory)  # a bad size fails before any decoding
+    out = []
+    for d in files:
+      header, y_hat, z_hat = decode_latents(model, d)
+      x_hat = decode_within(model, y_hat, z_hat, max_memory)
+      out.append(to_uint8(x_hat, header.height, header.width))
+    return out
   symbols = [decode_symbols(model, d) for d in files]
   decoded = symbols if all(s is not None for s in symbols) else None
   if decoded is None:  # a version-1 file among them: the host assembles y_hat

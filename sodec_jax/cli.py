@@ -2,6 +2,7 @@
 
   sodec compress photo.png photo.sodec --checkpoint runs/tiny
   sodec decompress photo.sodec photo_hat.png --checkpoint runs/tiny [--dtype bf16]
+  sodec decompress big.sodec big.png --checkpoint runs/tiny --max-memory 8GiB   (tiled decode)
   sodec info photo.sodec
 
 Compiled programs are kept in a persistent compilation cache ($SODEC_CACHE_DIR, default
@@ -35,15 +36,17 @@ def _read_bytes(path: str) -> bytes:
 
 
 def cmd_compress(args) -> None:
-  from sodec_jax import api, images
+  from sodec_jax import api, images, tiling
 
   image, notes = images.read_image(args.input)
   for note in notes:
     print(f"note: {args.input}: {note}", file=sys.stderr)
   images.check_writable(args.output)
+  if args.max_memory is not None:
+    tiling.parse_bytes(args.max_memory)  # a bad size fails before the model is loaded
   model = api.load_model(args.checkpoint)
   t = time.perf_counter()
-  data = api.compress(model, image)
+  data = api.compress(model, image, max_memory=args.max_memory)
   elapsed = time.perf_counter() - t
   images.write_atomic(args.output, data)
   h, w = image.shape[:2]
@@ -54,15 +57,17 @@ def cmd_compress(args) -> None:
 
 
 def cmd_decompress(args) -> None:
-  from sodec_jax import api, images
+  from sodec_jax import api, images, tiling
 
   data = _read_bytes(args.input)
   api.read_header(data)  # a bad file fails before the model is loaded
   images.image_format(args.output)
   images.check_writable(args.output)
+  if args.max_memory is not None:
+    tiling.parse_bytes(args.max_memory)  # a bad size fails before the model is loaded
   model = api.load_model(args.checkpoint, dtype=args.dtype)
   t = time.perf_counter()
-  image = api.decompress(model, data)
+  image = api.decompress(model, data, max_memory=args.max_memory)
   elapsed = time.perf_counter() - t
   images.write_image(args.output, image)
   print(f"{args.output}: {image.shape[1]}x{image.shape[0]} ({elapsed:.2f} s)")
@@ -95,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
   c.add_argument("input")
   c.add_argument("output")
   c.add_argument("--checkpoint", required=True, help="the --workdir a training run wrote")
+  c.add_argument(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="fail early, with the size needed, when the encoder (run on the whole image) needs "
+    "more than SIZE (KiB/MiB/GiB)",
+  )
   c.set_defaults(func=cmd_compress)
   d = sub.add_parser("decompress", help=".sodec -> image file (format from the extension)")
   d.add_argument("input")
@@ -106,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     choices=["auto", "fp32", "bf16", "float32", "bfloat16"],
     help="precision of the decoder networks (default: the checkpoint's config.precision, "
     "'auto' = bf16 on GPU/TPU, fp32 on CPU); the file decodes the same symbols either way",
+  )
+  d.add_argument(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="keep the decoder's compiled programs within SIZE (KiB/MiB/GiB, e.g. 8GiB): large "
+    "images decode in overlapping tiles whose size the budget picks (default: one program for "
+    "the whole image)",
   )
   d.set_defaults(func=cmd_decompress)
   i = sub.add_parser("info", help="describe a .sodec file (no model needed)")

@@ -220,8 +220,9 @@ def payload_bytes(data: bytes) -> int:
   return sum(len(s) for s in streams)
 
 
-def code_image(model, image: np.ndarray, want_x_f: bool) -> dict[str, Any]:
-  """Compress + decompress one image through the real file format; times both.
+def code_image(model, image: np.ndarray, want_x_f: bool, max_memory=None) -> dict[str, Any]:
+  """Compress + decompress one image through the real file format; times both (`max_memory`:
+  see api.decompress).
 
   Returns data (bytes), x_hat (uint8, the decoder's output) and, when `want_x_f`, x_f: the
   fidelity decoder's output D_a(y_hat). For the codec decoder x_f is x_hat; for a diffusion
@@ -232,7 +233,7 @@ def code_image(model, image: np.ndarray, want_x_f: bool) -> dict[str, Any]:
   t0 = time.perf_counter()
   data = api.compress(model, image)
   t1 = time.perf_counter()
-  x_hat = api.decompress(model, data)
+  x_hat = api.decompress(model, data, max_memory=max_memory)
   t2 = time.perf_counter()
   out = {"data": data, "x_hat": x_hat, "encode_s": t1 - t0, "decode_s": t2 - t1}
   if want_x_f:
@@ -289,8 +290,10 @@ def evaluate(
   plots: bool = True,
   progress: bool | None = None,
   log=print,
+  max_memory=None,
 ) -> dict:
-  """Runs the evaluation and writes every output; returns the summary dict."""
+  """Runs the evaluation and writes every output; returns the summary dict. `max_memory`
+  (bytes or "8GiB"): the decoder's memory budget (api.decompress; None: no limit)."""
   from tqdm import tqdm
 
   from sodec_jax import api
@@ -301,6 +304,10 @@ def evaluate(
 
   if protocol not in PROTOCOLS:
     raise SodecError(f"--protocol {protocol}: use one of {', '.join(PROTOCOLS)}")
+  if max_memory is not None:
+    from sodec_jax import tiling
+
+    tiling.parse_bytes(max_memory)  # a bad size fails before any work
   if protocol == "paper":
     if center_crop_size not in (0, PAPER_CROP):
       raise SodecError(f"--protocol paper crops to {PAPER_CROP}: drop --center-crop")
@@ -358,9 +365,9 @@ def evaluate(
       want_grid = name in grid_data or len(grid_data) < grids
       padded = tuple(-(-n // PAD_MULTIPLE) * PAD_MULTIPLE for n in image.shape[:2])
       if padded not in compiled:  # first image of this padded size: compile outside the timing
-        api.decompress(model, api.compress(model, image))
+        api.decompress(model, api.compress(model, image), max_memory=max_memory)
         compiled.add(padded)
-      r = code_image(model, image, want_x_f=want_grid)
+      r = code_image(model, image, want_x_f=want_grid, max_memory=max_memory)
       stem = os.path.splitext(name)[0].replace("/", "__")
       write_atomic(os.path.join(sodec_dir, stem + ".sodec"), r["data"])
       h, w = image.shape[:2]
@@ -535,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--grids", type=int, default=3, metavar="N", help="side-by-side grids for the first N images"
   )
+  p.add_argument(
+    "--max-memory",
+    default=None,
+    metavar="SIZE",
+    help="decode within SIZE (KiB/MiB/GiB): tiled decoding as `sodec decompress --max-memory`",
+  )
   p.add_argument("--no-plots", action="store_true", help="write results.csv and summary.json only")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
   return p
@@ -563,6 +576,7 @@ def main(argv=None) -> int:
       grids=args.grids,
       plots=not args.no_plots,
       progress=False if args.no_progress else None,
+      max_memory=args.max_memory,
     )
   except SodecError as e:
     print(f"sodec_jax.evaluate: error: {e}", file=sys.stderr)

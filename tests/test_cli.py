@@ -195,3 +195,22 @@ def test_unknown_output_extension(workdir, tmp_path, sodec):
   )
   assert_one_line_error(r, "unknown image extension")
   assert not (tmp_path / "p.xyz").exists()
+
+
+def test_max_memory(workdir, tmp_path, sodec):
+  """--max-memory: a bad size is one line (before the model loads); a budget the whole decoder
+  fits decodes as without one; one that the encoder does not fit says what it needs."""
+  src = tmp_path / "cat.png"
+  Image.fromarray(load_photo("chelsea.png")[:64, :96]).save(src)
+  f, out = str(tmp_path / "cat.sodec"), str(tmp_path / "cat.png")
+  r = sodec("compress", str(src), f, "--checkpoint", workdir, "--max-memory", "8GB", check=False)
+  assert_one_line_error(r, "GiB")
+  r = sodec("compress", str(src), f, "--checkpoint", workdir, "--max-memory", "1KiB", check=False)
+  assert_one_line_error(r, "raise --max-memory")
+  sodec("compress", str(src), f, "--checkpoint", workdir, "--max-memory", "16GiB")
+  r = sodec("decompress", f, out, "--checkpoint", workdir, "--max-memory", "2 lots", check=False)
+  assert_one_line_error(r, "GiB")
+  sodec("decompress", f, out, "--checkpoint", workdir)
+  plain = np.asarray(Image.open(out)).astype(int)
+  sodec("decompress", f, out, "--checkpoint", workdir, "--max-memory", "16GiB")
+  assert np.abs(np.asarray(Image.open(out)).astype(int) - plain).max() <= 1

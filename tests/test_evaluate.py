@@ -209,6 +209,21 @@ def test_user_errors_are_one_line(micro_workdir, photos, tmp_path, capsys):
     == 1
   )
   assert "VGG16 weights file not found" in capsys.readouterr().err
+  assert (
+    _run(
+      "--checkpoint",
+      micro_workdir,
+      "--images",
+      photos,
+      "--out",
+      str(tmp_path / "o"),
+      "--max-memory",
+      "8GB",
+    )
+    == 1
+  )
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and "GiB" in err
 
 
 def test_center_crop_and_detail_window():

@@ -204,3 +204,22 @@ def test_hyperprior_variant_initialises_from_stage1_not_from_another_guidance(tm
     checkpoints.init_from(m, str(fidelity_dir))
   msg = str(err.value)
   assert "\n" not in msg and "guidance_projection" in msg and "own stage 2" in msg, msg
+
+
+@pytest.mark.slow  # ~15 s of compiling window programs on 2 cores
+def test_pipeline_decodes_in_windows(pipeline_dir):
+  """The tiled diffusion decoder end to end (D_a, T_s, the UNet and D_m in windows, GroupNorm
+  statistics over the whole image) on a small image, against the one-program decoder. The
+  windows are far smaller than the networks' receptive fields here, so the bound is loose;
+  tests/test_tiling.py (-m slow) measures 1024x1024."""
+  model = api.load_model(pipeline_dir)
+  image = load_photo("rocket.jpg")[:128, :128].copy()
+  data = api.compress(model, image)
+  whole = api.decompress(model, data).astype(float)
+  _, y_hat, z_hat = api.decode_latents(model, data)
+  tiles = {"fidelity": 4, "content": 1, "unet": 8, "vae": 8}
+  out = api.to_uint8(api.decode_within(model, y_hat, z_hat, None, tiles=tiles), 128, 128)
+  plan = model._plans[(y_hat.shape, z_hat.shape, None, tuple(sorted(tiles.items())))]
+  assert all(s.grid.tile < s.grid.n for s in plan.stages.values())
+  psnr = 10 * np.log10(255.0**2 / np.mean((out - whole) ** 2))
+  assert out.shape == (128, 128, 3) and psnr >= 20.0, psnr  # measured: 21.8 dB

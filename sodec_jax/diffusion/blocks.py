@@ -145,6 +145,9 @@ class GroupNorm(nnx.Module):
   """torch.nn.GroupNorm on channels-last input. x: [B, ..., C] -> same shape.
 
   Statistics over (all spatial positions, C / num_groups channels) per group, in float32.
+  `tile_norm` (None: the plain GroupNorm above) is set only by tiled decoding
+  (sodec_jax.tiling) on a merged copy of the model inside its jitted tile program: a TileNorm
+  that records this tile's statistics and/or supplies whole-image ones.
   """
 
   def __init__(
@@ -166,13 +169,17 @@ class GroupNorm(nnx.Module):
     self.scale = nnx.Param(jnp.ones((num_channels,), param_dtype))
     self.bias = nnx.Param(jnp.zeros((num_channels,), param_dtype))
     self.dtype = dtype
+    self.tile_norm = None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = x.shape
     g = self.num_groups
     xg = x.astype(jnp.float32).reshape(shape[0], -1, g, shape[-1] // g)
-    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+    if self.tile_norm is not None:
+      mean, var = self.tile_norm(self, xg, shape[1:3])
+    else:
+      mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+      var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
     y = ((xg - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape)
     y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
     return y.astype(self.dtype)

@@ -1,0 +1,89 @@
+"""Large images through the `sodec` command on a memory budget: time per megapixel and peak
+resident memory of each `sodec compress` / `sodec decompress --max-memory` process (compress
+runs without the budget: the encoder is not tiled).
+
+  python scripts/large_image_timing.py --checkpoint runs/tiny --max-memory 8GiB \
+      --sides 1024,2048,4096,8192 [--image photo.png] [--work /tmp/large]
+
+The test image is photo-like: the photo (default: scikit-image's astronaut) resized to each
+side with bicubic interpolation plus mild noise, so that it codes like a photo at every size.
+Each command runs in a fresh process (compilation included, as a user sees it; the persistent
+compilation cache is off so that every size compiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(cmd: list[str]) -> tuple[float, int]:
+  """Runs `cmd`; -> (wall seconds, peak resident bytes of that process)."""
+  env = dict(os.environ, SODEC_CACHE_DIR="off", PYTHONPATH=ROOT)
+  t = time.perf_counter()
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  _, status, usage = os.wait4(proc.pid, 0)
+  elapsed = time.perf_counter() - t
+  err = proc.stderr.read().decode()
+  if status != 0:
+    raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+  return elapsed, usage.ru_maxrss * 1024  # Linux: KiB
+
+
+def main(argv=None) -> int:
+  from PIL import Image
+
+  sys.path.insert(0, ROOT)
+  from sodec_jax import images
+
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--max-memory", default="8GiB")
+  p.add_argument("--sides", default="1024,2048,4096,8192")
+  p.add_argument("--image", default="")
+  p.add_argument("--work", default="/tmp/sodec_large")
+  args = p.parse_args(argv)
+  os.makedirs(args.work, exist_ok=True)
+  if args.image:
+    photo = images.read_image(args.image)[0]
+  else:
+    from sodec_jax import data
+
+    photo = images.read_image(os.path.join(data.skimage_photo_dir(), "astronaut.png"))[0]
+  sodec = [sys.executable, "-m", "sodec_jax.cli"]
+  rows = []
+  for side in (int(s) for s in args.sides.split(",")):
+    x = np.asarray(Image.fromarray(photo).resize((side, side), Image.BICUBIC), np.float32)
+    noise = np.random.default_rng(side).normal(0, 2.0, x.shape)
+    src = os.path.join(args.work, f"{side}.png")
+    Image.fromarray(np.clip(x + noise, 0, 255).astype(np.uint8)).save(src)
+    f, out = os.path.join(args.work, f"{side}.sodec"), os.path.join(args.work, f"{side}_hat.png")
+    ckpt = ["--checkpoint", args.checkpoint]
+    t_c, rss_c = run(sodec + ["compress", src, f] + ckpt)  # the encoder is not tiled
+    t_d, rss_d = run(sodec + ["decompress", f, out] + ckpt + ["--max-memory", args.max_memory])
+    mp = side * side / 1e6
+    rows.append((side, mp, t_c, t_d, rss_c, rss_d, os.path.getsize(f)))
+    print(
+      f"{side}x{side} ({mp:.1f} MP): compress {t_c:.1f} s, decompress {t_d:.1f} s "
+      f"({t_d / mp:.1f} s/MP), peak RSS {rss_c / 2**30:.2f} / {rss_d / 2**30:.2f} GiB",
+      flush=True,
+    )
+  print("\n| side | MP | compress s | decompress s | decompress s/MP | peak RSS c / d GiB | bpp |")
+  print("|---|---|---|---|---|---|---|")
+  for side, mp, t_c, t_d, rss_c, rss_d, size in rows:
+    print(
+      f"| {side} | {mp:.1f} | {t_c:.1f} | {t_d:.1f} | {t_d / mp:.1f} | "
+      f"{rss_c / 2**30:.2f} / {rss_d / 2**30:.2f} | {8 * size / (side * side):.4f} |"
+    )
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

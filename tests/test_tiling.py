@@ -1,0 +1,128 @@
+"""Tiled decoding on a memory budget (sodec_jax/tiling.py, api.decompress(max_memory=...)).
+
+Fast tests: the size parser, the windows and their blending weights, the whole-image GroupNorm
+statistics (the micro codec decoding within budgets: tests/codec/test_tiled_decode.py). The
+diffusion decoder at 1024x1024 (tiled vs whole: PSNR, seams, two budgets) is slow (`-m slow`)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from sodec_jax import api, tiling
+from sodec_jax.diffusion.blocks import GroupNorm
+from sodec_jax.errors import SodecError
+from tests.conftest import ROOT, load_photo, make_micro_sodec_config
+
+
+def seam_ratio(diff, plan):
+  """scripts/tiled_decode_figure.py's seam metric."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location(
+    "tiled_decode_figure", f"{ROOT}/scripts/tiled_decode_figure.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.seam_ratio(diff, plan)
+
+
+def _psnr(a, b) -> float:
+  mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+  return float(10 * np.log10(255.0**2 / max(mse, 1e-12)))
+
+
+@pytest.mark.parametrize(
+  "text, want",
+  [("8GiB", 8 << 30), ("512MiB", 512 << 20), ("64 KiB", 64 << 10), ("1.5GiB", 3 << 29), (99, 99)],
+)
+def test_parse_bytes(text, want):
+  assert tiling.parse_bytes(text) == want
+
+
+@pytest.mark.parametrize("text", ["8GB", "lots", "-1GiB", "0", "2 GiBs"])
+def test_parse_bytes_refuses_with_one_line(text):
+  with pytest.raises(SodecError) as e:
+    tiling.parse_bytes(text)
+  assert "\n" not in str(e.value) and "GiB" in str(e.value)
+
+
+@pytest.mark.parametrize(
+  "n, tile, overlap, align", [((40, 24), 16, 4, 1), ((64, 32), 24, 8, 8), ((10, 7), 16, 4, 1)]
+)
+@pytest.mark.parametrize("factor", [1, 3])
+def test_windows_cover_the_grid_and_weights_sum_to_one(n, tile, overlap, align, factor):
+  grid = tiling.Grid.make(n, tile, overlap, align)
+  total = np.zeros((n[0] * factor, n[1] * factor))
+  (th, tw), wins = grid.tile, grid.windows()
+  for (r, c, _), w in zip(wins, grid.weights_at(factor)):
+    assert r % align == 0 and c % align == 0 and r + th <= n[0] and c + tw <= n[1]
+    assert w.shape == (th * factor, tw * factor) and np.all(w > 0)
+    total[r * factor : (r + th) * factor, c * factor : (c + tw) * factor] += w
+  np.testing.assert_allclose(total, 1.0, atol=1e-6)
+  if max(n) > tile:
+    assert len(wins) > 1
+    rs = sorted({r for r, _, _ in wins})
+    assert all(b - a <= th - overlap for a, b in zip(rs, rs[1:]))  # neighbours overlap enough
+
+
+def test_group_norm_with_whole_image_statistics_equals_the_whole_image():
+  """Two overlapping windows record their weighted statistics; combined, they are the whole
+  image's, and each window normalised with them equals the plain GroupNorm of the whole image
+  there (GroupNorm is per position once its statistics are fixed)."""
+  norm = GroupNorm(4, 8)
+  norm.scale[...] = jax.random.normal(jax.random.key(1), (8,))
+  x = np.asarray(jax.random.normal(jax.random.key(0), (1, 12, 20, 8))) * 3 + 1
+  want = np.asarray(norm(x))
+  grid = tiling.Grid.make((12, 20), 12, 4)
+  acc = tiling.StatsAccumulator([4])
+  zero = [(np.zeros(4, np.float32), np.ones(4, np.float32))]
+  for r, c, w in grid.windows():
+    norm.tile_norm = hook = tiling.TileNorm(w, zero[0], np.bool_(False))
+    norm(x[:, r : r + 12, c : c + 12])
+    acc.add(hook.recorded)
+  ((mean, var),) = acc.stats()
+  xg = x.reshape(1, -1, 4, 2).astype(np.float64)
+  np.testing.assert_allclose(mean, xg.mean(axis=(1, 3))[0], atol=1e-5)
+  np.testing.assert_allclose(var, xg.var(axis=(1, 3))[0], rtol=1e-5)
+  for r, c, w in grid.windows():
+    norm.tile_norm = tiling.TileNorm(w, (mean, var), np.bool_(True))
+    got = np.asarray(norm(x[:, r : r + 12, c : c + 12]))
+    np.testing.assert_allclose(got, want[:, r : r + 12, c : c + 12], atol=2e-5)
+  norm.tile_norm = None
+  np.testing.assert_array_equal(np.asarray(norm(x)), want)  # the default path is untouched
+
+
+# --------------------------------------------------------------------------- the diffusion decoder
+@pytest.mark.slow
+def test_diffusion_decoder_tiled_against_whole_at_1024():
+  """The micro SODEC (tiny UNet and VAE, random weights) on a 1024x1024 photo: the whole
+  decoder in one program vs two budgets that need windows: PSNR against the whole decode, the
+  seam ratio (mean |difference| near window edges / elsewhere), and the two budgets' images
+  against each other."""
+  from PIL import Image
+
+  from sodec_jax.pretrained import build_model
+
+  c = make_micro_sodec_config(2)
+  model = api.prepare(c, build_model(c, nnx.Rngs(0)))
+  image = np.asarray(Image.fromarray(load_photo("astronaut.png")).resize((1024, 1024)))
+  data = api.compress(model, image)
+  _, y_hat, z_hat = api.decode_latents(model, data)
+  whole = np.round(np.clip(np.asarray(api.reconstruct(model, y_hat, z_hat)[0][0]), 0, 1) * 255)
+  results = {}
+  # 120MiB: the UNet on the whole latent, D_m in 4 windows; 60MiB: the UNet in windows too
+  # (its receptive field is wider than the windows' margins: the approximation that costs most)
+  for budget, floor in (("120MiB", 40.0), ("60MiB", 33.0)):
+    x = np.round(np.clip(api.decode_within(model, y_hat, z_hat, budget)[0], 0, 1) * 255)
+    plan = model._plans[(y_hat.shape, z_hat.shape, tiling.parse_bytes(budget), ())]
+    assert isinstance(plan, tiling.Plan)
+    assert all(s.bytes <= tiling.parse_bytes(budget) for s in plan.stages.values())
+    ratio = seam_ratio(np.abs(x - whole), plan)
+    print(budget, plan.describe(), f"PSNR {_psnr(x, whole):.2f} dB, seam ratio {ratio:.3f}")
+    assert _psnr(x, whole) >= floor and ratio <= 1.5
+    results[budget] = x
+  print(f"two budgets: PSNR {_psnr(results['120MiB'], results['60MiB']):.2f} dB")
+  assert _psnr(results["120MiB"], results["60MiB"]) >= 33.0
