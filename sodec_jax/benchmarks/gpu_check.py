@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import time
 import traceback
 
@@ -61,17 +60,13 @@ def peak_tflops(device_kind: str) -> float | None:
 
 
 def _median_ms(fn, repeats: int) -> dict:
+  """codec.measure of `fn` with its jax outputs waited for: median ms and the first call's s."""
   import jax
 
-  t = time.perf_counter()
-  jax.block_until_ready(fn())
-  first = time.perf_counter() - t
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return {"ms": 1e3 * statistics.median(times), "first_s": first}
+  from sodec_jax.benchmarks.codec import measure
+
+  m = measure(lambda: jax.block_until_ready(fn()), repeats, warmup=1)
+  return {"ms": m["median_ms"], "first_s": m["first_call_ms"] / 1e3}
 
 
 def check_config(paper_size: bool):
@@ -202,8 +197,10 @@ def _attention(state) -> dict:
   """Whether XLA's compiled bf16 decoder holds cuDNN's fused attention."""
   import jax.numpy as jnp
 
+  from sodec_jax import api
+
   loaded = state["loaded_bf16"]
-  sym = _symbols(loaded, state["data"])
+  sym = api.decode_symbols(loaded, state["data"])
   y_hat = jnp.asarray(sym[1])  # the symbols stand in for y_hat: only the program matters here
   text = loaded._lower_synthesis(y_hat, jnp.asarray(sym[2])).compile().as_text()
   return {
@@ -211,12 +208,6 @@ def _attention(state) -> dict:
     "custom_calls": text.count("custom-call"),
     "dot_general_ops": text.count(" dot("),
   }
-
-
-def _symbols(loaded, data):
-  from sodec_jax import api
-
-  return api.decode_symbols(loaded, data)
 
 
 def _encode(state, repeats: int) -> dict:
@@ -285,7 +276,6 @@ def _cross(config, state) -> dict:
 
 def _train(config, state, peak, repeats: int) -> dict:
   from sodec_jax.benchmarks import train as train_benchmark
-  from sodec_jax.benchmarks.codec import random_model
 
   images = state["images"]
   batch = np.stack([images[k % len(images)] for k in range(int(config.data.batch_size))])
@@ -297,7 +287,7 @@ def _train(config, state, peak, repeats: int) -> dict:
     repeats=repeats,
     warmup=1,
     peak_tflops=peak or 0.0,
-    model=random_model(config),
+    model=state["model"],  # the check's model: bench_train splits and copies, never mutates it
     batch=batch,
   )
   r["precision"] = config.get("precision", "auto")
