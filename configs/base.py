@@ -68,6 +68,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sodec.transform_blocks = 3  # T_s residual blocks (our choice)
   c.sodec.timestep = 999  # the one step (paper)
   c.sodec.stop_gradient_latents = False  # stage 2: sg on y_hat and z_hat (Eq. 8)
+  # the z H_s and the hyperprior guidance see in training: "noisy" (z + U(-1/2, 1/2), as P sees it,
+  # HiFiC) or "round" (straight-through round(z), what they see at test); docs/ARCHITECTURE.md
+  c.sodec.diffusion_z = "noisy"
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.unet = "sd21"  # "sd21" | "tiny" | a diffusers config.json
@@ -75,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.diffusion.weights = ""  # convert/from_torch.py sd21 output, or a diffusers folder
   c.diffusion.prediction_type = "epsilon"  # SD 2.1-base: epsilon; SD 2.1 (768): v_prediction
   c.diffusion.dtype = "float32"  # storage dtype of loaded UNet / VAE / extractor weights
+  c.diffusion.tiny_latent_channels = 4  # only for unet/vae "tiny" (sodec_jax.pretrained)
   c.diffusion.remat = False  # older spelling of "unet" in memory.remat (kept: True adds it)
   c.diffusion.lora_rank = 16  # OSCAR's rank
   c.diffusion.lora_alpha = 16.0

@@ -13,6 +13,8 @@ Training forward (CompressAI convention):
   out["x_f"]          [B, H, W, 3]   D_a(y_hat), not clamped
   out["y_hat"]        [B, H/16, W/16, C]  round(y - mu) + mu (straight-through when training)
   out["z_hat"]        [B, H/64, W/64, N]  round(z); z + U(-1/2, 1/2) when training (HiFiC)
+                      (what P sees; with config.sodec.diffusion_z = "round", H_s and the
+                      hyperprior guidance see the straight-through round(z) instead)
   out["likelihoods"]  {"y": like y_hat, "z": like z_hat}, floored at model.likelihood_bound
 """
 
@@ -22,7 +24,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sodec_jax.codec.entropy import add_uniform_noise, gaussian_likelihood, quantize_around
+from sodec_jax.codec.entropy import (
+  add_uniform_noise,
+  gaussian_likelihood,
+  quantize_around,
+  ste_round,
+)
 from sodec_jax.codec.hific import Codec
 from sodec_jax.codec.padding import pad_latent
 from sodec_jax.diffusion.lora import LoRAConfig, apply_lora
@@ -182,6 +189,9 @@ class SODEC(nnx.Module):
     self.timestep = int(s.timestep)
     self.scaling_factor = float(vae.config.scaling_factor)
     self.stop_gradient_latents = bool(s.stop_gradient_latents)
+    self.diffusion_z = str(s.get("diffusion_z", "noisy"))
+    if self.diffusion_z not in DIFFUSION_Z:
+      raise SodecError(f"config.sodec.diffusion_z={self.diffusion_z!r} is not one of {DIFFUSION_Z}")
 
   # ---- pieces of the coding path (each is jitted by the caller) ------------------------------
   def analysis(self, x: jax.Array, latent_multiple: int = 1) -> tuple[jax.Array, jax.Array]:
@@ -245,10 +255,15 @@ class SODEC(nnx.Module):
       "y": gaussian_likelihood(y_rate, mu, sigma, self.likelihood_bound),
       "z": self.codec.prior.hyperlatent.likelihood(z_noisy, self.likelihood_bound),
     }
+    if train and self.decoder_kind == "diffusion" and self.diffusion_z == "round":
+      z_hat = ste_round(z)  # H_s / guidance see what they see at test (P keeps the noisy z)
     if self.decoder_kind == "diffusion" and self.stop_gradient_latents:  # stage 2 (Eq. 8)
       y_hat, z_hat = jax.lax.stop_gradient(y_hat), jax.lax.stop_gradient(z_hat)
     x_hat, x_f = self.reconstruction(y_hat, z_hat)
     return {"x_hat": x_hat, "x_f": x_f, "y_hat": y_hat, "z_hat": z_hat, "likelihoods": likelihoods}
+
+
+DIFFUSION_Z = ("noisy", "round")  # what H_s and the hyperprior guidance see in training
 
 
 def extractor_tokens(module) -> tuple[int, int]:

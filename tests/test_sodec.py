@@ -19,19 +19,47 @@ from sodec_jax.train import train
 from tests.conftest import load_photo, make_micro_sodec_config
 
 
-@pytest.mark.parametrize("hw", [(64, 128), (192, 64)])
-def test_shapes_through_the_diffusion_decoder(hw):
-  c = make_micro_sodec_config(2)
+@pytest.mark.parametrize("hw,latent", [((64, 128), 4), ((192, 64), 16)])
+def test_shapes_through_the_diffusion_decoder(hw, latent):
+  """The latent has SD's 4 channels, or diffusion.tiny_latent_channels for the tiny stand-in."""
+  c = make_micro_sodec_config(2, **{"diffusion.tiny_latent_channels": latent})
   m = build_model(c, nnx.Rngs(0))
   x = jnp.asarray(load_photo("coffee.png")[: hw[0], : hw[1]][None] / 255.0, jnp.float32)
   out = m(x, noise_key=jax.random.key(0))
   h, w = hw
   assert out["x_hat"].shape == (1, h, w, 3) and out["x_hat"].dtype == jnp.float32
   assert out["x_f"].shape == (1, h, w, 3)
-  assert m.content_variable(out["y_hat"], out["z_hat"]).shape == (1, h // 8, w // 8, 4)
+  assert m.content_variable(out["y_hat"], out["z_hat"]).shape == (1, h // 8, w // 8, latent)
+  assert m.unet.config.in_channels == m.unet.config.out_channels == latent
+  assert m.vae_decoder.config.latent_channels == latent
   c_g = m.guidance(out["x_f"], out["z_hat"])
   assert c_g.shape == (1, 77, m.unet.config.cross_attention_dim)
   assert np.all(np.isfinite(np.asarray(out["x_hat"])))
+
+
+@pytest.mark.parametrize("mode", ["noisy", "round"])
+def test_what_z_the_hyper_synthesis_sees_in_training(mode):
+  """sodec.diffusion_z: "noisy" hands H_s z + U(-1/2, 1/2) (as P), "round" the straight-through
+  round(z) (integers forward); P's z and the rate are the same either way."""
+  c = make_micro_sodec_config(3, **{"sodec.diffusion_z": mode})
+  m = build_model(c, nnx.Rngs(0))
+  x = jnp.asarray(load_photo("coffee.png")[:128, :128][None] / 255.0, jnp.float32)
+  out = m(x, noise_key=jax.random.key(0))
+  z = np.asarray(out["z_hat"])
+  assert np.array_equal(z, np.round(z)) == (mode == "round")
+  _, z_true = m.analysis(x)
+  if mode == "round":
+    assert np.array_equal(z, np.round(np.asarray(z_true)))
+  like = {k: np.asarray(v) for k, v in out["likelihoods"].items()}
+  c.sodec.diffusion_z = "round" if mode == "noisy" else "noisy"
+  other = build_model(c, nnx.Rngs(0))(x, noise_key=jax.random.key(0))
+  for k, v in other["likelihoods"].items():
+    np.testing.assert_array_equal(np.asarray(v), like[k])
+
+
+def test_diffusion_z_must_be_named():
+  with pytest.raises(SodecError, match="diffusion_z"):
+    build_model(make_micro_sodec_config(2, **{"sodec.diffusion_z": "soft"}), nnx.Rngs(0))
 
 
 def test_fidelity_guidance_depends_on_x_f():
