@@ -13,10 +13,13 @@ The steps (sodec_jax.api; H', W' = the image padded by pad_image (to 64 natively
 h = H'/16, w = W'/16, C / N = latent / hyper-latent channels; batch-first NHWC):
   encode_latents(model, image) -> Latents       uint8 [H, W, 3] (or a list of same-size ones)
       z_hat [B, h/4, w/4, N], mu, sigma, y_symbols, indexes, y_hat [B, h, w, C] (numpy)
+  encode_within(model, image, max_memory) -> Latents   the same for one image, every encoder
+      program within a memory budget (E, H_a, P in bands of rows when needed: banding.py)
   pack(model, latents[b], H, W) -> bytes        range coding + the .sodec container
   decode_latents(model, data) -> (header, y_hat [1, h, w, C], z_hat [1, h/4, w/4, N])
   reconstruct(model, y_hat, z_hat) -> (x_hat, x_f), float [B, H', W', 3]; to_uint8 crops
-  compress = encode_latents + pack;  decompress = decode_latents + reconstruct + to_uint8
+  compress = encode_latents (encode_within with a budget) + pack
+  decompress = decode_latents + reconstruct + to_uint8
   compress_batch / decompress_batch: same-size images, the networks in one batched call
 The networks alone (jitted, jax arrays out): analysis(model, x [B, H', W', 3]) -> (y, z),
 prior(model, z_hat) -> (mu, sigma), fidelity(model, y_hat) -> x_f = D_a(y_hat).

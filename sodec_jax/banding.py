@@ -26,8 +26,8 @@ tests/codec/test_banded_encode.py, nor on a 2048x2048 photo: docs/PERFORMANCE.md
 
 `plan_encode` picks each stage's `rows` from the budget: the whole grid when its compiled
 program (`tiling.program_bytes`: arguments, outputs, temporaries) fits, else the most rows that
-fit, predicted from the whole grid's and one row's programs and checked (`tiling.fit`). Not
-bounded by the budget: the host arrays (the padded image, 12 bytes a pixel, and the latents).
+fit, predicted from the programs of the whole grid and of one row, then checked (`tiling.fit`).
+Not bounded by the budget: the host arrays (the padded image, 12 bytes a pixel; the latents).
 """
 
 from __future__ import annotations
@@ -133,8 +133,8 @@ def _fit(stage: Banded, state, in_shape, budget, rows, cache) -> Banded:
   """The stage with `rows` if given, else with the most rows whose window program fits
   `budget`: the whole grid when it fits; else, after one band row (the smallest; SodecError
   naming what it needs when even that does not fit), the rows a straight line through those two
-  programs' sizes predicts, then its halvings (a program grows about linearly with its rows), so
-  that a few compilations choose."""
+  programs' sizes predicts (a program grows about linearly with its rows), lowered along the line
+  through one row and each guess that misses, so that a few compilations choose."""
   b, _, *rest = in_shape
   what = f"the encoder's {stage.name} needs at its smallest band"
 
@@ -151,12 +151,18 @@ def _fit(stage: Banded, state, in_shape, budget, rows, cache) -> Banded:
     return stage
   one = measure(1)
   tiling.fit([1], measure, budget, what)
-  guess = min(stage.n - 1, 1 + (budget - one) * (stage.n - 1) // max(whole - one, 1))
-  candidates = []
-  while guess > 1:
-    candidates.append(guess)
-    guess //= 2
-  tiling.fit([*candidates, 1], measure, budget, what)
+
+  def guesses():  # rows where the line through (1, one) and the last measured (g, size) meets
+    g, size = stage.n, whole  # the budget; each miss lowers the next guess
+    while True:
+      g = min(g - 1, 1 + (budget - one) * (g - 1) // max(size - one, 1))
+      if g <= 1:
+        break
+      yield g
+      size = stage.bytes  # measured by tiling.fit before it asks for the next guess
+    yield 1
+
+  tiling.fit(guesses(), measure, budget, what)
   return stage
 
 
