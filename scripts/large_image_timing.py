@@ -1,6 +1,6 @@
 """Large images through the `sodec` command on a memory budget: time per megapixel and peak
-resident memory of each `sodec compress` / `sodec decompress --max-memory` process (compress
-runs without the budget: the encoder is not tiled).
+resident memory of each `sodec compress --max-memory` / `sodec decompress --max-memory` process
+(`--compress-whole`: compress without the budget, the encoder on the whole image).
 
   python scripts/large_image_timing.py --checkpoint runs/tiny --max-memory 8GiB \
       --sides 1024,2048,4096,8192 [--image photo.png] [--work /tmp/large]
@@ -49,6 +49,7 @@ def main(argv=None) -> int:
   p.add_argument("--sides", default="1024,2048,4096,8192")
   p.add_argument("--image", default="")
   p.add_argument("--work", default="/tmp/sodec_large")
+  p.add_argument("--compress-whole", action="store_true", help="compress without the budget")
   args = p.parse_args(argv)
   os.makedirs(args.work, exist_ok=True)
   if args.image:
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
     Image.fromarray(np.clip(x + noise, 0, 255).astype(np.uint8)).save(src)
     f, out = os.path.join(args.work, f"{side}.sodec"), os.path.join(args.work, f"{side}_hat.png")
     ckpt = ["--checkpoint", args.checkpoint]
-    t_c, rss_c = run(sodec + ["compress", src, f] + ckpt)  # the encoder is not tiled
+    budget = [] if args.compress_whole else ["--max-memory", args.max_memory]
+    t_c, rss_c = run(sodec + ["compress", src, f] + ckpt + budget)
     t_d, rss_d = run(sodec + ["decompress", f, out] + ckpt + ["--max-memory", args.max_memory])
     mp = side * side / 1e6
     rows.append((side, mp, t_c, t_d, rss_c, rss_d, os.path.getsize(f)))

@@ -13,10 +13,13 @@ The steps (sodec_jax.api; H', W' = the image padded by pad_image (to 64 natively
 h = H'/16, w = W'/16, C / N = latent / hyper-latent channels; batch-first NHWC):
   encode_latents(model, image) -> Latents       uint8 [H, W, 3] (or a list of same-size ones)
       z_hat [B, h/4, w/4, N], mu, sigma, y_symbols, indexes, y_hat [B, h, w, C] (numpy)
+  encode_within(model, image, max_memory) -> Latents   the same for one image, every encoder
+      program within a memory budget (E, H_a, P in bands of rows when needed: banding.py)
   pack(model, latents[b], H, W) -> bytes        range coding + the .sodec container
   decode_latents(model, data) -> (header, y_hat [1, h, w, C], z_hat [1, h/4, w/4, N])
   reconstruct(model, y_hat, z_hat) -> (x_hat, x_f), float [B, H', W', 3]; to_uint8 crops
-  compress = encode_latents + pack;  decompress = decode_latents + reconstruct + to_uint8
+  compress = encode_latents (encode_within with a budget) + pack
+  decompress = decode_latents + reconstruct + to_uint8
   compress_batch / decompress_batch: same-size images, the networks in one batched call
 The networks alone (jitted, jax arrays out): analysis(model, x [B, H', W', 3]) -> (y, z),
 prior(model, z_hat) -> (mu, sigma), fidelity(model, y_hat) -> x_f = D_a(y_hat).
@@ -55,8 +58,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sodec_jax import banding, tiling
 from sodec_jax import precision as precision_lib
-from sodec_jax import tiling
 from sodec_jax.codec import bitstream, integer_prior, padding
 from sodec_jax.codec.entropy import (
   CodingTable,
@@ -401,8 +404,8 @@ def _channel_ids(shape) -> np.ndarray:
   return np.broadcast_to(np.arange(shape[-1], dtype=np.uint16), shape)
 
 
-def encode_latents(model: LoadedModel, images) -> Latents:
-  """uint8 [H, W, 3] (or a list of same-size ones, one batched jitted call) -> Latents."""
+def _check_batch(model: LoadedModel, images) -> list[np.ndarray]:
+  """The images of one call (a list of one size), each a checked uint8 [H, W, 3]."""
   batch = [_check_image(im) for im in (images if isinstance(images, (list, tuple)) else [images])]
   if len({im.shape for im in batch}) != 1:
     raise SodecError(f"a batch needs images of one size, got {sorted({im.shape for im in batch})}")
@@ -412,9 +415,58 @@ def encode_latents(model: LoadedModel, images) -> Latents:
       f"image {h}x{w} is larger than this model codes in one file "
       f"({model.max_pixels} pixels, {bitstream.MAX_SIDE} per side)"
     )
+  return batch
+
+
+def encode_latents(model: LoadedModel, images) -> Latents:
+  """uint8 [H, W, 3] (or a list of same-size ones, one batched jitted call) -> Latents."""
+  batch = _check_batch(model, images)
   y, z = analysis(model, np.concatenate([pad_image(model, im) for im in batch]))
   z_hat = np.round(np.asarray(z))
   mu, sigma = prior(model, z_hat)
+  return Latents.from_prior(model, y, z_hat, mu, sigma)
+
+
+def encode_within(model: LoadedModel, image, max_memory, *, rows: dict | None = None) -> Latents:
+  """One image's Latents (uint8 [H, W, 3] -> batch 1) with every compiled encoder program within
+  `max_memory` (bytes or "8GiB"; None with `rows`: only the given band sizes). E + H_a run as
+  `encode_latents` does, in one program, when it fits; otherwise E and H_a run in bands of rows
+  (sodec_jax/banding.py; `rows`: base rows per band and stage, {"E": 2, "H_a": 1, "P": 1}, for
+  tests). P runs whole when its program fits, else in bands. A kept band row is computed as the
+  whole image's row, so the symbols and the file are those of `compress` without a budget, up to
+  XLA's per-shape float summation order (docs/ARCHITECTURE.md, "Banded encoding")."""
+  (image,) = _check_batch(model, image)
+  budget = None if max_memory is None else tiling.parse_bytes(max_memory)
+  x = pad_image(model, image)
+  key = ("encode", x.shape, budget, tuple(sorted((rows or {}).items())))
+  if key not in model._plans:
+    stages = ("E", "H_a", "P")
+    if budget is None and not rows:
+      stages = ("P",)
+    elif not rows:
+      whole_key = ("encode whole", x.shape)
+      if whole_key not in model._plans:
+        spec = jax.ShapeDtypeStruct(x.shape, jnp.float32)
+        model._plans[whole_key] = tiling.program_bytes(model._lower_analysis(spec).compile())
+      if model._plans[whole_key] <= budget:
+        stages = ("P",)  # E + H_a: the one program compress runs without a budget
+    model._plans[key] = banding.plan_encode(
+      model._graphdef,
+      model._state,
+      x.shape,
+      padding.scheme(model.config.model).latent_multiple,
+      budget,
+      stages=stages,
+      rows=rows,
+      cache=model._plans.setdefault(("encode bands", x.shape), {}),
+    )
+  plan = model._plans[key]
+  if "E" in plan.stages:
+    y, z = banding.analyse(plan, x, padding.scheme(model.config.model).latent_multiple)
+  else:
+    y, z = analysis(model, x)
+  z_hat = np.round(np.asarray(z))
+  mu, sigma = banding.run(plan.stages["P"], plan.state, z_hat)
   return Latents.from_prior(model, y, z_hat, mu, sigma)
 
 
@@ -530,20 +582,12 @@ def decode_latents(
 # --------------------------------------------------------------------------- the public calls
 def compress(model: LoadedModel, image: np.ndarray, max_memory=None) -> bytes:
   """uint8 [H, W, 3] -> the bytes of a .sodec file (encode_latents + pack). `max_memory` (bytes
-  or "8GiB"): the encoder runs on the whole image, so a SodecError says so before any work
-  when its compiled program (E + H_a) needs more (encoding in tiles is not implemented)."""
-  if max_memory is not None:
-    budget = tiling.parse_bytes(max_memory)
-    m = padding.scheme(model.config.model).image_multiple
-    h, w = (-(-n // m) * m for n in _check_image(image).shape[:2])
-    x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-    need = tiling.program_bytes(model._lower_analysis(x).compile())
-    if need > budget:
-      raise SodecError(
-        f"encoding this {image.shape[1]}x{image.shape[0]} image needs {tiling.format_bytes(need)}"
-        f" (the encoder runs on the whole image): raise --max-memory to at least that"
-      )
-  latents = encode_latents(model, image)
+  or "8GiB"; None: no limit): the encoder's compiled programs stay within it (encode_within: the
+  whole image when it fits, else bands of rows); the file is the same either way."""
+  if max_memory is None:
+    latents = encode_latents(model, image)
+  else:
+    latents = encode_within(model, image, max_memory)
   return pack(model, latents, *image.shape[:2])
 
 
@@ -592,11 +636,16 @@ def decode_within(
   return np.asarray(plan(model._state, y_hat, z_hat)[0])
 
 
-def compress_batch(model: LoadedModel, images: list[np.ndarray]) -> list[bytes]:
+def compress_batch(model: LoadedModel, images: list[np.ndarray], max_memory=None) -> list[bytes]:
   """compress over same-size uint8 [H, W, 3] images, E, H_a and P batched (one jitted call
   each), range coding per image. Batched XLA convolutions may round a float differently from
   batch 1, so a rare symbol can differ from `compress` (decoded images agree within 1/255); the
-  scale indexes are exact functions of each file's z_hat, so every file decodes anywhere."""
+  scale indexes are exact functions of each file's z_hat, so every file decodes anywhere.
+  With `max_memory` (see compress) the images are encoded one by one, each within it."""
+  if max_memory is not None:
+    tiling.parse_bytes(max_memory)  # a bad size fails before any encoding
+    _check_batch(model, list(images))
+    return [compress(model, im, max_memory) for im in images]
   latents = encode_latents(model, list(images))
   h, w = images[0].shape[:2]
   return [pack(model, latents[b], h, w) for b in range(len(latents))]

@@ -1,6 +1,6 @@
 """`sodec` command line: compress, decompress, info.
 
-  sodec compress photo.png photo.sodec --checkpoint runs/tiny
+  sodec compress photo.png photo.sodec --checkpoint runs/tiny [--max-memory 2GiB]
   sodec decompress photo.sodec photo_hat.png --checkpoint runs/tiny [--dtype bf16]
   sodec decompress big.sodec big.png --checkpoint runs/tiny --max-memory 8GiB   (tiled decode)
   sodec info photo.sodec
@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     "--max-memory",
     default=None,
     metavar="SIZE",
-    help="fail early, with the size needed, when the encoder (run on the whole image) needs "
-    "more than SIZE (KiB/MiB/GiB)",
+    help="keep the encoder's compiled programs within SIZE (KiB/MiB/GiB, e.g. 2GiB): large "
+    "images encode in bands of rows whose size the budget picks; the file is the same "
+    "(default: one program for the whole image)",
   )
   c.set_defaults(func=cmd_compress)
   d = sub.add_parser("decompress", help=".sodec -> image file (format from the extension)")

@@ -222,7 +222,7 @@ def payload_bytes(data: bytes) -> int:
 
 def code_image(model, image: np.ndarray, want_x_f: bool, max_memory=None) -> dict[str, Any]:
   """Compress + decompress one image through the real file format; times both (`max_memory`:
-  see api.decompress).
+  see api.compress and api.decompress).
 
   Returns data (bytes), x_hat (uint8, the decoder's output) and, when `want_x_f`, x_f: the
   fidelity decoder's output D_a(y_hat). For the codec decoder x_f is x_hat; for a diffusion
@@ -231,7 +231,7 @@ def code_image(model, image: np.ndarray, want_x_f: bool, max_memory=None) -> dic
   from sodec_jax.codec import bitstream
 
   t0 = time.perf_counter()
-  data = api.compress(model, image)
+  data = api.compress(model, image, max_memory=max_memory)
   t1 = time.perf_counter()
   x_hat = api.decompress(model, data, max_memory=max_memory)
   t2 = time.perf_counter()
@@ -293,7 +293,8 @@ def evaluate(
   max_memory=None,
 ) -> dict:
   """Runs the evaluation and writes every output; returns the summary dict. `max_memory`
-  (bytes or "8GiB"): the decoder's memory budget (api.decompress; None: no limit)."""
+  (bytes or "8GiB"): the encoder's and the decoder's memory budget (api.compress and
+  api.decompress; None: no limit)."""
   from tqdm import tqdm
 
   from sodec_jax import api
@@ -365,7 +366,7 @@ def evaluate(
       want_grid = name in grid_data or len(grid_data) < grids
       padded = tuple(-(-n // PAD_MULTIPLE) * PAD_MULTIPLE for n in image.shape[:2])
       if padded not in compiled:  # first image of this padded size: compile outside the timing
-        api.decompress(model, api.compress(model, image), max_memory=max_memory)
+        api.decompress(model, api.compress(model, image, max_memory), max_memory=max_memory)
         compiled.add(padded)
       r = code_image(model, image, want_x_f=want_grid, max_memory=max_memory)
       stem = os.path.splitext(name)[0].replace("/", "__")
@@ -546,7 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     "--max-memory",
     default=None,
     metavar="SIZE",
-    help="decode within SIZE (KiB/MiB/GiB): tiled decoding as `sodec decompress --max-memory`",
+    help="encode and decode within SIZE (KiB/MiB/GiB): banded encoding and tiled decoding as "
+    "`sodec compress/decompress --max-memory`",
   )
   p.add_argument("--no-plots", action="store_true", help="write results.csv and summary.json only")
   p.add_argument("--no-progress", action="store_true", help="no tqdm bar")

@@ -352,16 +352,34 @@ def _fit_stage(stage: Stage, state, channels, extra, budget, tile, overlap, alig
   if tile is not None:
     stage.grid = Grid.make(stage.grid.n, int(math.ceil(tile / align) * align), overlap, align)
     return _compile(stage, state, channels, extra, cache)
-  smallest = None
-  for t in _tile_candidates(stage.grid.n, align, overlap):
+
+  def measure(t):
     stage.grid = Grid.make(stage.grid.n, t, overlap, align)
-    _compile(stage, state, channels, extra, cache)
-    smallest = stage.bytes
-    if budget is None or stage.bytes <= budget:
-      return stage
+    return _compile(stage, state, channels, extra, cache).bytes
+
+  fit(
+    _tile_candidates(stage.grid.n, align, overlap),
+    measure,
+    budget,
+    f"the {stage.name} stage needs at its smallest window",
+  )
+  return stage
+
+
+def fit(candidates, measure: Callable[[Any], int], budget: int | None, what: str):
+  """The first of `candidates` (largest first) whose program fits `budget` (bytes; None: the
+  first): `measure(c)` compiles candidate c and returns its program_bytes, and the last one
+  measured is the one returned (callers keep its program). SodecError naming what the smallest
+  candidate needs when none fits; `what` says who needs it ("the D_a stage needs at its smallest
+  window")."""
+  need = None
+  for c in candidates:
+    need = measure(c)
+    if budget is None or need <= budget:
+      return c
   raise SodecError(
-    f"--max-memory {format_bytes(budget)} is below what the {stage.name} stage needs at its "
-    f"smallest window ({format_bytes(smallest)}): raise --max-memory"
+    f"--max-memory {format_bytes(budget)} is below what {what} ({format_bytes(need)}): "
+    "raise --max-memory"
   )
 
 

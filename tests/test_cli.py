@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from sodec_jax import api, tiling
 from tests.conftest import ROOT, load_photo, make_micro_config
 
 
@@ -199,15 +200,22 @@ def test_unknown_output_extension(workdir, tmp_path, sodec):
 
 def test_max_memory(workdir, tmp_path, sodec):
   """--max-memory: a bad size is one line (before the model loads); a budget the whole decoder
-  fits decodes as without one; one that the encoder does not fit says what it needs."""
+  fits decodes as without one; one below the whole encoder encodes in bands to the same file;
+  one below the encoder's smallest band says what it needs."""
   src = tmp_path / "cat.png"
   Image.fromarray(load_photo("chelsea.png")[:64, :96]).save(src)
   f, out = str(tmp_path / "cat.sodec"), str(tmp_path / "cat.png")
   r = sodec("compress", str(src), f, "--checkpoint", workdir, "--max-memory", "8GB", check=False)
   assert_one_line_error(r, "GiB")
   r = sodec("compress", str(src), f, "--checkpoint", workdir, "--max-memory", "1KiB", check=False)
-  assert_one_line_error(r, "raise --max-memory")
-  sodec("compress", str(src), f, "--checkpoint", workdir, "--max-memory", "16GiB")
+  assert_one_line_error(r, "smallest band")
+  sodec("compress", str(src), f, "--checkpoint", workdir)
+  plain_file = (tmp_path / "cat.sodec").read_bytes()
+  model = api.load_model(workdir)  # a budget below the whole encoder's program: E in bands
+  x = api.pad_image(model, load_photo("chelsea.png")[:64, :96])
+  budget = str(tiling.program_bytes(model._lower_analysis(x).compile()) - 1)
+  sodec("compress", str(src), f, "--checkpoint", workdir, "--max-memory", budget)
+  assert (tmp_path / "cat.sodec").read_bytes() == plain_file
   r = sodec("decompress", f, out, "--checkpoint", workdir, "--max-memory", "2 lots", check=False)
   assert_one_line_error(r, "GiB")
   sodec("decompress", f, out, "--checkpoint", workdir)

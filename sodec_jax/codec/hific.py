@@ -70,6 +70,11 @@ class Encoder(nnx.Module):
     self.down_norms = nnx.List([ChannelNorm(filters[i + 1], **norm) for i in range(4)])
     self.conv_out = Conv2d(filters[4], latent_channels, 3, padding=1, padding_mode="reflect", **kw)
 
+  def conv_stack(self) -> list:
+    """The convolutions in the order __call__ applies them (everything else is per pixel):
+    what a banded run's halo is computed from (sodec_jax/banding.py)."""
+    return [self.conv_in, *self.down, self.conv_out]
+
   def __call__(self, x: jax.Array) -> jax.Array:
     h = jax.nn.relu(self.norm_in(self.conv_in(x)))
     for conv, norm in zip(self.down, self.down_norms):
@@ -98,6 +103,10 @@ class HyperAnalysis(nnx.Module):
     self.conv2 = Conv2d(n, n, 5, stride=2, padding=2, padding_mode="reflect", **kw)
     self.conv3 = Conv2d(n, n, 5, stride=2, padding=2, padding_mode="reflect", **kw)
 
+  def conv_stack(self) -> list:
+    """The convolutions in the order __call__ applies them (ReLUs between)."""
+    return [self.conv1, self.conv2, self.conv3]
+
   def __call__(self, y: jax.Array) -> jax.Array:
     h = jax.nn.relu(self.conv1(y))
     h = jax.nn.relu(self.conv2(h))
@@ -124,6 +133,10 @@ class HyperSynthesisStack(nnx.Module):
     self.conv1 = ConvTranspose2d(n, n, 5, stride=2, padding=2, output_padding=1, **kw)
     self.conv2 = ConvTranspose2d(n, n, 5, stride=2, padding=2, output_padding=1, **kw)
     self.conv3 = ConvTranspose2d(n, latent_channels, 3, stride=1, padding=1, **kw)
+
+  def conv_stack(self) -> list:
+    """The (transposed) convolutions in the order __call__ applies them (ReLUs between)."""
+    return [self.conv1, self.conv2, self.conv3]
 
   def __call__(self, z: jax.Array) -> jax.Array:
     h = jax.nn.relu(self.conv1(z))

@@ -42,10 +42,3 @@ def test_codec_decodes_within_budgets(codec_model, coded):
   assert _psnr(tiled, whole) >= 40.0
   with pytest.raises(SodecError, match="--max-memory"):
     api.decompress(codec_model, data, max_memory="1KiB")
-
-
-def test_compress_checks_the_encoder_against_the_budget(codec_model, coded):
-  image, data = coded
-  assert api.compress(codec_model, image, max_memory="64GiB") == data
-  with pytest.raises(SodecError, match="raise --max-memory"):
-    api.compress(codec_model, image, max_memory="1KiB")
