@@ -106,6 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.crop_size = 256  # stage 1 (HiFiC's own crop); stages 2-4 use the paper's 512
   c.data.batch_size = 8  # global batch
   c.data.hflip = True
+  c.data.scale = (1.0, 1.0)  # each photo resized by a factor in [low, high] before the crop
   # grain worker processes decoding and cropping in parallel (0 = 2 threads in this process);
   # `python -m sodec_jax.bench --what data --config ...` says whether the loader keeps up
   c.data.worker_count = 0

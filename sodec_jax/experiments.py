@@ -14,9 +14,17 @@ ways toward the same final rate, with the same steps and seed:
 Both are steered to --target-bpp by HiFiC's target-rate rule (loss.anneal.target_rate), so they
 are compared near the same bpp as the paper does. Each run's last step is measured on the
 held-out photos (config.data.holdout, full size) through real .sodec files: bpp, PSNR,
-MS-SSIM, and LPIPS when its weights are given. OUT/results.csv has one row per scheme and seed,
-OUT/results.json the same plus the means; the table is printed. Runs already finished in OUT are
-measured again, not retrained.
+MS-SSIM, and LPIPS when its weights are given.
+
+  python -m sodec_jax.experiments rate_targets --from runs/tiny --out runs/rate_targets \
+      [--targets 0.12,0.2] [--steps 150] [--seeds 0]
+
+rate_targets (the rate target of configs/paper.py at tiny scale): stage 3 with the paper's
+annealing from the same stage 2, once per --targets value (loss.anneal.target_rate); each row
+gives the held-out bpp it landed at and `off` = bpp / target - 1.
+
+OUT/results.csv has one row per run and seed, OUT/results.json the same plus the means per run;
+the table is printed. Runs already finished in OUT are measured again, not retrained.
 """
 
 from __future__ import annotations
@@ -34,7 +42,20 @@ from sodec_jax import api, checkpoints, validation
 from sodec_jax.errors import SodecError
 
 SCHEMES = ("direct", "annealing")
-COLUMNS = ("scheme", "seed", "step", "bpp", "psnr", "ms_ssim", "lpips", "lpips_vgg", "seconds")
+COLUMNS = (
+  "run",
+  "seed",
+  "step",
+  "target_bpp",
+  "bpp",
+  "off",
+  "psnr",
+  "ms_ssim",
+  "lpips",
+  "lpips_vgg",
+  "seconds",
+)
+MEANS = ("bpp", "off", "psnr", "ms_ssim", "lpips", "lpips_vgg")
 
 
 def stage2_dir(workdir: str) -> str:
@@ -103,10 +124,25 @@ def measure(run_dir: str, step: int, images, metrics=None) -> dict:
 def rate_annealing(
   base, from_dir: str, out: str, *, target_bpp: float, steps: int, seeds, metrics=None
 ) -> dict:
-  """Runs (or measures again, when already trained in OUT) both schemes for each seed from the
-  stage 2 of the pipeline workdir `from_dir`, with `base` the pipeline's config (configs/tiny.py);
-  prints the rows and the means, writes OUT/results.csv and OUT/results.json; returns the
-  results.json dict ({"runs": rows, "means": {scheme: {...}}, ...})."""
+  """Table 4 (ii) against (iv): both schemes toward `target_bpp` for each seed (see the module
+  docstring); returns the results.json dict ({"runs": rows, "means": {run: {...}}, ...})."""
+  runs = [(scheme, scheme, target_bpp) for scheme in SCHEMES]
+  info = {"experiment": "rate_annealing", "target_bpp": target_bpp}
+  return run_experiment(base, from_dir, out, runs, info, steps=steps, seeds=seeds, metrics=metrics)
+
+
+def rate_targets(base, from_dir: str, out: str, *, targets, steps: int, seeds, metrics=None):
+  """Stage 3 (annealing) once per target bpp; rows say where each landed (`off`)."""
+  runs = [(f"target_{t:g}", "annealing", float(t)) for t in targets]
+  info = {"experiment": "rate_targets", "targets": list(targets)}
+  return run_experiment(base, from_dir, out, runs, info, steps=steps, seeds=seeds, metrics=metrics)
+
+
+def run_experiment(base, from_dir, out, runs, info, *, steps, seeds, metrics=None) -> dict:
+  """Trains (or, when finished in OUT, only measures) each (label, scheme, target) of `runs`
+  for each seed from the stage 2 of the pipeline workdir `from_dir` (`base`: the pipeline's
+  config, configs/tiny.py); prints the rows and the means, writes OUT/results.csv and
+  OUT/results.json; returns the results.json dict."""
   from sodec_jax.train.loop import train
 
   init = stage2_dir(from_dir)
@@ -116,19 +152,21 @@ def rate_annealing(
   os.makedirs(out, exist_ok=True)
   rows = []
   for seed in seeds:
-    for scheme in SCHEMES:
-      c = scheme_config(base, scheme, init_from=init, target_bpp=target_bpp, steps=steps, seed=seed)
-      run_dir = os.path.join(out, f"{scheme}_seed{seed}")
+    for label, scheme, target in runs:
+      c = scheme_config(base, scheme, init_from=init, target_bpp=target, steps=steps, seed=seed)
+      run_dir = os.path.join(out, f"{label}_seed{seed}")
       t0 = time.time()
       if checkpoints.latest_step(run_dir) != steps:
-        print(f"=== {scheme}, seed {seed}: {steps} steps from {init} -> {run_dir}")
+        print(f"=== {label}, seed {seed}: {steps} steps from {init} -> {run_dir}")
         train(c, run_dir)
-      row = {"scheme": scheme, "seed": seed, **measure(run_dir, steps, images, metrics)}
+      row = {"run": label, "seed": seed, "target_bpp": target}
+      row.update(measure(run_dir, steps, images, metrics))
+      row["off"] = row["bpp"] / target - 1.0
       row["seconds"] = round(time.time() - t0, 1)
       rows.append(row)
       print(_format(row))
-  info = {"from": from_dir, "target_bpp": target_bpp, "steps": steps, "seeds": list(seeds)}
-  return _write(out, info, rows)
+  info = {**info, "from": from_dir, "steps": steps, "seeds": list(seeds)}
+  return _write(out, info, [label for label, _, _ in runs], rows)
 
 
 def _format(row: dict) -> str:
@@ -139,21 +177,20 @@ def _format(row: dict) -> str:
   return "  ".join(cells)
 
 
-def _write(out: str, info: dict, rows: list[dict]) -> dict:
+def _write(out: str, info: dict, labels: list[str], rows: list[dict]) -> dict:
   with open(os.path.join(out, "results.csv"), "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
     w.writeheader()
     for r in rows:
       w.writerow({k: r.get(k) for k in COLUMNS})
   means = {}
-  for scheme in SCHEMES:
-    mine = [r for r in rows if r["scheme"] == scheme]
-    means[scheme] = {
+  for label in labels:
+    mine = [r for r in rows if r["run"] == label]
+    means[label] = {
       k: float(np.mean([r[k] for r in mine])) if all(r.get(k) is not None for r in mine) else None
-      for k in ("bpp", "psnr", "ms_ssim", "lpips", "lpips_vgg")
+      for k in MEANS
     }
   summary = {
-    "experiment": "rate_annealing",
     **info,
     "holdout": "config.data.holdout, full size, real .sodec files",
     "runs": rows,
@@ -161,14 +198,16 @@ def _write(out: str, info: dict, rows: list[dict]) -> dict:
   }
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(summary, f, indent=2)
-  print(
-    f"means over seeds {info['seeds']} (target {info['target_bpp']} bpp, {info['steps']} steps):"
-  )
-  print(f"{'scheme':<10}  {'bpp':>6}  {'PSNR':>6}  {'MS-SSIM':>7}  {'LPIPS':>6}")
-  for scheme, m in means.items():
+  width = max(len("run"), *(len(label) for label in labels))
+  print(f"{info['experiment']}: means over seeds {info['seeds']} ({info['steps']} steps each):")
+  print(f"{'run':<{width}}  {'bpp':>6}  {'off':>6}  {'PSNR':>6}  {'MS-SSIM':>7}  {'LPIPS':>6}")
+  for label, m in means.items():
     ssim = "-" if m["ms_ssim"] is None else f"{m['ms_ssim']:.4f}"
     lp = "-" if m["lpips"] is None else f"{m['lpips']:.4f}"
-    print(f"{scheme:<10}  {m['bpp']:>6.3f}  {m['psnr']:>6.2f}  {ssim:>7}  {lp:>6}")
+    print(
+      f"{label:<{width}}  {m['bpp']:>6.3f}  {m['off']:>+6.1%}  {m['psnr']:>6.2f}  {ssim:>7}  "
+      f"{lp:>6}"
+    )
   print(f"(also {os.path.join(out, 'results.csv')} and results.json)")
   return summary
 
@@ -196,7 +235,19 @@ def _positive(kind):
   return parse
 
 
-def main(argv=None) -> int:
+def _targets(text: str) -> list[float]:
+  try:
+    targets = [float(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"--targets wants bpp values like 0.12,0.2, got {text!r}"
+    ) from None
+  if len(targets) < 1 or min(targets) <= 0:
+    raise argparse.ArgumentTypeError(f"--targets wants positive bpp values, got {text!r}")
+  return targets
+
+
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
     prog="python -m sodec_jax.experiments",
     description=__doc__,
@@ -204,27 +255,33 @@ def main(argv=None) -> int:
   )
   sub = p.add_subparsers(dest="experiment", required=True)
   ra = sub.add_parser("rate_annealing", help="Table 4 (ii) vs (iv) at tiny scale")
-  ra.add_argument("--from", required=True, help="pipeline workdir with a finished stage 2")
-  ra.add_argument("--out", required=True)
-  ra.add_argument("--config", default="configs/tiny.py")
+  rt = sub.add_parser("rate_targets", help="stage 3 steered to several final rates")
   ra.add_argument("--target-bpp", type=_positive(float), default=0.2)
-  ra.add_argument("--steps", type=_positive(int), default=150)
   ra.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
-  ra.add_argument("--vgg-weights", default="")
-  ra.add_argument("--alexnet-weights", default="")
-  args = p.parse_args(argv)
+  rt.add_argument("--targets", type=_targets, default=[0.12, 0.2])
+  rt.add_argument("--seeds", type=_seeds, default=[0])
+  for q in (ra, rt):
+    q.add_argument("--from", required=True, help="pipeline workdir with a finished stage 2")
+    q.add_argument("--out", required=True)
+    q.add_argument("--config", default="configs/tiny.py")
+    q.add_argument("--steps", type=_positive(int), default=150)
+    q.add_argument("--vgg-weights", default="")
+    q.add_argument("--alexnet-weights", default="")
+  return p
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   from sodec_jax.train.cli import UsageError, load_config_file
 
   try:
-    rate_annealing(
-      load_config_file(args.config),
-      getattr(args, "from"),
-      args.out,
-      target_bpp=args.target_bpp,
-      steps=args.steps,
-      seeds=args.seeds,
-      metrics=_lpips_metrics(args),
-    )
+    base = load_config_file(args.config)
+    kw = dict(steps=args.steps, seeds=args.seeds, metrics=_lpips_metrics(args))
+    where = (base, getattr(args, "from"), args.out)
+    if args.experiment == "rate_annealing":
+      rate_annealing(*where, target_bpp=args.target_bpp, **kw)
+    else:
+      rate_targets(*where, targets=args.targets, **kw)
   except UsageError as err:
     print(f"error: {err}", file=sys.stderr)
     return 2

@@ -60,6 +60,9 @@ def test_command_line_errors_exit_non_zero(tmp_path, capsys):
   assert e.value.code == 2
   with pytest.raises(SystemExit):
     experiments.main(["rate_annealing", "--from", "a", "--out", "b", "--target-bpp", "-1"])
+  with pytest.raises(SystemExit):
+    experiments.main(["rate_targets", "--from", "a", "--out", "b", "--targets", "0.1,-2"])
+  assert experiments.main(["rate_targets", "--from", str(tmp_path), "--out", "o"]) == 1
 
 
 @pytest.mark.slow
@@ -85,7 +88,7 @@ def test_micro_rate_annealing_end_to_end(tmp_path, capsys):
   train(base, workdir)
   out = str(tmp_path / "exp")
   summary = experiments.rate_annealing(base, workdir, out, target_bpp=0.5, steps=2, seeds=[0])
-  assert [r["scheme"] for r in summary["runs"]] == ["direct", "annealing"]
+  assert [r["run"] for r in summary["runs"]] == ["direct", "annealing"]
   assert all(r["bpp"] > 0 and r["psnr"] > 0 and r["step"] == 2 for r in summary["runs"])
   with open(os.path.join(out, "results.csv")) as f:
     assert len(list(csv.DictReader(f))) == 2
