@@ -22,11 +22,15 @@ arithmetic, 80 digits) from the exact table formula scale_min * (max / min)^(j /
 
 Exactness: every derivation step is an exactly rounded float64 operation on the stored float32
 bits (products by powers of two and by integers < 2^29, one division, floor/round) or decimal
-arithmetic, so every machine derives the same integers. At run time the convolutions are float64
-GEMMs (one per output phase, its taps side by side) of integer-valued arrays; `derive` asserts
-that for every output the sum of |W| * A_{l-1} over the taps that reach it, plus |B|, is below
-2^53, so every partial sum in any order (BLAS blocking, threads, FMA) is an exactly represented
-integer. The rounding division and clip are int64 numpy ops.
+arithmetic, so every machine derives the same integers. At run time each convolution is a
+float64 GEMM of integer-valued arrays (every input pixel times every tap's weights) whose
+products are added into a float64 canvas at their output positions (IntegerLayer.__call__;
+entries outside the cropped output are discarded). Every value formed on the way for an output
+(a GEMM partial sum in any order: BLAS blocking, threads, FMA; its canvas entry after any of
+its additions) is a sum of a subset of that output's terms W * a, and `derive`
+asserts that for every output the sum of |W| * A_{l-1} over the taps that reach it, plus |B|,
+is below 2^53, so each of them is an exactly represented integer. The bias, rounding division
+and clip are int64 numpy ops.
 """
 
 from __future__ import annotations
