@@ -31,7 +31,7 @@ def _bench(capsys, *args):
 
 def test_bench_codec_without_reference(micro_workdir, capsys):
   out = _bench(capsys, "--checkpoint", micro_workdir)
-  for stage in ("E + H_a", "P", "range encode", "range decode", "D_a", "total"):
+  for stage in ("E + H_a", "P", "exact indexes", "range encode", "range decode", "D_a", "total"):
     assert stage in out
   assert "batch 1: encode" in out and "batch 8: encode" in out
   assert "JAX/torch" not in out and "first call" in out
@@ -58,8 +58,10 @@ def test_bench_codec_with_torch_reference(micro_workdir):
   assert set(ratios) == {
     ("encode", "E + H_a"),
     ("encode", "P"),
+    ("encode", "exact indexes"),
     ("encode", "range encode"),
     ("encode", "total"),
+    ("decode", "exact indexes"),
     ("decode", "range decode"),
     ("decode", "P"),
     ("decode", "D_a"),
@@ -180,6 +182,7 @@ def test_diffusion_decoder_components():
   stages = decode_stages(loaded, data)
   names = [s.name for s in stages]
   assert names == [
+    "exact indexes",
     "range decode",
     "P",
     "D_a",
