@@ -72,6 +72,18 @@ def test_bench_codec_with_torch_reference(micro_workdir):
   assert set(r["throughput"]) == {1, 2} and r["throughput"][2]["decode_img_s"] > 0
 
 
+def test_bench_indexes_times_exact_and_float(micro_workdir, capsys):
+  from sodec_jax import bench
+
+  capsys.readouterr()
+  argv = ["--what", "indexes", "--checkpoint", micro_workdir, "--size", "64", "--repeats", "1"]
+  assert bench.main(argv) == 0
+  out = capsys.readouterr().out
+  for case in ("indexes, exact", "indexes, float", "compress, exact", "decompress, float"):
+    assert case in out
+  assert "load average" in out and "file bytes: exact" in out
+
+
 def test_bench_codec_bfloat16_runs(micro_workdir, capsys):
   out = _bench(capsys, "--checkpoint", micro_workdir, "--dtype", "bfloat16")
   assert "bfloat16" in out and "batch 8" in out

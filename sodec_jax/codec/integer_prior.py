@@ -41,6 +41,8 @@ import math
 
 import numpy as np
 
+from sodec_jax.codec import host_blas
+
 W_MAX = 1 << 15  # target largest |integer weight| per output channel
 HIDDEN_SCALE = 1 << 12  # S of the hidden activations (resolution 2^-12)
 OUTPUT_SCALE = 1 << 16  # S of the last layer's output (the pre-lower-bound sigma)
@@ -48,6 +50,7 @@ EXACT_LIMIT = 1 << 53  # float64 represents every integer below this exactly
 _MAX_DIVISOR = 1 << 28  # w (24-bit mantissa) * D stays exact in float64
 _BLOCK_BYTES = 1 << 25  # GEMM output per block of input rows at run time (32 MiB)
 _POST_ELEMENTS = 1 << 16  # outputs per chunk of bias + rounding division + clip
+_SPARE_CPUS = 2  # CPUs the indexer's GEMMs leave to XLA (P runs meanwhile; see host_blas)
 
 
 def rounding_div(acc: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -164,8 +167,9 @@ class IntegerScaleIndexer:
     if z.ndim != 4:
       raise ValueError(f"z_hat must be [B, h, w, N], got shape {z.shape}")
     a = np.clip(np.round(z.astype(np.float64)), -self.in_max, self.in_max).astype(np.int64)
-    for layer in self.layers:
-      a = layer(a)
+    with host_blas.limited(host_blas.cpu_count() - _SPARE_CPUS):
+      for layer in self.layers:
+        a = layer(a)
     return a
 
   def __call__(self, z_hat) -> np.ndarray:
