@@ -6,6 +6,8 @@
   --what unet|vae  jitted SD 2.1 UNet / VAE decoder latency (sodec_jax.benchmarks.diffusion).
   --what codec     jitted codec encode/decode latency per stage, batch 1/8 throughput, optional
                    PyTorch reference (sodec_jax.benchmarks.codec).
+  --what indexes   the exact scale indexes (host integer network) against float32-sigma indexes:
+                   alone and inside api.compress / decompress (sodec_jax.benchmarks.indexes).
   --what train     one training step of --config configs/<experiment>.py on 1 and N devices:
                    compile time, step time, images/s, FLOPs, MFU, memory (sodec_jax.benchmarks.train).
   --what gpu-check the prepared accelerator check (sodec_jax.benchmarks.gpu_check): decode and
@@ -132,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--what",
     required=True,
-    choices=["entropy", "unet", "vae", "codec", "train", "gpu-check", "data", "memory"],
+    choices=["entropy", "unet", "vae", "codec", "indexes", "train", "gpu-check", "data", "memory"],
   )
   p.add_argument("--checkpoint", default="", help="a training workdir (default: random weights)")
   p.add_argument(
@@ -210,6 +212,10 @@ def main(argv=None) -> int:
       from sodec_jax.benchmarks import codec as codec_benchmark
 
       codec_benchmark.run_codec(args)
+    elif args.what == "indexes":  # exact vs float scale indexes (benchmarks/indexes.py)
+      from sodec_jax.benchmarks import indexes as indexes_benchmark
+
+      indexes_benchmark.run_indexes(args)
     elif args.what == "unet":  # the SD 2.1 UNet / VAE decoder (benchmarks/diffusion.py)
       diffusion_benchmark.run_unet(args)
     else:

@@ -31,7 +31,7 @@ def _bench(capsys, *args):
 
 def test_bench_codec_without_reference(micro_workdir, capsys):
   out = _bench(capsys, "--checkpoint", micro_workdir)
-  for stage in ("E + H_a", "P", "range encode", "range decode", "D_a", "total"):
+  for stage in ("E + H_a", "P", "exact indexes", "range encode", "range decode", "D_a", "total"):
     assert stage in out
   assert "batch 1: encode" in out and "batch 8: encode" in out
   assert "JAX/torch" not in out and "first call" in out
@@ -58,8 +58,10 @@ def test_bench_codec_with_torch_reference(micro_workdir):
   assert set(ratios) == {
     ("encode", "E + H_a"),
     ("encode", "P"),
+    ("encode", "exact indexes"),
     ("encode", "range encode"),
     ("encode", "total"),
+    ("decode", "exact indexes"),
     ("decode", "range decode"),
     ("decode", "P"),
     ("decode", "D_a"),
@@ -68,6 +70,18 @@ def test_bench_codec_with_torch_reference(micro_workdir):
   assert all(np.isfinite(v) and v > 0 for v in ratios.values())
   assert r["parity"]["max_abs_uint8_diff"] <= 1
   assert set(r["throughput"]) == {1, 2} and r["throughput"][2]["decode_img_s"] > 0
+
+
+def test_bench_indexes_times_exact_and_float(micro_workdir, capsys):
+  from sodec_jax import bench
+
+  capsys.readouterr()
+  argv = ["--what", "indexes", "--checkpoint", micro_workdir, "--size", "64", "--repeats", "1"]
+  assert bench.main(argv) == 0
+  out = capsys.readouterr().out
+  for case in ("indexes, exact", "indexes, float", "compress, exact", "decompress, float"):
+    assert case in out
+  assert "load average" in out and "file bytes: exact" in out
 
 
 def test_bench_codec_bfloat16_runs(micro_workdir, capsys):
@@ -180,6 +194,7 @@ def test_diffusion_decoder_components():
   stages = decode_stages(loaded, data)
   names = [s.name for s in stages]
   assert names == [
+    "exact indexes",
     "range decode",
     "P",
     "D_a",

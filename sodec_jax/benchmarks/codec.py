@@ -28,7 +28,8 @@ spread; the first call (compilation + one run) is reported apart. With the refer
 torch calls alternate (a, b, a, b, ...) so both see the same background load. The stages are a
 list of named steps (`encode_stages` / `decode_stages`, the public steps of `sodec_jax.api`):
 the one-step diffusion decoder adds its own (extractor F, projection F_p, H_s/T_s, UNet, D_m)
-after D_a there. "total" is the public API call
+after D_a there. "exact indexes" is the host integer network that picks each y symbol's model
+(codec/integer_prior.py), timed apart from the range coding it feeds. "total" is the public API call
 (`sodec_jax.api.compress` / `decompress`) end to end, host glue included. Throughput runs whole
 batches (1 and 8 images) through `api.compress_batch` / `decompress_batch`: the neural pieces
 batched in one jitted call, range coding per image.
@@ -228,8 +229,6 @@ def _block(out):
 
 
 def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
-  import dataclasses
-
   import jax.numpy as jnp
 
   from sodec_jax import api
@@ -239,9 +238,11 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
   z_hat = jnp.asarray(lat.z_hat)
   h, w = image.shape[:2]
 
-  def range_encode():  # the exact scale indexes (host integer network) + range coding, as
-    # decode_latents computes them inside the range decode stage
-    return api.pack(loaded, dataclasses.replace(lat, indexes=loaded.indexer(lat.z_hat)), h, w)
+  def indexes():  # the exact scale indexes (host integer network, codec/integer_prior.py)
+    return loaded.indexer(lat.z_hat)
+
+  def range_encode():  # range coding alone (the indexes given)
+    return api.pack(loaded, lat, h, w)
 
   t = {}
   if ref is not None:
@@ -268,6 +269,7 @@ def encode_stages(loaded, image: np.ndarray, ref=None) -> list[Stage]:
   return [
     Stage("E + H_a", "encode", lambda: _block(api.analysis(loaded, x)), t.get("E + H_a")),
     Stage("P", "encode", lambda: _block(api.prior(loaded, z_hat)), t.get("P")),
+    Stage("exact indexes", "encode", indexes, indexes if ref is not None else None, shared=True),
     Stage(
       "range encode", "encode", range_encode, range_encode if ref is not None else None, shared=True
     ),
@@ -284,9 +286,14 @@ def decode_stages(loaded, data: bytes, ref=None, winograd=None) -> list[Stage]:
   _, y_hat_np, z_hat_np = api.decode_latents(loaded, data)
   z_hat, y_hat = jnp.asarray(z_hat_np), jnp.asarray(y_hat_np)
   mu_sigma = tuple(np.asarray(a) for a in api.prior(loaded, z_hat))
+  given_indexes = loaded.indexer(z_hat_np)
+  given = dataclasses.replace(loaded, indexer=lambda _: given_indexes)
 
-  def range_decode():  # the container and both streams; P's output given (P is timed apart)
-    return api.decode_latents(loaded, data, lambda _: mu_sigma)
+  def indexes():  # the exact scale indexes (host integer network, codec/integer_prior.py)
+    return loaded.indexer(z_hat_np)
+
+  def range_decode():  # the container and both streams; P's output and the indexes given (each
+    return api.decode_latents(given, data, lambda _: mu_sigma)  # is timed apart)
 
   t = {}
   if ref is not None:
@@ -301,6 +308,7 @@ def decode_stages(loaded, data: bytes, ref=None, winograd=None) -> list[Stage]:
       "total": lambda: torch_decompress(ref, loaded, data),
     }
   stages = [
+    Stage("exact indexes", "decode", indexes, indexes if ref is not None else None, shared=True),
     Stage(
       "range decode", "decode", range_decode, range_decode if ref is not None else None, shared=True
     ),

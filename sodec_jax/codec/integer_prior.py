@@ -22,11 +22,15 @@ arithmetic, 80 digits) from the exact table formula scale_min * (max / min)^(j /
 
 Exactness: every derivation step is an exactly rounded float64 operation on the stored float32
 bits (products by powers of two and by integers < 2^29, one division, floor/round) or decimal
-arithmetic, so every machine derives the same integers. At run time the convolutions are float64
-GEMMs (one per output phase, its taps side by side) of integer-valued arrays; `derive` asserts
-that for every output the sum of |W| * A_{l-1} over the taps that reach it, plus |B|, is below
-2^53, so every partial sum in any order (BLAS blocking, threads, FMA) is an exactly represented
-integer. The rounding division and clip are int64 numpy ops.
+arithmetic, so every machine derives the same integers. At run time each convolution is a
+float64 GEMM of integer-valued arrays (every input pixel times every tap's weights) whose
+products are added into a float64 canvas at their output positions (IntegerLayer.__call__;
+entries outside the cropped output are discarded). Every value formed on the way for an output
+(a GEMM partial sum in any order: BLAS blocking, threads, FMA; its canvas entry after any of
+its additions) is a sum of a subset of that output's terms W * a, and `derive`
+asserts that for every output the sum of |W| * A_{l-1} over the taps that reach it, plus |B|,
+is below 2^53, so each of them is an exactly represented integer. The bias, rounding division
+and clip are int64 numpy ops.
 """
 
 from __future__ import annotations
@@ -37,12 +41,16 @@ import math
 
 import numpy as np
 
+from sodec_jax.codec import host_blas
+
 W_MAX = 1 << 15  # target largest |integer weight| per output channel
 HIDDEN_SCALE = 1 << 12  # S of the hidden activations (resolution 2^-12)
 OUTPUT_SCALE = 1 << 16  # S of the last layer's output (the pre-lower-bound sigma)
 EXACT_LIMIT = 1 << 53  # float64 represents every integer below this exactly
 _MAX_DIVISOR = 1 << 28  # w (24-bit mantissa) * D stays exact in float64
-_BLOCK_BYTES = 1 << 25  # gathered input per GEMM at run time (32 MiB)
+_BLOCK_BYTES = 1 << 25  # GEMM output per block of input rows at run time (32 MiB)
+_POST_ELEMENTS = 1 << 16  # outputs per chunk of bias + rounding division + clip
+_SPARE_CPUS = 2  # CPUs the indexer's GEMMs leave to XLA (P runs meanwhile; see host_blas)
 
 
 def rounding_div(acc: np.ndarray, d: np.ndarray) -> np.ndarray:
@@ -100,63 +108,46 @@ class IntegerLayer:
   stride: int
   padding: int
   output_padding: int
+  # float64 [I, k * k * O]: every tap's weights side by side (the GEMM's right-hand side)
+  taps: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+
+  def __post_init__(self):
+    k, _, cin, cout = self.weight.shape
+    wall = np.ascontiguousarray(
+      np.asarray(self.weight, np.float64).transpose(2, 0, 1, 3).reshape(cin, k * k * cout)
+    )
+    object.__setattr__(self, "taps", wall)
 
   def __call__(self, a: np.ndarray) -> np.ndarray:
-    """a int64 [B, H, W, I] -> int64 [B, H', W', O], H' = (H - 1) s - 2 p + k + op.
+    """a int64 or float64 (integer values) [B, H, W, I] -> int64 [B, H', W', O],
+    H' = (H - 1) s - 2 p + k + op.
 
-    Gather form, one output phase (oh mod s, ow mod s) at a time: out[s m + r] sums
-    x[m + (r + p - kh) / s] @ W[kh] over the taps kh of that phase, as one GEMM of the
-    phase's taps side by side ([rows, taps * I] @ [taps * I, O]) over blocks of output rows
-    (at most ~_BLOCK_BYTES of gathered input at once)."""
+    Scatter form: one GEMM per block of input rows gives every input pixel's contribution to
+    each of its k x k taps ([B rows W, I] @ [I, k k O]); each tap's plane is added into a
+    float64 canvas at its stride-s offset (canvas[s i + kh, s j + kw] += x[i, j] @ W[kh, kw]),
+    and the canvas, cropped by the padding, is the sum. Blocks hold ~_BLOCK_BYTES of GEMM
+    output."""
+    a = np.asarray(a)
     b, h, w, cin = a.shape
     k, s, p, op = self.weight.shape[0], self.stride, self.padding, self.output_padding
     cout = self.weight.shape[3]
     ho, wo = (h - 1) * s - 2 * p + k + op, (w - 1) * s - 2 * p + k + op
-    x = a.astype(np.float64)
+    canvas = np.zeros((b, max((h - 1) * s + k, p + ho), max((w - 1) * s + k, p + wo), cout))
+    x = a.astype(np.float64, copy=False)
+    rows = max(1, _BLOCK_BYTES // (8 * b * w * k * k * cout))
+    for i0 in range(0, h, rows):
+      i1 = min(h, i0 + rows)
+      y = (x[:, i0:i1].reshape(-1, cin) @ self.taps).reshape(b, i1 - i0, w, k, k, cout)
+      for kh in range(k):
+        for kw in range(k):
+          canvas[:, s * i0 + kh : s * (i1 - 1) + kh + 1 : s, kw : s * (w - 1) + kw + 1 : s] += y[
+            :, :, :, kh, kw
+          ]
     out = np.empty((b, ho, wo, cout), np.int64)
-    for rh in range(min(s, ho)):
-      taps_h = [(kh, (rh + p - kh) // s) for kh in range(k) if (rh + p - kh) % s == 0]
-      mh = -(-(ho - rh) // s)  # output rows of this phase
-      for rw in range(min(s, wo)):
-        taps_w = [(kw, (rw + p - kw) // s) for kw in range(k) if (rw + p - kw) % s == 0]
-        mw = -(-(wo - rw) // s)
-        out[:, rh::s, rw::s] = self._phase(x, taps_h, taps_w, mh, mw)
-    return out
-
-  def _phase(self, x: np.ndarray, taps_h, taps_w, mh: int, mw: int) -> np.ndarray:
-    """One output phase: int64 [B, mh, mw, O] (bias, rounding division and clip applied)."""
-    b, h, w, cin = x.shape
-    cout = self.weight.shape[3]
-    if not taps_h or not taps_w:
-      acc = np.zeros((b, mh, mw, cout), np.int64) + self.bias
-      return np.clip(rounding_div(acc, self.divisor), 0, self.out_max)
-    dh, dw = [d for _, d in taps_h], [d for _, d in taps_w]
-    top, left = max(0, -min(dh)), max(0, -min(dw))
-    xp = np.pad(
-      x,
-      (
-        (0, 0),
-        (top, max(0, mh - 1 + max(dh) - (h - 1))),
-        (left, max(0, mw - 1 + max(dw) - (w - 1))),
-        (0, 0),
-      ),
-    )
-    wmat = np.concatenate([self.weight[kh, kw] for kh, _ in taps_h for kw, _ in taps_w])
-    taps = len(taps_h) * len(taps_w)
-    rows = max(1, _BLOCK_BYTES // (8 * mw * taps * cin))
-    out = np.empty((b, mh, mw, cout), np.int64)
-    for m0 in range(0, mh, rows):
-      m1 = min(mh, m0 + rows)
-      cols = np.concatenate(
-        [
-          xp[:, top + d0 + m0 : top + d0 + m1, left + d1 : left + d1 + mw]
-          for _, d0 in taps_h
-          for _, d1 in taps_w
-        ],
-        axis=-1,
-      )
-      acc = (cols.reshape(-1, taps * cin) @ wmat).astype(np.int64).reshape(b, m1 - m0, mw, cout)
-      out[:, m0:m1] = np.clip(rounding_div(acc + self.bias, self.divisor), 0, self.out_max)
+    rows = max(1, _POST_ELEMENTS // (b * wo * cout))  # bias, division, clip: cache-sized
+    for i0 in range(0, ho, rows):
+      acc = canvas[:, p + i0 : p + min(ho, i0 + rows), p : p + wo].astype(np.int64) + self.bias
+      out[:, i0 : i0 + rows] = np.clip(rounding_div(acc, self.divisor), 0, self.out_max)
     return out
 
 
@@ -176,8 +167,9 @@ class IntegerScaleIndexer:
     if z.ndim != 4:
       raise ValueError(f"z_hat must be [B, h, w, N], got shape {z.shape}")
     a = np.clip(np.round(z.astype(np.float64)), -self.in_max, self.in_max).astype(np.int64)
-    for layer in self.layers:
-      a = layer(a)
+    with host_blas.limited(host_blas.cpu_count() - _SPARE_CPUS):
+      for layer in self.layers:
+        a = layer(a)
     return a
 
   def __call__(self, z_hat) -> np.ndarray:

@@ -135,6 +135,48 @@ def test_integer_layer_is_the_transposed_convolution(k, s, p, op):
   )
 
 
+def _transposed_conv_int64(x, w, k, s, p, op):
+  """Reference: the transposed convolution by its definition, in int64 (exact: |sums| < 2^63).
+  out[b, s i + kh - p, s j + kw - p, o] += sum_c x[b, i, j, c] w[kh, kw, c, o]."""
+  b, h, wd, _ = x.shape
+  ho, wo = (h - 1) * s - 2 * p + k + op, (wd - 1) * s - 2 * p + k + op
+  full = np.zeros((b, (h - 1) * s + k + op, (wd - 1) * s + k + op, w.shape[3]), np.int64)
+  for kh in range(k):
+    for kw in range(k):
+      full[:, kh : kh + s * (h - 1) + 1 : s, kw : kw + s * (wd - 1) + 1 : s] += np.einsum(
+        "bijc,co->bijo", x, w[kh, kw]
+      )
+  return full[:, p : p + ho, p : p + wo]
+
+
+@pytest.mark.parametrize("k,s,p,op", [(5, 2, 2, 1), (3, 1, 1, 0), (4, 2, 1, 0), (3, 2, 0, 1)])
+def test_integer_layer_is_exact_at_the_bound(k, s, p, op, monkeypatch):
+  """Weights near +-W_MAX and inputs near +-A with A as large as the 2^53 bound allows: the
+  float64 GEMM + canvas sums (blocked down to single rows) equal int64 arithmetic bit for bit."""
+  rng = np.random.default_rng(k * 10 + s + op)
+  cin, cout = 5, 3
+  taps = math.ceil(k / s) ** 2 * cin
+  a_max = 1 << int(math.floor(math.log2((1 << 52) / (taps * integer_prior.W_MAX))))
+  sign = lambda shape: rng.choice([-1, 1], shape)  # noqa: E731
+  w = sign((k, k, cin, cout)) * rng.integers(
+    integer_prior.W_MAX - 999, integer_prior.W_MAX + 1, (k, k, cin, cout)
+  )
+  x = sign((3, 4, 5, cin)) * rng.integers(a_max - 99_999, a_max + 1, (3, 4, 5, cin))
+  x[0] = a_max * np.sign(w[0, 0, :, 0])  # one image at the largest |sum| channel 0 can reach
+  ref = _transposed_conv_int64(x, w, k, s, p, op)
+  assert np.abs(ref).max() > 1 << 50  # near the bound: float32 or a lost low bit would show
+  bias = rng.integers(-(1 << 50), 1 << 50, cout)
+  div = np.asarray([1, 3, (1 << 28) - 1], np.int64)
+  acc = ref + bias
+  expect = np.clip(integer_prior.rounding_div(acc, div), 0, 1 << 40)
+  assert np.any(acc % div != 0) and 0 < np.mean(expect > 0) < 1
+  monkeypatch.setattr(integer_prior, "_BLOCK_BYTES", 1)  # one input row per GEMM
+  monkeypatch.setattr(integer_prior, "_POST_ELEMENTS", 7)  # and per division chunk
+  layer = integer_prior.IntegerLayer(w.astype(np.float64), bias, div, 1 << 40, s, p, op)
+  np.testing.assert_array_equal(layer(x), expect)
+  np.testing.assert_array_equal(layer(x.astype(np.float64)), expect)
+
+
 def test_derivation_is_bounded_and_deterministic(spread, params):
   ix = spread.indexer
   for layer in ix.layers:
