@@ -33,6 +33,7 @@ def make_micro_config(**overrides):
   c.model.hyper_channels = 4
   c.model.decoder_filters = (8, 8, 8, 4, 4)
   c.model.decoder_residual_blocks = 1
+  c.diffusion.tiny_latent_channels = 4  # SD's (configs/tiny.py uses 16), smaller and faster
   c.data.crop_size = 64
   c.data.batch_size = 2
   c.train.num_steps = 4
@@ -68,7 +69,6 @@ def make_micro_sodec_config(stage: int = 2, **overrides):
 
   c = make_micro_config()
   c.diffusion.unet = c.diffusion.vae = "tiny"
-  c.diffusion.tiny_latent_channels = 4  # SD's (configs/tiny.py uses 16)
   c.diffusion.lora_rank, c.diffusion.lora_alpha = 2, 2.0
   c.guidance.extractor_config = "tiny"
   c.sodec.hyper_synthesis_channels = c.sodec.transform_channels = 8
