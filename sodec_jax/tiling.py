@@ -242,8 +242,9 @@ OVERLAP = {"fidelity": 8, "content": 3, "unet": 32, "vae": 16}
 #: PASS_TOLERANCE (RMS of the change / RMS of the output) or MAX_PASSES.
 MAX_PASSES, PASS_TOLERANCE = 4, 1e-3
 #: A self-attention's whole-image keys and values are average-pooled until at most KV_RATIO x
-#: its window's tokens remain (1024x1024 with windows of half the latent's side: no pooling).
-KV_RATIO = 4
+#: its window's tokens remain, so that a window program's memory follows its window, not the
+#: image (1: 2x2 pooling for windows of half the latent's side; docs/PERFORMANCE.md compares 4).
+KV_RATIO = 1
 
 
 @dataclasses.dataclass

@@ -1,8 +1,9 @@
 """Tiled decoding on a memory budget (sodec_jax/tiling.py, api.decompress(max_memory=...)).
 
 Fast tests: the size parser, the windows and their blending weights, the whole-image GroupNorm
-statistics (the micro codec decoding within budgets: tests/codec/test_tiled_decode.py). The
-diffusion decoder at 1024x1024 (tiled vs whole: PSNR, seams, two budgets) is slow (`-m slow`)."""
+statistics and self-attention keys (the micro codec decoding within budgets:
+tests/codec/test_tiled_decode.py). The diffusion decoder in windows (128x128; 1024x1024: tiled
+vs whole, PSNR, seams, two budgets) is slow (`-m slow`: it compiles the whole micro SODEC)."""
 
 from __future__ import annotations
 
@@ -138,11 +139,13 @@ def test_pool_tokens_averages_blocks_and_the_partial_edge():
 
 
 # --------------------------------------------------------------------------- the diffusion decoder
+@pytest.mark.slow
 def test_diffusion_decoder_in_windows_at_128():
   """The micro SODEC (random weights) on a 128x128 crop with the UNet and D_m in windows of half
-  the latent's side: the windows see the whole image's keys and values (no pooling at this
-  size) and the tiled decode stays within the floor measured for it against the whole one
-  (23.7 dB: windows this small are mostly receptive-field margin; 1024x1024: the slow test)."""
+  the latent's side: the windows see the whole image's keys and values (pooled to KV_RATIO x a
+  window's tokens) and the tiled decode stays within the floor measured for it against the
+  whole one (23.7 dB: windows this small are mostly receptive-field margin; 1024x1024: the slow
+  test)."""
   from sodec_jax.pretrained import build_model
 
   c = make_micro_sodec_config(2)
@@ -156,7 +159,12 @@ def test_diffusion_decoder_in_windows_at_128():
   for name in tiles:
     stage = plan.stages[name]
     assert stage.grid.tile == (8, 8) and stage.needs_passes
-    assert [k[3] for k in stage.kv_layers if k] and all(k[3] == 1 for k in stage.kv_layers if k)
+    layers = [k for k in stage.kv_layers if k]  # (H, W, C, pool) of each self-attention
+    assert layers
+    for h, w, _, pool in layers:  # the fewest pooled keys above KV_RATIO x a window's tokens
+      window, ratio = (h // 2) * (w // 2), tiling.KV_RATIO
+      assert -(-h // pool) * -(-w // pool) <= ratio * window
+      assert pool == 1 or -(-h // (pool // 2)) * -(-w // (pool // 2)) > ratio * window
   assert _psnr(np.round(np.clip(x[0], 0, 1) * 255), whole) >= 23.0
 
 
@@ -177,9 +185,9 @@ def test_diffusion_decoder_tiled_against_whole_at_1024():
   _, y_hat, z_hat = api.decode_latents(model, data)
   whole = np.round(np.clip(np.asarray(api.reconstruct(model, y_hat, z_hat)[0][0]), 0, 1) * 255)
   results = {}
-  # 120MiB: the UNet on the whole latent, D_m in 4 windows; 60MiB: the UNet in windows too
-  # (its receptive field is wider than the windows' margins: the approximation that costs most)
-  for budget, floor in (("120MiB", 40.0), ("60MiB", 33.0)):
+  # 120MiB: the UNet on the whole latent, D_m in windows; 60MiB: the UNet in windows too (its
+  # receptive field is wider than the windows' margins, and the passes converge slowly)
+  for budget, floor in (("120MiB", 55.0), ("60MiB", 32.0)):
     x = np.round(np.clip(api.decode_within(model, y_hat, z_hat, budget)[0], 0, 1) * 255)
     plan = model._plans[(y_hat.shape, z_hat.shape, tiling.parse_bytes(budget), ())]
     assert isinstance(plan, tiling.Plan)
@@ -189,4 +197,4 @@ def test_diffusion_decoder_tiled_against_whole_at_1024():
     assert _psnr(x, whole) >= floor and ratio <= 1.5
     results[budget] = x
   print(f"two budgets: PSNR {_psnr(results['120MiB'], results['60MiB']):.2f} dB")
-  assert _psnr(results["120MiB"], results["60MiB"]) >= 33.0
+  assert _psnr(results["120MiB"], results["60MiB"]) >= 32.0
