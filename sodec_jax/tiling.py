@@ -1,7 +1,8 @@
 """Tiled decoding on bounded memory: the decoder run on overlapping windows of one size.
 
-(A little over 450 lines: the windows, their weights, the whole-image statistics and the stage
-programs depend on one another's conventions and read best in one place.)
+(A little over 450 lines: the windows, their weights, the stage programs and their passes depend
+on one another's conventions and read best in one place; the whole-image context the windows
+share is in sodec_jax/tile_context.py.)
 
     plan = tiling.plan_decode(graphdef, state, y_shape, z_shape, budget)   # None: fits whole
     x_hat = tiling.decode_tiled(plan, y_hat, z_hat)    # float32 [1, H', W', 3] (host numpy)
@@ -15,19 +16,22 @@ window size (all windows of a stage have one shape, so one compiled program per 
   D_a    y_hat [1, h, w, C] (base: h, w) -> x_f [1, 16h, 16w, 3]         (codec: the output)
   c_g    F_p(F(x_f)) once for the whole image (F sees it resized to its 224x224 view anyway)
   T_s    (z_hat at h/4, y_hat at h) (base: h/4) -> y_t [1, 2h, 2w, 4]
-  UNet   y_t (base: 2h) -> x0 = predict_x0(y_t, UNet(y_t, t, c_g))      (two passes, see below)
-  D_m    x0 / s (base: 2h) -> (D_m(.) + 1) / 2 [1, 16h, 16w, 3]         (two passes)
+  UNet   y_t (base: 2h) -> x0 = predict_x0(y_t, UNet(y_t, t, c_g))      (passes, see below)
+  D_m    x0 / s (base: 2h) -> (D_m(.) + 1) / 2 [1, 16h, 16w, 3]         (passes)
 D_a and T_s hold only per-pixel ChannelNorms: a window equals the whole image's result wherever
 the receptive field stays inside it, and the blending ramps hide the rest. The UNet and D_m
-hold GroupNorms whose statistics span the whole image: a first pass over the windows records
-each GroupNorm's per-group count, mean and centred sum of squares (weighted by the window's
-share of each position, so every position counts once; combined on the host in float64), and
-the second pass normalises every window with those whole-image statistics (the first pass's
-own normalisation is per window, so the deeper layers' statistics are approximate, to second
-order). What stays approximate: self-attention (the UNet's transformer blocks, D_m's mid-block)
-sees only its window's tokens, and receptive fields are cut at window borders (hidden by the
-blending). The windows of the UNet start on multiples of its total downsampling, so a window's
-strided convolutions sample the same grid as the whole image's.
+hold GroupNorms whose statistics span the whole image and self-attention over every position
+(the UNet's transformer blocks, D_m's mid-block): a first pass over the windows records each
+GroupNorm's statistics and each self-attention's keys and values, weighted by the window's
+share of each position (sodec_jax/tile_context.py); the next pass normalises every window with
+the whole-image statistics and lets its queries attend to the whole-image keys and values
+(average-pooled when there are more than KV_RATIO x a window's tokens). What the first pass
+recorded is itself approximate (its windows used their own statistics and attention), so passes
+repeat until the output stops changing (MAX_PASSES, PASS_TOLERANCE). What stays approximate:
+receptive fields cut at window borders (hidden by the blending), the convergence left after
+the last pass, and pooled keys on large images. The windows of the UNet start on multiples of
+its total downsampling, so a window's strided convolutions sample the same grid as the whole
+image's.
 
 The window sizes come from a memory budget (`plan_decode`): for each stage, the largest window
 whose compiled program (`jax.jit(f).lower(...).compile().memory_analysis()`: arguments, which
@@ -49,8 +53,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sodec_jax.diffusion.blocks import GroupNorm
 from sodec_jax.errors import SodecError
+from sodec_jax.tile_context import (
+  KVAccumulator,
+  StatsAccumulator,
+  TileAttention,
+  TileNorm,
+  attentions,
+  group_norms,
+)
 
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
@@ -151,85 +162,12 @@ class Grid:
     ]
 
 
-# --------------------------------------------------------------------------- whole-image GroupNorm
-def _resize_weights(w: jax.Array, hw) -> jax.Array:
-  """Base-resolution window weights [th, tw] -> [h, w] (nearest up by an integer factor, or the
-  mean over factor x factor blocks down)."""
-  (th, tw), (h, wd) = w.shape, hw
-  if h >= th:
-    if h % th or wd % tw or h // th != wd // tw:
-      raise ValueError(f"GroupNorm input {hw} is not an integer multiple of the window {w.shape}")
-    f = h // th
-    return jnp.repeat(jnp.repeat(w, f, axis=0), f, axis=1)
-  if th % h or tw % wd or th // h != tw // wd:
-    raise ValueError(f"GroupNorm input {hw} does not divide the window {w.shape}")
-  f = th // h
-  return w.reshape(h, f, wd, f).mean(axis=(1, 3))
-
-
-class TileNorm:
-  """The hook GroupNorm.tile_norm calls in a window: records this window's weighted statistics
-  (count, mean, centred sum of squares per group) and returns either the window's own statistics
-  (pass 1) or the whole image's (pass 2, `use_global` true), shaped [1, 1, G, 1]."""
-
-  def __init__(self, weights: jax.Array, stats, use_global: jax.Array):
-    self.weights, self.stats, self.use_global = weights, stats, use_global
-    self.recorded = []
-
-  def __call__(self, norm: GroupNorm, xg: jax.Array, hw):
-    if xg.shape[0] != 1:
-      raise ValueError("tiled GroupNorm statistics are for batch 1")
-    w = _resize_weights(self.weights, hw).reshape(1, -1, 1, 1)
-    count = jnp.sum(w) * xg.shape[3]
-    mean_w = jnp.sum(w * xg, axis=(1, 3), keepdims=True) / jnp.maximum(count, 1e-12)
-    m2 = jnp.sum(w * jnp.square(xg - mean_w), axis=(1, 3))
-    if self.recorded:
-      raise ValueError("a GroupNorm ran twice in one window; tiled statistics need one call")
-    self.recorded.append((count, mean_w.reshape(-1), m2.reshape(-1)))
-    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
-    var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
-    g = xg.shape[2]
-    gmean, gvar = (s.reshape(1, 1, g, 1) for s in self.stats)
-    return jnp.where(self.use_global, gmean, mean), jnp.where(self.use_global, gvar, var)
-
-
-def group_norms(module) -> list[GroupNorm]:
-  """The GroupNorms of `module`, in a fixed (graph) order."""
-  return [m for _, m in nnx.iter_modules(module) if isinstance(m, GroupNorm)]
-
-
-class StatsAccumulator:
-  """Combines the windows' (count, mean, M2) per GroupNorm and group in float64 (Chan et al.'s
-  parallel variance) -> [(mean [G], var [G]) float32] in group_norms order."""
-
-  def __init__(self, groups: list[int]):
-    self.n = [np.zeros(()) for _ in groups]
-    self.mean = [np.zeros(g) for g in groups]
-    self.m2 = [np.zeros(g) for g in groups]
-
-  def add(self, recorded) -> None:
-    for k, (count, mean, m2) in enumerate(recorded):
-      count, mean, m2 = float(count), np.asarray(mean, np.float64), np.asarray(m2, np.float64)
-      if count <= 0:
-        continue
-      total = self.n[k] + count
-      delta = mean - self.mean[k]
-      self.m2[k] = self.m2[k] + m2 + delta**2 * self.n[k] * count / total
-      self.mean[k] = self.mean[k] + delta * count / total
-      self.n[k] = total
-
-  def stats(self):
-    return [
-      (m.astype(np.float32), (m2 / max(float(n), 1e-12)).astype(np.float32))
-      for n, m, m2 in zip(self.n, self.mean, self.m2)
-    ]
-
-
 # --------------------------------------------------------------------------- the stage programs
 @dataclasses.dataclass
 class Stage:
-  """One tiled stage: `fn(state, *inputs, weights, stats, use_global) -> (output window,
-  recorded statistics)` jitted; inputs at `factors` x the base grid, output at `out_factor`."""
+  """One tiled stage: `fn(state, *inputs, weights, stats, kv, use_global) -> (output window,
+  recorded statistics, recorded keys and values)` jitted (tile_context); inputs at `factors` x
+  the base grid, output at `out_factor`."""
 
   name: str
   fn: Callable
@@ -237,23 +175,40 @@ class Stage:
   out_factor: int
   grid: Grid
   norms: list[int]  # groups of each GroupNorm (empty: no statistics passes)
+  # per attention layer (tile_context.attentions order): None, or a self-attention's whole-image
+  # (H, W, C, pool) at its resolution (set by _compile for the window size)
+  kv_layers: list = dataclasses.field(default_factory=list)
   compiled: Any = None
   bytes: int = 0
 
+  @property
+  def needs_passes(self) -> bool:
+    """Whether a window sees less than the whole image's statistics or keys."""
+    whole = self.grid.tile == self.grid.n
+    return not whole and (bool(self.norms) or any(k is not None for k in self.kv_layers))
+
 
 def _stage_fns(graphdef):
-  """The per-window programs of the decoder stages (see the module docstring)."""
+  """The per-window programs of the decoder stages (see the module docstring). `kv` None: shape
+  probing (every self-attention on its window's own keys); (): no self-attention hooks (a
+  whole-grid window)."""
 
   def with_norms(module_of, body):
     def fn(state, *args):
-      *inputs, weights, stats, use_global = args
+      *inputs, weights, stats, kv, use_global = args
       m = nnx.merge(graphdef, state)
-      norms = group_norms(module_of(m))
+      module = module_of(m)
       hooks = [TileNorm(weights, s, use_global) for s in stats]
-      for n, h in zip(norms, hooks):
+      for n, h in zip(group_norms(module), hooks):
         n.tile_norm = h
+      layers = attentions(module)
+      if kv == ():  # a whole-grid window: attention as without windows
+        layers = []
+      kv_hooks = [TileAttention(weights, a, use_global) for a in kv or [None] * len(layers)]
+      for a, h in zip(layers, kv_hooks):
+        a.tile_kv = h
       out = body(m, *inputs)
-      return out, [h.recorded[0] for h in hooks]
+      return out, [h.recorded[0] for h in hooks], [(h.recorded or [None])[0] for h in kv_hooks]
 
     return fn
 
@@ -283,6 +238,13 @@ def _stage_fns(graphdef):
 #: Overlap of neighbouring windows per stage, in base units (D_a: y = H/16; T_s: z = H/64; UNet
 #: and D_m: the diffusion latent, H/8).
 OVERLAP = {"fidelity": 8, "content": 3, "unet": 32, "vae": 16}
+#: Passes over a stage's windows (tile_context): until the output changes by less than
+#: PASS_TOLERANCE (RMS of the change / RMS of the output) or MAX_PASSES.
+MAX_PASSES, PASS_TOLERANCE = 4, 1e-3
+#: A self-attention's whole-image keys and values are average-pooled until at most KV_RATIO x
+#: its window's tokens remain, so that a window program's memory follows its window, not the
+#: image (1: 2x2 pooling for windows of half the latent's side; docs/PERFORMANCE.md compares 4).
+KV_RATIO = 1
 
 
 @dataclasses.dataclass
@@ -314,21 +276,52 @@ def _spec(shape, dtype=jnp.float32):
   return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
+def _kv_layers(stage: Stage, state, inputs, extra, weights, stats) -> list:
+  """Per attention layer of the stage: None, or (H, W, C, pool) of a self-attention's
+  whole-image keys at its resolution, pooled so that at most KV_RATIO x the window's tokens
+  remain (found by tracing the window program's shapes; None throughout for a whole-grid
+  window)."""
+  if stage.grid.tile == stage.grid.n:
+    return []
+  _, _, recorded = jax.eval_shape(stage.fn, state, *inputs, *extra, weights, stats, None, False)
+  (nh, nw), (th, tw) = stage.grid.n, stage.grid.tile
+  layers = []
+  for rec in recorded:
+    if rec is None:
+      layers.append(None)
+      continue
+    h, w, c = rec[0].shape
+    hh, ww = nh * h // th, nw * w // tw
+    pool = 1
+    while -(-hh // pool) * -(-ww // pool) > KV_RATIO * h * w:
+      pool *= 2
+    layers.append((hh, ww, c, pool))
+  return layers
+
+
+def _pooled_shape(layer) -> tuple[int, int]:
+  """(H, W, C, pool) -> the pooled keys' shape [S, C]."""
+  h, w, c, pool = layer
+  return (-(-h // pool) * -(-w // pool), c)
+
+
 def _compile(stage: Stage, state, channels: tuple[int, ...], extra=(), cache=None):
   """Compiles the stage's window program at its grid's window size (or takes it from `cache`,
-  keyed by stage and window shape); sets compiled and bytes."""
+  keyed by stage and window shape); sets kv_layers, compiled and bytes."""
   key = (stage.name, stage.grid.tile)
   if cache is not None and key in cache:
-    stage.compiled, stage.bytes = cache[key]
+    stage.kv_layers, stage.compiled, stage.bytes = cache[key]
     return stage
   th, tw = stage.grid.tile
   inputs = [_spec((1, th * f, tw * f, c)) for f, c in zip(stage.factors, channels)]
   stats = [(_spec((g,)), _spec((g,))) for g in stage.norms]
-  args = (state, *inputs, *extra, _spec((th, tw)), stats, _spec((), jnp.bool_))
+  stage.kv_layers = _kv_layers(stage, state, inputs, extra, _spec((th, tw)), stats)
+  kv = tuple((_spec(_pooled_shape(k)),) * 2 if k else None for k in stage.kv_layers)
+  args = (state, *inputs, *extra, _spec((th, tw)), stats, kv, _spec((), jnp.bool_))
   stage.compiled = jax.jit(stage.fn).lower(*args).compile()
   stage.bytes = program_bytes(stage.compiled)
   if cache is not None:
-    cache[key] = (stage.compiled, stage.bytes)
+    cache[key] = (stage.kv_layers, stage.compiled, stage.bytes)
   return stage
 
 
@@ -434,33 +427,54 @@ def plan_decode(
   return Plan(graphdef, state, stages, guidance, budget)
 
 
-def _run(stage: Stage, state, inputs, extra=(), stats=None, use_global=False):
-  """One pass of a stage over its windows; returns the blended output (host float32 numpy) and,
-  with norms, the accumulated whole-image statistics of this pass."""
+def _run(stage: Stage, state, inputs, extra=(), context=None):
+  """One pass of a stage over its windows: returns the blended output (host float32 numpy) and
+  the whole-image context this pass recorded ((GroupNorm statistics, self-attention keys and
+  values), tile_context). `context` given: every window uses it (use_global); None: its own."""
   grid, f = stage.grid, stage.out_factor
   (nh, nw), (th, tw) = grid.n, grid.tile
-  out, acc = None, StatsAccumulator(stage.norms)
-  if stats is None:
+  out, acc, kv_acc = None, StatsAccumulator(stage.norms), KVAccumulator(stage.kv_layers)
+  use_global = context is not None
+  if context is None:
     stats = [(np.zeros(g, np.float32), np.ones(g, np.float32)) for g in stage.norms]
+    kv = [
+      None if k is None else (np.zeros(_pooled_shape(k), np.float32),) * 2 for k in stage.kv_layers
+    ]
+    context = (stats, kv)
+  stats, kv = context
   for (r, c, w_base), w_out in zip(grid.windows(), grid.weights_at(f)):
     window = [
       x[:, r * k : (r + th) * k, c * k : (c + tw) * k] for x, k in zip(inputs, stage.factors)
     ]
-    y, recorded = stage.compiled(state, *window, *extra, w_base, stats, np.bool_(use_global))
+    y, recorded, kv_rec = stage.compiled(
+      state, *window, *extra, w_base, stats, tuple(kv), np.bool_(use_global)
+    )
     y = np.asarray(y, np.float32)
     if out is None:
       out = np.zeros((1, nh * f, nw * f, y.shape[-1]), np.float32)
     out[:, r * f : (r + th) * f, c * f : (c + tw) * f] += y * w_out[None, :, :, None]
     acc.add(recorded)
-  return out, acc.stats()
+    kv_acc.add(r, c, th, kv_rec)
+  return out, (acc.stats(), kv_acc.kv())
 
 
 def _run_normalised(stage: Stage, state, inputs, extra=()) -> np.ndarray:
-  """Two passes when the stage holds GroupNorms (whole-image statistics, see above), else one."""
-  out, stats = _run(stage, state, inputs, extra)
-  if not stage.norms or stage.grid.tile == stage.grid.n:  # one window: its statistics are global
+  """Passes over the windows until the output stops changing (at most MAX_PASSES), when a window
+  sees less than the whole image's GroupNorm statistics or self-attention keys: each pass uses
+  the whole-image context the previous one recorded (see tile_context); else one pass."""
+  out, context = _run(stage, state, inputs, extra)
+  if not stage.needs_passes:
     return out
-  return _run(stage, state, inputs, extra, stats, True)[0]
+  last = math.inf
+  for _ in range(MAX_PASSES - 1):
+    new, context = _run(stage, state, inputs, extra, context)
+    change = float(np.sqrt(np.mean((new - out) ** 2) / max(np.mean(new**2), 1e-30)))
+    if change > last:  # moving away: the previous pass was the closest (seen on random models)
+      break
+    out, last = new, change
+    if change < PASS_TOLERANCE:
+      break
+  return out
 
 
 def decode_tiled(plan: Plan, y_hat, z_hat) -> tuple[np.ndarray, np.ndarray]:

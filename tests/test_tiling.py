@@ -1,8 +1,9 @@
 """Tiled decoding on a memory budget (sodec_jax/tiling.py, api.decompress(max_memory=...)).
 
 Fast tests: the size parser, the windows and their blending weights, the whole-image GroupNorm
-statistics (the micro codec decoding within budgets: tests/codec/test_tiled_decode.py). The
-diffusion decoder at 1024x1024 (tiled vs whole: PSNR, seams, two budgets) is slow (`-m slow`)."""
+statistics and self-attention keys (the micro codec decoding within budgets:
+tests/codec/test_tiled_decode.py). The diffusion decoder in windows (128x128; 1024x1024: tiled
+vs whole, PSNR, seams, two budgets) is slow (`-m slow`: it compiles the whole micro SODEC)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sodec_jax import api, tiling
+from sodec_jax import api, tile_context, tiling
+from sodec_jax.diffusion.attention import Attention
 from sodec_jax.diffusion.blocks import GroupNorm
 from sodec_jax.errors import SodecError
 from tests.conftest import ROOT, load_photo, make_micro_sodec_config
@@ -77,10 +79,10 @@ def test_group_norm_with_whole_image_statistics_equals_the_whole_image():
   x = np.asarray(jax.random.normal(jax.random.key(0), (1, 12, 20, 8))) * 3 + 1
   want = np.asarray(norm(x))
   grid = tiling.Grid.make((12, 20), 12, 4)
-  acc = tiling.StatsAccumulator([4])
+  acc = tile_context.StatsAccumulator([4])
   zero = [(np.zeros(4, np.float32), np.ones(4, np.float32))]
   for r, c, w in grid.windows():
-    norm.tile_norm = hook = tiling.TileNorm(w, zero[0], np.bool_(False))
+    norm.tile_norm = hook = tile_context.TileNorm(w, zero[0], np.bool_(False))
     norm(x[:, r : r + 12, c : c + 12])
     acc.add(hook.recorded)
   ((mean, var),) = acc.stats()
@@ -88,14 +90,84 @@ def test_group_norm_with_whole_image_statistics_equals_the_whole_image():
   np.testing.assert_allclose(mean, xg.mean(axis=(1, 3))[0], atol=1e-5)
   np.testing.assert_allclose(var, xg.var(axis=(1, 3))[0], rtol=1e-5)
   for r, c, w in grid.windows():
-    norm.tile_norm = tiling.TileNorm(w, (mean, var), np.bool_(True))
+    norm.tile_norm = tile_context.TileNorm(w, (mean, var), np.bool_(True))
     got = np.asarray(norm(x[:, r : r + 12, c : c + 12]))
     np.testing.assert_allclose(got, want[:, r : r + 12, c : c + 12], atol=2e-5)
   norm.tile_norm = None
   np.testing.assert_array_equal(np.asarray(norm(x)), want)  # the default path is untouched
 
 
+def test_self_attention_with_whole_image_keys_equals_the_whole_image():
+  """Overlapping windows record their weighted keys and values; added up, they are the whole
+  image's, and each window's queries attending to them give the whole image's self-attention
+  there (the hook is used for self-attention only: cross-attention is left alone)."""
+  attn = Attention(8, heads=2, dim_head=4, rngs=nnx.Rngs(0))
+  x = np.asarray(jax.random.normal(jax.random.key(0), (1, 12, 20, 8)))
+  want = np.asarray(attn(x.reshape(1, -1, 8))).reshape(1, 12, 20, 8)
+  queries, context = x[:, 0, :4], np.ones((1, 3, 8), np.float32)
+  cross = np.asarray(attn(queries, context))
+  grid = tiling.Grid.make((12, 20), 12, 4)
+  acc = tile_context.KVAccumulator([(12, 20, 8, 1)])
+  zeros = (np.zeros((240, 8), np.float32),) * 2
+  for r, c, w in grid.windows():
+    attn.tile_kv = hook = tile_context.TileAttention(w, zeros, np.bool_(False))
+    attn(x[:, r : r + 12, c : c + 12].reshape(1, -1, 8))
+    acc.add(r, c, 12, hook.recorded)
+  ((k, v),) = acc.kv()
+  np.testing.assert_allclose(k, np.asarray(attn.to_k(x)).reshape(240, 8), atol=1e-5)
+  np.testing.assert_allclose(v, np.asarray(attn.to_v(x)).reshape(240, 8), atol=1e-5)
+  for r, c, w in grid.windows():
+    attn.tile_kv = hook = tile_context.TileAttention(w, (k, v), np.bool_(True))
+    got = np.asarray(attn(x[:, r : r + 12, c : c + 12].reshape(1, -1, 8)))
+    np.testing.assert_allclose(
+      got.reshape(1, 12, 12, 8), want[:, r : r + 12, c : c + 12], atol=2e-5
+    )
+    np.testing.assert_array_equal(np.asarray(attn(queries, context)), cross)  # not hooked
+    assert len(hook.recorded) == 1
+  attn.tile_kv = None
+  np.testing.assert_array_equal(np.asarray(attn(x.reshape(1, -1, 8))).reshape(want.shape), want)
+
+
+def test_pool_tokens_averages_blocks_and_the_partial_edge():
+  x = np.arange(5 * 3 * 2, dtype=np.float32).reshape(5, 3, 2)
+  got = tile_context.pool_tokens(x, 2)
+  assert got.shape == (3 * 2, 2)
+  np.testing.assert_allclose(got[0], x[:2, :2].reshape(-1, 2).mean(0))
+  np.testing.assert_allclose(got[1], x[:2, 2:].reshape(-1, 2).mean(0))
+  np.testing.assert_allclose(got[5], x[4:, 2:].reshape(-1, 2).mean(0))
+  np.testing.assert_array_equal(tile_context.pool_tokens(x, 1), x.reshape(15, 2))
+
+
 # --------------------------------------------------------------------------- the diffusion decoder
+@pytest.mark.slow
+def test_diffusion_decoder_in_windows_at_128():
+  """The micro SODEC (random weights) on a 128x128 crop with the UNet and D_m in windows of half
+  the latent's side: the windows see the whole image's keys and values (pooled to KV_RATIO x a
+  window's tokens) and the tiled decode stays within the floor measured for it against the
+  whole one (23.7 dB: windows this small are mostly receptive-field margin; 1024x1024: the slow
+  test)."""
+  from sodec_jax.pretrained import build_model
+
+  c = make_micro_sodec_config(2)
+  model = api.prepare(c, build_model(c, nnx.Rngs(0)))
+  data = api.compress(model, load_photo("astronaut.png")[96:224, 160:288])
+  _, y_hat, z_hat = api.decode_latents(model, data)
+  whole = np.round(np.clip(np.asarray(api.reconstruct(model, y_hat, z_hat)[0][0]), 0, 1) * 255)
+  tiles = {"unet": 8, "vae": 8}
+  x = api.decode_within(model, y_hat, z_hat, None, tiles=tiles)
+  plan = model._plans[(y_hat.shape, z_hat.shape, None, tuple(sorted(tiles.items())))]
+  for name in tiles:
+    stage = plan.stages[name]
+    assert stage.grid.tile == (8, 8) and stage.needs_passes
+    layers = [k for k in stage.kv_layers if k]  # (H, W, C, pool) of each self-attention
+    assert layers
+    for h, w, _, pool in layers:  # the fewest pooled keys above KV_RATIO x a window's tokens
+      window, ratio = (h // 2) * (w // 2), tiling.KV_RATIO
+      assert -(-h // pool) * -(-w // pool) <= ratio * window
+      assert pool == 1 or -(-h // (pool // 2)) * -(-w // (pool // 2)) > ratio * window
+  assert _psnr(np.round(np.clip(x[0], 0, 1) * 255), whole) >= 23.0
+
+
 @pytest.mark.slow
 def test_diffusion_decoder_tiled_against_whole_at_1024():
   """The micro SODEC (tiny UNet and VAE, random weights) on a 1024x1024 photo: the whole
@@ -113,9 +185,9 @@ def test_diffusion_decoder_tiled_against_whole_at_1024():
   _, y_hat, z_hat = api.decode_latents(model, data)
   whole = np.round(np.clip(np.asarray(api.reconstruct(model, y_hat, z_hat)[0][0]), 0, 1) * 255)
   results = {}
-  # 120MiB: the UNet on the whole latent, D_m in 4 windows; 60MiB: the UNet in windows too
-  # (its receptive field is wider than the windows' margins: the approximation that costs most)
-  for budget, floor in (("120MiB", 40.0), ("60MiB", 33.0)):
+  # 120MiB: the UNet on the whole latent, D_m in windows; 60MiB: the UNet in windows too (its
+  # receptive field is wider than the windows' margins, and the passes converge slowly)
+  for budget, floor in (("120MiB", 53.0), ("60MiB", 32.0)):
     x = np.round(np.clip(api.decode_within(model, y_hat, z_hat, budget)[0], 0, 1) * 255)
     plan = model._plans[(y_hat.shape, z_hat.shape, tiling.parse_bytes(budget), ())]
     assert isinstance(plan, tiling.Plan)
@@ -125,4 +197,4 @@ def test_diffusion_decoder_tiled_against_whole_at_1024():
     assert _psnr(x, whole) >= floor and ratio <= 1.5
     results[budget] = x
   print(f"two budgets: PSNR {_psnr(results['120MiB'], results['60MiB']):.2f} dB")
-  assert _psnr(results["120MiB"], results["60MiB"]) >= 33.0
+  assert _psnr(results["120MiB"], results["60MiB"]) >= 32.0

@@ -151,6 +151,10 @@ class Attention(nnx.Module):
 
   x: [B, T, query_dim], context: [B, S, cross_attention_dim] or None (self-attention)
   -> [B, T, query_dim].
+  `tile_kv` (None: the plain attention) is set only by tiled decoding (sodec_jax.tiling) on a
+  merged copy of the model inside its jitted window program: for self-attention it is called as
+  tile_kv(self, q, k, v) -> o instead of attending (a TileAttention that records the window's
+  keys and values and/or attends to the whole image's).
   """
 
   def __init__(
@@ -177,6 +181,7 @@ class Attention(nnx.Module):
     self.to_k = Linear(context_dim, inner, use_bias=bias, **kw)
     self.to_v = Linear(context_dim, inner, use_bias=bias, **kw)
     self.to_out = Linear(inner, query_dim, use_bias=out_bias, **kw)
+    self.tile_kv = None
 
   def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
     ctx = x if context is None else context
@@ -185,7 +190,10 @@ class Attention(nnx.Module):
     q = self.to_q(x).reshape(b, t, self.heads, self.dim_head)
     k = self.to_k(ctx).reshape(b, s, self.heads, self.dim_head)
     v = self.to_v(ctx).reshape(b, s, self.heads, self.dim_head)
-    o = dot_product_attention(q, k, v, query_chunk=self.query_chunk)
+    if self.tile_kv is not None and context is None:
+      o = self.tile_kv(self, q, k, v)
+    else:
+      o = dot_product_attention(q, k, v, query_chunk=self.query_chunk)
     return self.to_out(o.reshape(b, t, self.heads * self.dim_head))
 
 
