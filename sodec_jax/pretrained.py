@@ -10,10 +10,8 @@ Where the weights come from (config):
                                    folder (unet/, vae/); "" = random init (only for "tiny", whose
                                    weights come from the tiny pipeline's own pretraining stage)
   diffusion.tiny_latent_channels   channels of the "tiny" VAE's latent and the "tiny" UNet's input
-                                   and output (SD's VAE has 4; the tiny default uses 16, as SD3's
-                                   VAE does: a small VAE trained for minutes on a dozen photos
-                                   reconstructs them at ~18 dB and sepia with 4, ~22 dB in colour
-                                   with 16)
+                                   and output (SD's VAE has 4, SD3's 16; docs/ARCHITECTURE.md has
+                                   what 16 does to the tiny default)
   guidance.extractor               "vit" | "swin";  guidance.extractor_config: "tiny" or ""
   guidance.extractor_weights       a transformers model folder (or converted `vit`/`swin` folder)
 
