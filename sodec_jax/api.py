@@ -91,6 +91,7 @@ class LoadedModel:
   indexer: integer_prior.IntegerScaleIndexer
   _analysis: Any = None
   _prior: Any = None
+  _mean: Any = None  # z_hat -> mu alone (what coding needs; P's scale half is not computed)
   _synthesis: Any = None  # (y_hat, z_hat) -> (x_hat, x_f): the whole decoder, one jit
   _fidelity: Any = None  # y_hat -> x_f = D_a(y_hat)
   _decode_image: Any = None  # (y symbols, z_hat, H, W) -> uint8 [B, H, W, 3], one jit
@@ -204,6 +205,10 @@ def prepare(
     return nnx.merge(graphdef, state).prior_parameters(z_hat)
 
   @jax.jit
+  def jit_mean(state, z_hat):
+    return nnx.merge(graphdef, state).prior_parameters(z_hat)[0]
+
+  @jax.jit
   def jit_fidelity(state, y_hat):
     return nnx.merge(graphdef, state).fidelity_reconstruction(y_hat)
 
@@ -232,6 +237,7 @@ def prepare(
     indexer=indexer,
     _analysis=lambda x: jit_analysis(state, x),
     _prior=lambda z: jit_prior(state, z),
+    _mean=lambda z: jit_mean(state, z),
     _synthesis=lambda y, z: jit_synthesis(state, y, z),
     _fidelity=lambda y: jit_fidelity(state, y),
     _decode_image=lambda y, z, h, w: jit_decode_image(state, y, z, h, w),
@@ -360,7 +366,8 @@ class Latents:
   """What the encoder range-codes; host numpy arrays, batch first (shapes as for `analysis`).
 
   z_hat      float32 [B, h/4, w/4, N]  round(z), coded with one factorized model per channel
-  mu, sigma  float32 [B, h, w, C]      P(z_hat) (float; sigma is not used for coding)
+  mu, sigma  float32 [B, h, w, C]      P(z_hat) (float; sigma is not used for coding, and is
+                                       None where the caller did not ask for it: compress)
   y_symbols  float32 [B, h, w, C]      round(y - mu), the integers coded for y
   indexes    uint8/16 [B, h, w, C]     scale-table index per symbol: model.indexer(z_hat)
   y_hat      float32 [B, h, w, C]      y_symbols + mu, what the decoder sees
@@ -368,7 +375,7 @@ class Latents:
 
   z_hat: np.ndarray
   mu: np.ndarray
-  sigma: np.ndarray
+  sigma: np.ndarray | None
   y_symbols: np.ndarray
   indexes: np.ndarray
   y_hat: np.ndarray
@@ -381,7 +388,8 @@ class Latents:
     jax) runs meanwhile."""
     z_hat = np.asarray(z_hat, np.float32)
     indexes = model.indexer(z_hat)
-    mu, sigma = np.asarray(mu, np.float32), np.asarray(sigma, np.float32)
+    mu = np.asarray(mu, np.float32)
+    sigma = None if sigma is None else np.asarray(sigma, np.float32)
     y_symbols = np.round(np.asarray(y, np.float32) - mu)
     return cls(
       z_hat=z_hat, mu=mu, sigma=sigma, y_symbols=y_symbols, indexes=indexes, y_hat=y_symbols + mu
@@ -392,7 +400,8 @@ class Latents:
 
   def __getitem__(self, b: int) -> "Latents":
     """The b-th image's latents (batch 1)."""
-    return Latents(*(getattr(self, f.name)[b : b + 1] for f in dataclasses.fields(self)))
+    parts = (getattr(self, f.name) for f in dataclasses.fields(self))
+    return Latents(*(None if a is None else a[b : b + 1] for a in parts))
 
   @property
   def z_indexes(self) -> np.ndarray:
@@ -418,12 +427,17 @@ def _check_batch(model: LoadedModel, images) -> list[np.ndarray]:
   return batch
 
 
-def encode_latents(model: LoadedModel, images) -> Latents:
-  """uint8 [H, W, 3] (or a list of same-size ones, one batched jitted call) -> Latents."""
+def encode_latents(model: LoadedModel, images, *, with_sigma: bool = True) -> Latents:
+  """uint8 [H, W, 3] (or a list of same-size ones, one batched jitted call) -> Latents.
+  with_sigma=False leaves P's float scale half out (Latents.sigma None): coding reads only mu
+  and the exact indexes, so compress skips it."""
   batch = _check_batch(model, images)
   y, z = analysis(model, np.concatenate([pad_image(model, im) for im in batch]))
   z_hat = np.round(np.asarray(z))
-  mu, sigma = prior(model, z_hat)
+  if with_sigma:
+    mu, sigma = prior(model, z_hat)
+  else:
+    mu, sigma = model._mean(jnp.asarray(z_hat)), None
   return Latents.from_prior(model, y, z_hat, mu, sigma)
 
 
@@ -585,7 +599,7 @@ def compress(model: LoadedModel, image: np.ndarray, max_memory=None) -> bytes:
   or "8GiB"; None: no limit): the encoder's compiled programs stay within it (encode_within: the
   whole image when it fits, else bands of rows); the file is the same either way."""
   if max_memory is None:
-    latents = encode_latents(model, image)
+    latents = encode_latents(model, image, with_sigma=False)
   else:
     latents = encode_within(model, image, max_memory)
   return pack(model, latents, *image.shape[:2])
@@ -646,7 +660,7 @@ def compress_batch(model: LoadedModel, images: list[np.ndarray], max_memory=None
     tiling.parse_bytes(max_memory)  # a bad size fails before any encoding
     _check_batch(model, list(images))
     return [compress(model, im, max_memory) for im in images]
-  latents = encode_latents(model, list(images))
+  latents = encode_latents(model, list(images), with_sigma=False)
   h, w = images[0].shape[:2]
   return [pack(model, latents[b], h, w) for b in range(len(latents))]
 
