@@ -54,19 +54,13 @@ def _time(fn, repeats: int, warmup: int) -> list[float]:
 def run_entropy(args) -> dict:
   """Range encode/decode throughput on a realistic latent."""
   import skimage
-  from flax import nnx
 
-  from configs import base
   from sodec_jax import api
+  from sodec_jax.benchmarks.codec import load_for_bench
   from sodec_jax.codec import bitstream
   from sodec_jax.images import read_image
-  from sodec_jax.pretrained import build_model
 
-  if args.checkpoint:
-    model = api.load_model(args.checkpoint)
-  else:
-    config = base.get_config()
-    model = api.prepare(config, build_model(config, nnx.Rngs(0)))
+  model = load_for_bench(args.checkpoint, None)  # the checkpoint, or the random paper-size one
   photo, _ = read_image(os.path.join(os.path.dirname(skimage.data.__file__), "motorcycle_left.png"))
   image = np.ascontiguousarray(
     np.pad(

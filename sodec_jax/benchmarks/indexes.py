@@ -86,18 +86,9 @@ def bench_indexes(loaded, image: np.ndarray, repeats: int, warmup: int) -> dict:
 
 def run_indexes(args) -> dict:
   """Entry point for `python -m sodec_jax.bench --what indexes`."""
-  from flax import nnx
+  from sodec_jax.benchmarks.codec import load_for_bench, test_images
 
-  from configs import base
-  from sodec_jax import api
-  from sodec_jax.benchmarks.codec import test_images
-  from sodec_jax.pretrained import build_model
-
-  if args.checkpoint:
-    loaded = api.load_model(args.checkpoint)
-  else:
-    config = base.get_config()
-    loaded = api.prepare(config, build_model(config, nnx.Rngs(0)))
+  loaded = load_for_bench(args.checkpoint, None)  # the checkpoint, or the random paper-size one
   image = test_images(args.size, 1)[0]
   r = bench_indexes(loaded, image, args.repeats, args.warmup)
   m = loaded.config.model
