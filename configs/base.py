@@ -66,6 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sodec.hyper_synthesis_channels = 320  # H_s: z_hat -> w at H/16 (our choice)
   c.sodec.transform_channels = 256  # T_s width (our choice)
   c.sodec.transform_blocks = 3  # T_s residual blocks (our choice)
+  # T_s's 2x up: "transposed" (stride-2 3x3 transposed conv) or "resize" (nearest 2x + conv3:
+  # no 16 px plaid, but slower to learn in the tiny default; sodec_jax/model.py Transform)
+  c.sodec.transform_upsample = "transposed"
   c.sodec.timestep = 999  # the one step (paper)
   c.sodec.stop_gradient_latents = False  # stage 2: sg on y_hat and z_hat (Eq. 8)
   # the z H_s and the hyperprior guidance see in training: "noisy" (z + U(-1/2, 1/2), as P sees it,
@@ -106,6 +109,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.crop_size = 256  # stage 1 (HiFiC's own crop); stages 2-4 use the paper's 512
   c.data.batch_size = 8  # global batch
   c.data.hflip = True
+  c.data.channel_shuffle = False  # each crop's R, G, B in a random order (data.random_crop)
   c.data.scale = (1.0, 1.0)  # each photo resized by a factor in [low, high] before the crop
   # grain worker processes decoding and cropping in parallel (0 = 2 threads in this process);
   # `python -m sodec_jax.bench --what data --config ...` says whether the loader keeps up
@@ -201,8 +205,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.init_from = ""
 
   # The tiny default's latent-space pretraining (stage 0) and multi-stage pipeline; empty here.
-  c.pretrain = ml_collections.ConfigDict({"kl_weight": 1e-4})
+  # chroma_weight: extra weight on the chroma error (each pixel minus its RGB mean) in stage 0
+  c.pretrain = ml_collections.ConfigDict({"kl_weight": 1e-4, "chroma_weight": 0.0})
   # summary: at the end, each coding stage on data.holdout (full size, real files) ->
   # a printed table, WORKDIR/summary.json and WORKDIR/summary.png (train/pipeline.py summary)
-  c.pipeline = ml_collections.ConfigDict({"stages": (), "summary": True})
+  # first_index: the number of the first stage's folder (WORKDIR/<i>_<stage>/)
+  c.pipeline = ml_collections.ConfigDict({"stages": (), "summary": True, "first_index": 0})
   return c

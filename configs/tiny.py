@@ -3,9 +3,11 @@ scikit-image, in well under 15 minutes on 2 CPU cores (the README's main command
 
   python -m sodec_jax.train --config configs/tiny.py --workdir runs/tiny
 
-Stages, each in runs/tiny/<i>_<stage>/ and each starting from the ones before:
-  pretrain  stand-in for SD's own pretraining (no SD weights offline): a small VAE (8x down, like
-            SD's) and a small UNet denoiser on its latents
+It starts, as the paper starts from Stable Diffusion 2.1, from a pretrained stand-in for SD that
+the repository ships (weights/tiny_sd: a small VAE, 8x down to 4 channels like SD's, and a small
+UNet denoiser on its latents, trained by this config's `pretrain` stage on the same photos; no
+SD weights can be downloaded here). Stages, each in runs/tiny/<i>_<stage>/ and each starting
+from the ones before:
   stage1    the HiFiC-style codec (E, H_a, P, D_a), MSE only (LPIPS needs VGG16 weights)
   stage2    diffusion path warm-up (configs/stage2.py) with a small random frozen ViT as F
   stage3    joint training with rate annealing + alignment (configs/stage3.py)
@@ -13,12 +15,22 @@ Stages, each in runs/tiny/<i>_<stage>/ and each starting from the ones before:
 astronaut and coffee are held out of training (data.holdout): measure any stage on them with
 sodec_jax.validation (real .sodec files). `sodec compress/decompress --checkpoint runs/tiny`
 then use the final stage (the diffusion decoder). `--config.pipeline.stages="('stage1',)"`
-trains the codec alone.
+trains the codec alone. To retrain the stand-in too (docs/ARCHITECTURE.md, "The tiny stand-in
+for SD"): --config.diffusion.weights= --config.pipeline.first_index=0
+--config.pipeline.stages="('pretrain', 'stage1', 'stage2', 'stage3', 'finetune')".
 """
+
+import os
 
 import ml_collections
 
 from configs import base
+
+# The stand-in SD (diffusers layout), made by: python convert/from_torch.py export-standin
+# --src <a pretrain stage's workdir> --out weights/tiny_sd
+STANDIN = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", "tiny_sd"
+)
 
 
 def get_config():
@@ -53,10 +65,11 @@ def get_config():
   # the diffusion decoder at small widths (used from stage 2 on)
   c.diffusion.unet = "tiny"
   c.diffusion.vae = "tiny"
-  # SD's 4 latent channels. 16 (as SD3's VAE) lifts the stand-in VAE itself from ~18.7 dB sepia
-  # to ~21.3 dB in colour on the held-out photos, but after this pipeline's 150 stage-2 steps the
-  # whole quickstart decoded them at 12.6 dB with a blue-orange grid (4 channels: 15.3 dB);
-  # docs/ARCHITECTURE.md, "Choices"
+  c.diffusion.weights = STANDIN  # "": random tiny UNet / VAE (then run the pretrain stage first)
+  # SD's 4 latent channels (the shipped stand-in's; this setting applies to a retrained one). 16
+  # (as SD3's VAE) lifted a 1200-step stand-in VAE from ~18.7 dB sepia to ~21.3 dB in colour on
+  # the held-out photos, but after this pipeline's 150 stage-2 steps the whole quickstart decoded
+  # them at 12.6 dB with a blue-orange grid (4 channels: 15.3 dB); docs/ARCHITECTURE.md, "Choices"
   c.diffusion.tiny_latent_channels = 4
   c.diffusion.lora_rank = 4
   c.diffusion.lora_alpha = 4.0
@@ -65,20 +78,35 @@ def get_config():
   c.sodec.transform_channels = 32
   c.sodec.transform_blocks = 1
   # the pipeline: stage order and what each stage changes beyond its stage config
-  c.pipeline.stages = ("pretrain", "stage1", "stage2", "stage3", "finetune")
+  c.pipeline.stages = ("stage1", "stage2", "stage3", "finetune")
+  c.pipeline.first_index = 1  # folders 1_stage1 ... 4_finetune: stage 0 (the stand-in) ships
+  # the stand-in's pretraining (weights/tiny_sd was made with exactly this stage; it runs only when
+  # asked: --config.diffusion.weights= --config.pipeline.first_index=0
+  # --config.pipeline.stages="('pretrain', ...)")
   c.pipeline.pretrain = ml_collections.ConfigDict(
     {
-      "train": {"num_steps": 1200, "checkpoint_every": 600},
+      # chroma weight 4: with plain MSE the narrow 4-channel stand-in VAE spent its latent on
+      # luminance and decoded every photo in one sepia tint (held-out channel means off by up
+      # to 20 grey levels; with 4: within 6 after 1200 steps); docs/ARCHITECTURE.md, "Choices"
+      "pretrain": {"chroma_weight": 4.0},
+      "train": {"num_steps": 6000, "checkpoint_every": 1000},
       "data": {"crop_size": 64, "batch_size": 8},
-      "optim": {"learning_rate": 2e-3, "lr_decay_steps": (1000,)},
+      "optim": {"learning_rate": 2e-3, "lr_decay_steps": (4500,)},
     }
   )
   small = {
     "data": {"crop_size": 128, "batch_size": 4},
     "optim": {"learning_rate": 5e-4, "lr_decay_steps": (10_000,)},
   }
+  # stage 2 from the same stage 1, held-out 256 px crops: 150 steps at 5e-4 13.91 dB; 300 steps
+  # with lr / 10 at 225: 13.10, 13.91, 14.61, 14.84 dB at steps 75-300 (the time the shipped
+  # stand-in saved)
   c.pipeline.stage2 = ml_collections.ConfigDict(
-    {**small, "train": {"num_steps": 150, "checkpoint_every": 150}}
+    {
+      "data": small["data"],
+      "optim": {"learning_rate": 5e-4, "lr_decay_steps": (225,)},
+      "train": {"num_steps": 300, "checkpoint_every": 150},
+    }
   )
   c.pipeline.stage3 = ml_collections.ConfigDict(
     {

@@ -14,9 +14,10 @@
     python convert/from_torch.py clip-iqa --src clip-vit-base-patch32/ --out /weights/clip-iqa
     python convert/from_torch.py export-lora --src WORKDIR --out lora/
     python convert/from_torch.py export-torch --src WORKDIR --out sodec_torch/
+    python convert/from_torch.py export-standin --src runs/tiny/0_pretrain --out my_tiny_sd/
 
 A thin CLI over `sodec_jax.converters` (`converters.lora` for export-lora,
-`converters.torch_export` for export-torch). Problems are one
+`converters.torch_export` for export-torch, `converters.standin` for export-standin). Problems are one
 line on stderr ("from_torch: error: ...") and exit status 1; nothing is left in --out.
 """
 
@@ -118,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     "a sodec-jax training workdir (stage 2 or later)",
   )
   s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  s = add(
+    "export-standin",
+    "the tiny pipeline's stand-in SD (stage 0: small UNet + VAE) -> a diffusers-layout folder "
+    "for --config.diffusion.weights (what weights/tiny_sd is)",
+    "the stage-0 workdir of a tiny pipeline (e.g. runs/tiny/0_pretrain)",
+  )
+  s.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   return p
 
 
@@ -128,6 +136,10 @@ def run(args) -> str:
     from sodec_jax.converters.lora import export_lora_from_workdir
 
     return export_lora_from_workdir(args.src, args.out, args.step)
+  if args.command == "export-standin":
+    from sodec_jax.converters.standin import export_standin_from_workdir
+
+    return export_standin_from_workdir(args.src, args.out, args.step)
   if args.command == "export-torch":
     from sodec_jax.converters.torch_export import export_torch_from_workdir
 

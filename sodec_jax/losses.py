@@ -236,9 +236,16 @@ def sodec_loss(
 
 def pretrain_loss(outputs: Mapping, x: jax.Array, config) -> tuple[jax.Array, dict]:
   """The tiny pipeline's stand-in for Stable Diffusion's pretraining (stage 0): VAE
-  reconstruction k_M * MSE(0..255) + kl_weight * KL, plus the UNet's denoising MSE."""
+  reconstruction k_M * (MSE(0..255) + chroma_weight * MSE of the chroma, each pixel minus its
+  mean over R, G, B) + kl_weight * KL, plus the UNet's denoising MSE."""
   terms = {"mse": mse_255(x, outputs["x_rec"])}
-  terms["mse_loss"] = config.loss.k_M * terms["mse"]
+  mse_loss = terms["mse"]
+  chroma_weight = float(config.pretrain.get("chroma_weight", 0.0))
+  if chroma_weight:
+    chroma = lambda v: v - jnp.mean(v, axis=-1, keepdims=True)
+    terms["chroma_mse"] = mse_255(chroma(x), chroma(outputs["x_rec"]))
+    mse_loss = mse_loss + chroma_weight * terms["chroma_mse"]
+  terms["mse_loss"] = config.loss.k_M * mse_loss
   terms["kl"] = outputs["kl"]
   terms["denoise"] = outputs["denoise"]
   loss = terms["mse_loss"] + config.pretrain.kl_weight * terms["kl"] + terms["denoise"]

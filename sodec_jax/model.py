@@ -73,8 +73,15 @@ class HyperSynthesis(nnx.Module):
 
 class Transform(nnx.Module):
   """T_s: merges y_hat and w into the content variable y_t at H/8 (paper Eq. 4). Our layers:
-  concat -> conv3 -> ChannelNorm -> residual blocks -> 2x transposed conv (ChannelNorm, ReLU)
-  -> conv3 to the diffusion latent's channels.
+  concat -> conv3 -> ChannelNorm -> residual blocks -> 2x up (ChannelNorm, ReLU) -> conv3 to
+  the diffusion latent's channels. The 2x up (`upsample`, config.sodec.transform_upsample):
+  "transposed" (the default, and the layer of workdirs made before the option), a stride-2 3x3
+  transposed conv (`up`), or "resize", nearest-neighbour 2x then a reflect-padded conv3
+  (`up_conv`). A 3x3 kernel at stride 2 covers the two output phases unevenly, and
+  x0 = (y_t - sqrt(1 - abar) eps) / sqrt(abar) magnifies what the UNet does not cancel ~15x at
+  t = 999: the tiny default decodes under a 16-pixel plaid (one y pixel) with "transposed"; with
+  "resize" the plaid is gone but 150 stage-2 steps learn much less (docs/ARCHITECTURE.md,
+  "Choices").
 
   y_hat [B, h, w, C], w [B, h, w, Cw] -> y_t [B, 2h, 2w, latent_channels] (64x64x4 for 512x512).
   """
@@ -87,6 +94,7 @@ class Transform(nnx.Module):
     blocks: int,
     out_channels: int = 4,
     *,
+    upsample: str = "transposed",
     eps: float = 1e-3,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
@@ -99,7 +107,15 @@ class Transform(nnx.Module):
     )
     self.norm_in = ChannelNorm(channels, **norm)
     self.blocks = nnx.List([ResidualBlock(channels, eps=eps, **kw) for _ in range(blocks)])
-    self.up = ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1, **kw)
+    if upsample == "resize":
+      self.up_conv = Conv2d(channels, channels, 3, padding=1, padding_mode="reflect", **kw)
+    elif upsample == "transposed":
+      self.up = ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1, **kw)
+    else:
+      raise SodecError(
+        f"config.sodec.transform_upsample={upsample!r}: use 'resize' or 'transposed'"
+      )
+    self.upsample = upsample
     self.norm_up = ChannelNorm(channels, **norm)
     self.conv_out = Conv2d(channels, out_channels, 3, padding=1, padding_mode="reflect", **kw)
 
@@ -107,7 +123,11 @@ class Transform(nnx.Module):
     h = self.norm_in(self.conv_in(jnp.concatenate([y_hat, w.astype(y_hat.dtype)], axis=-1)))
     for block in self.blocks:
       h = block(h)
-    h = jax.nn.relu(self.norm_up(self.up(h)))
+    if self.upsample == "resize":
+      h = self.up_conv(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))
+    else:
+      h = self.up(h)
+    h = jax.nn.relu(self.norm_up(h))
     return self.conv_out(h).astype(jnp.float32)
 
 
@@ -165,6 +185,8 @@ class SODEC(nnx.Module):
       s.transform_channels,
       s.transform_blocks,
       latent,
+      # workdirs made before the option hold the transposed conv
+      upsample=s.get("transform_upsample", "transposed"),
       eps=m.channel_norm_eps,
       **kw,
     )

@@ -33,7 +33,8 @@ def make_micro_config(**overrides):
   c.model.hyper_channels = 4
   c.model.decoder_filters = (8, 8, 8, 4, 4)
   c.model.decoder_residual_blocks = 1
-  c.diffusion.tiny_latent_channels = 4  # SD's (configs/tiny.py uses 16), smaller and faster
+  c.diffusion.tiny_latent_channels = 4  # SD's, as configs/tiny.py
+  c.diffusion.weights = ""  # random tiny UNet / VAE, not the shipped stand-in (weights/tiny_sd)
   c.data.crop_size = 64
   c.data.batch_size = 2
   c.train.num_steps = 4

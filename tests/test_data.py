@@ -144,3 +144,27 @@ def test_holdout_photos_are_kept_out_of_training():
     data.exclude_holdout(paths, ("astronot",))
   with pytest.raises(SodecError, match="every training image"):
     data.exclude_holdout(paths[:1], (stem(paths[0]),))
+
+
+def test_channel_shuffle_permutes_rgb_per_crop():
+  """data.channel_shuffle: every crop is the plain crop (same rng draws) with its R, G, B in one
+  of the 6 orders, and over many crops more than one order occurs."""
+  photo = load_photo("astronaut.png")[:96, :96]
+  orders = set()
+  for seed in range(12):
+    plain = data.random_crop(photo, 64, np.random.default_rng(seed))
+    shuffled = data.random_crop(photo, 64, np.random.default_rng(seed), channel_shuffle=True)
+    match = [
+      p
+      for p in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+      if np.array_equal(plain[..., list(p)], shuffled)
+    ]
+    assert len(match) == 1, seed
+    orders.add(match[0])
+  assert len(orders) > 1
+  c = make_micro_config(**{"train.num_steps": 4, "data.channel_shuffle": True})
+  off = make_micro_config(**{"train.num_steps": 4})
+  a = np.stack([data.train_dataset(c)[k] for k in range(4)])
+  b = np.stack([data.train_dataset(off)[k] for k in range(4)])
+  assert a.shape == b.shape and not np.array_equal(a, b)
+  np.testing.assert_array_equal(np.sort(a, -1), np.sort(b, -1))  # same pixels, other order

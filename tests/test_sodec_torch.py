@@ -296,3 +296,45 @@ def test_paper_size_random_weights_parity():
     assert err <= TOL[name], f"{name}: relative error {err:.2e} > {TOL[name]:.0e}"
   a, b = api.decompress(loaded, data), sodec_torch.decompress(ref, loaded, data)
   assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+@pytest.mark.parametrize("upsample", ["resize", "transposed"])
+def test_transform_both_upsamplers_match_torch(upsample):
+  """T_s alone, random weights (norms and biases too), each 2x up: ours vs the torch twin
+  (F.interpolate nearest + Conv2d, or ConvTranspose2d), float32; and a workdir made before the
+  option (no sodec.transform_upsample in its config) builds the transposed conv."""
+  from sodec_jax.benchmarks.sodec_torch import Transform as TorchTransform
+  from sodec_jax.benchmarks.sodec_torch import _kind
+  from sodec_jax.benchmarks.torch_reference import _to_torch_layout
+  from sodec_jax.model import Transform
+
+  ours = Transform(6, 5, 8, 1, 4, upsample=upsample, rngs=nnx.Rngs(0))
+  theirs = TorchTransform(6, 5, 8, 1, 4, upsample=upsample)
+  kinds = {path: _kind(m) for path, m in nnx.iter_modules(ours)}
+  rng = np.random.default_rng(1)
+  state = {}
+  for path, var in nnx.to_flat_state(nnx.state(ours, nnx.Param)):
+    arr = np.asarray(var[...]) + 0.1 * rng.standard_normal(var[...].shape).astype(np.float32)
+    var.value = jnp.asarray(arr)
+    leaf = "weight" if path[-1] == "kernel" else str(path[-1])
+    kind = kinds[path[:-1]] if leaf != "bias" else "same"
+    state[".".join([*map(str, path[:-1]), leaf])] = torch.from_numpy(
+      np.ascontiguousarray(_to_torch_layout(arr, kind))
+    )
+  theirs.load_state_dict(state, strict=True)
+  y = rng.standard_normal((1, 5, 7, 6)).astype(np.float32)
+  w = rng.standard_normal((1, 5, 7, 5)).astype(np.float32)
+  got = ours(jnp.asarray(y), jnp.asarray(w))
+  with torch.no_grad():
+    want = (
+      theirs(torch.from_numpy(y.transpose(0, 3, 1, 2)), torch.from_numpy(w.transpose(0, 3, 1, 2)))
+      .numpy()
+      .transpose(0, 2, 3, 1)
+    )
+  assert got.shape == (1, 10, 14, 4) and rel(got, want) <= 1e-5
+
+  from sodec_jax.pretrained import build_model
+
+  c = make_micro_sodec_config(2)
+  del c.sodec["transform_upsample"]
+  assert nnx.eval_shape(lambda: build_model(c, nnx.Rngs(0))).transform.upsample == "transposed"

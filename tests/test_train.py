@@ -66,7 +66,7 @@ def test_missing_workdir_and_config_are_one_line_errors(tmp_path):
 
 
 def _sections(stdout):
-  """--print_config's output -> {'config': text, 'pretrain': text, ...} (one per '# ' header)."""
+  """--print_config's output -> {'config': text, 'stage1': text, ...} (one per '# ' header)."""
   out, name = {}, None
   for line in stdout.splitlines():
     if line.startswith("# "):
@@ -81,10 +81,10 @@ def test_print_config_shows_each_pipeline_stage_as_trained(tmp_path):
   r = _cli("--config", "configs/tiny.py", "--print_config", "--config.train.log_every=7")
   assert r.returncode == 0, r.stderr
   parts = _sections(r.stdout)
-  assert list(parts) == ["config", "pretrain", "stage1", "stage2", "stage3", "finetune"]
+  assert list(parts) == ["config", "stage1", "stage2", "stage3", "finetune"]
   assert all("  log_every: 7\n" in text for text in parts.values())  # the override
-  assert "stage: 0\n" in parts["pretrain"] and "  num_steps: 1200\n" in parts["pretrain"]
-  assert "decoder: diffusion\n" in parts["stage2"] and "  num_steps: 150\n" in parts["stage2"]
+  assert all("weights/tiny_sd\n" in text for text in parts.values())  # the shipped stand-in SD
+  assert "decoder: diffusion\n" in parts["stage2"] and "  num_steps: 300\n" in parts["stage2"]
   assert "decoder: codec\n" in parts["stage1"] and "  num_steps: 1000\n" in parts["stage1"]
   assert "stage: 4\n" in parts["finetune"] and "  num_steps: 100\n" in parts["finetune"]
   from configs import tiny

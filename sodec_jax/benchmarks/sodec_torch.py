@@ -13,7 +13,8 @@ Pieces (NCHW; the one-step decoder of `sodec_jax.model.SODEC.diffusion_reconstru
   codec        E, H_a, P, D_a: `hific_torch.HiFiC` (torch_reference.build_reference)
   H_s          `HyperSynthesis`: convT5 s2, ReLU, convT5 s2, ReLU, conv3 (zero padding)
   T_s          `Transform`: concat(y_hat, w) -> reflect conv3 -> ChannelNorm -> residual blocks
-               -> convT3 s2 -> ChannelNorm -> ReLU -> reflect conv3 (our layer order)
+               -> 2x up (nearest + reflect conv3, or convT3 s2: transform_upsample) ->
+               ChannelNorm -> ReLU -> reflect conv3 (our layer order)
   F            transformers `ViTModel` (no pooler): last_hidden_state of the clamped x_f,
                resized (bilinear, antialiased, as `guidance.vit.preprocess`) and normalised
   F_p          `GuidanceProjection`: tokens @ kernel, token map T -> 77, + bias (fidelity
@@ -60,13 +61,19 @@ class HyperSynthesis(nn.Module):
 class Transform(nn.Module):
   """T_s: y_hat [B, C, h, w], w [B, Cw, h, w] -> y_t [B, out, 2h, 2w]."""
 
-  def __init__(self, c_in, w_channels, channels, blocks, out_channels=4, eps=1e-3):
+  def __init__(
+    self, c_in, w_channels, channels, blocks, out_channels=4, eps=1e-3, upsample="transposed"
+  ):
     super().__init__()
     reflect = dict(padding=1, padding_mode="reflect")
     self.conv_in = nn.Conv2d(c_in + w_channels, channels, 3, **reflect)
     self.norm_in = ChannelNorm2D(channels, eps)
     self.blocks = nn.ModuleList([ResidualBlock(channels, eps) for _ in range(blocks)])
-    self.up = nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1)
+    self.upsample = upsample
+    if upsample == "resize":  # nearest 2x, then conv3
+      self.up_conv = nn.Conv2d(channels, channels, 3, **reflect)
+    else:
+      self.up = nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1)
     self.norm_up = ChannelNorm2D(channels, eps)
     self.conv_out = nn.Conv2d(channels, out_channels, 3, **reflect)
 
@@ -74,7 +81,11 @@ class Transform(nn.Module):
     h = self.norm_in(self.conv_in(torch.cat([y_hat, w], dim=1)))
     for block in self.blocks:
       h = block(h)
-    return self.conv_out(F.relu(self.norm_up(self.up(h))))
+    if self.upsample == "resize":
+      h = self.up_conv(F.interpolate(h, scale_factor=2, mode="nearest"))
+    else:
+      h = self.up(h)
+    return self.conv_out(F.relu(self.norm_up(h)))
 
 
 class GuidanceProjection(nn.Module):
@@ -359,6 +370,7 @@ def describe(loaded) -> dict:
       hyper_synthesis_channels=s.hyper_synthesis_channels,
       transform_channels=s.transform_channels,
       transform_blocks=s.transform_blocks,
+      transform_upsample=m.transform.upsample,
       eps=mc.channel_norm_eps,
       guidance=g.mode,
       width=p.width,
@@ -398,7 +410,14 @@ def build_decoder(d: dict) -> SODECDecoder:
   return SODECDecoder(
     HiFiC.from_model_config(SimpleNamespace(**d["model"])),
     HyperSynthesis(h["hyper_channels"], h["hyper_synthesis_channels"]),
-    Transform(*ts, h["transform_blocks"], d["unet"]["in_channels"], h["eps"]),
+    Transform(
+      *ts,
+      h["transform_blocks"],
+      d["unet"]["in_channels"],
+      h["eps"],
+      # exported before the option: the transposed conv
+      upsample=h.get("transform_upsample", "transposed"),
+    ),
     extractor,
     GuidanceProjection(
       h["guidance"], h["width"], h["tokens"], h.get("in_tokens", 0), h.get("in_features", 0)

@@ -52,13 +52,15 @@ def stage_configs(config: ml_collections.ConfigDict) -> list[tuple[str, ml_colle
 
 
 def run_pipeline(config, workdir: str, train: Callable[..., dict]) -> dict:
-  """Runs config.pipeline.stages in WORKDIR/<i>_<stage>/ with `train(stage config, stage dir)`
+  """Runs config.pipeline.stages in WORKDIR/<i>_<stage>/ (i counted from
+  config.pipeline.first_index) with `train(stage config, stage dir)`
   (the loop, handed in), each starting from the ones before (init_from); WORKDIR/pipeline.json
   lists them, so `--checkpoint WORKDIR` means the last one. Rerunning the command resumes:
   finished stages are skipped, the current one resumes. Returns the last stage's metrics row."""
   os.makedirs(workdir, exist_ok=True)
   names = list(config.pipeline.stages)
-  dirs = [f"{i}_{n}" for i, n in enumerate(names)]
+  first = int(config.pipeline.get("first_index", 0))
+  dirs = [f"{first + i}_{n}" for i, n in enumerate(names)]
   with open(os.path.join(workdir, checkpoints.PIPELINE_FILE), "w") as f:
     json.dump({"stages": dirs, "config": config.name}, f, indent=2)
   t0, row = time.time(), {}
