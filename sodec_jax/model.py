@@ -76,12 +76,13 @@ class Transform(nnx.Module):
   concat -> conv3 -> ChannelNorm -> residual blocks -> 2x up (ChannelNorm, ReLU) -> conv3 to
   the diffusion latent's channels. The 2x up (`upsample`, config.sodec.transform_upsample):
   "transposed" (the default, and the layer of workdirs made before the option), a stride-2 3x3
-  transposed conv (`up`), or "resize", nearest-neighbour 2x then a reflect-padded conv3
-  (`up_conv`). A 3x3 kernel at stride 2 covers the two output phases unevenly, and
-  x0 = (y_t - sqrt(1 - abar) eps) / sqrt(abar) magnifies what the UNet does not cancel ~15x at
-  t = 999: the tiny default decodes under a 16-pixel plaid (one y pixel) with "transposed"; with
-  "resize" the plaid is gone but 150 stage-2 steps learn much less (docs/ARCHITECTURE.md,
-  "Choices").
+  transposed conv (`up`); "transposed4", a stride-2 4x4 transposed conv (`up`; the tiny
+  default); or "resize", nearest-neighbour 2x then a reflect-padded conv3 (`up_conv`). A 3x3
+  kernel at stride 2 covers the two output phases unevenly, and x0 = (y_t - sqrt(1 - abar) eps)
+  / sqrt(abar) magnifies what the UNet does not cancel ~15x at t = 999: the tiny default decoded
+  under a 16-pixel plaid (one y pixel) with "transposed"; a 4x4 kernel covers both phases alike
+  and learned as fast without the plaid; "resize" has no plaid but learns much less in the same
+  steps (docs/ARCHITECTURE.md, "Choices").
 
   y_hat [B, h, w, C], w [B, h, w, Cw] -> y_t [B, 2h, 2w, latent_channels] (64x64x4 for 512x512).
   """
@@ -111,9 +112,11 @@ class Transform(nnx.Module):
       self.up_conv = Conv2d(channels, channels, 3, padding=1, padding_mode="reflect", **kw)
     elif upsample == "transposed":
       self.up = ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1, **kw)
+    elif upsample == "transposed4":
+      self.up = ConvTranspose2d(channels, channels, 4, stride=2, padding=1, **kw)
     else:
       raise SodecError(
-        f"config.sodec.transform_upsample={upsample!r}: use 'resize' or 'transposed'"
+        f"config.sodec.transform_upsample={upsample!r}: use 'transposed', 'transposed4' or 'resize'"
       )
     self.upsample = upsample
     self.norm_up = ChannelNorm(channels, **norm)

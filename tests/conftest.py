@@ -28,6 +28,7 @@ def make_micro_config(**overrides):
   c = tiny.get_config()
   c.name = "micro"
   c.pipeline.stages = ()  # one stage (stage 1), not the tiny pipeline
+  c.pipeline.first_index = 0  # a test's pipeline folders count from 0 (0_pretrain, 1_stage1, ...)
   c.model.latent_channels = 8
   c.model.encoder_filters = (4, 4, 8, 8, 8)
   c.model.hyper_channels = 4

@@ -316,6 +316,12 @@ def test_pipeline_first_stage_keeps_the_configs_init_from(tmp_path):
     (1, ""),
     (2, str(tmp_path / "b" / "0_stage1")),
   ]
+  c.pipeline.first_index = 1  # the tiny default's: its stage 0 (the stand-in SD) ships
+  seen.clear()
+  run_pipeline(c, str(tmp_path / "c"), lambda sc, wd: seen.append((sc.stage, sc.init_from)))
+  assert seen == [(1, ""), (2, str(tmp_path / "c" / "1_stage1"))]
+  with open(tmp_path / "c" / "pipeline.json") as f:
+    assert json.load(f)["stages"] == ["1_stage1", "2_stage2"]
 
 
 def test_metrics_are_fetched_every_log_every_steps_one_step_late(tmp_path, monkeypatch):

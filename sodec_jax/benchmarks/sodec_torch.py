@@ -13,7 +13,7 @@ Pieces (NCHW; the one-step decoder of `sodec_jax.model.SODEC.diffusion_reconstru
   codec        E, H_a, P, D_a: `hific_torch.HiFiC` (torch_reference.build_reference)
   H_s          `HyperSynthesis`: convT5 s2, ReLU, convT5 s2, ReLU, conv3 (zero padding)
   T_s          `Transform`: concat(y_hat, w) -> reflect conv3 -> ChannelNorm -> residual blocks
-               -> 2x up (nearest + reflect conv3, or convT3 s2: transform_upsample) ->
+               -> 2x up (convT3 s2, convT4 s2, or nearest + reflect conv3: transform_upsample) ->
                ChannelNorm -> ReLU -> reflect conv3 (our layer order)
   F            transformers `ViTModel` (no pooler): last_hidden_state of the clamped x_f,
                resized (bilinear, antialiased, as `guidance.vit.preprocess`) and normalised
@@ -72,6 +72,8 @@ class Transform(nn.Module):
     self.upsample = upsample
     if upsample == "resize":  # nearest 2x, then conv3
       self.up_conv = nn.Conv2d(channels, channels, 3, **reflect)
+    elif upsample == "transposed4":
+      self.up = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1)
     else:
       self.up = nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1)
     self.norm_up = ChannelNorm2D(channels, eps)
