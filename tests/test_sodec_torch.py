@@ -304,23 +304,16 @@ def test_transform_both_upsamplers_match_torch(upsample):
   (F.interpolate nearest + Conv2d, or ConvTranspose2d 3x3 / 4x4), float32; and a workdir made before the
   option (no sodec.transform_upsample in its config) builds the transposed conv."""
   from sodec_jax.benchmarks.sodec_torch import Transform as TorchTransform
-  from sodec_jax.benchmarks.sodec_torch import _kind
-  from sodec_jax.benchmarks.torch_reference import _to_torch_layout
+  from sodec_jax.benchmarks.sodec_torch import conv_state_dict
   from sodec_jax.model import Transform
 
   ours = Transform(6, 5, 8, 1, 4, upsample=upsample, rngs=nnx.Rngs(0))
   theirs = TorchTransform(6, 5, 8, 1, 4, upsample=upsample)
-  kinds = {path: _kind(m) for path, m in nnx.iter_modules(ours)}
   rng = np.random.default_rng(1)
-  state = {}
-  for path, var in nnx.to_flat_state(nnx.state(ours, nnx.Param)):
-    arr = np.asarray(var[...]) + 0.1 * rng.standard_normal(var[...].shape).astype(np.float32)
-    var.value = jnp.asarray(arr)
-    leaf = "weight" if path[-1] == "kernel" else str(path[-1])
-    kind = kinds[path[:-1]] if leaf != "bias" else "same"
-    state[".".join([*map(str, path[:-1]), leaf])] = torch.from_numpy(
-      np.ascontiguousarray(_to_torch_layout(arr, kind))
-    )
+  for _, var in nnx.to_flat_state(nnx.state(ours, nnx.Param)):
+    noise = 0.1 * rng.standard_normal(var[...].shape).astype(np.float32)
+    var.value = jnp.asarray(np.asarray(var[...]) + noise)
+  state = {k: torch.from_numpy(v) for k, v in conv_state_dict(ours).items()}
   theirs.load_state_dict(state, strict=True)
   y = rng.standard_normal((1, 5, 7, 6)).astype(np.float32)
   w = rng.standard_normal((1, 5, 7, 5)).astype(np.float32)

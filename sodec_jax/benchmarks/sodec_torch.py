@@ -205,27 +205,32 @@ def _kind(module) -> str:
   return "same"
 
 
-def heads_state_dict(model) -> dict[str, np.ndarray]:
-  """H_s, T_s and F_p of our SODEC -> the state dict of `HyperSynthesis` / `Transform` /
-  `GuidanceProjection` above: the torch name is our module path with kernel -> weight (conv
-  kernels transposed to torch layout, ChannelNorm gamma/beta reshaped [1, C, 1, 1])."""
+def conv_state_dict(module) -> dict[str, np.ndarray]:
+  """Our conv stack (H_s, T_s) -> its torch twin's state dict above: the torch name is our module
+  path with kernel -> weight (conv kernels transposed to torch layout, ChannelNorm gamma/beta
+  reshaped [1, C, 1, 1])."""
   from sodec_jax.benchmarks.torch_reference import _to_torch_layout
 
-  kinds = {}
-  for name in ("hyper_synthesis", "transform"):
-    for path, module in nnx.iter_modules(getattr(model, name)):
-      kinds[(name, *path)] = _kind(module)
+  kinds = {path: _kind(m) for path, m in nnx.iter_modules(module)}
   out = {}
-  for name in ("hyper_synthesis", "transform", "guidance_projection"):
-    for path, var in nnx.to_flat_state(nnx.state(getattr(model, name), nnx.Param)):
-      arr = np.asarray(var[...], np.float32)
-      if name == "guidance_projection":
-        out[".".join([name, *map(str, path)])] = np.ascontiguousarray(arr)
-        continue
-      kind = kinds[(name, *path[:-1])]
-      leaf = "weight" if path[-1] == "kernel" else str(path[-1])
-      key = ".".join([name, *map(str, path[:-1]), leaf])
-      out[key] = np.array(_to_torch_layout(arr, kind if leaf != "bias" else "same"), order="C")
+  for path, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+    arr = np.asarray(var[...], np.float32)
+    leaf = "weight" if path[-1] == "kernel" else str(path[-1])
+    kind = kinds[tuple(path[:-1])] if leaf != "bias" else "same"
+    out[".".join([*map(str, path[:-1]), leaf])] = np.array(_to_torch_layout(arr, kind), order="C")
+  return out
+
+
+def heads_state_dict(model) -> dict[str, np.ndarray]:
+  """H_s, T_s and F_p of our SODEC -> the state dict of `HyperSynthesis` / `Transform` /
+  `GuidanceProjection` above (`conv_state_dict` for H_s and T_s, prefixed by their names; F_p's
+  arrays as they are)."""
+  out = {}
+  for name in ("hyper_synthesis", "transform"):
+    out.update({f"{name}.{k}": v for k, v in conv_state_dict(getattr(model, name)).items()})
+  for path, var in nnx.to_flat_state(nnx.state(model.guidance_projection, nnx.Param)):
+    key = ".".join(["guidance_projection", *map(str, path)])
+    out[key] = np.ascontiguousarray(np.asarray(var[...], np.float32))
   return out
 
 

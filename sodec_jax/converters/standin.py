@@ -52,7 +52,7 @@ def export_standin(unet, vae, schedule, out: str, *, metadata: dict | None = Non
 
   with atomic_folder(out) as tmp:
     for name, module, cls in (
-      (("unet", unet, "UNet2DConditionModel")),
+      ("unet", unet, "UNet2DConditionModel"),
       ("vae", vae, "AutoencoderKL"),
     ):
       os.makedirs(os.path.join(tmp, name))
