@@ -25,16 +25,18 @@ hold GroupNorms whose statistics span the whole image and self-attention over ev
 GroupNorm's statistics and each self-attention's keys and values, weighted by the window's
 share of each position (sodec_jax/tile_context.py); the next pass normalises every window with
 the whole-image statistics and lets its queries attend to the whole-image keys and values
-(average-pooled when there are more than KV_RATIO x a window's tokens). What the first pass
-recorded is itself approximate (its windows used their own statistics and attention), so passes
-repeat until the output stops changing (MAX_PASSES, PASS_TOLERANCE). What stays approximate:
+(as they are, or average-pooled to at most 4 or 1 x a window's tokens when only that fits the
+budget: KV_RATIOS). What the first pass recorded is itself approximate (its windows used their
+own statistics and attention), so passes repeat until the output stops changing (MAX_PASSES,
+PASS_TOLERANCE), the UNet's damped (DAMPING: repeated as they are, its passes flipped the
+image's mean colour from pass to pass on a trained model). What stays approximate:
 receptive fields cut at window borders (hidden by the blending), the convergence left after
 the last pass, and pooled keys on large images. The windows of the UNet start on multiples of
 its total downsampling, so a window's strided convolutions sample the same grid as the whole
 image's.
 
 The window sizes come from a memory budget (`plan_decode`): for each stage, the largest window
-whose compiled program (`jax.jit(f).lower(...).compile().memory_analysis()`: arguments, which
+(with the least pooling of the whole-image keys at that size) whose compiled program (`jax.jit(f).lower(...).compile().memory_analysis()`: arguments, which
 include every weight, + outputs + temporaries) fits. Images whose whole decoder fits the budget
 take the one-jit path (`plan_decode` returns None). What the budget does not bound: the host
 arrays holding the whole x_f and output (12 bytes a pixel each) and the guidance program (x_f
@@ -240,11 +242,17 @@ def _stage_fns(graphdef):
 OVERLAP = {"fidelity": 8, "content": 3, "unet": 32, "vae": 16}
 #: Passes over a stage's windows (tile_context): until the output changes by less than
 #: PASS_TOLERANCE (RMS of the change / RMS of the output) or MAX_PASSES.
-MAX_PASSES, PASS_TOLERANCE = 4, 1e-3
+MAX_PASSES, PASS_TOLERANCE = 8, 1e-3
+#: Per stage: each pass after the second uses (1 - d) x the context the pass before used + d x
+#: what that pass recorded (a damped fixed-point iteration); stages not named: d = 1.
+DAMPING = {"unet": 0.5}
 #: A self-attention's whole-image keys and values are average-pooled until at most KV_RATIO x
 #: its window's tokens remain, so that a window program's memory follows its window, not the
 #: image (1: 2x2 pooling for windows of half the latent's side; docs/PERFORMANCE.md compares 4).
 KV_RATIO = 1
+#: The poolings tried per window size, least first (0: the whole image's keys as they are): a
+#: window takes the least that fits the budget (docs/PERFORMANCE.md, "Tiled decoding").
+KV_RATIOS = (0, 4, KV_RATIO)
 
 
 @dataclasses.dataclass
@@ -276,7 +284,7 @@ def _spec(shape, dtype=jnp.float32):
   return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-def _kv_layers(stage: Stage, state, inputs, extra, weights, stats) -> list:
+def _kv_layers(stage: Stage, state, inputs, extra, weights, stats, kv_ratio=KV_RATIO) -> list:
   """Per attention layer of the stage: None, or (H, W, C, pool) of a self-attention's
   whole-image keys at its resolution, pooled so that at most KV_RATIO x the window's tokens
   remain (found by tracing the window program's shapes; None throughout for a whole-grid
@@ -293,7 +301,7 @@ def _kv_layers(stage: Stage, state, inputs, extra, weights, stats) -> list:
     h, w, c = rec[0].shape
     hh, ww = nh * h // th, nw * w // tw
     pool = 1
-    while -(-hh // pool) * -(-ww // pool) > KV_RATIO * h * w:
+    while kv_ratio and -(-hh // pool) * -(-ww // pool) > kv_ratio * h * w:
       pool *= 2
     layers.append((hh, ww, c, pool))
   return layers
@@ -305,17 +313,20 @@ def _pooled_shape(layer) -> tuple[int, int]:
   return (-(-h // pool) * -(-w // pool), c)
 
 
-def _compile(stage: Stage, state, channels: tuple[int, ...], extra=(), cache=None):
-  """Compiles the stage's window program at its grid's window size (or takes it from `cache`,
-  keyed by stage and window shape); sets kv_layers, compiled and bytes."""
-  key = (stage.name, stage.grid.tile)
+def _compile(
+  stage: Stage, state, channels: tuple[int, ...], extra=(), cache=None, kv_ratio=KV_RATIO
+):
+  """Compiles the stage's window program at its grid's window size with the whole-image keys
+  pooled to at most `kv_ratio` x the window's tokens (0: not pooled), or takes it from `cache`
+  (keyed by stage, window shape and kv_ratio); sets kv_layers, compiled and bytes."""
+  key = (stage.name, stage.grid.tile, kv_ratio)
   if cache is not None and key in cache:
     stage.kv_layers, stage.compiled, stage.bytes = cache[key]
     return stage
   th, tw = stage.grid.tile
   inputs = [_spec((1, th * f, tw * f, c)) for f, c in zip(stage.factors, channels)]
   stats = [(_spec((g,)), _spec((g,))) for g in stage.norms]
-  stage.kv_layers = _kv_layers(stage, state, inputs, extra, _spec((th, tw)), stats)
+  stage.kv_layers = _kv_layers(stage, state, inputs, extra, _spec((th, tw)), stats, kv_ratio)
   kv = tuple((_spec(_pooled_shape(k)),) * 2 if k else None for k in stage.kv_layers)
   args = (state, *inputs, *extra, _spec((th, tw)), stats, kv, _spec((), jnp.bool_))
   stage.compiled = jax.jit(stage.fn).lower(*args).compile()
@@ -342,16 +353,19 @@ def _tile_candidates(n: tuple[int, int], align: int, overlap: int) -> list[int]:
 def _fit_stage(stage: Stage, state, channels, extra, budget, tile, overlap, align, cache):
   """The stage with its window: `tile` if given, else the largest candidate whose compiled
   program fits `budget` (SodecError when none does)."""
-  if tile is not None:
-    stage.grid = Grid.make(stage.grid.n, int(math.ceil(tile / align) * align), overlap, align)
-    return _compile(stage, state, channels, extra, cache)
 
-  def measure(t):
+  def measure(candidate):
+    t, kv_ratio = candidate
     stage.grid = Grid.make(stage.grid.n, t, overlap, align)
-    return _compile(stage, state, channels, extra, cache).bytes
+    return _compile(stage, state, channels, extra, cache, kv_ratio).bytes
 
+  # per window size (largest first) the least pooling of the whole-image keys that fits
+  if tile is not None:
+    tiles = [int(math.ceil(tile / align) * align)]
+  else:
+    tiles = _tile_candidates(stage.grid.n, align, overlap)
   fit(
-    _tile_candidates(stage.grid.n, align, overlap),
+    [(t, r) for t in tiles for r in ((KV_RATIO,) if t >= max(stage.grid.n) else KV_RATIOS)],
     measure,
     budget,
     f"the {stage.name} stage needs at its smallest window",
@@ -460,21 +474,37 @@ def _run(stage: Stage, state, inputs, extra=(), context=None):
 
 def _run_normalised(stage: Stage, state, inputs, extra=()) -> np.ndarray:
   """Passes over the windows until the output stops changing (at most MAX_PASSES), when a window
-  sees less than the whole image's GroupNorm statistics or self-attention keys: each pass uses
-  the whole-image context the previous one recorded (see tile_context); else one pass."""
+  sees less than the whole image's GroupNorm statistics or self-attention keys; else one pass.
+
+  The whole-image context x (tile_context) is the fixed point of x = g(x), g(x) the context a
+  pass records when its windows use x. Pass 2 uses what pass 1 recorded with the windows' own
+  statistics and keys; each later pass uses (1 - d) x + d g(x) of the pass before (d =
+  DAMPING[stage], 1 when not named: plain repetition)."""
   out, context = _run(stage, state, inputs, extra)
   if not stage.needs_passes:
     return out
-  last = math.inf
+  damping = DAMPING.get(stage.name, 1.0)
   for _ in range(MAX_PASSES - 1):
-    new, context = _run(stage, state, inputs, extra, context)
+    new, recorded = _run(stage, state, inputs, extra, context)
     change = float(np.sqrt(np.mean((new - out) ** 2) / max(np.mean(new**2), 1e-30)))
-    if change > last:  # moving away: the previous pass was the closest (seen on random models)
-      break
-    out, last = new, change
+    out = new
     if change < PASS_TOLERANCE:
       break
+    context = blend_context(context, recorded, damping)
   return out
+
+
+def blend_context(old, new, weight: float):
+  """(1 - weight) * old + weight * new for two contexts as _run returns them ((GroupNorm
+  (mean, var) per layer, self-attention (k, v) or None per layer))."""
+  mix = lambda a, b: ((1.0 - weight) * a + weight * b).astype(np.float32)
+  (stats_old, kv_old), (stats_new, kv_new) = old, new
+  stats = [tuple(mix(a, b) for a, b in zip(so, sn)) for so, sn in zip(stats_old, stats_new)]
+  kv = [
+    None if kn is None else tuple(mix(a, b) for a, b in zip(ko, kn))
+    for ko, kn in zip(kv_old, kv_new)
+  ]
+  return stats, kv
 
 
 def decode_tiled(plan: Plan, y_hat, z_hat) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,8 @@ vs whole, PSNR, seams, two budgets) is slow (`-m slow`: it compiles the whole mi
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -142,10 +144,11 @@ def test_pool_tokens_averages_blocks_and_the_partial_edge():
 @pytest.mark.slow
 def test_diffusion_decoder_in_windows_at_128():
   """The micro SODEC (random weights) on a 128x128 crop with the UNet and D_m in windows of half
-  the latent's side: the windows see the whole image's keys and values (pooled to KV_RATIO x a
-  window's tokens) and the tiled decode stays within the floor measured for it against the
-  whole one (23.7 dB: windows this small are mostly receptive-field margin; 1024x1024: the slow
-  test)."""
+  the latent's side. Without a budget the windows attend to the whole image's keys and values
+  as they are, and the tiled decode stays within the floor measured for it against the whole
+  one (windows this small are mostly receptive-field margin; 1024x1024: the next test). With a
+  budget below that D_m window's program, the window keeps its size and takes pooled keys
+  (the least pooling in KV_RATIOS that fits)."""
   from sodec_jax.pretrained import build_model
 
   c = make_micro_sodec_config(2)
@@ -160,12 +163,17 @@ def test_diffusion_decoder_in_windows_at_128():
     stage = plan.stages[name]
     assert stage.grid.tile == (8, 8) and stage.needs_passes
     layers = [k for k in stage.kv_layers if k]  # (H, W, C, pool) of each self-attention
-    assert layers
-    for h, w, _, pool in layers:  # the fewest pooled keys above KV_RATIO x a window's tokens
-      window, ratio = (h // 2) * (w // 2), tiling.KV_RATIO
-      assert -(-h // pool) * -(-w // pool) <= ratio * window
-      assert pool == 1 or -(-h // (pool // 2)) * -(-w // (pool // 2)) > ratio * window
-  assert _psnr(np.round(np.clip(x[0], 0, 1) * 255), whole) >= 23.0
+    assert layers and all(pool == 1 for *_, pool in layers)
+  psnr = _psnr(np.round(np.clip(x[0], 0, 1) * 255), whole)
+  print(f"128x128, UNet and D_m in 8/16 windows: {psnr:.2f} dB")
+  assert psnr >= 26.0  # measured 26.95 dB (23.7 with pooled keys and undamped passes)
+  unpooled = plan.stages["vae"].bytes
+  pooled = dataclasses.replace(plan.stages["vae"])
+  latent = (nnx.merge(model._graphdef, model._state).unet.config.in_channels,)
+  ov = tiling.OVERLAP["vae"]
+  tiling._fit_stage(pooled, model._state, latent, (), unpooled - 1, 8, ov, 1, None)
+  assert pooled.grid.tile == (8, 8) and pooled.bytes < unpooled
+  assert max(pool for *_, pool in filter(None, pooled.kv_layers)) > 1
 
 
 @pytest.mark.slow
@@ -185,9 +193,10 @@ def test_diffusion_decoder_tiled_against_whole_at_1024():
   _, y_hat, z_hat = api.decode_latents(model, data)
   whole = np.round(np.clip(np.asarray(api.reconstruct(model, y_hat, z_hat)[0][0]), 0, 1) * 255)
   results = {}
-  # 120MiB: the UNet on the whole latent, D_m in windows; 60MiB: the UNet in windows too (its
-  # receptive field is wider than the windows' margins, and the passes converge slowly)
-  for budget, floor in (("120MiB", 53.0), ("60MiB", 32.0)):
+  # 120MiB: the UNet on the whole latent, D_m in windows; 60MiB: the UNet in windows too.
+  # Measured 64.19 and 47.77 dB, the two budgets 47.76 dB (with pooled keys and undamped
+  # passes stopped when their change grew: 54.5, 33.3 and 33.3 dB)
+  for budget, floor in (("120MiB", 60.0), ("60MiB", 44.0)):
     x = np.round(np.clip(api.decode_within(model, y_hat, z_hat, budget)[0], 0, 1) * 255)
     plan = model._plans[(y_hat.shape, z_hat.shape, tiling.parse_bytes(budget), ())]
     assert isinstance(plan, tiling.Plan)
@@ -197,4 +206,4 @@ def test_diffusion_decoder_tiled_against_whole_at_1024():
     assert _psnr(x, whole) >= floor and ratio <= 1.5
     results[budget] = x
   print(f"two budgets: PSNR {_psnr(results['120MiB'], results['60MiB']):.2f} dB")
-  assert _psnr(results["120MiB"], results["60MiB"]) >= 32.0
+  assert _psnr(results["120MiB"], results["60MiB"]) >= 44.0
