@@ -24,7 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sodec_jax.diffusion.attention import Attention, dot_product_attention
+from sodec_jax.diffusion.attention import (
+  Attention,
+  blocked_attention,
+  cudnn_eligible,
+  dot_product_attention,
+)
 from sodec_jax.diffusion.blocks import GroupNorm
 
 
@@ -113,7 +118,8 @@ class TileAttention:
   of the window's t = h * w tokens (h, w: the window's base size times this layer's scale).
   Records the window's keys and values times its weights ([h, w, heads * d] each) and attends
   the queries to the window's own keys and values (pass 1) or to the whole image's `kv`
-  ((k, v) [S, heads * d] each, from the previous pass; `use_global` true). `kv` None: shape
+  ((k, v) [S, heads * d] each, from the previous pass; `use_global` true), those with the keys
+  in blocks (blocked_attention: the logits do not grow with S) unless cuDNN's kernel applies. `kv` None: shape
   probing (only the window's own)."""
 
   def __init__(self, weights: jax.Array, kv, use_global: jax.Array):
@@ -140,8 +146,10 @@ class TileAttention:
       return own()
     kg, vg = (x.reshape(1, -1, n, d).astype(k.dtype) for x in self.kv)
 
-    def whole():
-      return dot_product_attention(q, kg, vg, query_chunk=attn.query_chunk)
+    def whole():  # cuDNN's fused kernel where it applies; else keys in blocks (bounded logits)
+      if cudnn_eligible(jax.default_backend(), q.dtype, d):
+        return dot_product_attention(q, kg, vg, query_chunk=attn.query_chunk)
+      return blocked_attention(q, kg, vg)
 
     return jax.lax.cond(self.use_global, whole, own)
 

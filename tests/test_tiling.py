@@ -194,9 +194,10 @@ def test_diffusion_decoder_tiled_against_whole_at_1024():
   whole = np.round(np.clip(np.asarray(api.reconstruct(model, y_hat, z_hat)[0][0]), 0, 1) * 255)
   results = {}
   # 120MiB: the UNet on the whole latent, D_m in windows; 60MiB: the UNet in windows too.
-  # Measured 64.19 and 47.77 dB, the two budgets 47.76 dB (with pooled keys and undamped
-  # passes stopped when their change grew: 54.5, 33.3 and 33.3 dB)
-  for budget, floor in (("120MiB", 60.0), ("60MiB", 44.0)):
+  # Measured 64.19 and 54.92 dB, the two budgets 54.76 dB (47.77 and 47.76 with the UNet's
+  # keys pooled 2x2 at 60MiB; with pooled keys and undamped passes stopped when their change
+  # grew: 54.5, 33.3 and 33.3 dB)
+  for budget, floor in (("120MiB", 60.0), ("60MiB", 50.0)):
     x = np.round(np.clip(api.decode_within(model, y_hat, z_hat, budget)[0], 0, 1) * 255)
     plan = model._plans[(y_hat.shape, z_hat.shape, tiling.parse_bytes(budget), ())]
     assert isinstance(plan, tiling.Plan)
@@ -206,4 +207,4 @@ def test_diffusion_decoder_tiled_against_whole_at_1024():
     assert _psnr(x, whole) >= floor and ratio <= 1.5
     results[budget] = x
   print(f"two budgets: PSNR {_psnr(results['120MiB'], results['60MiB']):.2f} dB")
-  assert _psnr(results["120MiB"], results["60MiB"]) >= 44.0
+  assert _psnr(results["120MiB"], results["60MiB"]) >= 50.0

@@ -8,6 +8,7 @@ inputs (this is what diffusers' `upcast_attention` / `upcast_softmax` ask for).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -138,6 +139,60 @@ def _attend(q, k, v):
     if out is not None:
       return out
   return jax.nn.dot_product_attention(q, k, v)
+
+
+def blocked_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, *, key_block: int = 1024, query_chunk: int = 256
+) -> jax.Array:
+  """Softmax(q k^T / sqrt(head_dim)) v without the whole logits matrix: the keys in blocks of
+  `key_block` (a `lax.scan` with the running maximum, normaliser and weighted sum of the online
+  softmax, as in FlashAttention), the queries in chunks of `query_chunk` (`lax.map`); so the
+  float32 logits buffer is [B, N, query_chunk, key_block] whatever the sequence lengths.
+  q [B, Tq, N, D], k and v [B, Tk, N, D] -> [B, Tq, N, D] (q's dtype; arithmetic in float32).
+  Used where a program's memory must not grow with the keys (the tiled decoder's windows
+  attending to the whole image's keys, sodec_jax/tile_context.py)."""
+  b, tq, n, d = q.shape
+  tk = k.shape[1]
+  kb = min(key_block, tk)
+  blocks = -(-tk // kb)
+  scale = 1.0 / math.sqrt(d)
+
+  def attend(qc):  # [B, c, N, D] float32
+    c = qc.shape[1]
+
+    def step(carry, i):
+      m, l, acc = carry  # [B, N, c], [B, N, c], [B, c, N, D]
+      # block i, slid back to end at the last key (no padded copy of the keys); keys an earlier
+      # block covered are masked
+      start = jnp.minimum(i * kb, tk - kb)
+      kk, vv = (jax.lax.dynamic_slice_in_dim(x, start, kb, axis=1) for x in (k, v))
+      ok = start + jnp.arange(kb) >= i * kb
+      s = jnp.einsum("bqnd,bknd->bnqk", qc, kk.astype(jnp.float32)) * scale
+      s = jnp.where(ok[None, None, None, :], s, -jnp.inf)
+      m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+      p = jnp.exp(s - m_new[..., None])
+      corr = jnp.exp(m - m_new)
+      l = l * corr + jnp.sum(p, axis=-1)
+      pv = jnp.einsum("bnqk,bknd->bqnd", p, vv.astype(jnp.float32))
+      acc = acc * corr.transpose(0, 2, 1)[..., None] + pv
+      return (m_new, l, acc), None
+
+    init = (
+      jnp.full((b, n, c), -jnp.inf, jnp.float32),
+      jnp.zeros((b, n, c), jnp.float32),
+      jnp.zeros((b, c, n, d), jnp.float32),
+    )
+    (_, l, acc), _ = jax.lax.scan(step, init, jnp.arange(blocks))
+    return acc / l.transpose(0, 2, 1)[..., None]
+
+  qf = q.astype(jnp.float32)
+  if tq <= query_chunk:
+    return attend(qf).astype(q.dtype)
+  chunks = -(-tq // query_chunk)
+  qf = jnp.pad(qf, ((0, 0), (0, chunks * query_chunk - tq), (0, 0), (0, 0)))
+  qf = qf.reshape(b, chunks, query_chunk, n, d).swapaxes(0, 1)
+  out = jax.lax.map(attend, qf).swapaxes(0, 1).reshape(b, chunks * query_chunk, n, d)
+  return out[:, :tq].astype(q.dtype)
 
 
 def default_query_chunk() -> int:

@@ -11,6 +11,7 @@ from sodec_jax.diffusion.attention import (
   CPU_QUERY_CHUNK,
   LOGITS_BUDGET_BYTES,
   attention_plan,
+  blocked_attention,
   dot_product_attention,
 )
 
@@ -93,3 +94,37 @@ def test_auto_on_the_cpu_is_the_256_chunk_exactly():
   np.testing.assert_array_equal(
     dot_product_attention(q, k, v), dot_product_attention(q, k, v, query_chunk=256)
   )
+
+
+@pytest.mark.parametrize(
+  "tq, tk, heads, dim",
+  [(300, 2500, 2, 16), (64, 100, 1, 32), (1000, 1024, 4, 8), (256, 3000, 2, 64)],
+)
+def test_blocked_attention_is_jax_attention(tq, tk, heads, dim):
+  """Keys in blocks (online softmax), queries in chunks, partial last block and chunk: the same
+  result as jax.nn.dot_product_attention (float32 rounding)."""
+  k = jax.random.split(jax.random.key(tq + tk), 3)
+  q = 2.0 * jax.random.normal(k[0], (1, tq, heads, dim))
+  keys = 2.0 * jax.random.normal(k[1], (1, tk, heads, dim))
+  v = jax.random.normal(k[2], (1, tk, heads, dim))
+  want = np.asarray(jax.nn.dot_product_attention(q, keys, v))
+  got = np.asarray(blocked_attention(q, keys, v, key_block=1024, query_chunk=256))
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def test_blocked_attention_logits_do_not_grow_with_the_keys():
+  """The compiled program's temporaries stay about the same when the keys grow 8x (the plain
+  attention's grow with them): what lets a tiled window attend to the whole image's keys."""
+
+  def temp(fn, tk):
+    q = jax.ShapeDtypeStruct((1, 1024, 2, 32), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, tk, 2, 32), jnp.float32)
+    return jax.jit(fn).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes
+
+  blocked = lambda q, k, v: blocked_attention(q, k, v)
+  plain = lambda q, k, v: dot_product_attention(q, k, v, query_chunk=256)
+  small, large = temp(blocked, 2048), temp(blocked, 16384)
+  print("temporaries, blocked: 2048 keys", small, "16384 keys", large)
+  print("plain:", temp(plain, 2048), temp(plain, 16384))
+  assert large <= 1.25 * small + (1 << 20)
+  assert temp(plain, 16384) > 4 * temp(plain, 2048) - (1 << 20)
