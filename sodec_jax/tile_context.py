@@ -119,8 +119,8 @@ class TileAttention:
   Records the window's keys and values times its weights ([h, w, heads * d] each) and attends
   the queries to the window's own keys and values (pass 1) or to the whole image's `kv`
   ((k, v) [S, heads * d] each, from the previous pass; `use_global` true), those with the keys
-  in blocks (blocked_attention: the logits do not grow with S) unless cuDNN's kernel applies. `kv` None: shape
-  probing (only the window's own)."""
+  in blocks (blocked_attention: the logits do not grow with S) unless cuDNN's kernel applies.
+  `kv` None: shape probing (only the window's own)."""
 
   def __init__(self, weights: jax.Array, kv, use_global: jax.Array):
     self.weights, self.kv, self.use_global = weights, kv, use_global

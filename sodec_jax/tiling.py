@@ -284,7 +284,7 @@ def _spec(shape, dtype=jnp.float32):
   return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-def _kv_layers(stage: Stage, state, inputs, extra, weights, stats, kv_ratio=KV_RATIO) -> list:
+def _kv_layers(stage: Stage, state, inputs, extra, weights, stats, kv_ratio: int) -> list:
   """Per attention layer of the stage: None, or (H, W, C, pool) of a self-attention's
   whole-image keys at its resolution, pooled so that at most KV_RATIO x the window's tokens
   remain (found by tracing the window program's shapes; None throughout for a whole-grid
@@ -313,9 +313,7 @@ def _pooled_shape(layer) -> tuple[int, int]:
   return (-(-h // pool) * -(-w // pool), c)
 
 
-def _compile(
-  stage: Stage, state, channels: tuple[int, ...], extra=(), cache=None, kv_ratio=KV_RATIO
-):
+def _compile(stage: Stage, state, channels: tuple[int, ...], extra, cache, kv_ratio: int):
   """Compiles the stage's window program at its grid's window size with the whole-image keys
   pooled to at most `kv_ratio` x the window's tokens (0: not pooled), or takes it from `cache`
   (keyed by stage, window shape and kv_ratio); sets kv_layers, compiled and bytes."""
@@ -351,8 +349,9 @@ def _tile_candidates(n: tuple[int, int], align: int, overlap: int) -> list[int]:
 
 
 def _fit_stage(stage: Stage, state, channels, extra, budget, tile, overlap, align, cache):
-  """The stage with its window: `tile` if given, else the largest candidate whose compiled
-  program fits `budget` (SodecError when none does)."""
+  """The stage with its window (`tile` if given, else the largest candidate) and, at that size,
+  the least pooling of the whole-image keys (KV_RATIOS) whose compiled program fits `budget`
+  (SodecError when none does)."""
 
   def measure(candidate):
     t, kv_ratio = candidate

@@ -301,8 +301,8 @@ def test_paper_size_random_weights_parity():
 @pytest.mark.parametrize("upsample", ["resize", "transposed", "transposed4"])
 def test_transform_both_upsamplers_match_torch(upsample):
   """T_s alone, random weights (norms and biases too), each 2x up: ours vs the torch twin
-  (F.interpolate nearest + Conv2d, or ConvTranspose2d 3x3 / 4x4), float32; and a workdir made before the
-  option (no sodec.transform_upsample in its config) builds the transposed conv."""
+  (F.interpolate nearest + Conv2d, or ConvTranspose2d 3x3 / 4x4), float32; and a workdir made
+  before the option (no sodec.transform_upsample in its config) builds the transposed conv."""
   from sodec_jax.benchmarks.sodec_torch import Transform as TorchTransform
   from sodec_jax.benchmarks.sodec_torch import conv_state_dict
   from sodec_jax.model import Transform

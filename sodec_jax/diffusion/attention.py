@@ -115,11 +115,18 @@ def dot_product_attention(
     query_chunk = plan.query_chunk
   if query_chunk <= 0 or tq <= query_chunk:
     return _attend(q, k, v)
+  return _in_query_chunks(q, query_chunk, lambda qc: _attend(qc, k, v))
+
+
+def _in_query_chunks(q: jax.Array, query_chunk: int, attend) -> jax.Array:
+  """attend(q chunk [B, query_chunk, N, D]) over the queries q [B, Tq, N, D] one chunk after
+  the other (`lax.map`), the last chunk zero-padded and the extra rows dropped."""
+  b, tq, n, d = q.shape
   chunks = -(-tq // query_chunk)
   if chunks * query_chunk != tq:
     q = jnp.pad(q, ((0, 0), (0, chunks * query_chunk - tq), (0, 0), (0, 0)))
   q = q.reshape(b, chunks, query_chunk, n, d).swapaxes(0, 1)
-  out = jax.lax.map(lambda qc: _attend(qc, k, v), q)
+  out = jax.lax.map(attend, q)
   return out.swapaxes(0, 1).reshape(b, chunks * query_chunk, n, d)[:, :tq]
 
 
@@ -188,11 +195,7 @@ def blocked_attention(
   qf = q.astype(jnp.float32)
   if tq <= query_chunk:
     return attend(qf).astype(q.dtype)
-  chunks = -(-tq // query_chunk)
-  qf = jnp.pad(qf, ((0, 0), (0, chunks * query_chunk - tq), (0, 0), (0, 0)))
-  qf = qf.reshape(b, chunks, query_chunk, n, d).swapaxes(0, 1)
-  out = jax.lax.map(attend, qf).swapaxes(0, 1).reshape(b, chunks * query_chunk, n, d)
-  return out[:, :tq].astype(q.dtype)
+  return _in_query_chunks(qf, query_chunk, attend).astype(q.dtype)
 
 
 def default_query_chunk() -> int:
