@@ -4,11 +4,15 @@ Every config.train.validate_every steps (0 = off), at the start of a stage and a
 step, the loop hands the current params to `Guard.check`: the held-out photos
 (config.data.holdout, centre-cropped to config.train.validate_size) go through real .sodec files
 of the model in memory (api.prepare + validation.validate), and metrics.jsonl gets a row
-{"step", "val_psnr", "val_bpp", "val_ms_ssim" (sides >= 161 only)}. The best step by val_psnr
-is checkpointed (if that step was not saved anyway), protected from keep_checkpoints, and
-recorded in WORKDIR/best.json, which checkpoints.restore_params (so load_model, --checkpoint)
-and init_from read. When val_psnr falls more than config.train.guard_db below the stage's start,
-one line says so; with config.train.guard_action="stop" the stage stops with a SodecError.
+{"step", "val_psnr", "val_bpp", "val_ms_ssim" (sides >= 161 only)}. The stage's output is its
+latest validated step whose val_psnr is within config.train.guard_db of the stage's start: it is
+checkpointed (if that step was not saved anyway), protected from keep_checkpoints, and recorded
+in WORKDIR/best.json, which checkpoints.restore_params (so load_model, --checkpoint) and
+init_from read. Not the step of the highest val_psnr: a stage that lowers the rate (stage 3's
+annealing, a rate target) trades PSNR for bits by design, and the highest-PSNR step of such a
+stage is its start, which would discard the stage. When val_psnr falls more than guard_db below
+the start, one line says so and the output stays at the last step within it; with
+config.train.guard_action="stop" the stage stops with a SodecError.
 Runs in single-process runs of the coding stages (not stage 0, the latent pretraining).
 """
 
@@ -106,25 +110,25 @@ class Guard:
     psnr, rec = row["val_psnr"], self.record
     if "start_psnr" not in rec:
       rec.update(start_step=step, start_psnr=psnr)
-    if "val_psnr" not in rec or psnr > rec["val_psnr"]:
-      save(step)
-      rec.update(step=step, val_psnr=psnr, val_bpp=row["val_bpp"])
     drop = rec["start_psnr"] - psnr
     tripped = drop > self.guard_db
+    if not tripped:  # the latest step within guard_db of the start is the stage's output
+      save(step)
+      rec.update(step=step, val_psnr=psnr, val_bpp=row["val_bpp"])
     if tripped and not rec.get("warned"):
       rec["warned"] = step
       if self.action != "stop":
         write(
           f"guard: {self.label} validation PSNR fell {drop:.2f} dB at step {step}: "
           f"{rec['start_psnr']:.2f} dB at step {rec['start_step']} -> {psnr:.2f} dB now "
-          f"(> guard_db {self.guard_db}); the stage's output will be the best step "
-          f"{rec['step']} ({rec['val_psnr']:.2f} dB, best.json)"
+          f"(> guard_db {self.guard_db}); the stage's output stays at step {rec['step']} "
+          f"({rec['val_psnr']:.2f} dB), the last within guard_db (best.json)"
         )
     checkpoints.write_best(self.workdir, rec)
     if tripped and self.action == "stop":
       raise SodecError(
         f"guard: {self.label} validation PSNR fell from {rec['start_psnr']:.2f} dB (step "
-        f"{rec['start_step']}) to {psnr:.2f} dB at step {step}; best step {rec['step']} kept "
+        f"{rec['start_step']}) to {psnr:.2f} dB at step {step}; step {rec['step']} kept "
         f"in best.json; lower --config.optim.learning_rate or pass "
         "--config.train.guard_action=continue"
       )
