@@ -219,7 +219,8 @@ def factorized_coding_table(
   edges = np.concatenate([grid - 0.5, grid[-1:] + 0.5])  # 2R+2 bin edges
   x = np.broadcast_to(edges, (channels, 1, edges.size)).copy()
   logits = logits_cumulative(np, params, x)[:, 0, :]  # [C, E]
-  cdf = 1.0 / (1.0 + np.exp(-logits))
+  with np.errstate(over="ignore"):  # exp(-logits) = inf far left: cdf 0 there, as it should be
+    cdf = 1.0 / (1.0 + np.exp(-logits))  # this formula, bit for bit: files depend on the tables
   offsets, sizes, pmfs = [], [], []
   for c in range(channels):
     lo = int(np.searchsorted(cdf[c], tail_mass / 2, side="right")) - 1
