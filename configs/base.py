@@ -143,6 +143,21 @@ def get_config() -> ml_collections.ConfigDict:
   # lambda(t): lambda(t) while the (noisy, training-mode) batch bpp is above it, lambda(t) *
   # lambda_B / lambda_A at or below (losses.targeted_lambda). configs/paper.py:BPP sets it.
   c.loss.anneal.target_rate = 0.0
+  # How the target is reached (losses.targeted_lambda): "switch" is HiFiC's rule above; "dual"
+  # multiplies lambda(t) by m, set every step by a PI controller on log lambda
+  # (losses.rate_control): e = log r - log target, log m = integral + proportional_gain * e,
+  # integral += integral_gain * e (both within +-max_log). r is the mean coded rate of the
+  # calibration photos (`photos`, kept out of training; the bits their .sodec files carry,
+  # header aside; whole with crop 0, else their central `crop` squares), or of the training
+  # batch when `photos` is empty. The integral carries over from stage to stage and across
+  # resumes (checkpoint meta "rate_control_integral"). Name photos like the ones you will code.
+  c.loss.rate_control = ml_collections.ConfigDict()
+  c.loss.rate_control.mode = "switch"  # switch | dual
+  c.loss.rate_control.photos = ()  # file names (no extension) in data.train_dir
+  c.loss.rate_control.crop = 0  # whole photos (edges to a multiple of 64)
+  c.loss.rate_control.integral_gain = 0.05  # tuned on the tiny pipeline (docs/EXPERIMENTS.md)
+  c.loss.rate_control.proportional_gain = 5.0
+  c.loss.rate_control.max_log = 4.0
   # Alignment loss alpha * L_align(x, x_f) (Eq. 10), Table 3; "merged" takes no separate term but
   # the distortion over x_hat and x_f as one batch (losses.merged_distortion says why).
   c.loss.alignment = "none"  # none | mse | mse+lpips | merged
@@ -183,10 +198,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Held-out validation and the guard (sodec_jax/train/guard.py): every validate_every steps
   # (0 = off), at a stage's start and end, data.holdout's photos centre-cropped to validate_size
   # go through real .sodec files -> val_psnr / val_bpp / val_ms_ssim rows in metrics.jsonl; the
-  # best step by val_psnr is kept and written to best.json (what --checkpoint and init_from load).
+  # latest step within guard_db of the stage's start is kept and written to best.json (what
+  # --checkpoint and init_from load).
   c.train.validate_every = 0
   c.train.validate_size = 256  # crop side (MS-SSIM needs >= 161)
-  c.train.guard_db = 3.0  # drop (dB) below the stage start reported
+  c.train.guard_db = 3.0  # drop (dB) below the stage start reported (and not taken as output)
   c.train.guard_action = "continue"  # continue | stop (SodecError naming the stage)
   c.train.fsdp = 1  # >1: shard params + optimizer state over that many devices
   c.train.allow_config_change = False  # resume a workdir with a different config

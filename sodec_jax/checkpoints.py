@@ -201,7 +201,7 @@ def manager(
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
 
 
-def make_meta(step: int, config, frozen: str | None = None) -> dict:
+def make_meta(step: int, config, frozen: str | None = None, extra: dict | None = None) -> dict:
   meta = {
     "step": int(step),
     "seed": int(config.seed),
@@ -212,15 +212,23 @@ def make_meta(step: int, config, frozen: str | None = None) -> dict:
   }
   if frozen is not None:
     meta["frozen"] = frozen
+  meta.update(extra or {})
   return meta
 
 
 def save(
-  mngr: ocp.CheckpointManager, step: int, params, opt_state, config, frozen: str | None = None
+  mngr: ocp.CheckpointManager,
+  step: int,
+  params,
+  opt_state,
+  config,
+  frozen: str | None = None,
+  extra_meta: dict | None = None,
 ) -> None:
   """Saves params (pure dict), opt_state and meta at `step` (overwrites nothing). `frozen`: the
   fingerprint `save_frozen` returned when `params` holds the trained Params only (the rest live
-  in WORKDIR/frozen/); None: `params` holds them all. Arrays are handed to orbax as they are
+  in WORKDIR/frozen/); None: `params` holds them all. extra_meta: JSON values added to meta
+  (the dual rate controller's "rate_control_integral"). Arrays are handed to orbax as they are
   (sharded jax.Arrays are written from their shards). With an async manager this returns before
   the files are written (see `manager`); a synchronous one has finished writing."""
   mngr.save(
@@ -228,7 +236,7 @@ def save(
     args=ocp.args.Composite(
       params=ocp.args.StandardSave(params),
       opt_state=ocp.args.StandardSave(opt_state),
-      meta=ocp.args.JsonSave(make_meta(step, config, frozen)),
+      meta=ocp.args.JsonSave(make_meta(step, config, frozen, extra_meta)),
     ),
     force=True,
   )
@@ -538,6 +546,20 @@ def resolve_workdir(workdir: str) -> str:
   if not done:
     raise SodecError(f"the pipeline in {workdir} has no finished stage yet; run it first")
   return os.path.join(workdir, done[-1])
+
+
+def read_default_meta(workdir: str) -> dict[str, Any]:
+  """The meta of the step a reader takes by default (`default_step`: best.json's or the latest)
+  of a workdir (a pipeline folder means its last finished stage); {} when it has no checkpoint."""
+  workdir = resolve_workdir(workdir)
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    return {}
+  mngr = manager(workdir, create=False)
+  try:
+    steps = mngr.all_steps()
+    return _meta(mngr, default_step(workdir, steps)) if steps else {}
+  finally:
+    mngr.close()
 
 
 def read_params(workdir: str, step: int | None = None) -> tuple[dict, int]:

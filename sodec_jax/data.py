@@ -98,22 +98,31 @@ def list_images(train_dir: str) -> list[str]:
   return paths
 
 
-def exclude_holdout(paths: Sequence[str], names: Sequence[str]) -> list[str]:
+def exclude_holdout(
+  paths: Sequence[str], names: Sequence[str], option: str = "config.data.holdout"
+) -> list[str]:
   """`paths` without the held-out images: those whose file name without extension is in `names`
-  (config.data.holdout, e.g. ("astronaut", "coffee")). A name matching no path, or no path left,
-  is a SodecError."""
+  (`option`: config.data.holdout, e.g. ("astronaut", "coffee"), or the rate controller's
+  calibration photos). A name matching no path, or no path left, is a SodecError."""
   names = tuple(names)
   stem = lambda p: os.path.splitext(os.path.basename(p))[0]
   missing = sorted(set(names) - {stem(p) for p in paths})
   if missing:
     raise SodecError(
-      f"config.data.holdout names {', '.join(missing)}, not among the training "
-      f"images (file names without extension); fix --config.data.holdout"
+      f"{option} names {', '.join(missing)}, not among the training "
+      f"images (file names without extension); fix --{option}"
     )
   kept = [p for p in paths if stem(p) not in names]
   if not kept:
-    raise SodecError("config.data.holdout holds out every training image; hold out fewer")
+    raise SodecError(f"{option} holds out every training image; hold out fewer")
   return kept
+
+
+def calibration_names(config) -> tuple[str, ...]:
+  """config.loss.rate_control.photos: the rate controller's calibration photos (kept out of
+  training like config.data.holdout), () when none are named."""
+  rc = config.get("loss", {}).get("rate_control")
+  return () if rc is None else tuple(rc.get("photos", ()))
 
 
 def pad_to(img: np.ndarray, size: int) -> np.ndarray:
@@ -269,6 +278,8 @@ def train_dataset(
   if paths is None:
     paths = list_images(d.train_dir)
   paths = exclude_holdout(paths, d.get("holdout", ()))
+  if calibration_names(config):
+    paths = exclude_holdout(paths, calibration_names(config), "config.loss.rate_control.photos")
   loader = CropLoader(
     paths,
     d.crop_size,

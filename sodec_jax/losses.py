@@ -113,20 +113,67 @@ def annealed_lambda(step, anneal) -> jax.Array:
   return jnp.asarray(anneal.start, jnp.float32) + (anneal.end - anneal.start) * w
 
 
-def targeted_lambda(batch_bpp, step, loss_config):
+RATE_CONTROLS = ("switch", "dual")
+
+
+def targeted_lambda(batch_bpp, step, loss_config, log_multiplier=None):
   """Stage 3's rate weight: `annealed_lambda`, steered to `loss.anneal.target_rate` (bpp) when
-  that is > 0 by HiFiC's target-rate rule: lambda(t) while the batch's bpp is above the target,
-  lambda(t) * lambda_B / lambda_A at or below it. Which bpp: the one the loss differentiates
-  (training mode: y and z with uniform noise), as stage 1's switch (HiFiC decides on the
-  quantized rate). Returns (lambda, target) (target 0 when off)."""
+  that is > 0, by `loss.rate_control.mode`:
+  - "switch", HiFiC's target-rate rule: lambda(t) while the batch's bpp is above the target,
+    lambda(t) * lambda_B / lambda_A at or below it. Which bpp: the one the loss differentiates
+    (training mode: y and z with uniform noise), as stage 1's switch (HiFiC decides on the
+    quantized rate).
+  - "dual": lambda(t) * exp(log_multiplier), the multiplier the train step's controller sets
+    from the measured rate (`rate_control`); batch_bpp plays no part.
+  Returns (lambda, target) (target 0 when off)."""
   c = loss_config
   lam = annealed_lambda(step, c.anneal)
   target = float(c.anneal.get("target_rate", 0.0))
   if target <= 0:
     return lam, jnp.float32(0.0)
+  if rate_control_mode(c) == "dual":
+    if log_multiplier is None:
+      raise ValueError("loss.rate_control.mode='dual' needs the train step's log_multiplier")
+    return lam * jnp.exp(jnp.asarray(log_multiplier, jnp.float32)), jnp.float32(target)
   low = lam * (c.lambda_B / c.lambda_A)
   lam = jnp.where(jax.lax.stop_gradient(batch_bpp) > target, lam, low)
   return lam, jnp.float32(target)
+
+
+def rate_control_mode(loss_config) -> str:
+  """loss.rate_control.mode ("switch" when the group is absent, as in older configs)."""
+  rc = loss_config.get("rate_control")
+  mode = "switch" if rc is None else str(rc.get("mode", "switch"))
+  if mode not in RATE_CONTROLS:
+    raise ValueError(f"loss.rate_control.mode={mode!r} is not one of {RATE_CONTROLS}")
+  return mode
+
+
+def uses_rate_multiplier(loss_config) -> bool:
+  """Whether the stage runs the dual rate controller: rate_mode 'anneal', a target rate > 0 and
+  rate_control.mode 'dual'."""
+  c = loss_config
+  return (
+    c.rate_mode == "anneal"
+    and float(c.anneal.get("target_rate", 0.0)) > 0
+    and rate_control_mode(c) == "dual"
+  )
+
+
+def rate_control(integral, measured_bpp, loss_config) -> tuple[jax.Array, jax.Array]:
+  """One step of the dual controller, a PI controller on log lambda (the "PID Lagrangian" of
+  Stooke, Achiam, Abbeel, ICML 2020, in log space): with e = log measured_bpp - log target,
+    log m = clip(integral + proportional_gain * e, -max_log, max_log)   (this step's multiplier)
+    integral' = clip(integral + integral_gain * e, -max_log, max_log)  (carried to the next)
+  A rate above the target raises lambda at once (P) and more every step it stays above (I); at
+  the target m settles at exp(integral). Returns (log m, integral')."""
+  rc = loss_config.rate_control
+  bound = float(rc.max_log)
+  target = float(loss_config.anneal.target_rate)
+  error = jnp.log(jnp.maximum(measured_bpp.astype(jnp.float32), 1e-9)) - jnp.log(target)
+  integral = jnp.asarray(integral, jnp.float32)
+  log_m = jnp.clip(integral + float(rc.proportional_gain) * error, -bound, bound)
+  return log_m, jnp.clip(integral + float(rc.integral_gain) * error, -bound, bound)
 
 
 def distortion(x, x_hat, config, lpips=None, prefix: str = "") -> dict:
@@ -195,13 +242,15 @@ def sodec_loss(
   config,
   lpips: Callable | None = None,
   gan_generator_loss: jax.Array | None = None,
+  log_rate_multiplier: jax.Array | None = None,
 ):
   """Stages 2-4 (paper Eq. 9, 11, 12): d(x, x_hat) + lambda * r + alpha * L_align + beta * L_g.
 
   The rate weight follows `loss.rate_mode`: "none" (stage 2), "anneal" (stage 3+: lambda(t)),
   "hific" (the stage-1 switching); with "anneal", `loss.anneal.target_rate` > 0 steers to that
-  bpp (`targeted_lambda`). 'merged' alignment takes the distortion over x_hat and x_f together
-  (`merged_distortion`). Returns (loss, terms).
+  bpp (`targeted_lambda`; log_rate_multiplier: the dual controller's state, in that mode).
+  'merged' alignment takes the distortion over x_hat and x_f together (`merged_distortion`).
+  Returns (loss, terms).
   """
   c = config.loss
   b, h, w = x.shape[:3]
@@ -215,7 +264,7 @@ def sodec_loss(
   if c.rate_mode == "none":
     lam = jnp.float32(0.0)
   elif c.rate_mode == "anneal":
-    lam, terms["target_bpp"] = targeted_lambda(rate, step, c)
+    lam, terms["target_bpp"] = targeted_lambda(rate, step, c, log_rate_multiplier)
   elif c.rate_mode == "hific":
     lam, terms["target_bpp"] = rate_weight(rate, step, c)
   else:

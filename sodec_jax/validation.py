@@ -36,16 +36,48 @@ def holdout_paths(config) -> list[str]:
       "config.data.holdout is empty: name the photos to validate on, e.g. "
       "--config.data.holdout=\"('astronaut', 'coffee')\""
     )
+  return named_paths(config, names, "config.data.holdout")
+
+
+def named_paths(config, names, option: str) -> list[str]:
+  """Paths of `names` (file names without extension, from the config option `option`) among the
+  images of config.data.train_dir, in the order given; a missing one is a SodecError."""
   by_stem = {
     os.path.splitext(os.path.basename(p))[0]: p for p in data.list_images(config.data.train_dir)
   }
   missing = [n for n in names if n not in by_stem]
   if missing:
     raise SodecError(
-      f"config.data.holdout names {', '.join(missing)}, not among the images of "
-      f"config.data.train_dir; fix --config.data.holdout"
+      f"{option} names {', '.join(missing)}, not among the images of "
+      f"config.data.train_dir; fix --{option}"
     )
   return [by_stem[n] for n in names]
+
+
+def calibration_images(config) -> list[np.ndarray] | None:
+  """The dual rate controller's calibration photos (loss.rate_control.photos) as uint8
+  [H, W, 3] arrays: each one's central loss.rate_control.crop square, or with crop 0 the whole
+  photo less its edges beyond a multiple of 64 per side (central). None when none are named."""
+  names = data.calibration_names(config)
+  if not names:
+    return None
+  size = int(config.loss.rate_control.crop)
+  if size < 0 or size % 64:
+    raise SodecError(
+      f"config.loss.rate_control.crop={size} must be a multiple of 64 (0: whole photos)"
+    )
+  out = []
+  for path in named_paths(config, names, "config.loss.rate_control.photos"):
+    image = read_image(path)[0]
+    h, w = (size, size) if size else (image.shape[0] // 64 * 64, image.shape[1] // 64 * 64)
+    if image.shape[0] < max(h, 64) or image.shape[1] < max(w, 64):
+      raise SodecError(
+        f"calibration photo {path} is {image.shape[0]}x{image.shape[1]}, smaller than "
+        f"config.loss.rate_control.crop={size} (or 64): choose a smaller crop or a larger photo"
+      )
+    top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
+    out.append(np.ascontiguousarray(image[top : top + h, left : left + w]))
+  return out
 
 
 def holdout_images(config) -> list[np.ndarray]:

@@ -158,6 +158,22 @@ def test_paper_operating_points_are_one_family():
     load_config_file(os.path.join(ROOT, "configs/paper.py:0.2"))
 
 
+def test_tiny_targets_steer_stages_3_and_4_on_photos_no_stage_trains_on():
+  from configs import tiny_targets
+  from sodec_jax.train.cli import UsageError, load_config_file
+
+  c = load_config_file(os.path.join(ROOT, "configs/tiny_targets.py:0.2"))
+  stages = {s: stage_config(c, s) for s in c.pipeline.stages}
+  for s in ("stage3", "finetune"):
+    assert stages[s].loss.anneal.target_rate == 0.2
+    assert stages[s].loss.rate_control.mode == "dual"
+  for s in stages.values():  # kept out of every stage's training data, stage 1 included
+    assert tuple(s.loss.rate_control.photos) == tiny_targets.CALIBRATION_PHOTOS
+    assert not set(s.loss.rate_control.photos) & set(s.data.holdout)
+  with pytest.raises(UsageError, match="must be a number"):
+    load_config_file(os.path.join(ROOT, "configs/tiny_targets.py:low"))
+
+
 def test_prediction_type_mismatch_is_one_line(tmp_path):
   """SD weights (here a diffusers pipeline folder's scheduler) of another prediction type than
   config.diffusion.prediction_type fail validation before anything runs, naming the fix."""

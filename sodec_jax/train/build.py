@@ -14,12 +14,41 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sodec_jax import data, losses, pretrained, validation
 from sodec_jax import precision as precision_lib
-from sodec_jax import pretrained
 from sodec_jax import remat as remat_lib
 from sodec_jax.discriminator import Discriminator, SpectralState
 from sodec_jax.errors import SodecError
 from sodec_jax.weights import converted
+
+
+def _validate_rate_control(config) -> None:
+  """loss.rate_control (configs/base.py): a known mode, a positive gain and bound, calibration
+  photos that are not also the held-out photos (the controller would steer on what is measured)."""
+  rc = config.loss.get("rate_control")
+  if rc is None:
+    return
+  try:
+    losses.rate_control_mode(config.loss)
+  except ValueError as err:
+    raise SodecError(f"config.{err}") from None
+  gains = (float(rc.integral_gain), float(rc.proportional_gain))
+  if not gains[0] > 0 or not gains[1] >= 0 or not float(rc.max_log) > 0:
+    raise SodecError(
+      f"config.loss.rate_control: integral_gain={rc.integral_gain} and max_log={rc.max_log} "
+      f"must be > 0, proportional_gain={rc.proportional_gain} >= 0"
+    )
+  names = data.calibration_names(config)
+  both = sorted(set(names) & set(config.data.get("holdout", ())))
+  if both:
+    raise SodecError(
+      f"config.loss.rate_control.photos and config.data.holdout both name {', '.join(both)}: "
+      "the controller would steer the rate on the photos it is measured on; name other photos"
+    )
+  if names and config.stage >= 2 and losses.uses_rate_multiplier(config.loss):
+    validation.calibration_images(config)  # names, crop and sizes, before anything is written
+  elif names:
+    validation.named_paths(config, names, "config.loss.rate_control.photos")
 
 
 def validate_config(config) -> None:
@@ -34,6 +63,7 @@ def validate_config(config) -> None:
       f"--config.loss.discriminator_init={source} is not a converted folder: make "
       "one with `python convert/from_torch.py hific --src CHECKPOINT.pt --out DIR`"
     )
+  _validate_rate_control(config)
   if config.stage not in (0, 1, 2, 3, 4):
     raise SodecError(f"config.stage={config.stage} must be 0 (tiny SD pretraining), 1, 2, 3 or 4")
   if config.stage >= 2 and config.get("decoder", "codec") != "diffusion":

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from sodec_jax import checkpoints, data
+from sodec_jax import checkpoints, data, losses, validation
 from sodec_jax.errors import SodecError
 from sodec_jax.train import build, feed, logs, parallel, pipeline
 from sodec_jax.train import guard as guard_lib
@@ -61,6 +61,21 @@ class _StopFlag:
       self._old = None
 
 
+def _initial_rate_integral(config, meta: dict | None) -> tuple[float, str]:
+  """(integral, where it came from) for the dual rate controller: a resumed step's meta, else
+  the last of config.init_from's workdirs whose checkpoint (the one a reader takes by default)
+  carries one (stage 4 goes on from stage 3's), else 0."""
+  key = "rate_control_integral"
+  if meta is not None and key in meta:
+    return float(meta[key]), f"resumed at step {meta['step']}"
+  if meta is None and config.init_from:
+    for wd in reversed([w.strip() for w in str(config.init_from).split(",") if w.strip()]):
+      m = checkpoints.read_default_meta(wd)
+      if key in m:
+        return float(m[key]), f"from {wd} step {m['step']}"
+  return 0.0, "start"
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) in `workdir`; returns the last logged metrics row."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -74,7 +89,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   paths = data.list_images(config.data.train_dir)
   logs.prepare_workdir(config, workdir)
 
-  # keep-all (checkpoints.prune keeps N and the best step); saves write in the background
+  # keep-all (checkpoints.prune keeps N and the stage output); saves write in the background
   mngr = checkpoints.manager(workdir, async_save=True)
   start = mngr.latest_step() or 0
   num_steps = int(config.train.num_steps)
@@ -118,6 +133,21 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = {"params": params, "opt_state": opt_state}
   if disc_graphdef is not None:
     state = {"params": params, "opt_state": opt_state["model"], "disc": opt_state["disc"]}
+  calibration = None
+  if config.stage >= 2 and losses.uses_rate_multiplier(config.loss):
+    integral, source = _initial_rate_integral(config, meta if start else None)
+    state["rate_control"] = {"integral": np.float32(integral)}
+    calibration = validation.calibration_images(config)
+    print(
+      f"rate control: integral {integral:.4g} ({source}), lambda(t) steered to "
+      f"{float(config.loss.anneal.target_rate):g} bpp on "
+      + (
+        f"{len(calibration)} calibration photos ({', '.join(data.calibration_names(config))}, "
+        f"{' + '.join(f'{im.shape[0]}x{im.shape[1]}' for im in calibration)})"
+        if calibration is not None
+        else "the training batches (no loss.rate_control.photos)"
+      )
+    )
 
   _, batch_sharding = parallel.shardings(mesh)
   if mesh.size > 1:
@@ -144,6 +174,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh=mesh,
     state_sharding=state_sharding,
     consts_sharding=consts_sharding,
+    calibration=calibration,
   )
   state = parallel.place(state, state_sharding)
   consts = parallel.place(consts, consts_sharding)
@@ -244,13 +275,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       frozen_id[:] = [checkpoints.save_frozen(workdir, frozen), True]
     mngr.wait_until_finished()
     checkpoints.prune(mngr, config.train.keep_checkpoints, protected())
-    checkpoints.save(mngr, done, state["params"], extra, config, frozen=frozen_id[0])
+    rate = {}
+    if "rate_control" in state:  # a float32 scalar; JSON keeps its value exactly
+      rate["rate_control_integral"] = float(jax.device_get(state["rate_control"]["integral"]))
+    checkpoints.save(
+      mngr, done, state["params"], extra, config, frozen=frozen_id[0], extra_meta=rate
+    )
     saved.add(done)
 
   def protected():
     return () if guard is None or guard.best_step is None else (guard.best_step,)
 
-  def validate(done):  # held-out photos through real files; the best step is kept (guard.py)
+  def validate(done):  # held-out photos through real files; the output step is kept (guard.py)
     guard.check(done, state["params"], consts, log, save, bar.write)
 
   try:

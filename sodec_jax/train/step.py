@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -26,6 +27,7 @@ def make_train_step(
   mesh=None,
   state_sharding=None,
   consts_sharding=None,
+  calibration=None,
 ):
   """The jitted update: (state, consts, batch, step) -> (state, metrics); `state` is donated.
 
@@ -33,6 +35,13 @@ def make_train_step(
            stage 4 'disc': the discriminator's params, spectral-norm vectors and optax state}
   Stage 4 alternates within the step: the generator update uses the discriminator as it was
   (no power iteration), then the discriminator is updated on the new stop-gradient x_hat.
+  With the dual rate controller (losses.uses_rate_multiplier) the state also holds
+  'rate_control': {'integral': float32 []}, the PI controller's integral: each step first
+  measures the mean coded bpp (SODEC.coded_bpp, the parameters before the update) of the
+  `calibration` photos (uint8 [H, W, 3] arrays, constants of the program, photos of one shape
+  coded as one batch; or, when it is None, of the training batch), then
+  losses.rate_control gives this step's multiplier m (the loss uses lambda(t) * m) and the
+  next integral.
   consts = (the frozen nnx.Params, i.e. those outside config.train.trainable; the model's
             non-Param variables; the LPIPS state or None): never trained.
   batch: uint8 [B, H, W, 3]. The noise key of step s is fold_in(key(seed), s).
@@ -43,11 +52,25 @@ def make_train_step(
   the metrics come back replicated. None: plain jit on the default device.
   """
 
+  dual = config.stage >= 2 and losses.uses_rate_multiplier(config.loss)
+  same_shapes = []  # the calibration photos stacked by shape (one coded_bpp batch each)
+  for shape in dict.fromkeys(np.shape(im) for im in calibration or ()):
+    same_shapes.append(np.stack([im for im in calibration if np.shape(im) == shape]))
+
   def train_step(state, consts, batch, step):
     frozen, rest, lpips_state = consts
     lpips = None if lpips_graphdef is None else nnx.merge(lpips_graphdef, lpips_state)
     x = batch.astype(jnp.float32) / 255.0
     key = jax.random.fold_in(jax.random.key(config.seed), step)
+    log_m = None
+    if dual:  # measured before the update, with the parameters the loss differentiates
+      coder = nnx.merge(graphdef, state["params"], frozen, rest)
+      groups = same_shapes or [batch]
+      measured = sum(
+        coder.coded_bpp(jnp.asarray(g).astype(jnp.float32) / 255.0) * len(g) for g in groups
+      ) / sum(len(g) for g in groups)
+      integral = state["rate_control"]["integral"]
+      log_m, new_integral = losses.rate_control(integral, measured, config.loss)
 
     def loss_fn(params):
       model = nnx.merge(graphdef, params, frozen, rest)
@@ -64,7 +87,7 @@ def make_train_step(
             disc, x, out["x_hat"], out["y_hat"], update_stats=False, train_generator=True
           )
           g_loss = gan.generator_loss(fake)
-        loss, terms = losses.sodec_loss(out, x, step, config, lpips, g_loss)
+        loss, terms = losses.sodec_loss(out, x, step, config, lpips, g_loss, log_m)
       x_hat = jnp.clip(jax.lax.stop_gradient(out["x_hat"]), 0.0, 1.0)
       terms["psnr"] = jnp.mean(psnr(x, x_hat))
       return loss, (
@@ -88,6 +111,9 @@ def make_train_step(
       "params": jax.tree.map(keep, new_params, params),
       "opt_state": jax.tree.map(keep, new_opt_state, opt_state),
     }
+    if dual:
+      new_state["rate_control"] = {"integral": keep(new_integral, integral)}
+      terms = dict(terms, rate_multiplier=jnp.exp(log_m), controlled_bpp=measured)
     if disc_graphdef is not None:
       d = state["disc"]
 

@@ -1,0 +1,37 @@
+"""The tiny pipeline told its final rate: configs/tiny.py with the dual rate controller
+(loss.rate_control, configs/base.py) steering stages 3 and 4 to the bpp given after the colon,
+measured on two calibration photos that no stage trains on (chelsea, a cat, and rocket, a
+launch pad: outdoor and indoor photos like the held-out astronaut and coffee, on which the
+pipeline's summary reports; not motorcycle_left, whose stereo twin motorcycle_right trains):
+
+  python -m sodec_jax.train --config configs/tiny_targets.py:0.15 --workdir runs/tiny_0.15
+
+Another target from the same stages 1 and 2 (they do not depend on it):
+
+  python -m sodec_jax.train --config configs/tiny_targets.py:0.2 --workdir runs/tiny_0.2 \\
+      --config.pipeline.stages="('stage3','finetune')" --config.pipeline.first_index=3 \\
+      --config.init_from=runs/tiny_0.15/2_stage2
+
+docs/EXPERIMENTS.md ("Rate targets") has what two targets gave.
+"""
+
+from configs import tiny
+
+CALIBRATION_PHOTOS = ("chelsea", "rocket")
+
+
+def get_config(target_bpp: str = "0.15"):
+  try:
+    target = float(target_bpp)
+  except ValueError:
+    raise ValueError(
+      f"configs/tiny_targets.py:{target_bpp}: the final rate must be a number (bpp)"
+    ) from None
+  if not target > 0:
+    raise ValueError(f"configs/tiny_targets.py:{target_bpp}: the final rate must be > 0 bpp")
+  c = tiny.get_config()
+  c.name = f"tiny_{target:g}"
+  c.loss.anneal.target_rate = target
+  c.loss.rate_control.mode = "dual"
+  c.loss.rate_control.photos = CALIBRATION_PHOTOS
+  return c
