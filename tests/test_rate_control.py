@@ -17,7 +17,7 @@ TARGET = 0.02  # far below what the random micro model codes at: m must rise
 
 
 def _dual(stage=3, **overrides):
-  c = make_micro_sodec_config(
+  return make_micro_sodec_config(
     stage,
     **{
       "loss.anneal.target_rate": TARGET,
@@ -26,20 +26,10 @@ def _dual(stage=3, **overrides):
       "loss.rate_control.crop": 64,
       "loss.rate_control.integral_gain": 0.5,
       "loss.rate_control.proportional_gain": 0.5,
+      "data.holdout": ("astronaut",),
+      **overrides,
     },
   )
-  c.data.holdout = ("astronaut",)
-  return _set(c, overrides)
-
-
-def _set(c, overrides):
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 def test_dual_lambda_and_update_in_closed_form():
