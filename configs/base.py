@@ -185,6 +185,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.optim.grad_clip_norm = 0.0  # 0 = off
   c.optim.lr_decay_steps = (500_000,)  # lr x lr_decay_factor at each
   c.optim.lr_decay_factor = 0.1
+  # > 0: checkpoints, validation and samples use the exponential moving average of the trained
+  # weights at this decay (train/step.py); 0 = the weights as trained (HiFiC and the paper: none)
+  c.optim.ema_decay = 0.0
 
   # --- the loop -----------------------------------------------------------------------------------
   c.train = ml_collections.ConfigDict()

@@ -9,8 +9,13 @@ Layout of a workdir:
     checkpoints/<step>/        one orbax checkpoint per saved step, three named items:
         params/                the stage's TRAINED nnx.Params as a pure dict (those matching
                                config.train.trainable); constants and other non-Param variables
-                               (LPIPS, the extractor F) are rebuilt from the config, not saved
-        opt_state/             the optax state (AdamW moments and step count)
+                               (LPIPS, the extractor F) are rebuilt from the config, not saved;
+                               with optim.ema_decay > 0 their moving average (what inference,
+                               init_from and validation use)
+        opt_state/             the optax state (AdamW moments and step count); in stage 4 or
+                               with the average, {'model': that, 'disc': the discriminator's
+                               params, spectral vectors and optax state, 'online': the trained
+                               Params as they are (EMA on)}
         meta/                  JSON: step, seed, stage, config name and fingerprint, time, and
                                `frozen`: the fingerprint of the frozen/ it completes
     frozen/0/                  the nnx.Params this stage does not train (the SD UNet's base

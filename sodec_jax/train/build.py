@@ -79,6 +79,9 @@ def validate_config(config) -> None:
     group, field = name.split(".")
     if config[group][field] < 1:
       raise SodecError(f"config.{name}={config[group][field]} must be >= 1")
+  ema_decay = config.optim.get("ema_decay", 0.0)
+  if not 0.0 <= ema_decay < 1.0:
+    raise SodecError(f"config.optim.ema_decay={ema_decay} must be in [0, 1) (0 = no average)")
   if config.seed < 0:
     raise SodecError(f"config.seed={config.seed} must be >= 0")
   if t.num_steps < 0:

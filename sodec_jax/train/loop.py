@@ -117,11 +117,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(f"{config.name} stage {config.stage}: training {n_train:,} parameters, {n_frozen:,} frozen")
   del model
   tx, lr_schedule = build.make_optimizer(config)
+  ema = float(config.optim.get("ema_decay", 0.0)) > 0
+  # the checkpoint's opt_state item: the optax state, with the discriminator's state (stage 4) and
+  # the online weights (EMA on: the params item holds the average) beside it under their names
   opt_state = tx.init(params)
   disc_graphdef = disc_tx = None
   if config.stage == 4 and config.loss.beta > 0:
     disc_graphdef, disc_state, disc_tx = build.make_discriminator(config)
-    opt_state = {"model": opt_state, "disc": disc_state}  # the checkpoint's opt_state item
+    opt_state = {"model": opt_state, "disc": disc_state}
+  if ema:
+    opt_state = {**(opt_state if disc_graphdef else {"model": opt_state}), "online": params}
   meta = {}
   if start:
     full, opt_state, meta = checkpoints.restore(
@@ -130,9 +135,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params, frozen = build.split_pure(full, params)
     if meta.get("seed") != config.seed:
       warnings.warn(f"checkpoint {start} was written with seed {meta.get('seed')}", stacklevel=2)
+  average = None
+  if ema:  # the average starts at the stage's initial weights (a copy: the step donates params)
+    average = params if start else jax.tree.map(np.array, params)
+    params = opt_state["online"]
   state = {"params": params, "opt_state": opt_state}
+  if disc_graphdef is not None or ema:
+    state["opt_state"] = opt_state["model"]
   if disc_graphdef is not None:
-    state = {"params": params, "opt_state": opt_state["model"], "disc": opt_state["disc"]}
+    state["disc"] = opt_state["disc"]
+  if ema:
+    state["ema"] = average
   calibration = None
   if config.stage >= 2 and losses.uses_rate_multiplier(config.loss):
     integral, source = _initial_rate_integral(config, meta if start else None)
@@ -266,11 +279,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     the previous save finished writing and old ones were pruned; returns while it writes."""
     if done in saved:
       return
-    extra = (
-      state["opt_state"]
-      if "disc" not in state
-      else {"model": state["opt_state"], "disc": state["disc"]}
-    )
+    extra = state["opt_state"]
+    if "disc" in state or ema:
+      extra = {"model": extra, **{k: state[k] for k in ("disc",) if k in state}}
+    if ema:
+      extra["online"] = state["params"]
     if not frozen_id[1]:
       frozen_id[:] = [checkpoints.save_frozen(workdir, frozen), True]
     mngr.wait_until_finished()
@@ -278,16 +291,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rate = {}
     if "rate_control" in state:  # a float32 scalar; JSON keeps its value exactly
       rate["rate_control_integral"] = float(jax.device_get(state["rate_control"]["integral"]))
-    checkpoints.save(
-      mngr, done, state["params"], extra, config, frozen=frozen_id[0], extra_meta=rate
-    )
+    checkpoints.save(mngr, done, published(), extra, config, frozen=frozen_id[0], extra_meta=rate)
     saved.add(done)
+
+  def published():
+    """The weights a checkpoint's params item, validation and samples use: the average (EMA on)
+    or the online weights."""
+    return state["ema"] if ema else state["params"]
 
   def protected():
     return () if guard is None or guard.best_step is None else (guard.best_step,)
 
   def validate(done):  # held-out photos through real files; the output step is kept (guard.py)
-    guard.check(done, state["params"], consts, log, save, bar.write)
+    guard.check(done, published(), consts, log, save, bar.write)
 
   try:
     if guard is not None and guard.needs_start():
@@ -317,7 +333,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if not acc["finite"]:
         continue  # as ever: nothing is saved, sampled or validated at a non-finite step
       if sample:
-        x_f, x_hat = jax.device_get(sample_fn(state["params"], consts, host_batch[:2]))
+        x_f, x_hat = jax.device_get(sample_fn(published(), consts, host_batch[:2]))
         logs.save_sample_grid(
           os.path.join(workdir, logs.SAMPLES_DIR, f"step_{done}.png"), host_batch[:2], x_f, x_hat
         )

@@ -35,6 +35,10 @@ def make_train_step(
            stage 4 'disc': the discriminator's params, spectral-norm vectors and optax state}
   Stage 4 alternates within the step: the generator update uses the discriminator as it was
   (no power iteration), then the discriminator is updated on the new stop-gradient x_hat.
+  With `optim.ema_decay` = d > 0 the state also holds 'ema': the exponential moving average of the
+  trained params, ema <- d_s ema + (1 - d_s) params after each update, d_s = min(d, (1 + s) /
+  (10 + s)) at step s (TF's ExponentialMovingAverage with num_updates); the loop publishes it
+  (checkpoint params item, validation, samples) and keeps the online weights for training.
   With the dual rate controller (losses.uses_rate_multiplier) the state also holds
   'rate_control': {'integral': float32 []}, the PI controller's integral: each step first
   measures the mean coded bpp (SODEC.coded_bpp, the parameters before the update) of the
@@ -53,6 +57,7 @@ def make_train_step(
   """
 
   dual = config.stage >= 2 and losses.uses_rate_multiplier(config.loss)
+  ema_decay = float(config.optim.get("ema_decay", 0.0))
   same_shapes = []  # the calibration photos stacked by shape (one coded_bpp batch each)
   for shape in dict.fromkeys(np.shape(im) for im in calibration or ()):
     same_shapes.append(np.stack([im for im in calibration if np.shape(im) == shape]))
@@ -111,6 +116,10 @@ def make_train_step(
       "params": jax.tree.map(keep, new_params, params),
       "opt_state": jax.tree.map(keep, new_opt_state, opt_state),
     }
+    if ema_decay:  # the average of the updated weights, warmed up as TF's ExponentialMovingAverage
+      d = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+      average = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, state["ema"], new_params)
+      new_state["ema"] = jax.tree.map(keep, average, state["ema"])
     if dual:
       new_state["rate_control"] = {"integral": keep(new_integral, integral)}
       terms = dict(terms, rate_multiplier=jnp.exp(log_m), controlled_bpp=measured)
