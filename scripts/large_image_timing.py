@@ -25,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(cmd: list[str]) -> tuple[float, int]:
-  """Runs `cmd`; -> (wall seconds, peak resident bytes of that process)."""
+  """Runs `cmd`; -> (wall seconds, peak resident bytes of that process). Prints the lines
+  `sodec -v` logs (the tiled decoder's windows and passes per stage)."""
   env = dict(os.environ, SODEC_CACHE_DIR="off", PYTHONPATH=ROOT)
   t = time.perf_counter()
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -34,6 +35,9 @@ def run(cmd: list[str]) -> tuple[float, int]:
   err = proc.stderr.read().decode()
   if status != 0:
     raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+  for line in err.splitlines():
+    if line.startswith("sodec: tiled"):
+      print("  " + line, flush=True)
   return elapsed, usage.ru_maxrss * 1024  # Linux: KiB
 
 
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
     from sodec_jax import data
 
     photo = images.read_image(os.path.join(data.skimage_photo_dir(), "astronaut.png"))[0]
-  sodec = [sys.executable, "-m", "sodec_jax.cli"]
+  sodec = [sys.executable, "-m", "sodec_jax.cli", "--verbose"]
   rows = []
   for side in (int(s) for s in args.sides.split(",")):
     x = np.asarray(Image.fromarray(photo).resize((side, side), Image.BICUBIC), np.float32)

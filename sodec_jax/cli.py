@@ -16,6 +16,7 @@ written through a temporary file and a rename, so a failed run leaves nothing be
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -95,6 +96,13 @@ def cmd_info(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="sodec", description="SODEC image codec (JAX)")
+  p.add_argument(
+    "-v",
+    "--verbose",
+    action="store_true",
+    help="log what the codec decides to stderr (e.g. with --max-memory: the windows, bands "
+    "and passes of each stage)",
+  )
   sub = p.add_subparsers(dest="command", required=True)
   c = sub.add_parser("compress", help="image file -> .sodec")
   c.add_argument("input")
@@ -157,6 +165,12 @@ def enable_compilation_cache() -> str | None:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  log, handler = logging.getLogger("sodec_jax"), None
+  if args.verbose:  # a handler for this call only (main may run more than once in a process)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sodec: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
   if args.command in ("compress", "decompress"):
     enable_compilation_cache()
   try:
@@ -167,6 +181,10 @@ def main(argv=None) -> int:
   except KeyboardInterrupt:
     print("sodec: interrupted", file=sys.stderr)
     return 130
+  finally:
+    if handler is not None:
+      log.removeHandler(handler)
+      log.setLevel(logging.NOTSET)
   return 0
 
 

@@ -25,8 +25,8 @@ hold GroupNorms whose statistics span the whole image and self-attention over ev
 GroupNorm's statistics and each self-attention's keys and values, weighted by the window's
 share of each position (sodec_jax/tile_context.py); the next pass normalises every window with
 the whole-image statistics and lets its queries attend to the whole-image keys and values
-(as they are, or average-pooled to at most 4 or 1 x a window's tokens when only that fits the
-budget: KV_RATIOS). What the first pass recorded is itself approximate (its windows used their
+(as they are up to 128x128 positions, beyond that average-pooled to at most 4 x a window's
+tokens, or 1 x when only that fits the budget: KV_LIMITS, kv_pool). What the first pass recorded is itself approximate (its windows used their
 own statistics and attention), so passes repeat until the output stops changing (MAX_PASSES,
 PASS_TOLERANCE), the UNet's damped (DAMPING: repeated as they are, its passes flipped the
 image's mean colour from pass to pass on a trained model). What stays approximate:
@@ -46,6 +46,7 @@ resized to the extractor's input).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from typing import Any, Callable
@@ -64,6 +65,8 @@ from sodec_jax.tile_context import (
   attentions,
   group_norms,
 )
+
+_log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}
 
@@ -238,21 +241,40 @@ def _stage_fns(graphdef):
 
 
 #: Overlap of neighbouring windows per stage, in base units (D_a: y = H/16; T_s: z = H/64; UNet
-#: and D_m: the diffusion latent, H/8).
-OVERLAP = {"fidelity": 8, "content": 3, "unet": 32, "vae": 16}
+#: and D_m: the diffusion latent, H/8). The UNet's was 32 until 2026-12-01: on the trained tiny
+#: model at 1024x1024 in 64/128 windows, 16 leaves x0 6.6e-3 (RMS relative) from the whole
+#: decode after 4 passes against 5.2e-3 with 32, and needs half the windows on large images.
+OVERLAP = {"fidelity": 8, "content": 3, "unet": 16, "vae": 16}
 #: Passes over a stage's windows (tile_context): until the output changes by less than
-#: PASS_TOLERANCE (RMS of the change / RMS of the output) or MAX_PASSES.
-MAX_PASSES, PASS_TOLERANCE = 8, 1e-3
+#: PASS_TOLERANCE (RMS of the change / RMS of the output) or MAX_PASSES. 1e-2 (1e-3 until
+#: 2026-12-01, which the passes seldom reached: 8 passes of every stage at 1024x1024): on the
+#: trained tiny model the UNet's change falls to 5.7e-3 at its 4th pass (x0 then 5.2e-3 from the
+#: whole decode; 1.8e-3 after 8), D_m's to 9.4e-3 at its 6th (45 dB against the whole decode of
+#: the same x0; 61 dB after 8): docs/PERFORMANCE.md, "Tiled decoding from 1 to 64 megapixels".
+MAX_PASSES, PASS_TOLERANCE = 8, 1e-2
 #: Per stage: each pass after the second uses (1 - d) x the context the pass before used + d x
 #: what that pass recorded (a damped fixed-point iteration); stages not named: d = 1.
 DAMPING = {"unet": 0.5}
-#: A self-attention's whole-image keys and values are average-pooled until at most KV_RATIO x
-#: its window's tokens remain, so that a window program's memory follows its window, not the
-#: image (1: 2x2 pooling for windows of half the latent's side; docs/PERFORMANCE.md compares 4).
-KV_RATIO = 1
-#: The poolings tried per window size, least first (0: the whole image's keys as they are): a
-#: window takes the least that fits the budget (docs/PERFORMANCE.md, "Tiled decoding").
-KV_RATIOS = (0, 4, KV_RATIO)
+#: The whole-image keys and values a window's self-attention sees, least pooled first: (ratio,
+#: floor) average-pools them 2x2, 4x4, ... until at most max(ratio x the window's tokens, floor)
+#: remain (kv_pool); a window takes the first that fits the budget. The floor keeps every key of
+#: a latent up to 128x128 (a 1024x1024 image) as it is; beyond it the keys grow with the window,
+#: not the image, so the time per megapixel stays flat (unpooled, a 2048x2048 image's windows
+#: attended to 65,536 keys each: 234 s/MP against 88 at 1024x1024).
+KV_LIMITS = ((4, 128 * 128), (1, 0))
+
+
+def kv_pool(whole: tuple[int, int], window: tuple[int, int], kv_limit: tuple[int, int]) -> int:
+  """The pooling (1, 2, 4, ...) of a self-attention's whole-image keys, [H, W] positions
+  (`whole`), that leaves at most max(ratio x window tokens, floor) of them (ceil(H / pool) x
+  ceil(W / pool): partial blocks at the edge count as one), for `window` [h, w] and `kv_limit`
+  (ratio, floor) as in KV_LIMITS."""
+  ratio, floor = kv_limit
+  limit = max(ratio * window[0] * window[1], floor, 1)
+  pool = 1
+  while -(-whole[0] // pool) * -(-whole[1] // pool) > limit:
+    pool *= 2
+  return pool
 
 
 @dataclasses.dataclass
@@ -284,11 +306,10 @@ def _spec(shape, dtype=jnp.float32):
   return jax.ShapeDtypeStruct(tuple(shape), dtype)
 
 
-def _kv_layers(stage: Stage, state, inputs, extra, weights, stats, kv_ratio: int) -> list:
+def _kv_layers(stage: Stage, state, inputs, extra, weights, stats, kv_limit) -> list:
   """Per attention layer of the stage: None, or (H, W, C, pool) of a self-attention's
-  whole-image keys at its resolution, pooled so that at most KV_RATIO x the window's tokens
-  remain (found by tracing the window program's shapes; None throughout for a whole-grid
-  window)."""
+  whole-image keys at its resolution, pooled as `kv_limit` says (kv_pool; found by tracing the
+  window program's shapes; [] for a whole-grid window)."""
   if stage.grid.tile == stage.grid.n:
     return []
   _, _, recorded = jax.eval_shape(stage.fn, state, *inputs, *extra, weights, stats, None, False)
@@ -300,10 +321,7 @@ def _kv_layers(stage: Stage, state, inputs, extra, weights, stats, kv_ratio: int
       continue
     h, w, c = rec[0].shape
     hh, ww = nh * h // th, nw * w // tw
-    pool = 1
-    while kv_ratio and -(-hh // pool) * -(-ww // pool) > kv_ratio * h * w:
-      pool *= 2
-    layers.append((hh, ww, c, pool))
+    layers.append((hh, ww, c, kv_pool((hh, ww), (h, w), kv_limit)))
   return layers
 
 
@@ -313,18 +331,18 @@ def _pooled_shape(layer) -> tuple[int, int]:
   return (-(-h // pool) * -(-w // pool), c)
 
 
-def _compile(stage: Stage, state, channels: tuple[int, ...], extra, cache, kv_ratio: int):
+def _compile(stage: Stage, state, channels: tuple[int, ...], extra, cache, kv_limit):
   """Compiles the stage's window program at its grid's window size with the whole-image keys
-  pooled to at most `kv_ratio` x the window's tokens (0: not pooled), or takes it from `cache`
-  (keyed by stage, window shape and kv_ratio); sets kv_layers, compiled and bytes."""
-  key = (stage.name, stage.grid.tile, kv_ratio)
+  pooled as `kv_limit` (ratio, floor) says (kv_pool), or takes it from `cache` (keyed by stage,
+  window shape and kv_limit); sets kv_layers, compiled and bytes."""
+  key = (stage.name, stage.grid.tile, kv_limit)
   if cache is not None and key in cache:
     stage.kv_layers, stage.compiled, stage.bytes = cache[key]
     return stage
   th, tw = stage.grid.tile
   inputs = [_spec((1, th * f, tw * f, c)) for f, c in zip(stage.factors, channels)]
   stats = [(_spec((g,)), _spec((g,))) for g in stage.norms]
-  stage.kv_layers = _kv_layers(stage, state, inputs, extra, _spec((th, tw)), stats, kv_ratio)
+  stage.kv_layers = _kv_layers(stage, state, inputs, extra, _spec((th, tw)), stats, kv_limit)
   kv = tuple((_spec(_pooled_shape(k)),) * 2 if k else None for k in stage.kv_layers)
   args = (state, *inputs, *extra, _spec((th, tw)), stats, kv, _spec((), jnp.bool_))
   stage.compiled = jax.jit(stage.fn).lower(*args).compile()
@@ -350,13 +368,13 @@ def _tile_candidates(n: tuple[int, int], align: int, overlap: int) -> list[int]:
 
 def _fit_stage(stage: Stage, state, channels, extra, budget, tile, overlap, align, cache):
   """The stage with its window (`tile` if given, else the largest candidate) and, at that size,
-  the least pooling of the whole-image keys (KV_RATIOS) whose compiled program fits `budget`
+  the least pooling of the whole-image keys (KV_LIMITS) whose compiled program fits `budget`
   (SodecError when none does)."""
 
   def measure(candidate):
-    t, kv_ratio = candidate
+    t, kv_limit = candidate
     stage.grid = Grid.make(stage.grid.n, t, overlap, align)
-    return _compile(stage, state, channels, extra, cache, kv_ratio).bytes
+    return _compile(stage, state, channels, extra, cache, kv_limit).bytes
 
   # per window size (largest first) the least pooling of the whole-image keys that fits
   if tile is not None:
@@ -364,7 +382,7 @@ def _fit_stage(stage: Stage, state, channels, extra, budget, tile, overlap, alig
   else:
     tiles = _tile_candidates(stage.grid.n, align, overlap)
   fit(
-    [(t, r) for t in tiles for r in ((KV_RATIO,) if t >= max(stage.grid.n) else KV_RATIOS)],
+    [(t, k) for t in tiles for k in (KV_LIMITS[-1:] if t >= max(stage.grid.n) else KV_LIMITS)],
     measure,
     budget,
     f"the {stage.name} stage needs at its smallest window",
@@ -437,7 +455,10 @@ def plan_decode(
     vae_up = 2 ** (len(m.vae_decoder.config.block_out_channels) - 1)
     add("vae", (1,), vae_up, (lh, lw), (latent,), m.vae_decoder)
     guidance = jax.jit(lambda s, x, z: nnx.merge(graphdef, s).guidance(x, z))
-  return Plan(graphdef, state, stages, guidance, budget)
+  plan = Plan(graphdef, state, stages, guidance, budget)
+  within = format_bytes(budget) if budget else "no budget"
+  _log.info("tiled decode of y %s within %s: %s", tuple(y_shape), within, plan.describe())
+  return plan
 
 
 def _run(stage: Stage, state, inputs, extra=(), context=None):
@@ -483,13 +504,22 @@ def _run_normalised(stage: Stage, state, inputs, extra=()) -> np.ndarray:
   if not stage.needs_passes:
     return out
   damping = DAMPING.get(stage.name, 1.0)
-  for _ in range(MAX_PASSES - 1):
+  passes = 1
+  while passes < MAX_PASSES:
+    passes += 1
     new, recorded = _run(stage, state, inputs, extra, context)
     change = float(np.sqrt(np.mean((new - out) ** 2) / max(np.mean(new**2), 1e-30)))
     out = new
     if change < PASS_TOLERANCE:
       break
     context = blend_context(context, recorded, damping)
+  _log.info(
+    "tiled %s: %d passes over %d windows, last change %.1e",
+    stage.name,
+    passes,
+    len(stage.grid.windows()),
+    change,
+  )
   return out
 
 

@@ -201,7 +201,7 @@ def test_unknown_output_extension(workdir, tmp_path, sodec):
 def test_max_memory(workdir, tmp_path, sodec):
   """--max-memory: a bad size is one line (before the model loads); a budget the whole decoder
   fits decodes as without one; one below the whole encoder encodes in bands to the same file;
-  one below the encoder's smallest band says what it needs."""
+  one below the encoder's smallest band says what it needs; -v logs the tiled decoder's plan."""
   src = tmp_path / "cat.png"
   Image.fromarray(load_photo("chelsea.png")[:64, :96]).save(src)
   f, out = str(tmp_path / "cat.sodec"), str(tmp_path / "cat.png")
@@ -222,3 +222,8 @@ def test_max_memory(workdir, tmp_path, sodec):
   plain = np.asarray(Image.open(out)).astype(int)
   sodec("decompress", f, out, "--checkpoint", workdir, "--max-memory", "16GiB")
   assert np.abs(np.asarray(Image.open(out)).astype(int) - plain).max() <= 1
+  whole = model._lower_synthesis(*api.decode_latents(model, plain_file)[1:]).compile()
+  whole = tiling.program_bytes(whole)
+  r = sodec("-v", "decompress", f, out, "--checkpoint", workdir, "--max-memory", str(whole - 1))
+  assert "sodec: tiled decode of y" in r.stderr and "fidelity" in r.stderr, r.stderr  # -v: the plan
+  assert np.abs(np.asarray(Image.open(out)).astype(int) - plain).max() <= 2

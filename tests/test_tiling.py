@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -140,6 +141,49 @@ def test_pool_tokens_averages_blocks_and_the_partial_edge():
   np.testing.assert_array_equal(tile_context.pool_tokens(x, 1), x.reshape(15, 2))
 
 
+@pytest.mark.parametrize(
+  "whole, window, kv_limit, want",
+  [
+    ((128, 128), (64, 64), (4, 128 * 128), 1),  # 1024x1024: every key as it is (the floor)
+    ((256, 256), (64, 64), (4, 128 * 128), 2),  # 65,536 -> 16,384 = 4 x 4,096
+    ((1024, 1024), (64, 64), (4, 128 * 128), 8),  # 8192x8192: 16,384 keys again
+    ((1024, 1024), (128, 128), (4, 128 * 128), 4),  # 65,536 = 4 x 16,384
+    ((128, 128), (64, 64), (1, 0), 2),  # 4,096 = one window's tokens
+    ((129, 100), (32, 32), (1, 0), 4),  # partial blocks count: 33 x 25 = 825 <= 1,024
+    ((3, 3), (1, 1), (1, 0), 4),  # down to one token
+  ],
+)
+def test_kv_pool_is_the_least_that_fits_the_limit(whole, window, kv_limit, want):
+  pool = tiling.kv_pool(whole, window, kv_limit)
+  limit = max(kv_limit[0] * window[0] * window[1], kv_limit[1])
+  tokens = lambda p: -(-whole[0] // p) * -(-whole[1] // p)
+  assert pool == want and tokens(pool) <= limit
+  assert pool == 1 or tokens(pool // 2) > limit
+
+
+def test_a_windows_keys_do_not_grow_with_the_image():
+  """_kv_layers sizes each self-attention's whole-image keys from the grid and the window
+  program's recorded shapes: with KV_LIMITS' first limit, windows of one size see at most
+  max(4 x their tokens, 128 x 128) keys whatever the image (the unbounded keys were why a
+  2048x2048 decode took 234 s/MP); a whole-grid window records none."""
+  c = 8
+
+  def fn(state, x, weights, stats, kv, use_global):  # a window program recording its keys at 1/2
+    h, w = x.shape[1] // 2, x.shape[2] // 2
+    return x, [], [None, (jnp.zeros((h, w, c)), jnp.zeros((h, w, c)))]
+
+  def keys(n, tile):
+    stage = tiling.Stage("unet", fn, (1,), 1, tiling.Grid.make((n, n), tile, 8), [])
+    inputs = [jax.ShapeDtypeStruct((1, stage.grid.tile[0], stage.grid.tile[1], 4), jnp.float32)]
+    layers = tiling._kv_layers(stage, {}, inputs, (), None, [], tiling.KV_LIMITS[0])
+    return [None if k is None else tiling._pooled_shape(k)[0] for k in layers]
+
+  assert keys(128, 128) == []
+  assert keys(128, 64) == [None, 64 * 64]  # under the floor: as they are
+  sizes = [keys(n, 256)[1] for n in (512, 1024, 2048, 4096, 8192)]
+  assert sizes == [256 * 256, 4 * 128 * 128, 4 * 128 * 128, 4 * 128 * 128, 4 * 128 * 128]
+
+
 # --------------------------------------------------------------------------- the diffusion decoder
 @pytest.mark.slow
 def test_diffusion_decoder_in_windows_at_128():
@@ -148,7 +192,7 @@ def test_diffusion_decoder_in_windows_at_128():
   as they are, and the tiled decode stays within the floor measured for it against the whole
   one (windows this small are mostly receptive-field margin; 1024x1024: the next test). With a
   budget below that D_m window's program, the window keeps its size and takes pooled keys
-  (the least pooling in KV_RATIOS that fits)."""
+  (the least pooling in KV_LIMITS that fits)."""
   from sodec_jax.pretrained import build_model
 
   c = make_micro_sodec_config(2)
@@ -194,10 +238,11 @@ def test_diffusion_decoder_tiled_against_whole_at_1024():
   whole = np.round(np.clip(np.asarray(api.reconstruct(model, y_hat, z_hat)[0][0]), 0, 1) * 255)
   results = {}
   # 120MiB: the UNet on the whole latent, D_m in windows; 60MiB: the UNet in windows too.
-  # Measured 64.19 and 54.92 dB, the two budgets 54.76 dB (47.77 and 47.76 with the UNet's
-  # keys pooled 2x2 at 60MiB; with pooled keys and undamped passes stopped when their change
-  # grew: 54.5, 33.3 and 33.3 dB)
-  for budget, floor in (("120MiB", 60.0), ("60MiB", 50.0)):
+  # Measured 55.84 and 42.47 dB (seams 0.90, 0.77), the two budgets 42.32 dB, with passes
+  # stopped at a change of 1e-2 and the UNet's overlap 16 (64.19, 54.92 and 54.76 dB at 1e-3
+  # and 32, twice the passes; 54.5, 33.3 and 33.3 dB with pooled keys and undamped passes).
+  # The issue's floor is 40 dB.
+  for budget, floor in (("120MiB", 52.0), ("60MiB", 40.0)):
     x = np.round(np.clip(api.decode_within(model, y_hat, z_hat, budget)[0], 0, 1) * 255)
     plan = model._plans[(y_hat.shape, z_hat.shape, tiling.parse_bytes(budget), ())]
     assert isinstance(plan, tiling.Plan)
@@ -207,4 +252,4 @@ def test_diffusion_decoder_tiled_against_whole_at_1024():
     assert _psnr(x, whole) >= floor and ratio <= 1.5
     results[budget] = x
   print(f"two budgets: PSNR {_psnr(results['120MiB'], results['60MiB']):.2f} dB")
-  assert _psnr(results["120MiB"], results["60MiB"]) >= 50.0
+  assert _psnr(results["120MiB"], results["60MiB"]) >= 40.0
