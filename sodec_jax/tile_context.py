@@ -117,10 +117,14 @@ class TileAttention:
   """The hook Attention.tile_kv calls for self-attention in a window: q, k, v [1, t, heads, d]
   of the window's t = h * w tokens (h, w: the window's base size times this layer's scale).
   Records the window's keys and values times its weights ([h, w, heads * d] each) and attends
-  the queries to the window's own keys and values (pass 1) or to the whole image's `kv`
-  ((k, v) [S, heads * d] each, from the previous pass; `use_global` true), those with the keys
-  in blocks (blocked_attention: the logits do not grow with S) unless cuDNN's kernel applies.
-  `kv` None: shape probing (only the window's own)."""
+  the queries to the window's own keys and values (pass 1) or to the whole image's `kv` (from
+  the previous pass; `use_global` true): (k, v) [S, heads * d] each, every position's key as it
+  is, or (k, v, bias [S]) pooled (pool_tokens): then the queries attend to the window's own t
+  keys as they are together with the pooled ones, each pooled key's logit raised by the log of
+  how many positions outside the window it stands for (near_far_bias; those inside are the
+  window's own). The keys go in blocks (blocked_attention: the logits do not grow with S)
+  unless cuDNN's kernel applies (unpooled keys only). `kv` None: shape probing (only the
+  window's own)."""
 
   def __init__(self, weights: jax.Array, kv, use_global: jax.Array):
     self.weights, self.kv, self.use_global = weights, kv, use_global
@@ -144,9 +148,13 @@ class TileAttention:
 
     if self.kv is None:
       return own()
-    kg, vg = (x.reshape(1, -1, n, d).astype(k.dtype) for x in self.kv)
+    kg, vg = (x.reshape(1, -1, n, d).astype(k.dtype) for x in self.kv[:2])
 
     def whole():  # cuDNN's fused kernel where it applies; else keys in blocks (bounded logits)
+      if len(self.kv) == 3:  # pooled: the window's own keys exact, the rest pooled (near_far_bias)
+        bias = jnp.concatenate([jnp.zeros((t,), jnp.float32), self.kv[2].astype(jnp.float32)])
+        kk, vv = (jnp.concatenate([a, b], axis=1) for a, b in ((k, kg), (v, vg)))
+        return blocked_attention(q, kk, vv, bias=bias)
       if cudnn_eligible(jax.default_backend(), q.dtype, d):
         return dot_product_attention(q, kg, vg, query_chunk=attn.query_chunk)
       return blocked_attention(q, kg, vg)
@@ -166,6 +174,22 @@ def pool_tokens(x: np.ndarray, pool: int) -> np.ndarray:
   total = padded.reshape(ph, pool, pw, pool, c).sum(axis=(1, 3))
   count = ones.reshape(ph, pool, pw, pool, 1).sum(axis=(1, 3))
   return (total / count).reshape(ph * pw, c)
+
+
+def near_far_bias(whole: tuple[int, int], pool: int, origin: tuple[int, int], size) -> np.ndarray:
+  """The logit bias [ceil(H / pool) * ceil(W / pool)] float32 of a window's pooled keys (a
+  self-attention's whole-image keys [H, W] = `whole`, pooled by `pool` > 1 as pool_tokens does;
+  the window covers rows and columns [origin, origin + size) at that resolution): log of the
+  number of each block's positions outside the window (a pooled key stands for that many keys,
+  the first-order estimate of their softmax weight, exp(q.k_mean) x n); -1e9 for a block wholly
+  inside the window, whose positions the window's own keys give as they are."""
+  edges = [np.minimum(np.arange(-(-n // pool) + 1) * pool, n) for n in whole]
+  inside = [
+    np.clip(np.minimum(e[1:], o + s) - np.maximum(e[:-1], o), 0, None)
+    for e, o, s in zip(edges, origin, size)
+  ]
+  count = np.outer(np.diff(edges[0]), np.diff(edges[1])) - np.outer(*inside)
+  return np.where(count > 0, np.log(np.maximum(count, 1)), -1e9).astype(np.float32).reshape(-1)
 
 
 class KVAccumulator:

@@ -19,28 +19,31 @@ window size (all windows of a stage have one shape, so one compiled program per 
   UNet   y_t (base: 2h) -> x0 = predict_x0(y_t, UNet(y_t, t, c_g))      (passes, see below)
   D_m    x0 / s (base: 2h) -> (D_m(.) + 1) / 2 [1, 16h, 16w, 3]         (passes)
 D_a and T_s hold only per-pixel ChannelNorms: a window equals the whole image's result wherever
-the receptive field stays inside it, and the blending ramps hide the rest. The UNet and D_m
-hold GroupNorms whose statistics span the whole image and self-attention over every position
-(the UNet's transformer blocks, D_m's mid-block): a first pass over the windows records each
-GroupNorm's statistics and each self-attention's keys and values, weighted by the window's
-share of each position (sodec_jax/tile_context.py); the next pass normalises every window with
-the whole-image statistics and lets its queries attend to the whole-image keys and values
-(as they are up to 128x128 positions, beyond that average-pooled to at most 4 x a window's
-tokens, or 1 x when only that fits the budget: KV_LIMITS, kv_pool). What the first pass recorded is itself approximate (its windows used their
-own statistics and attention), so passes repeat until the output stops changing (MAX_PASSES,
-PASS_TOLERANCE), the UNet's damped (DAMPING: repeated as they are, its passes flipped the
-image's mean colour from pass to pass on a trained model). What stays approximate:
-receptive fields cut at window borders (hidden by the blending), the convergence left after
-the last pass, and pooled keys on large images. The windows of the UNet start on multiples of
-its total downsampling, so a window's strided convolutions sample the same grid as the whole
-image's.
+the receptive field stays inside it, and the blending ramps hide the rest. The UNet and D_m hold
+GroupNorms whose statistics span the whole image and self-attention over every position (the
+UNet's transformer blocks, D_m's mid-block): a first pass over the windows records each
+GroupNorm's statistics and each self-attention's keys and values, weighted by the window's share
+of each position (sodec_jax/tile_context.py); the next pass normalises every window with the
+whole-image statistics and lets its queries attend to the whole-image keys and values (as they
+are up to 128x128 positions; beyond that average-pooled to at most 4 x a window's tokens, or 1 x
+when only that fits the budget: KV_LIMITS, kv_pool; a window then attends to its own keys as
+they are and to the pooled ones, each weighted by how many positions outside the window it
+stands for: tile_context.near_far_bias). What the first pass recorded is itself approximate (its
+windows used their own statistics and attention), so passes repeat until the output stops
+changing (MAX_PASSES, PASS_TOLERANCE), the UNet's damped (DAMPING: repeated as they are, its
+passes flipped the image's mean colour from pass to pass on a trained model). What stays
+approximate: receptive fields cut at window borders (hidden by the blending), the convergence
+left after the last pass, and pooled keys on large images. The windows of the UNet start on
+multiples of its total downsampling, so a window's strided convolutions sample the same grid as
+the whole image's.
 
 The window sizes come from a memory budget (`plan_decode`): for each stage, the largest window
-(with the least pooling of the whole-image keys at that size) whose compiled program (`jax.jit(f).lower(...).compile().memory_analysis()`: arguments, which
-include every weight, + outputs + temporaries) fits. Images whose whole decoder fits the budget
-take the one-jit path (`plan_decode` returns None). What the budget does not bound: the host
-arrays holding the whole x_f and output (12 bytes a pixel each) and the guidance program (x_f
-resized to the extractor's input).
+(with the least pooling of the whole-image keys at that size) whose compiled program
+(`jax.jit(f).lower(...).compile().memory_analysis()`: arguments, which include every weight, +
+outputs + temporaries) fits. Images whose whole decoder fits the budget take the one-jit path
+(`plan_decode` returns None). What the budget does not bound: the host arrays holding the whole
+x_f and output (12 bytes a pixel each) and the guidance program (x_f resized to the extractor's
+input).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ from sodec_jax.tile_context import (
   TileNorm,
   attentions,
   group_norms,
+  near_far_bias,
 )
 
 _log = logging.getLogger(__name__)
@@ -343,7 +347,12 @@ def _compile(stage: Stage, state, channels: tuple[int, ...], extra, cache, kv_li
   inputs = [_spec((1, th * f, tw * f, c)) for f, c in zip(stage.factors, channels)]
   stats = [(_spec((g,)), _spec((g,))) for g in stage.norms]
   stage.kv_layers = _kv_layers(stage, state, inputs, extra, _spec((th, tw)), stats, kv_limit)
-  kv = tuple((_spec(_pooled_shape(k)),) * 2 if k else None for k in stage.kv_layers)
+  kv = tuple(
+    None
+    if not k
+    else (_spec(_pooled_shape(k)),) * 2 + ((_spec(_pooled_shape(k)[:1]),) * (k[3] > 1))
+    for k in stage.kv_layers
+  )
   args = (state, *inputs, *extra, _spec((th, tw)), stats, kv, _spec((), jnp.bool_))
   stage.compiled = jax.jit(stage.fn).lower(*args).compile()
   stage.bytes = program_bytes(stage.compiled)
@@ -481,7 +490,7 @@ def _run(stage: Stage, state, inputs, extra=(), context=None):
       x[:, r * k : (r + th) * k, c * k : (c + tw) * k] for x, k in zip(inputs, stage.factors)
     ]
     y, recorded, kv_rec = stage.compiled(
-      state, *window, *extra, w_base, stats, tuple(kv), np.bool_(use_global)
+      state, *window, *extra, w_base, stats, _window_kv(stage, kv, r, c), np.bool_(use_global)
     )
     y = np.asarray(y, np.float32)
     if out is None:
@@ -490,6 +499,22 @@ def _run(stage: Stage, state, inputs, extra=(), context=None):
     acc.add(recorded)
     kv_acc.add(r, c, th, kv_rec)
   return out, (acc.stats(), kv_acc.kv())
+
+
+def _window_kv(stage: Stage, kv, r: int, c: int) -> tuple:
+  """The whole-image keys and values as the window at base (r, c) takes them: (k, v) per
+  self-attention as they are, and with a pooled layer's the window's logit bias (near_far_bias)."""
+  (nh, nw), (th, tw) = stage.grid.n, stage.grid.tile
+  out = []
+  for layer, x in zip(stage.kv_layers, kv):
+    if x is None or layer[3] == 1:
+      out.append(x)
+      continue
+    hh, ww, _, pool = layer
+    h, w = hh * th // nh, ww * tw // nw
+    bias = near_far_bias((hh, ww), pool, (r * h // th, c * h // th), (h, w))
+    out.append((*x[:2], bias))
+  return tuple(out)
 
 
 def _run_normalised(stage: Stage, state, inputs, extra=()) -> np.ndarray:

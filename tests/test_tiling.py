@@ -141,6 +141,39 @@ def test_pool_tokens_averages_blocks_and_the_partial_edge():
   np.testing.assert_array_equal(tile_context.pool_tokens(x, 1), x.reshape(15, 2))
 
 
+def test_pooled_keys_with_the_windows_own_are_exact_on_blockwise_constant_keys():
+  """A window's queries attend to its own keys as they are and to the pooled whole-image keys,
+  each raised by log(positions of its block outside the window) (near_far_bias). Where keys
+  and values are constant over each pooling block that is the whole image's attention exactly,
+  partial blocks at the image edge and blocks the window cuts included; without the bias (plain
+  means, the window's region counted twice) it is not."""
+  attn = Attention(8, heads=2, dim_head=4, rngs=nnx.Rngs(0))
+  blocks = np.asarray(jax.random.normal(jax.random.key(1), (1, 4, 6, 8)))
+  x = np.repeat(np.repeat(blocks, 4, axis=1), 4, axis=2)[:, :14, :22]  # 4x4 blocks, partial edge
+  want = np.asarray(attn(x.reshape(1, -1, 8))).reshape(1, 14, 22, 8)
+  grid = tiling.Grid.make((14, 22), 10, 4)
+  assert [len(s) for s in grid.starts()] == [2, 3] and grid.starts()[1][1] % 4  # cuts blocks
+  acc = tile_context.KVAccumulator([(14, 22, 8, 4)])
+  zeros = (np.zeros((4 * 6, 8), np.float32),) * 2
+  for r, c, w in grid.windows():
+    attn.tile_kv = hook = tile_context.TileAttention(w, zeros, np.bool_(False))
+    attn(x[:, r : r + 10, c : c + 10].reshape(1, -1, 8))
+    acc.add(r, c, 10, hook.recorded)
+  ((k, v),) = acc.kv()
+  worst = {}
+  for r, c, w in grid.windows():
+    bias = tile_context.near_far_bias((14, 22), 4, (r, c), (10, 10))
+    # every position once: the window's own plus, per block, the count its bias stands for
+    assert np.sum(np.exp(bias[bias > -1e8])) + 100 == pytest.approx(14 * 22)
+    for name, b in (("bias", bias), ("plain", np.zeros_like(bias))):
+      attn.tile_kv = tile_context.TileAttention(w, (k, v, b), np.bool_(True))
+      got = np.asarray(attn(x[:, r : r + 10, c : c + 10].reshape(1, -1, 8))).reshape(1, 10, 10, 8)
+      err = np.max(np.abs(got - want[:, r : r + 10, c : c + 10]))
+      worst[name] = max(worst.get(name, 0.0), err)
+  attn.tile_kv = None
+  assert worst["bias"] < 2e-5 and worst["plain"] > 1e-2, worst
+
+
 @pytest.mark.parametrize(
   "whole, window, kv_limit, want",
   [

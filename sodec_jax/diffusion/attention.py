@@ -149,14 +149,21 @@ def _attend(q, k, v):
 
 
 def blocked_attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, *, key_block: int = 1024, query_chunk: int = 256
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  bias: jax.Array | None = None,
+  key_block: int = 1024,
+  query_chunk: int = 256,
 ) -> jax.Array:
-  """Softmax(q k^T / sqrt(head_dim)) v without the whole logits matrix: the keys in blocks of
+  """Softmax(q k^T / sqrt(head_dim) + bias) v without the whole logits matrix: the keys in blocks of
   `key_block` (a `lax.scan` with the running maximum, normaliser and weighted sum of the online
   softmax, as in FlashAttention), the queries in chunks of `query_chunk` (`lax.map`); so the
   float32 logits buffer is [B, N, query_chunk, key_block] whatever the sequence lengths.
-  q [B, Tq, N, D], k and v [B, Tk, N, D] -> [B, Tq, N, D] (q's dtype; arithmetic in float32).
-  Used where a program's memory must not grow with the keys (the tiled decoder's windows
+  q [B, Tq, N, D], k and v [B, Tk, N, D] -> [B, Tq, N, D] (q's dtype; arithmetic in float32);
+  `bias` [Tk] float32 (None: 0) is added to every query's logit of each key (a key that stands for
+  n keys: log n; a key left out: a large negative number). Used where a program's memory must not grow with the keys (the tiled decoder's windows
   attending to the whole image's keys, sodec_jax/tile_context.py)."""
   b, tq, n, d = q.shape
   tk = k.shape[1]
@@ -175,6 +182,8 @@ def blocked_attention(
       kk, vv = (jax.lax.dynamic_slice_in_dim(x, start, kb, axis=1) for x in (k, v))
       ok = start + jnp.arange(kb) >= i * kb
       s = jnp.einsum("bqnd,bknd->bnqk", qc, kk.astype(jnp.float32)) * scale
+      if bias is not None:
+        s = s + jax.lax.dynamic_slice_in_dim(bias, start, kb)[None, None, None, :]
       s = jnp.where(ok[None, None, None, :], s, -jnp.inf)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       p = jnp.exp(s - m_new[..., None])
