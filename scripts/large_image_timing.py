@@ -26,7 +26,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(cmd: list[str]) -> tuple[float, int]:
   """Runs `cmd`; -> (wall seconds, peak resident bytes of that process). Prints the lines
-  `sodec -v` logs (the tiled decoder's windows and passes per stage)."""
+  `sodec -v` logs (the tiled decoder's windows and passes per stage).
+
+  The peak is the child's ru_maxrss, which on Linux starts from this process's own peak (exec
+  keeps the high-water mark of the memory it replaces), so this process never holds an image:
+  the test images are written by a separate process (make_image)."""
   env = dict(os.environ, SODEC_CACHE_DIR="off", PYTHONPATH=ROOT)
   t = time.perf_counter()
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -41,34 +45,46 @@ def run(cmd: list[str]) -> tuple[float, int]:
   return elapsed, usage.ru_maxrss * 1024  # Linux: KiB
 
 
-def main(argv=None) -> int:
+def make_image(path: str, side: int, image: str = "") -> None:
+  """Writes the photo-like test image of `side` x `side` to `path` (see the module docstring)."""
   from PIL import Image
 
   sys.path.insert(0, ROOT)
-  from sodec_jax import images
+  from sodec_jax import data, images
 
+  photo = image or os.path.join(data.skimage_photo_dir(), "astronaut.png")
+  photo = images.read_image(photo)[0]
+  x = np.asarray(Image.fromarray(photo).resize((side, side), Image.BICUBIC), np.float32)
+  noise = np.random.default_rng(side).normal(0, 2.0, x.shape)
+  Image.fromarray(np.clip(x + noise, 0, 255).astype(np.uint8)).save(path)
+
+
+def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  p.add_argument("--checkpoint", required=True)
+  p.add_argument("--checkpoint", default="")
   p.add_argument("--max-memory", default="8GiB")
   p.add_argument("--sides", default="1024,2048,4096,8192")
   p.add_argument("--image", default="")
   p.add_argument("--work", default="/tmp/sodec_large")
   p.add_argument("--compress-whole", action="store_true", help="compress without the budget")
+  p.add_argument("--make-image", default="", help=argparse.SUPPRESS)  # internal: one test image
+  p.add_argument("--side", type=int, default=0, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.make_image:
+    make_image(args.make_image, args.side, args.image)
+    return 0
+  if not args.checkpoint:
+    p.error("--checkpoint is required")
   os.makedirs(args.work, exist_ok=True)
-  if args.image:
-    photo = images.read_image(args.image)[0]
-  else:
-    from sodec_jax import data
-
-    photo = images.read_image(os.path.join(data.skimage_photo_dir(), "astronaut.png"))[0]
   sodec = [sys.executable, "-m", "sodec_jax.cli", "--verbose"]
   rows = []
   for side in (int(s) for s in args.sides.split(",")):
-    x = np.asarray(Image.fromarray(photo).resize((side, side), Image.BICUBIC), np.float32)
-    noise = np.random.default_rng(side).normal(0, 2.0, x.shape)
     src = os.path.join(args.work, f"{side}.png")
-    Image.fromarray(np.clip(x + noise, 0, 255).astype(np.uint8)).save(src)
+    subprocess.run(
+      [sys.executable, os.path.abspath(__file__), "--make-image", src, "--side", str(side)]
+      + (["--image", args.image] if args.image else []),
+      check=True,
+    )
     f, out = os.path.join(args.work, f"{side}.sodec"), os.path.join(args.work, f"{side}_hat.png")
     ckpt = ["--checkpoint", args.checkpoint]
     budget = [] if args.compress_whole else ["--max-memory", args.max_memory]
