@@ -73,6 +73,12 @@ def get_config():
   c.diffusion.tiny_latent_channels = 4
   c.diffusion.lora_rank = 4
   c.diffusion.lora_alpha = 4.0
+  # LoRA on every conv, attention projection, proj_in/out and feed-forward of the UNet, as the
+  # one-step restorers OSEDiff and img2img-turbo do (their l_grep lists), not only on to_q/k/v/out:
+  # stage 2 alone from the same stage 1, held-out 256 px crops at steps 100 / 200 / 300:
+  # attention only 12.4-12.8 / 14.0-14.2 / 14.4-14.9 dB, all of these 14.03 / 15.38 / 15.84 dB
+  # (docs/ARCHITECTURE.md, "Choices")
+  c.diffusion.lora_targets = ("to_q", "to_k", "to_v", "to_out", "conv", "proj_in", "proj_out", "ff")
   c.guidance.extractor_config = "tiny"
   c.sodec.hyper_synthesis_channels = 32
   c.sodec.transform_channels = 32
