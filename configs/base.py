@@ -146,10 +146,10 @@ def get_config() -> ml_collections.ConfigDict:
   # How the target is reached (losses.targeted_lambda): "switch" is HiFiC's rule above; "dual"
   # multiplies lambda(t) by m, set every step by a PI controller on log lambda
   # (losses.rate_control): e = log r - log target, log m = integral + proportional_gain * e,
-  # integral += integral_gain * e (both within +-max_log). r is the mean coded rate of the
-  # calibration photos (`photos`, kept out of training; the bits their .sodec files carry,
-  # header aside; whole with crop 0, else their central `crop` squares), or of the training
-  # batch when `photos` is empty. The integral carries over from stage to stage and across
+  # integral += integral_gain * e (both within +-max_log). r is the mean bpp of the calibration
+  # photos' .sodec files (`photos`, kept out of training; with crop 0 each whole photo padded as
+  # the coder pads it, its coded bits plus the header over its own pixels; else their central
+  # `crop` squares), or the coded rate of the training batch when `photos` is empty. The integral carries over from stage to stage and across
   # resumes (checkpoint meta "rate_control_integral"). Name photos like the ones you will code.
   c.loss.rate_control = ml_collections.ConfigDict()
   c.loss.rate_control.mode = "switch"  # switch | dual

@@ -14,6 +14,7 @@ ones in it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Sequence
@@ -21,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from sodec_jax import api, checkpoints, data
+from sodec_jax.codec import padding
 from sodec_jax.errors import SodecError
 from sodec_jax.images import read_image
 
@@ -54,10 +56,21 @@ def named_paths(config, names, option: str) -> list[str]:
   return [by_stem[n] for n in names]
 
 
-def calibration_images(config) -> list[np.ndarray] | None:
-  """The dual rate controller's calibration photos (loss.rate_control.photos) as uint8
-  [H, W, 3] arrays: each one's central loss.rate_control.crop square, or with crop 0 the whole
-  photo less its edges beyond a multiple of 64 per side (central). None when none are named."""
+@dataclasses.dataclass(frozen=True)
+class CalibrationPhoto:
+  """One photo the dual rate controller measures: `image` uint8 [H', W', 3] as the coder codes it
+  (a whole photo reflect-padded to the model's multiple; a crop as it is), `pixels` the photo's
+  own H x W (its bpp's denominator, as in a .sodec file's bpp)."""
+
+  image: np.ndarray
+  pixels: int
+
+
+def calibration_images(config) -> list[CalibrationPhoto] | None:
+  """The dual rate controller's calibration photos (loss.rate_control.photos): with
+  loss.rate_control.crop 0 each whole photo padded as the coder pads it (codec/padding.py), so
+  the controller sees the bits its .sodec file carries over its own pixels, padding included;
+  else each one's central `crop` square. None when none are named."""
   names = data.calibration_names(config)
   if not names:
     return None
@@ -69,14 +82,19 @@ def calibration_images(config) -> list[np.ndarray] | None:
   out = []
   for path in named_paths(config, names, "config.loss.rate_control.photos"):
     image = read_image(path)[0]
-    h, w = (size, size) if size else (image.shape[0] // 64 * 64, image.shape[1] // 64 * 64)
-    if image.shape[0] < max(h, 64) or image.shape[1] < max(w, 64):
+    h, w = image.shape[:2]
+    if h < max(size, 64) or w < max(size, 64):
       raise SodecError(
-        f"calibration photo {path} is {image.shape[0]}x{image.shape[1]}, smaller than "
+        f"calibration photo {path} is {h}x{w}, smaller than "
         f"config.loss.rate_control.crop={size} (or 64): choose a smaller crop or a larger photo"
       )
-    top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
-    out.append(np.ascontiguousarray(image[top : top + h, left : left + w]))
+    if size:
+      top, left = (h - size) // 2, (w - size) // 2
+      crop = np.ascontiguousarray(image[top : top + size, left : left + size])
+      out.append(CalibrationPhoto(crop, size * size))
+    else:
+      padded = padding.pad_pixels(image, padding.scheme(config.model))
+      out.append(CalibrationPhoto(np.ascontiguousarray(padded), h * w))
   return out
 
 

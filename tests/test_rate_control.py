@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from sodec_jax import checkpoints, data, losses, validation
+from sodec_jax.codec import bitstream
 from sodec_jax.errors import SodecError
 from tests.conftest import load_photo, make_micro_config, make_micro_sodec_config
 
-TARGET = 0.02  # far below what the random micro model codes at: m must rise
+TARGET = 0.1  # far below what the random micro model codes at: m must rise
 
 
 def _dual(stage=3, **overrides):
@@ -79,6 +80,34 @@ def test_coded_bpp_is_the_rate_of_the_real_file(micro_workdir):
     assert measured == pytest.approx(predicted, rel=0.05), (name, measured, predicted)
 
 
+def test_calibration_measures_the_file_of_the_whole_photo(micro_workdir, tmp_path):
+  """With crop 0 a calibration photo is the whole photo padded as the coder pads it, and the
+  controller's measure (step.calibration_bpp) is the bpp of its .sodec file, padding and header
+  counted, within the range coder's few percent. A photo far from a multiple of 64 (100 x 150
+  codes as 128 x 192, 1.64x its pixels) tells the padded file apart from the crop."""
+  from PIL import Image
+
+  from sodec_jax import api
+  from sodec_jax.train import step
+
+  photos = {"odd": load_photo("chelsea.png")[:100, :150], "even": load_photo("coffee.png")[:128]}
+  for name, image in photos.items():
+    Image.fromarray(image).save(tmp_path / f"{name}.png")
+  model = api.load_model(micro_workdir)
+  c = model.config.copy_and_resolve_references()
+  c.data.train_dir, c.data.holdout = str(tmp_path), ()
+  c.loss.rate_control.photos, c.loss.rate_control.crop = ("odd", "even"), 0
+  calibration = validation.calibration_images(c)
+  assert [p.image.shape for p in calibration] == [(128, 192, 3), (128, 640, 3)]
+  assert [p.pixels for p in calibration] == [100 * 150, 128 * 600]
+  np.testing.assert_array_equal(
+    calibration[0].image, np.round(api.pad_image(model, photos["odd"])[0] * 255).astype(np.uint8)
+  )
+  measured = float(step.calibration_bpp(model.model, step.calibration_groups(calibration)))
+  files = [8 * len(api.compress(model, im)) / (im.shape[0] * im.shape[1]) for im in photos.values()]
+  assert measured == pytest.approx(np.mean(files), rel=0.05), (measured, files)
+
+
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f]
@@ -106,9 +135,10 @@ def test_dual_controller_in_training(tmp_path, monkeypatch):
   assert [r["step"] for r in rows] == [1, 2, 3]
   # step 1 measured the calibration crop with the initial parameters
   model = build.build_training_model(c)
-  crop = np.stack(validation.calibration_images(c))
-  assert crop.shape == (1, 64, 64, 3)
-  first = float(model.coded_bpp(jnp.asarray(crop, jnp.float32) / 255.0))
+  (photo,) = validation.calibration_images(c)
+  assert photo.image.shape == (64, 64, 3) and photo.pixels == 64 * 64
+  coded = float(model.coded_bpp(jnp.asarray(photo.image[None], jnp.float32) / 255.0))
+  first = coded + 8 * bitstream.HEADER_MIN / photo.pixels  # the header counts, as in a file
   np.testing.assert_allclose(rows[0]["controlled_bpp"], first, rtol=1e-4)
   # each step's m = exp(I + kp e) with e = log(measured / target), then I += ki e;
   # lambda = lambda(t) * m

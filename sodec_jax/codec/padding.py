@@ -45,12 +45,16 @@ def _up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def pad_image(image: np.ndarray, pad: Padding) -> np.ndarray:
-  """uint8 [H, W, 3] -> float32 [1, H', W', 3] in [0, 1], reflect-padded bottom/right."""
+def pad_pixels(image: np.ndarray, pad: Padding) -> np.ndarray:
+  """uint8 [H, W, 3] -> uint8 [H', W', 3], reflect-padded bottom/right (what the coder codes)."""
   h, w = image.shape[:2]
   m = pad.image_multiple
-  x = np.pad(image, ((0, _up(h, m) - h), (0, _up(w, m) - w), (0, 0)), mode="reflect")
-  return (x.astype(np.float32) / 255.0)[None]
+  return np.pad(image, ((0, _up(h, m) - h), (0, _up(w, m) - w), (0, 0)), mode="reflect")
+
+
+def pad_image(image: np.ndarray, pad: Padding) -> np.ndarray:
+  """uint8 [H, W, 3] -> float32 [1, H', W', 3] in [0, 1], reflect-padded bottom/right."""
+  return (pad_pixels(image, pad).astype(np.float32) / 255.0)[None]
 
 
 def pad_latent(y, multiple: int):

@@ -156,7 +156,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"{float(config.loss.anneal.target_rate):g} bpp on "
       + (
         f"{len(calibration)} calibration photos ({', '.join(data.calibration_names(config))}, "
-        f"{' + '.join(f'{im.shape[0]}x{im.shape[1]}' for im in calibration)})"
+        f"{' + '.join(f'{p.image.shape[0]}x{p.image.shape[1]}' for p in calibration)} as coded)"
         if calibration is not None
         else "the training batches (no loss.rate_control.photos)"
       )

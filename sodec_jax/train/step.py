@@ -11,9 +11,32 @@ import optax
 from flax import nnx
 
 from sodec_jax import gan, losses
+from sodec_jax.codec import bitstream
 from sodec_jax.discriminator import SpectralState
 from sodec_jax.metrics import psnr
 from sodec_jax.train.parallel import shardings
+
+
+def calibration_groups(calibration) -> list[tuple[np.ndarray, int]]:
+  """The calibration photos (validation.CalibrationPhoto) stacked by (coded shape, own pixels):
+  [(uint8 [n, H', W', 3], pixels)], one coded_bpp batch each."""
+  groups = {}
+  for photo in calibration or ():
+    groups.setdefault((np.shape(photo.image), int(photo.pixels)), []).append(photo.image)
+  return [(np.stack(images), pixels) for (_, pixels), images in groups.items()]
+
+
+def calibration_bpp(coder, groups) -> jax.Array:
+  """The mean over the calibration photos of the bpp of each one's .sodec file: the coded bits
+  of the padded photo (SODEC.coded_bpp times its coded pixels) plus the container header
+  (bitstream.HEADER_MIN bytes), over the photo's own pixels. float32 []."""
+  total, count = 0.0, 0
+  for images, pixels in groups:
+    coded = images.shape[1] * images.shape[2]
+    bpp = coder.coded_bpp(jnp.asarray(images).astype(jnp.float32) / 255.0)
+    total = total + len(images) * (bpp * coded + 8 * bitstream.HEADER_MIN) / pixels
+    count += len(images)
+  return total / count
 
 
 def make_train_step(
@@ -41,9 +64,10 @@ def make_train_step(
   (checkpoint params item, validation, samples) and keeps the online weights for training.
   With the dual rate controller (losses.uses_rate_multiplier) the state also holds
   'rate_control': {'integral': float32 []}, the PI controller's integral: each step first
-  measures the mean coded bpp (SODEC.coded_bpp, the parameters before the update) of the
-  `calibration` photos (uint8 [H, W, 3] arrays, constants of the program, photos of one shape
-  coded as one batch; or, when it is None, of the training batch), then
+  measures the mean bpp of the `calibration` photos' files (calibration_bpp: SODEC.coded_bpp
+  with the parameters before the update, padding and header counted; the photos are constants
+  of the program, those of one shape coded as one batch; or, when it is None, the coded bpp of
+  the training batch), then
   losses.rate_control gives this step's multiplier m (the loss uses lambda(t) * m) and the
   next integral.
   consts = (the frozen nnx.Params, i.e. those outside config.train.trainable; the model's
@@ -58,9 +82,7 @@ def make_train_step(
 
   dual = config.stage >= 2 and losses.uses_rate_multiplier(config.loss)
   ema_decay = float(config.optim.get("ema_decay", 0.0))
-  same_shapes = []  # the calibration photos stacked by shape (one coded_bpp batch each)
-  for shape in dict.fromkeys(np.shape(im) for im in calibration or ()):
-    same_shapes.append(np.stack([im for im in calibration if np.shape(im) == shape]))
+  groups = calibration_groups(calibration)
 
   def train_step(state, consts, batch, step):
     frozen, rest, lpips_state = consts
@@ -70,10 +92,10 @@ def make_train_step(
     log_m = None
     if dual:  # measured before the update, with the parameters the loss differentiates
       coder = nnx.merge(graphdef, state["params"], frozen, rest)
-      groups = same_shapes or [batch]
-      measured = sum(
-        coder.coded_bpp(jnp.asarray(g).astype(jnp.float32) / 255.0) * len(g) for g in groups
-      ) / sum(len(g) for g in groups)
+      if groups:
+        measured = calibration_bpp(coder, groups)
+      else:
+        measured = coder.coded_bpp(batch.astype(jnp.float32) / 255.0)
       integral = state["rate_control"]["integral"]
       log_m, new_integral = losses.rate_control(integral, measured, config.loss)
 
