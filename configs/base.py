@@ -149,8 +149,9 @@ def get_config() -> ml_collections.ConfigDict:
   # integral += integral_gain * e (both within +-max_log). r is the mean bpp of the calibration
   # photos' .sodec files (`photos`, kept out of training; with crop 0 each whole photo padded as
   # the coder pads it, its coded bits plus the header over its own pixels; else their central
-  # `crop` squares), or the coded rate of the training batch when `photos` is empty. The integral carries over from stage to stage and across
-  # resumes (checkpoint meta "rate_control_integral"). Name photos like the ones you will code.
+  # `crop` squares), or the coded rate of the training batch when `photos` is empty. The
+  # integral carries over from stage to stage and across resumes (checkpoint meta
+  # "rate_control_integral"). Name photos like the ones you will code.
   c.loss.rate_control = ml_collections.ConfigDict()
   c.loss.rate_control.mode = "switch"  # switch | dual
   c.loss.rate_control.photos = ()  # file names (no extension) in data.train_dir
