@@ -71,7 +71,7 @@ from sodec_jax.codec.entropy import (
 from sodec_jax.codec.hific import OPTIONAL_FIELDS
 from sodec_jax.errors import SodecError
 from sodec_jax.model import PAD_MULTIPLE, SODEC
-from sodec_jax.pretrained import build_model
+from sodec_jax.pretrained import build_model, build_model_to_restore, check_restored
 
 
 @dataclasses.dataclass
@@ -270,8 +270,9 @@ def load_model(
   if os.path.isfile(os.path.join(checkpoint_dir, "manifest.json")):
     return _load_converted_codec(checkpoint_dir, winograd, dtype)
   config = checkpoints.load_config(checkpoint_dir)
-  model = build_model(config, nnx.Rngs(0), pretrained=False)  # weights come from the checkpoint
+  model = build_model_to_restore(config)  # weights come from the checkpoint
   restored_step = checkpoints.restore_params(checkpoint_dir, model, step=step)
+  check_restored(model, checkpoint_dir)
   return prepare(config, model, restored_step, winograd=winograd, dtype=dtype)
 
 

@@ -307,6 +307,34 @@ def build_model(config, rngs: nnx.Rngs, pretrained: bool = True):
   return model
 
 
+def build_model_to_restore(config):
+  """The model of `config` for a checkpoint to fill: its Params abstract (jax.ShapeDtypeStruct,
+  no random initialisation: on the CPU every initialiser compiles a program per weight shape,
+  ~40 s for the tiny model in a fresh process) and, with fidelity guidance, the frozen extractor
+  F built for real as `build_model` builds it (F is not checkpointed). Restore every Param
+  (checkpoints.restore_params) and call `check_restored` before use."""
+  model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0), pretrained=False))
+  if config.get("decoder", "codec") == "diffusion" and config.guidance.mode == "fidelity":
+    extractor = build_extractor(config.guidance, jnp.dtype(config.diffusion.dtype), config.seed)
+    nnx.update(model.guidance_extractor, nnx.state(extractor))
+  return model
+
+
+def check_restored(model, source: str) -> None:
+  """Raises SodecError when a variable of `model` (from `build_model_to_restore`) is still
+  abstract, i.e. `source` did not hold it."""
+  missing = [
+    "/".join(map(str, path))
+    for path, var in nnx.to_flat_state(nnx.state(model))
+    if isinstance(var.get_value(), jax.ShapeDtypeStruct)
+  ]
+  if missing:
+    raise SodecError(
+      f"{source} holds no value for {len(missing)} weight(s) of this model (e.g. {missing[0]}): "
+      "a checkpoint of another model config?"
+    )
+
+
 def build_latent_pretrain(config, rngs: nnx.Rngs):
   """Stage 0 of the tiny pipeline (`sodec_jax.latent_pretrain.LatentPretrain`) with its UNet and
   VAE built from `config.diffusion` (random for the tiny sizes) and handed over."""
