@@ -6,6 +6,17 @@ import sys
 import numpy as np
 import pytest
 
+# XLA's CPU backend without LLVM's optimisation passes, for this process and the subprocesses
+# the tests start (set before jax is imported): the suite compiles thousands of small programs,
+# and each jax.random initialiser of a new shape took ~0.4 s to compile at the default level
+# (~0.02 s here), which made a cold run of the default suite ~35 min on 2 cores. Values are the
+# same IEEE operations (XLA never enables fast math by default); the tests that compare XLA
+# settings set XLA_FLAGS themselves. SODEC_TEST_XLA_OPT=1 keeps the default optimisation.
+if os.environ.get("SODEC_TEST_XLA_OPT", "0") != "1":
+  _flag = "--xla_backend_optimization_level=0"
+  if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `configs` is a top-level package of the repository
   sys.path.insert(0, ROOT)
@@ -36,6 +47,11 @@ def make_micro_config(**overrides):
   c.model.decoder_residual_blocks = 1
   c.diffusion.tiny_latent_channels = 4  # SD's, as configs/tiny.py
   c.diffusion.weights = ""  # random tiny UNet / VAE, not the shipped stand-in (weights/tiny_sd)
+  # LoRA on the attention projections (base.py's default), not on every layer as configs/tiny.py:
+  # every conv's LoRA doubled the default suite's time (18.5 -> 35 min on 2 cores) in the tests
+  # that train or differentiate a micro SODEC; LoRA on every layer is tested in
+  # tests/diffusion/test_sd_lora.py and tests/convert/test_lora_export.py
+  c.diffusion.lora_targets = ("to_q", "to_k", "to_v", "to_out")
   c.data.crop_size = 64
   c.data.batch_size = 2
   c.train.num_steps = 4

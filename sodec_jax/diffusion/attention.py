@@ -163,8 +163,9 @@ def blocked_attention(
   float32 logits buffer is [B, N, query_chunk, key_block] whatever the sequence lengths.
   q [B, Tq, N, D], k and v [B, Tk, N, D] -> [B, Tq, N, D] (q's dtype; arithmetic in float32);
   `bias` [Tk] float32 (None: 0) is added to every query's logit of each key (a key that stands for
-  n keys: log n; a key left out: a large negative number). Used where a program's memory must not grow with the keys (the tiled decoder's windows
-  attending to the whole image's keys, sodec_jax/tile_context.py)."""
+  n keys: log n; a key left out: a large negative number). Used where a program's memory must
+  not grow with the keys (the tiled decoder's windows attending to the whole image's keys,
+  sodec_jax/tile_context.py)."""
   b, tq, n, d = q.shape
   tk = k.shape[1]
   kb = min(key_block, tk)
