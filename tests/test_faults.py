@@ -12,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 from sodec_jax import checkpoints
 from tests.conftest import ROOT
@@ -107,6 +108,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
   assert [r["step"] for r in _rows(wd)][-2:] == [step + 1, step + 2]
 
 
+# -m slow (~65 s): test_sigterm_saves_a_checkpoint_and_exits_0 interrupts a run in the
+# default suite
+@pytest.mark.slow
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path):
   driver = _driver(tmp_path)
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")

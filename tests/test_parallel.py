@@ -118,6 +118,7 @@ sys.exit(run(c, sys.argv[1]))
 """
 
 
+@pytest.mark.slow  # ~50 s; the four-device test keeps data parallelism in the default suite
 def test_two_processes_follow_the_one_process_loss_curve(tmp_path):
   import socket
 

@@ -113,6 +113,9 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+# -m slow (~85 s): the default suite trains with the dual controller in
+# test_dual_without_photos_measures_the_training_batch
+@pytest.mark.slow
 def test_dual_controller_in_training(tmp_path, monkeypatch):
   from sodec_jax.train import build, train
 

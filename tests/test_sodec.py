@@ -19,7 +19,9 @@ from sodec_jax.train import train
 from tests.conftest import load_photo, make_micro_sodec_config
 
 
-@pytest.mark.parametrize("hw,latent", [((64, 128), 4), ((192, 64), 16)])
+@pytest.mark.parametrize(
+  "hw,latent", [((64, 128), 4), pytest.param((192, 64), 16, marks=pytest.mark.slow)]
+)  # 16 latent channels: ~32 s, -m slow
 def test_shapes_through_the_diffusion_decoder(hw, latent):
   """The latent has SD's 4 channels, or diffusion.tiny_latent_channels for the tiny stand-in."""
   c = make_micro_sodec_config(2, **{"diffusion.tiny_latent_channels": latent})
