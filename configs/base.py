@@ -168,6 +168,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.gan_warmup_steps = 0  # stage 4: discriminator-only steps first
   c.loss.gan_ramp_steps = 0  # then beta rises linearly over these
   c.loss.discriminator_init = ""  # stage 4: a `convert/from_torch.py hific` folder's discriminator
+  # widths of its four spectral-norm convs (HiFiC's; a discriminator_init folder brings its own)
+  c.loss.discriminator_filters = (64, 128, 256, 512)
 
   # The LPIPS trunk of the loss: "vgg" (ours by default) or "alex" (HiFiC's default, and the
   # LPIPS of most compression papers' tables). Either needs its ImageNet weights from a local file

@@ -139,6 +139,9 @@ def get_config():
         "gan_warmup_steps": 20,
         "gan_ramp_steps": 40,
         "disc_learning_rate": 1e-4,
+        # a quarter of HiFiC's widths: from the same stage 3, 0.240 bpp / 18.48 dB held out
+        # against 18.49 with HiFiC's, at 0.65 instead of 1.21 s per step on 2 CPU cores
+        "discriminator_filters": (16, 32, 64, 128),
       },
     }
   )

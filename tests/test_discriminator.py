@@ -329,3 +329,18 @@ def test_shape_errors():
     disc(jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 8, 8, C)), update_stats=False)
   with pytest.raises(SodecError, match="expects"):
     disc(jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 4, 4, C + 1)), update_stats=False)
+
+
+def test_stage_four_builds_the_configured_widths():
+  """loss.discriminator_filters sets the random discriminator's widths (HiFiC's by default;
+  configs/tiny.py a quarter of them)."""
+  from configs import base, tiny
+  from sodec_jax.train.build import make_discriminator
+  from sodec_jax.train.pipeline import stage_config
+
+  def widths(config):
+    params = make_discriminator(config)[1]["params"]
+    return tuple(params[f"conv{k}"]["kernel"].shape[-1] for k in range(1, 5))
+
+  assert widths(base.get_config()) == (64, 128, 256, 512)
+  assert widths(stage_config(tiny.get_config(), "finetune")) == (16, 32, 64, 128)

@@ -230,7 +230,11 @@ def make_discriminator(config):
   if source:  # a `convert/from_torch.py hific` folder: HiFiC's trained discriminator
     disc = converted_discriminator(source, config.model.latent_channels)
   else:
-    disc = Discriminator(config.model.latent_channels, rngs=nnx.Rngs(config.seed + 1))
+    disc = Discriminator(
+      config.model.latent_channels,
+      filters=tuple(config.loss.get("discriminator_filters", (64, 128, 256, 512))),
+      rngs=nnx.Rngs(config.seed + 1),
+    )
   graphdef, params, spectral = nnx.split(disc, nnx.Param, SpectralState)
   params, spectral = nnx.to_pure_dict(params), nnx.to_pure_dict(spectral)
   tx = optax.adam(config.loss.disc_learning_rate, b1=config.optim.b1, b2=config.optim.b2)
