@@ -51,6 +51,7 @@ import functools
 import hashlib
 import json
 import os
+import types
 from typing import Any
 
 import jax
@@ -157,6 +158,9 @@ def decoding_model(model: SODEC, winograd: bool | None = None, dtype=None) -> SO
   if winograd is None:
     winograd = jax.default_backend() == "cpu"
   clone = nnx.clone(model)
+  # a training-only switch (stage 2's stop-gradient); off, so that every stage's decoding model
+  # has one structure and shares compiled programs (_coding_programs)
+  clone.stop_gradient_latents = False
   if dtype is not None:
     resolved = precision_lib.apply_precision(clone, dtype)
     precision_lib.cast_reconstruction_params(clone, precision_lib.compute_dtype(resolved))
@@ -169,32 +173,13 @@ def decoding_model(model: SODEC, winograd: bool | None = None, dtype=None) -> SO
   return clone
 
 
-def prepare(
-  config, model: SODEC, step: int = 0, *, winograd: bool | None = None, dtype: str | None = None
-) -> LoadedModel:
-  """Wraps an in-memory model for coding (computes tables, fingerprint and jitted functions).
-
-  `winograd`: run the decoders' large 3x3 convolutions as Winograd F(4x4, 3x3) (None: on CPU
-  only; see decoding_model). `dtype`: the reconstruction path's precision ("fp32" | "bf16" |
-  "auto", or "float32" | "bfloat16"; None = config.precision, "auto" by default: bf16 on GPU/TPU,
-  fp32 on the CPU). The fingerprint is taken from `model`'s own (float32) weights, and E, H_a, P
-  never change precision, so files do not depend on `dtype`. `model` itself is never modified."""
-  e = config.entropy
-  scales = scale_table(e.scale_min, e.scale_max, e.scale_levels)
-  y_table: CodingTable = gaussian_coding_table(scales, config.entropy.tail_mass)
-  z_table: CodingTable = factorized_coding_table(
-    model.codec.prior.hyperlatent.numpy_params(), config.entropy.tail_mass
-  )
-  dtype = precision_lib.resolve(config.get("precision", "auto") if dtype is None else dtype)
-  graphdef, state = nnx.split(decoding_model(model, winograd, dtype))
-  latent_multiple = padding.scheme(config.model).latent_multiple
-  indexer = integer_prior.derive(
-    integer_prior.stack_params_of(model.codec.prior.scale_synthesis),
-    e.scale_min,
-    e.scale_max,
-    e.scale_levels,
-    model.codec.prior.scale_lower_bound,
-  )
+@functools.lru_cache(maxsize=8)
+def _coding_programs(graphdef, latent_multiple: int) -> types.SimpleNamespace:
+  """The jitted coding functions of one model structure (`graphdef`, which holds no weights:
+  every function takes the state). Models whose graphdefs are equal, e.g. stages 3 and 4 of a
+  pipeline, get the same functions and so share their compiled programs (the pipeline's
+  validation and summary load several); the graphdef is hashed here, once per `prepare`, not on
+  every call."""
 
   @jax.jit
   def jit_analysis(state, x):
@@ -226,6 +211,45 @@ def prepare(
     x_hat, _ = m.reconstruction(y_hat, z_hat)
     return quantize_image(x_hat[:, :height, :width])
 
+  return types.SimpleNamespace(
+    analysis=jit_analysis,
+    prior=jit_prior,
+    mean=jit_mean,
+    fidelity=jit_fidelity,
+    synthesis=jit_synthesis,
+    decode_image=jit_decode_image,
+  )
+
+
+def prepare(
+  config, model: SODEC, step: int = 0, *, winograd: bool | None = None, dtype: str | None = None
+) -> LoadedModel:
+  """Wraps an in-memory model for coding (computes tables, fingerprint and jitted functions).
+
+  `winograd`: run the decoders' large 3x3 convolutions as Winograd F(4x4, 3x3) (None: on CPU
+  only; see decoding_model). `dtype`: the reconstruction path's precision ("fp32" | "bf16" |
+  "auto", or "float32" | "bfloat16"; None = config.precision, "auto" by default: bf16 on GPU/TPU,
+  fp32 on the CPU). The fingerprint is taken from `model`'s own (float32) weights, and E, H_a, P
+  never change precision, so files do not depend on `dtype`. `model` itself is never modified."""
+  e = config.entropy
+  scales = scale_table(e.scale_min, e.scale_max, e.scale_levels)
+  y_table: CodingTable = gaussian_coding_table(scales, config.entropy.tail_mass)
+  z_table: CodingTable = factorized_coding_table(
+    model.codec.prior.hyperlatent.numpy_params(), config.entropy.tail_mass
+  )
+  dtype = precision_lib.resolve(config.get("precision", "auto") if dtype is None else dtype)
+  graphdef, state = nnx.split(decoding_model(model, winograd, dtype))
+  latent_multiple = padding.scheme(config.model).latent_multiple
+  indexer = integer_prior.derive(
+    integer_prior.stack_params_of(model.codec.prior.scale_synthesis),
+    e.scale_min,
+    e.scale_max,
+    e.scale_levels,
+    model.codec.prior.scale_lower_bound,
+  )
+
+  p = _coding_programs(graphdef, latent_multiple)
+
   return LoadedModel(
     config=config,
     model=model,
@@ -235,14 +259,14 @@ def prepare(
     y_coder=bitstream.RangeCoder(y_table),
     z_coder=bitstream.RangeCoder(z_table),
     indexer=indexer,
-    _analysis=lambda x: jit_analysis(state, x),
-    _prior=lambda z: jit_prior(state, z),
-    _mean=lambda z: jit_mean(state, z),
-    _synthesis=lambda y, z: jit_synthesis(state, y, z),
-    _fidelity=lambda y: jit_fidelity(state, y),
-    _decode_image=lambda y, z, h, w: jit_decode_image(state, y, z, h, w),
-    _lower_synthesis=lambda y, z: jit_synthesis.lower(state, y, z),
-    _lower_analysis=lambda x: jit_analysis.lower(state, x),
+    _analysis=lambda x: p.analysis(state, x),
+    _prior=lambda z: p.prior(state, z),
+    _mean=lambda z: p.mean(state, z),
+    _synthesis=lambda y, z: p.synthesis(state, y, z),
+    _fidelity=lambda y: p.fidelity(state, y),
+    _decode_image=lambda y, z, h, w: p.decode_image(state, y, z, h, w),
+    _lower_synthesis=lambda y, z: p.synthesis.lower(state, y, z),
+    _lower_analysis=lambda x: p.analysis.lower(state, x),
     _graphdef=graphdef,
     _state=state,
     precision=dtype,

@@ -224,6 +224,26 @@ def test_load_model_restores_exactly_what_a_randomly_built_model_restores(pipeli
     check_restored(shell, final)
 
 
+def test_stages_of_one_structure_share_compiled_programs(pipeline_dir, caplog):
+  """Stage 2 and the finetune decode with one model structure (stage 2's training-only
+  stop-gradient is off in decoding models), so the second loaded model compiles no decoder of
+  its own (api._coding_programs): the pipeline's validations and summary load every stage."""
+  import logging
+
+  stage2 = api.load_model(os.path.join(pipeline_dir, "2_stage2"))
+  final = api.load_model(pipeline_dir)
+  assert final.config.stage == 4 and stage2.config.stage == 2
+  assert stage2._graphdef == final._graphdef
+  image = load_photo("coffee.png")[:64, :80].copy()
+  api.decompress(stage2, api.compress(stage2, image))
+  data = api.compress(final, image)
+  caplog.clear()
+  with jax.log_compiles(), caplog.at_level(logging.WARNING):
+    api.decompress(final, data)
+  compiled = [r.getMessage() for r in caplog.records if "compilation of" in r.getMessage()]
+  assert not [m for m in compiled if "decode_image" in m], compiled
+
+
 def test_codec_model_refuses_a_diffusion_file(pipeline_dir, tmp_path):
   model = api.load_model(pipeline_dir)
   data = api.compress(model, load_photo("astronaut.png")[:64, :64].copy())
