@@ -135,6 +135,10 @@ class SpectralConv2d(nnx.Module):
     return y + self.bias[...].astype(self.dtype)
 
 
+#: HiFiC's widths of the four spectral-norm convs
+HIFIC_FILTERS = (64, 128, 256, 512)
+
+
 class Discriminator(nnx.Module):
   """HiFiC's conditional discriminator D(image, y_hat) -> logits [B, (H/16) * (W/16)].
 
@@ -148,7 +152,7 @@ class Discriminator(nnx.Module):
     self,
     latent_channels: int,
     *,
-    filters: Sequence[int] = (64, 128, 256, 512),
+    filters: Sequence[int] = HIFIC_FILTERS,
     context_channels: int = 12,
     dtype=jnp.float32,
     param_dtype=jnp.float32,

@@ -288,20 +288,31 @@ def randomize_extractor(module, seed: int):
   return module
 
 
-def build_model(config, rngs: nnx.Rngs, pretrained: bool = True):
+def uses_extractor(config) -> bool:
+  """Whether the model of `config` holds the frozen extractor F (diffusion decoder, fidelity
+  guidance)."""
+  return config.get("decoder", "codec") == "diffusion" and config.guidance.mode == "fidelity"
+
+
+def build_config_extractor(config):
+  """The extractor F of `config`'s model (see build_extractor)."""
+  return build_extractor(config.guidance, jnp.dtype(config.diffusion.dtype), config.seed)
+
+
+def build_model(config, rngs: nnx.Rngs, pretrained: bool = True, extractor=None):
   """The SODEC model described by `config` (the whole experiment ConfigDict), its frozen and
   pretrained parts built here and handed over: for a diffusion config the UNet and VAE (loaded
   from `config.diffusion.weights` when `pretrained`, else random with the right shapes: their
   weights then come from a checkpoint) and, with fidelity guidance, the extractor F (always
-  loaded: it is frozen and not checkpointed)."""
+  loaded: it is frozen and not checkpointed; `extractor`: one already built for `config`)."""
   from sodec_jax.model import SODEC
 
   parts = {}
   if config.get("decoder", "codec") == "diffusion":
-    d, g = config.diffusion, config.guidance
+    d = config.diffusion
     parts = dict(unet=build_unet(d, rngs, pretrained), vae=build_vae(d, rngs, pretrained))
-    if g.mode == "fidelity":
-      parts["extractor"] = build_extractor(g, jnp.dtype(d.dtype), config.seed)
+    if uses_extractor(config):
+      parts["extractor"] = extractor if extractor is not None else build_config_extractor(config)
   model = SODEC(config, rngs=rngs, **parts)
   apply_precision(model, config.get("precision", "auto"))
   return model
@@ -313,9 +324,9 @@ def build_model_to_restore(config):
   ~40 s for the tiny model in a fresh process) and, with fidelity guidance, the frozen extractor
   F built for real as `build_model` builds it (F is not checkpointed). Restore every Param
   (checkpoints.restore_params) and call `check_restored` before use."""
-  model = nnx.eval_shape(lambda: build_model(config, nnx.Rngs(0), pretrained=False))
-  if config.get("decoder", "codec") == "diffusion" and config.guidance.mode == "fidelity":
-    extractor = build_extractor(config.guidance, jnp.dtype(config.diffusion.dtype), config.seed)
+  extractor = build_config_extractor(config) if uses_extractor(config) else None  # built once
+  model = nnx.eval_shape(lambda f: build_model(config, nnx.Rngs(0), False, f), extractor)
+  if extractor is not None:
     nnx.update(model.guidance_extractor, nnx.state(extractor))
   return model
 

@@ -17,7 +17,7 @@ from flax import nnx
 from sodec_jax import data, losses, pretrained, validation
 from sodec_jax import precision as precision_lib
 from sodec_jax import remat as remat_lib
-from sodec_jax.discriminator import Discriminator, SpectralState
+from sodec_jax.discriminator import HIFIC_FILTERS, Discriminator, SpectralState
 from sodec_jax.errors import SodecError
 from sodec_jax.weights import converted
 
@@ -232,7 +232,7 @@ def make_discriminator(config):
   else:
     disc = Discriminator(
       config.model.latent_channels,
-      filters=tuple(config.loss.get("discriminator_filters", (64, 128, 256, 512))),
+      filters=tuple(config.loss.get("discriminator_filters", HIFIC_FILTERS)),
       rngs=nnx.Rngs(config.seed + 1),
     )
   graphdef, params, spectral = nnx.split(disc, nnx.Param, SpectralState)
