@@ -70,6 +70,7 @@ from sodec_jax.codec.entropy import (
   scale_table,
 )
 from sodec_jax.codec.hific import OPTIONAL_FIELDS
+from sodec_jax.color_fix import check_kind as check_color_fix
 from sodec_jax.errors import SodecError
 from sodec_jax.model import PAD_MULTIPLE, SODEC
 from sodec_jax.pretrained import build_model, build_model_to_restore, check_restored
@@ -102,6 +103,7 @@ class LoadedModel:
   _state: Any = None
   _plans: dict = dataclasses.field(default_factory=dict)  # tiled decoders by (shapes, budget)
   precision: str = "fp32"  # the reconstruction path's ("fp32" | "bf16"; sodec_jax/precision.py)
+  color_fix: str = "none"  # the decoder's colour correction (sodec_jax/color_fix.py)
 
   @property
   def decoder(self) -> int:
@@ -139,9 +141,14 @@ def fingerprint(config, model: nnx.Module) -> bytes:
   return h.digest()[:16]
 
 
-def decoding_model(model: SODEC, winograd: bool | None = None, dtype=None) -> SODEC:
+def decoding_model(
+  model: SODEC, winograd: bool | None = None, dtype=None, color_fix: str | None = None
+) -> SODEC:
   """The model the jitted coding functions run: a clone of `model` sharing its arrays, with
   inference-time kernels computed once instead of on every call:
+  - with `color_fix` ("none" | "wavelet" | "adain"; None: the config's `sodec.color_fix`), the
+    diffusion decoder's colour correction against x_f (sodec_jax/color_fix.py; decode only, so
+    the files do not depend on it);
   - with `dtype` (a precision: "fp32" | "bf16" | "auto", or "float32" | "bfloat16"), the
     reconstruction path (D_a, H_s, T_s, UNet, D_m, F, F_p) computing in that precision with its
     weights stored in it (cast once, here); E, H_a and P are untouched (sodec_jax/precision.py);
@@ -161,6 +168,8 @@ def decoding_model(model: SODEC, winograd: bool | None = None, dtype=None) -> SO
   # a training-only switch (stage 2's stop-gradient); off, so that every stage's decoding model
   # has one structure and shares compiled programs (_coding_programs)
   clone.stop_gradient_latents = False
+  if color_fix is not None and model.decoder_kind == "diffusion":
+    clone.color_fix = check_color_fix(color_fix)
   if dtype is not None:
     resolved = precision_lib.apply_precision(clone, dtype)
     precision_lib.cast_reconstruction_params(clone, precision_lib.compute_dtype(resolved))
@@ -222,7 +231,13 @@ def _coding_programs(graphdef, latent_multiple: int) -> types.SimpleNamespace:
 
 
 def prepare(
-  config, model: SODEC, step: int = 0, *, winograd: bool | None = None, dtype: str | None = None
+  config,
+  model: SODEC,
+  step: int = 0,
+  *,
+  winograd: bool | None = None,
+  dtype: str | None = None,
+  color_fix: str | None = None,
 ) -> LoadedModel:
   """Wraps an in-memory model for coding (computes tables, fingerprint and jitted functions).
 
@@ -230,7 +245,8 @@ def prepare(
   only; see decoding_model). `dtype`: the reconstruction path's precision ("fp32" | "bf16" |
   "auto", or "float32" | "bfloat16"; None = config.precision, "auto" by default: bf16 on GPU/TPU,
   fp32 on the CPU). The fingerprint is taken from `model`'s own (float32) weights, and E, H_a, P
-  never change precision, so files do not depend on `dtype`. `model` itself is never modified."""
+  never change precision, so files do not depend on `dtype`. `color_fix`: see decoding_model.
+  `model` itself is never modified."""
   e = config.entropy
   scales = scale_table(e.scale_min, e.scale_max, e.scale_levels)
   y_table: CodingTable = gaussian_coding_table(scales, config.entropy.tail_mass)
@@ -238,7 +254,8 @@ def prepare(
     model.codec.prior.hyperlatent.numpy_params(), config.entropy.tail_mass
   )
   dtype = precision_lib.resolve(config.get("precision", "auto") if dtype is None else dtype)
-  graphdef, state = nnx.split(decoding_model(model, winograd, dtype))
+  decoder = decoding_model(model, winograd, dtype, color_fix)
+  graphdef, state = nnx.split(decoder)
   latent_multiple = padding.scheme(config.model).latent_multiple
   indexer = integer_prior.derive(
     integer_prior.stack_params_of(model.codec.prior.scale_synthesis),
@@ -270,6 +287,7 @@ def prepare(
     _graphdef=graphdef,
     _state=state,
     precision=dtype,
+    color_fix=getattr(decoder, "color_fix", "none"),
   )
 
 
@@ -279,9 +297,12 @@ def load_model(
   *,
   winograd: bool | None = None,
   dtype: str | None = None,
+  color_fix: str | None = None,
 ) -> LoadedModel:
   """Loads the model a training run wrote to `checkpoint_dir` (its --workdir), or a
   `convert/from_torch.py hific` folder. `winograd`: see decoding_model (None: on CPU).
+  `color_fix`: the diffusion decoder's colour correction (None: the checkpoint config's
+  `sodec.color_fix`; see decoding_model).
   `dtype`: the reconstruction path's precision, "fp32" | "bf16" | "auto" (None: the checkpoint
   config's `precision`, "auto" = bf16 on GPU/TPU, fp32 on CPU); see `prepare`."""
   from sodec_jax import checkpoints  # deferred: orbax import is slow and only needed here
@@ -297,7 +318,7 @@ def load_model(
   model = build_model_to_restore(config)  # weights come from the checkpoint
   restored_step = checkpoints.restore_params(checkpoint_dir, model, step=step)
   check_restored(model, checkpoint_dir)
-  return prepare(config, model, restored_step, winograd=winograd, dtype=dtype)
+  return prepare(config, model, restored_step, winograd=winograd, dtype=dtype, color_fix=color_fix)
 
 
 def _load_converted_codec(folder: str, winograd: bool | None = None, dtype=None) -> LoadedModel:

@@ -66,7 +66,7 @@ def cmd_decompress(args) -> None:
   images.check_writable(args.output)
   if args.max_memory is not None:
     tiling.parse_bytes(args.max_memory)  # a bad size fails before the model is loaded
-  model = api.load_model(args.checkpoint, dtype=args.dtype)
+  model = api.load_model(args.checkpoint, dtype=args.dtype, color_fix=args.color_fix)
   t = time.perf_counter()
   image = api.decompress(model, data, max_memory=args.max_memory)
   elapsed = time.perf_counter() - t
@@ -127,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     choices=["auto", "fp32", "bf16", "float32", "bfloat16"],
     help="precision of the decoder networks (default: the checkpoint's config.precision, "
     "'auto' = bf16 on GPU/TPU, fp32 on CPU); the file decodes the same symbols either way",
+  )
+  d.add_argument(
+    "--color-fix",
+    default=None,
+    choices=["none", "wavelet", "adain"],
+    help="the diffusion decoder's colour correction against its fidelity decoder's image "
+    "(default: the checkpoint's config.sodec.color_fix; 'none': the diffusion output as it is)",
   )
   d.add_argument(
     "--max-memory",

@@ -32,6 +32,8 @@ from sodec_jax.codec.entropy import (
 )
 from sodec_jax.codec.hific import Codec
 from sodec_jax.codec.padding import pad_latent
+from sodec_jax.color_fix import DEFAULT_LEVELS, color_fix
+from sodec_jax.color_fix import check_kind as check_color_fix
 from sodec_jax.diffusion.lora import LoRAConfig, apply_lora
 from sodec_jax.diffusion.schedule import NoiseSchedule
 from sodec_jax.errors import SodecError
@@ -217,6 +219,9 @@ class SODEC(nnx.Module):
     self.diffusion_z = str(s.get("diffusion_z", "noisy"))
     if self.diffusion_z not in DIFFUSION_Z:
       raise SodecError(f"config.sodec.diffusion_z={self.diffusion_z!r} is not one of {DIFFUSION_Z}")
+    # workdirs made before the option decode without it
+    self.color_fix = check_color_fix(str(s.get("color_fix", "none")))
+    self.color_fix_levels = int(s.get("color_fix_levels", DEFAULT_LEVELS))
 
   # ---- pieces of the coding path (each is jitted by the caller) ------------------------------
   def analysis(self, x: jax.Array, latent_multiple: int = 1) -> tuple[jax.Array, jax.Array]:
@@ -258,12 +263,23 @@ class SODEC(nnx.Module):
     image = self.vae_decoder.decode(x0 / self.scaling_factor)
     return (image.astype(jnp.float32) + 1.0) / 2.0
 
-  def reconstruction(self, y_hat: jax.Array, z_hat: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(x_hat, x_f) from the decoded latents: the whole decoder after range decoding."""
+  def reconstruction(
+    self, y_hat: jax.Array, z_hat: jax.Array, *, decode: bool = True
+  ) -> tuple[jax.Array, jax.Array]:
+    """(x_hat, x_f) from the decoded latents: the whole decoder after range decoding. `decode`
+    (False in the training forward) applies `sodec.color_fix` to the diffusion output."""
     x_f = self.fidelity_reconstruction(y_hat)
     if self.decoder_kind == "codec":
       return x_f, x_f
-    return self.diffusion_reconstruction(y_hat, z_hat, x_f), x_f
+    x_hat = self.diffusion_reconstruction(y_hat, z_hat, x_f)
+    if decode:
+      x_hat = self.fix_colors(x_hat, x_f)
+    return x_hat, x_f
+
+  def fix_colors(self, x_hat, x_f):
+    """x_hat corrected against x_f as `sodec.color_fix` says (sodec_jax/color_fix.py); jax
+    arrays or host numpy arrays (tiled decoding), [B, H, W, 3]."""
+    return color_fix(self.color_fix, x_hat, x_f, self.color_fix_levels)
 
   def coded_bpp(self, x: jax.Array) -> jax.Array:
     """x [B, H, W, 3] in [0, 1] (H, W multiples of 64) -> float32 scalar: the bits per pixel of
@@ -299,7 +315,7 @@ class SODEC(nnx.Module):
       z_hat = ste_round(z)  # H_s / guidance see what they see at test (P keeps the noisy z)
     if self.decoder_kind == "diffusion" and self.stop_gradient_latents:  # stage 2 (Eq. 8)
       y_hat, z_hat = jax.lax.stop_gradient(y_hat), jax.lax.stop_gradient(z_hat)
-    x_hat, x_f = self.reconstruction(y_hat, z_hat)
+    x_hat, x_f = self.reconstruction(y_hat, z_hat, decode=not train)
     return {"x_hat": x_hat, "x_f": x_f, "y_hat": y_hat, "z_hat": z_hat, "likelihoods": likelihoods}
 
 

@@ -18,6 +18,7 @@ window size (all windows of a stage have one shape, so one compiled program per 
   T_s    (z_hat at h/4, y_hat at h) (base: h/4) -> y_t [1, 2h, 2w, 4]
   UNet   y_t (base: 2h) -> x0 = predict_x0(y_t, UNet(y_t, t, c_g))      (passes, see below)
   D_m    x0 / s (base: 2h) -> (D_m(.) + 1) / 2 [1, 16h, 16w, 3]         (passes)
+  then `sodec.color_fix` against x_f on the whole host image (sodec_jax/color_fix.py)
 D_a and T_s hold only per-pixel ChannelNorms: a window equals the whole image's result wherever
 the receptive field stays inside it, and the blending ramps hide the rest. The UNet and D_m hold
 GroupNorms whose statistics span the whole image and self-attention over every position (the
@@ -573,4 +574,5 @@ def decode_tiled(plan: Plan, y_hat, z_hat) -> tuple[np.ndarray, np.ndarray]:
   y_t = _run(st["content"], state, [z_hat, y_hat])[0]
   x0 = _run_normalised(st["unet"], state, [y_t], (c_g,))
   x_hat = _run_normalised(st["vae"], state, [x0])
-  return x_hat, x_f
+  # sodec.color_fix on the host, over the whole image (as the one-jit decoder applies it)
+  return nnx.merge(plan.graphdef, state).fix_colors(np.asarray(x_hat), np.asarray(x_f)), x_f

@@ -71,6 +71,13 @@ def validate_config(config) -> None:
       f"config.stage={config.stage} trains the diffusion decoder: set "
       "--config.decoder=diffusion (configs/stage2.py, stage3.py, finetune.py do)"
     )
+  fix = config.get("sodec", {}).get("color_fix", "none")
+  if fix != "none" and config.stage >= 2 and (config.stage == 2 or l.alignment == "none"):
+    raise SodecError(
+      f"config.sodec.color_fix={fix!r} takes x_hat's colours from x_f = D_a(y_hat), which only "
+      "an alignment loss keeps an image (stage 2 trains D_a through the guidance alone): set it "
+      "in stages 3-4 with loss.alignment on, or --config.sodec.color_fix=none"
+    )
   if config.stage >= 2 and config.loss.beta > 0 and config.stage != 4:
     raise SodecError("config.loss.beta > 0 (GAN) belongs to stage 4 (configs/finetune.py)")
   if d.crop_size <= 0 or d.crop_size % 64:
