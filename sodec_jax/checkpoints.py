@@ -592,7 +592,8 @@ def _flat(tree) -> dict:
 
 def init_from(model: nnx.Module, workdirs) -> list[str]:
   """Copies every nnx.Param of `model` whose path and shape exist in the given workdirs' latest
-  checkpoints (later workdirs win); returns one summary line per workdir."""
+  checkpoints (later workdirs win); returns one summary line per workdir. `model` may be
+  abstract (pretrained.build_model_to_restore): what the workdirs do not hold stays abstract."""
   if isinstance(workdirs, str):
     workdirs = [w.strip() for w in workdirs.split(",") if w.strip()]
   state = nnx.state(model, nnx.Param)
@@ -629,7 +630,10 @@ def init_from(model: nnx.Module, workdirs) -> list[str]:
     updates.get("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), leaf)
     for path, leaf in leaves
   ]
-  new = [jnp.asarray(v, dtype=l.dtype) for v, (_, l) in zip(new, leaves)]
+  new = [  # an abstract model's weights that no workdir holds stay abstract (check_restored)
+    v if isinstance(v, jax.ShapeDtypeStruct) else jnp.asarray(v, dtype=l.dtype)
+    for v, (_, l) in zip(new, leaves)
+  ]
   nnx.replace_by_pure_dict(state, jax.tree_util.tree_unflatten(treedef, new))
   nnx.update(model, state)
   return report

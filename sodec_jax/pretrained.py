@@ -331,14 +331,23 @@ def build_model_to_restore(config):
   return model
 
 
-def check_restored(model, source: str) -> None:
-  """Raises SodecError when a variable of `model` (from `build_model_to_restore`) is still
-  abstract, i.e. `source` did not hold it."""
-  missing = [
+def _abstract_paths(model) -> list[str]:
+  return [
     "/".join(map(str, path))
     for path, var in nnx.to_flat_state(nnx.state(model))
     if isinstance(var.get_value(), jax.ShapeDtypeStruct)
   ]
+
+
+def is_restored(model) -> bool:
+  """Whether no variable of `model` (from `build_model_to_restore`) is still abstract."""
+  return not _abstract_paths(model)
+
+
+def check_restored(model, source: str) -> None:
+  """Raises SodecError when a variable of `model` (from `build_model_to_restore`) is still
+  abstract, i.e. `source` did not hold it."""
+  missing = _abstract_paths(model)
   if missing:
     raise SodecError(
       f"{source} holds no value for {len(missing)} weight(s) of this model (e.g. {missing[0]}): "

@@ -224,6 +224,34 @@ def test_load_model_restores_exactly_what_a_randomly_built_model_restores(pipeli
     check_restored(shell, final)
 
 
+def test_a_stage_from_a_whole_model_initialises_nothing_at_random(pipeline_dir, monkeypatch):
+  """build_initialised_model: the finetune (init_from: stages 0-2, which hold every weight of its
+  model) is built abstract and filled, without build_training_model's random initialisers;
+  stage 2 (init_from: stages 0-1, so H_s, T_s, F_p and the LoRA are new) falls back to the random
+  build. Either way the weights, the structure and the report equal the old path's: a random
+  build, then init_from."""
+  from sodec_jax.train import build
+
+  random_build = build.build_training_model
+  for stage, abstract in (("3_finetune", True), ("2_stage2", False)):
+    config = checkpoints.load_config(os.path.join(pipeline_dir, stage))
+    calls = []
+    monkeypatch.setattr(build, "build_training_model", lambda c: calls.append(c) or random_build(c))
+    ours, report = build.build_initialised_model(config)
+    assert (not calls) == abstract, stage
+    monkeypatch.setattr(build, "build_training_model", random_build)
+    old = random_build(config)
+    assert report == checkpoints.init_from(old, config.init_from)
+    assert nnx.graphdef(ours) == nnx.graphdef(old)
+    theirs = nnx.to_flat_state(nnx.state(old))
+    mine = dict(nnx.to_flat_state(nnx.state(ours)))
+    assert len(mine) == len(theirs)
+    for path, var in theirs:
+      a, b = np.asarray(mine[path].get_value()), np.asarray(var.get_value())
+      assert a.dtype == b.dtype, path
+      np.testing.assert_array_equal(a, b)
+
+
 def test_stages_of_one_structure_share_compiled_programs(pipeline_dir, caplog):
   """Stage 2 and the finetune decode with one model structure (stage 2's training-only
   stop-gradient is off in decoding models), so the second loaded model compiles no decoder of

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from sodec_jax import data, losses, pretrained, validation
+from sodec_jax import checkpoints, data, losses, pretrained, validation
 from sodec_jax import precision as precision_lib
 from sodec_jax import remat as remat_lib
 from sodec_jax.discriminator import HIFIC_FILTERS, Discriminator, SpectralState
@@ -132,6 +132,25 @@ def build_training_model(config):
   pretrained.apply_remat(model, config)  # config.memory.remat (training memory)
   cast_frozen(model, config)
   return model
+
+
+def build_initialised_model(config) -> tuple[nnx.Module, list[str]]:
+  """`build_training_model` with its weights from config.init_from's workdirs -> (model, one
+  report line per workdir). When those hold every weight of the model (stages 3 and 4 of a
+  pipeline, which start from the stage before's model), nothing is initialised at random: the
+  model is built abstract (pretrained.build_model_to_restore; on the CPU every random
+  initialiser compiles a program per weight shape, ~15 s for the tiny stage 3) and filled. Else
+  (stage 2: H_s, T_s, F_p and LoRA are new) it is built with random weights and the workdirs'
+  weights are copied over them. The same weights either way."""
+  if config.stage != 0:
+    model = pretrained.build_model_to_restore(config)
+    report = checkpoints.init_from(model, config.init_from)
+    if pretrained.is_restored(model):
+      pretrained.apply_remat(model, config)
+      cast_frozen(model, config)
+      return model, report
+  model = build_training_model(config)
+  return model, checkpoints.init_from(model, config.init_from)
 
 
 #: The pretrained parts whose frozen weights `cast_frozen` stores in the compute dtype.

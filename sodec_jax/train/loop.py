@@ -101,10 +101,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mngr.close()
     return {"step": start}
 
-  model = build.build_training_model(config)
   if config.init_from and not start:
-    for line in checkpoints.init_from(model, config.init_from):
-      print(line)
+    model, report = build.build_initialised_model(config)
+    print("\n".join(report))
+  else:
+    model = build.build_training_model(config)
   trainable = build.trainable_filter(config)
   graphdef, params, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
   params, frozen, rest = (nnx.to_pure_dict(t) for t in (params, frozen, rest))
