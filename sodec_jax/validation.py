@@ -187,22 +187,30 @@ def pipeline_models(workdir: str) -> list[tuple[str, api.LoadedModel]]:
 def summary_grid(
   images: Sequence[np.ndarray],
   models: Sequence[tuple[str, api.LoadedModel]],
+  coded: Sequence[Sequence[tuple[np.ndarray, dict]]] | None = None,
 ) -> tuple[np.ndarray, list[list[dict]]]:
   """One row per image: original | each model's decode (through a .sodec file), each panel
   captioned with its label, bpp and PSNR -> (uint8 [rows*(h+16), (1+models)*w, 3], metrics[i][j]).
-  Images are centre-cropped to the smallest height and width among them so the rows align."""
+  Images are centre-cropped to the smallest height and width among them so the rows align, and
+  the crops are coded. `coded[j][i]`: model j's (decode, metrics) of the whole image i, made
+  before (`validate(..., return_decoded=True)`): its decode is cropped with the image and its
+  caption gives the whole image's bpp and PSNR; nothing is coded again."""
   from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
 
   h = min(im.shape[0] for im in images)
   w = min(im.shape[1] for im in images)
   caption = 16
   rows, metrics = [], []
-  for image in images:
+  for i, image in enumerate(images):
     top, left = (image.shape[0] - h) // 2, (image.shape[1] - w) // 2
-    image = np.ascontiguousarray(image[top : top + h, left : left + w])
+    crop = lambda x: np.ascontiguousarray(x[top : top + h, left : left + w])
+    image = crop(image)
     panels, labels, row_metrics = [image], ["original"], []
-    for label, model in models:
-      out, m = code_one(model, image)
+    for j, (label, model) in enumerate(models):
+      if coded is None:
+        out, m = code_one(model, image)
+      else:
+        out, m = crop(coded[j][i][0]), coded[j][i][1]
       panels.append(out)
       labels.append(f"{label} {m['bpp']:.3f} bpp {m['psnr']:.1f} dB")
       row_metrics.append(m)
@@ -217,12 +225,15 @@ def summary_grid(
 
 
 def summary_png(
-  path: str, models: Sequence[tuple[str, api.LoadedModel]], images: Sequence[np.ndarray]
+  path: str,
+  models: Sequence[tuple[str, api.LoadedModel]],
+  images: Sequence[np.ndarray],
+  coded: Sequence[Sequence[tuple[np.ndarray, dict]]] | None = None,
 ) -> list[list[dict]]:
   """Writes `summary_grid` as a PNG at `path` (e.g. original | each stage, two held-out photos)
   and returns its metrics."""
   from sodec_jax.images import write_image  # pylint: disable=import-outside-toplevel
 
-  grid, metrics = summary_grid(images, models)
+  grid, metrics = summary_grid(images, models, coded)
   write_image(path, grid)
   return metrics

@@ -324,3 +324,48 @@ def test_pipeline_decodes_in_windows(pipeline_dir):
   assert all(s.grid.tile < s.grid.n for s in plan.stages.values())
   psnr = 10 * np.log10(255.0**2 / np.mean((out - whole) ** 2))
   assert out.shape == (128, 128, 3) and psnr >= 20.0, psnr  # measured: 21.8 dB
+
+
+def test_summary_adds_the_final_stage_without_its_colour_fix(
+  pipeline_dir, tmp_path, monkeypatch, capsys
+):
+  """A final stage with sodec.color_fix: the summary's table and summary.json's
+  "final_without_color_fix" give its files decoded without the correction too (same files, so
+  the same bpp; the PSNR of the diffusion output as it is), and "stages" stay the stages."""
+  import json
+
+  from sodec_jax import validation
+  from sodec_jax.images import write_image
+  from sodec_jax.train import pipeline
+
+  photos = tmp_path / "photos"
+  os.makedirs(photos)
+  for name in ("astronaut", "coffee"):
+    write_image(str(photos / f"{name}.png"), load_photo(f"{name}.png")[:64, :80])
+  c = make_micro_sodec_config(1, **{"data.train_dir": str(photos)})
+  c.data.holdout = ("astronaut", "coffee")
+  fixed = api.load_model(pipeline_dir, color_fix="wavelet")
+  monkeypatch.setattr(validation, "pipeline_models", lambda wd: [("3_finetune", fixed)])
+  rows = pipeline.summary(c, str(tmp_path))
+  with open(tmp_path / "summary.json") as f:
+    record = json.load(f)
+  assert [r["stage"] for r in record["stages"]] == ["3_finetune"] and rows == record["stages"]
+  raw = record["final_without_color_fix"]
+  want = validation.validate(api.load_model(pipeline_dir), validation.holdout_images(c))
+  assert raw["psnr"] == pytest.approx(want["psnr"], abs=1e-9) and raw["bpp"] == rows[0]["bpp"]
+  assert abs(raw["psnr"] - rows[0]["psnr"]) > 0.01  # the correction changed the decode
+  assert "3_finetune (color_fix none)" in capsys.readouterr().out
+  # the CLI decodes with the checkpoint's setting, or the one --color-fix names
+  from sodec_jax import cli
+  from sodec_jax.images import read_image
+
+  image = load_photo("coffee.png")[:64, :80].copy()
+  data = api.compress(fixed, image)
+  (tmp_path / "c.sodec").write_bytes(data)
+  for flag, model in ((["--color-fix", "wavelet"], fixed), ([], api.load_model(pipeline_dir))):
+    out = str(tmp_path / f"out{len(flag)}.png")
+    assert (
+      cli.main(["decompress", str(tmp_path / "c.sodec"), out, "--checkpoint", pipeline_dir, *flag])
+      == 0
+    )
+    np.testing.assert_array_equal(read_image(out)[0], api.decompress(model, data))

@@ -35,7 +35,7 @@ def test_validate_measures_real_files(codec):
     validation.validate(codec, [])
 
 
-def test_holdout_images_and_summary_grid(codec, tmp_path):
+def test_holdout_images_and_summary_grid(codec, tmp_path, monkeypatch):
   c = make_micro_config(**{"data.holdout": ("coffee", "astronaut")})
   images = validation.holdout_images(c)
   assert [im.shape for im in images] == [(400, 600, 3), (512, 512, 3)]
@@ -50,3 +50,11 @@ def test_holdout_images_and_summary_grid(codec, tmp_path):
   out = api.decompress(codec, api.compress(codec, crops[1]))
   np.testing.assert_array_equal(grid[128:, 320:], out)  # row 2, model b
   assert metrics[1][1]["psnr"] == pytest.approx(validation.psnr_u8(crops[1], out))
+  # decodes made before (the pipeline's summary: validate's): cropped as the images, not coded
+  sizes = [images[0][:96, :160], images[1][:112, :176]]
+  coded = [[validation.code_one(codec, im) for im in sizes]]
+  monkeypatch.setattr(validation, "code_one", lambda *a: pytest.fail("coded again"))
+  grid, metrics = validation.summary_grid(sizes, [("a", codec)], coded)
+  assert grid.shape == (2 * (96 + 16), 2 * 160, 3)
+  np.testing.assert_array_equal(grid[128:, 160:], coded[0][1][0][8:104, 8:168])
+  assert metrics[1][0] is coded[0][1][1]

@@ -13,7 +13,7 @@ from typing import Callable
 import jax
 import ml_collections
 
-from sodec_jax import checkpoints, validation
+from sodec_jax import api, checkpoints, validation
 from sodec_jax.errors import SodecError
 from sodec_jax.train.logs import METRICS_FILE
 
@@ -95,8 +95,12 @@ def summary(config, workdir: str) -> list[dict] | None:
   """What the pipeline made, measured on the held-out photos (config.data.holdout, full size,
   through real .sodec files of each coding stage's output, best.json's step where present):
   prints a table stage | step | bpp | PSNR | MS-SSIM, writes WORKDIR/summary.json (those rows)
-  and WORKDIR/summary.png (original | each stage's decode, the first two photos). Returns the
-  rows, or None (with a note) when data.holdout is empty or the run has several processes."""
+  and WORKDIR/summary.png (original | each stage's decode of the first two photos, centre crops
+  of the decodes measured, captioned with the whole photo's numbers). When the final
+  stage corrects its colours against x_f (sodec.color_fix), one more row gives the same files
+  decoded without the correction (the diffusion output as it is; summary.json's
+  "final_without_color_fix", not one of its "stages"). Returns the stages' rows, or None
+  (with a note) when data.holdout is empty or the run has several processes."""
   if not tuple(config.data.get("holdout", ())):
     print("no held-out summary: config.data.holdout is empty (name photos kept out of training)")
     return None
@@ -106,28 +110,34 @@ def summary(config, workdir: str) -> list[dict] | None:
     return None
   images = validation.holdout_images(config)
   models = validation.pipeline_models(workdir)
-  rows = []
-  for name, model in models:
-    r = validation.validate(model, images)
-    rows.append(
-      {
-        "stage": name,
-        "step": model.step,
-        "bpp": r["bpp"],
-        "psnr": r["psnr"],
-        "ms_ssim": r["ms_ssim"],
-        "images": r["images"],
-      }
-    )
+
+  decoded = []  # per stage: the whole photos' decodes, which summary.png crops
+
+  def row(name, model):
+    r = validation.validate(model, images, return_decoded=True)
+    decoded.append(list(zip(r["decoded"], r["images"])))
+    keys = ("bpp", "psnr", "ms_ssim", "images")
+    return {"stage": name, "step": model.step, **{k: r[k] for k in keys}}
+
+  rows = [row(name, model) for name, model in models]
+  record = {"holdout": list(config.data.holdout), "stages": rows}
+  name, final = models[-1]
+  shown = rows
+  if final.color_fix != "none":
+    # the final stage's files decoded without its colour correction: the diffusion output as is
+    raw = api.prepare(final.config, final.model, final.step, color_fix="none")
+    record["final_without_color_fix"] = row(f"{name} (color_fix none)", raw)
+    shown = rows + [record["final_without_color_fix"]]
   with open(os.path.join(workdir, SUMMARY_JSON), "w") as f:
-    json.dump({"holdout": list(config.data.holdout), "stages": rows}, f, indent=2)
-  validation.summary_png(os.path.join(workdir, SUMMARY_PNG), models, images[:2])
-  width = max(len("stage"), *(len(r["stage"]) for r in rows))
+    json.dump(record, f, indent=2)
+  coded = [d[:2] for d in decoded[: len(models)]]
+  validation.summary_png(os.path.join(workdir, SUMMARY_PNG), models, images[:2], coded)
+  width = max(len("stage"), *(len(r["stage"]) for r in shown))
   lines = [
     f"held-out photos ({', '.join(config.data.holdout)}), full size, through .sodec files:",
     f"{'stage':<{width}}  {'step':>6}  {'bpp':>6}  {'PSNR':>6}  {'MS-SSIM':>7}",
   ]
-  for r in rows:
+  for r in shown:
     ssim = "-" if r["ms_ssim"] is None else f"{r['ms_ssim']:.4f}"
     lines.append(
       f"{r['stage']:<{width}}  {r['step']:>6}  {r['bpp']:>6.3f}  {r['psnr']:>6.2f}  {ssim:>7}"
