@@ -126,6 +126,9 @@ def get_config():
       "optim": {"learning_rate": 3e-4, "lr_decay_steps": (10_000,)},
       "train": {"num_steps": 150, "checkpoint_every": 150},
       "loss": {"anneal": {"start": 0.25, "end": 2.0, "steps": 150}},
+      # the decoder's colours from x_f (sodec_jax/color_fix.py; from stage 3 on, where the
+      # alignment loss keeps x_f an image): docs/ARCHITECTURE.md, "Choices"
+      "sodec": {"color_fix": "wavelet"},
     }
   )
   c.pipeline.finetune = ml_collections.ConfigDict(
@@ -143,6 +146,7 @@ def get_config():
         # against 18.49 with HiFiC's, at 0.65 instead of 1.21 s per step on 2 CPU cores
         "discriminator_filters": (16, 32, 64, 128),
       },
+      "sodec": {"color_fix": "wavelet"},
     }
   )
   return c
