@@ -67,8 +67,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.sodec.transform_channels = 256  # T_s width (our choice)
   c.sodec.transform_blocks = 3  # T_s residual blocks (our choice)
   # T_s's 2x up: "transposed" (stride-2 3x3 transposed conv), "transposed4" (4x4: no 16 px
-  # plaid in the tiny default's decodes) or "resize" (nearest 2x + conv3: no plaid, slower to
-  # learn); sodec_jax/model.py Transform, docs/ARCHITECTURE.md "Choices"
+  # plaid in the tiny default's decodes), "transposed4_blur" (4x4 + a fixed binomial blur: no
+  # 16 px stripes either) or "resize" (nearest 2x + conv3: no plaid, slower to learn);
+  # sodec_jax/model.py Transform, docs/ARCHITECTURE.md "Choices"
   c.sodec.transform_upsample = "transposed"
   c.sodec.timestep = 999  # the one step (paper)
   c.sodec.stop_gradient_latents = False  # stage 2: sg on y_hat and z_hat (Eq. 8)

@@ -32,7 +32,7 @@ from sodec_jax.codec.entropy import (
 )
 from sodec_jax.codec.hific import Codec
 from sodec_jax.codec.padding import pad_latent
-from sodec_jax.color_fix import DEFAULT_LEVELS, color_fix
+from sodec_jax.color_fix import DEFAULT_LEVELS, color_fix, wavelet_blur
 from sodec_jax.color_fix import check_kind as check_color_fix
 from sodec_jax.diffusion.lora import LoRAConfig, apply_lora
 from sodec_jax.diffusion.schedule import NoiseSchedule
@@ -79,8 +79,10 @@ class Transform(nnx.Module):
   the diffusion latent's channels. The 2x up (`upsample`, config.sodec.transform_upsample):
   "transposed" (the default, and the layer of workdirs made before the option), a stride-2 3x3
   transposed conv (`up`); "transposed4", a stride-2 4x4 transposed conv (`up`; the tiny
-  default); or "resize", nearest-neighbour 2x then a reflect-padded conv3 (`up_conv`). A 3x3
-  kernel at stride 2 covers the two output phases unevenly, and x0 = (y_t - sqrt(1 - abar) eps)
+  default); "transposed4_blur", the same followed by a fixed [1, 2, 1] x [1, 2, 1] / 16 blur
+  (no component left at the H/8 grid's Nyquist frequency, where the two output phases of a
+  stride-2 up differ); or "resize", nearest-neighbour 2x then a reflect-padded conv3
+  (`up_conv`). A 3x3 kernel at stride 2 covers the two output phases unevenly, and x0 = (y_t - sqrt(1 - abar) eps)
   / sqrt(abar) magnifies what the UNet does not cancel ~15x at t = 999: the tiny default decoded
   under a 16-pixel plaid (one y pixel) with "transposed"; a 4x4 kernel covers both phases alike
   and learned as fast without the plaid; "resize" has no plaid but learns much less in the same
@@ -114,11 +116,12 @@ class Transform(nnx.Module):
       self.up_conv = Conv2d(channels, channels, 3, padding=1, padding_mode="reflect", **kw)
     elif upsample == "transposed":
       self.up = ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1, **kw)
-    elif upsample == "transposed4":
+    elif upsample in ("transposed4", "transposed4_blur"):
       self.up = ConvTranspose2d(channels, channels, 4, stride=2, padding=1, **kw)
     else:
       raise SodecError(
-        f"config.sodec.transform_upsample={upsample!r}: use 'transposed', 'transposed4' or 'resize'"
+        f"config.sodec.transform_upsample={upsample!r}: use 'transposed', 'transposed4', "
+        "'transposed4_blur' or 'resize'"
       )
     self.upsample = upsample
     self.norm_up = ChannelNorm(channels, **norm)
@@ -132,6 +135,8 @@ class Transform(nnx.Module):
       h = self.up_conv(jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2))
     else:
       h = self.up(h)
+    if self.upsample == "transposed4_blur":  # no component at the H/8 grid's Nyquist frequency
+      h = wavelet_blur(h, 1)
     h = jax.nn.relu(self.norm_up(h))
     return self.conv_out(h).astype(jnp.float32)
 

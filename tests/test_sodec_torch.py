@@ -298,10 +298,11 @@ def test_paper_size_random_weights_parity():
   assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
 
-@pytest.mark.parametrize("upsample", ["resize", "transposed", "transposed4"])
+@pytest.mark.parametrize("upsample", ["resize", "transposed", "transposed4", "transposed4_blur"])
 def test_transform_both_upsamplers_match_torch(upsample):
   """T_s alone, random weights (norms and biases too), each 2x up: ours vs the torch twin
-  (F.interpolate nearest + Conv2d, or ConvTranspose2d 3x3 / 4x4), float32; and a workdir made
+  (F.interpolate nearest + Conv2d, or ConvTranspose2d 3x3 / 4x4, the last then blurred by a
+  depthwise [1, 2, 1] x [1, 2, 1] / 16 conv on replicate padding), float32; and a workdir made
   before the option (no sodec.transform_upsample in its config) builds the transposed conv."""
   from sodec_jax.benchmarks.sodec_torch import Transform as TorchTransform
   from sodec_jax.benchmarks.sodec_torch import conv_state_dict

@@ -13,7 +13,8 @@ Pieces (NCHW; the one-step decoder of `sodec_jax.model.SODEC.diffusion_reconstru
   codec        E, H_a, P, D_a: `hific_torch.HiFiC` (torch_reference.build_reference)
   H_s          `HyperSynthesis`: convT5 s2, ReLU, convT5 s2, ReLU, conv3 (zero padding)
   T_s          `Transform`: concat(y_hat, w) -> reflect conv3 -> ChannelNorm -> residual blocks
-               -> 2x up (convT3 s2, convT4 s2, or nearest + reflect conv3: transform_upsample) ->
+               -> 2x up (convT3 s2, convT4 s2 [+ binomial blur], or nearest + reflect conv3:
+               transform_upsample) ->
                ChannelNorm -> ReLU -> reflect conv3 (our layer order)
   F            transformers `ViTModel` (no pooler): last_hidden_state of the clamped x_f,
                resized (bilinear, antialiased, as `guidance.vit.preprocess`) and normalised
@@ -72,7 +73,7 @@ class Transform(nn.Module):
     self.upsample = upsample
     if upsample == "resize":  # nearest 2x, then conv3
       self.up_conv = nn.Conv2d(channels, channels, 3, **reflect)
-    elif upsample == "transposed4":
+    elif upsample in ("transposed4", "transposed4_blur"):
       self.up = nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1)
     else:
       self.up = nn.ConvTranspose2d(channels, channels, 3, stride=2, padding=1, output_padding=1)
@@ -87,6 +88,10 @@ class Transform(nn.Module):
       h = self.up_conv(F.interpolate(h, scale_factor=2, mode="nearest"))
     else:
       h = self.up(h)
+    if self.upsample == "transposed4_blur":  # [1, 2, 1] x [1, 2, 1] / 16, edges replicated
+      k = torch.tensor([1.0, 2.0, 1.0], dtype=h.dtype)
+      k = (k[:, None] * k[None, :] / 16.0)[None, None].repeat(h.shape[1], 1, 1, 1)
+      h = F.conv2d(F.pad(h, (1, 1, 1, 1), mode="replicate"), k, groups=h.shape[1])
     return self.conv_out(F.relu(self.norm_up(h)))
 
 
