@@ -82,11 +82,12 @@ class Transform(nnx.Module):
   default); "transposed4_blur", the same followed by a fixed [1, 2, 1] x [1, 2, 1] / 16 blur
   (no component left at the H/8 grid's Nyquist frequency, where the two output phases of a
   stride-2 up differ); or "resize", nearest-neighbour 2x then a reflect-padded conv3
-  (`up_conv`). A 3x3 kernel at stride 2 covers the two output phases unevenly, and x0 = (y_t - sqrt(1 - abar) eps)
-  / sqrt(abar) magnifies what the UNet does not cancel ~15x at t = 999: the tiny default decoded
-  under a 16-pixel plaid (one y pixel) with "transposed"; a 4x4 kernel covers both phases alike
-  and learned as fast without the plaid; "resize" has no plaid but learns much less in the same
-  steps (docs/ARCHITECTURE.md, "Choices").
+  (`up_conv`). A 3x3 kernel at stride 2 covers the two output phases unevenly, and
+  x0 = (y_t - sqrt(1 - abar) eps) / sqrt(abar) magnifies what the UNet does not cancel ~15x at
+  t = 999: the tiny default decoded under a 16-pixel plaid (one y pixel) with "transposed"; a
+  4x4 kernel covers both phases alike and learned as fast without the plaid (it still leaves
+  16 px stripes, which the blur removes); "resize" has no plaid but learns much less in the
+  same steps (docs/ARCHITECTURE.md, "Choices").
 
   y_hat [B, h, w, C], w [B, h, w, Cw] -> y_t [B, 2h, 2w, latent_channels] (64x64x4 for 512x512).
   """
