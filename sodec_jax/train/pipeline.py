@@ -111,26 +111,26 @@ def summary(config, workdir: str) -> list[dict] | None:
   images = validation.holdout_images(config)
   models = validation.pipeline_models(workdir)
 
-  decoded = []  # per stage: the whole photos' decodes, which summary.png crops
+  keys = ("bpp", "psnr", "ms_ssim", "images")
 
-  def row(name, model):
+  def measure(name, model):  # -> (the table's row, [(decode, metrics)] of each photo)
     r = validation.validate(model, images, return_decoded=True)
-    decoded.append(list(zip(r["decoded"], r["images"])))
-    keys = ("bpp", "psnr", "ms_ssim", "images")
-    return {"stage": name, "step": model.step, **{k: r[k] for k in keys}}
+    row = {"stage": name, "step": model.step, **{k: r[k] for k in keys}}
+    return row, list(zip(r["decoded"], r["images"]))
 
-  rows = [row(name, model) for name, model in models]
+  measured = [measure(name, model) for name, model in models]
+  rows = [row for row, _ in measured]
   record = {"holdout": list(config.data.holdout), "stages": rows}
   name, final = models[-1]
   shown = rows
   if final.color_fix != "none":
     # the final stage's files decoded without its colour correction: the diffusion output as is
     raw = api.prepare(final.config, final.model, final.step, color_fix="none")
-    record["final_without_color_fix"] = row(f"{name} (color_fix none)", raw)
+    record["final_without_color_fix"] = measure(f"{name} (color_fix none)", raw)[0]
     shown = rows + [record["final_without_color_fix"]]
   with open(os.path.join(workdir, SUMMARY_JSON), "w") as f:
     json.dump(record, f, indent=2)
-  coded = [d[:2] for d in decoded[: len(models)]]
+  coded = [decodes[:2] for _, decodes in measured]  # summary.png crops these, codes nothing
   validation.summary_png(os.path.join(workdir, SUMMARY_PNG), models, images[:2], coded)
   width = max(len("stage"), *(len(r["stage"]) for r in shown))
   lines = [
