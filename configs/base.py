@@ -125,6 +125,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.prefetch = 2  # batches on their way to the devices ahead of the step (train/feed.py)
   c.data.cache_mb = 1024  # keep decoded images in RAM if they fit
   c.data.holdout = ()  # file names (no extension) kept out of training
+  c.data.exclude = ()  # file names (no extension) left out of training, not validated on
 
   # --- loss: lambda * r + k_M * MSE(0..255) + k_P * LPIPS (HiFiC defaults) --------------------
   c.loss = ml_collections.ConfigDict()

@@ -102,8 +102,8 @@ def exclude_holdout(
   paths: Sequence[str], names: Sequence[str], option: str = "config.data.holdout"
 ) -> list[str]:
   """`paths` without the held-out images: those whose file name without extension is in `names`
-  (`option`: config.data.holdout, e.g. ("astronaut", "coffee"), or the rate controller's
-  calibration photos). A name matching no path, or no path left, is a SodecError."""
+  (`option`: config.data.holdout, e.g. ("astronaut", "coffee"), config.data.exclude, or the rate
+  controller's calibration photos). A name matching no path, or no path left, is a SodecError."""
   names = tuple(names)
   stem = lambda p: os.path.splitext(os.path.basename(p))[0]
   missing = sorted(set(names) - {stem(p) for p in paths})
@@ -278,6 +278,8 @@ def train_dataset(
   if paths is None:
     paths = list_images(d.train_dir)
   paths = exclude_holdout(paths, d.get("holdout", ()))
+  if tuple(d.get("exclude", ())):
+    paths = exclude_holdout(paths, d.exclude, "config.data.exclude")
   if calibration_names(config):
     paths = exclude_holdout(paths, calibration_names(config), "config.loss.rate_control.photos")
   loader = CropLoader(

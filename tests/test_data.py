@@ -140,6 +140,11 @@ def test_holdout_photos_are_kept_out_of_training():
   grey = lambda b: bool(np.all(b[..., 0] == b[..., 1]) and np.all(b[..., 1] == b[..., 2]))
   assert not grey(batches())
   assert grey(batches(**{"data.holdout": colour}))
+  held = tuple(make_micro_config().data.holdout)
+  # data.exclude: left out of training (and not validated on)
+  assert grey(batches(**{"data.exclude": tuple(c for c in colour if c not in held)}))
+  with pytest.raises(SodecError, match="config.data.exclude names astronot"):
+    batches(**{"data.exclude": ("astronot",)})
   with pytest.raises(SodecError, match="holdout names astronot"):
     data.exclude_holdout(paths, ("astronot",))
   with pytest.raises(SodecError, match="every training image"):
