@@ -82,6 +82,8 @@ def get_config() -> ml_collections.ConfigDict:
   # sodec_jax/color_fix.py, docs/ARCHITECTURE.md "Choices"
   c.sodec.color_fix = "none"
   c.sodec.color_fix_levels = 5
+  # the training forward corrects x_hat as decoding does, so the distortion loss sees the decode
+  c.sodec.color_fix_in_training = False
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.unet = "sd21"  # "sd21" | "tiny" | a diffusers config.json

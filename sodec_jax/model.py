@@ -228,6 +228,7 @@ class SODEC(nnx.Module):
     # workdirs made before the option decode without it
     self.color_fix = check_color_fix(str(s.get("color_fix", "none")))
     self.color_fix_levels = int(s.get("color_fix_levels", DEFAULT_LEVELS))
+    self.color_fix_in_training = bool(s.get("color_fix_in_training", False))
 
   # ---- pieces of the coding path (each is jitted by the caller) ------------------------------
   def analysis(self, x: jax.Array, latent_multiple: int = 1) -> tuple[jax.Array, jax.Array]:
@@ -273,7 +274,8 @@ class SODEC(nnx.Module):
     self, y_hat: jax.Array, z_hat: jax.Array, *, decode: bool = True
   ) -> tuple[jax.Array, jax.Array]:
     """(x_hat, x_f) from the decoded latents: the whole decoder after range decoding. `decode`
-    (False in the training forward) applies `sodec.color_fix` to the diffusion output."""
+    (False in the training forward, unless `sodec.color_fix_in_training`) applies
+    `sodec.color_fix` to the diffusion output."""
     x_f = self.fidelity_reconstruction(y_hat)
     if self.decoder_kind == "codec":
       return x_f, x_f
@@ -321,7 +323,9 @@ class SODEC(nnx.Module):
       z_hat = ste_round(z)  # H_s / guidance see what they see at test (P keeps the noisy z)
     if self.decoder_kind == "diffusion" and self.stop_gradient_latents:  # stage 2 (Eq. 8)
       y_hat, z_hat = jax.lax.stop_gradient(y_hat), jax.lax.stop_gradient(z_hat)
-    x_hat, x_f = self.reconstruction(y_hat, z_hat, decode=not train)
+    # sodec.color_fix_in_training: the distortion loss sees the corrected decode
+    fix = self.decoder_kind == "diffusion" and self.color_fix_in_training
+    x_hat, x_f = self.reconstruction(y_hat, z_hat, decode=not train or fix)
     return {"x_hat": x_hat, "x_f": x_f, "y_hat": y_hat, "z_hat": z_hat, "likelihoods": likelihoods}
 
 

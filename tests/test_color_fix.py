@@ -12,6 +12,7 @@ channels, `F.pad(..., mode="replicate")` by the radius, `F.conv2d(groups=3, dila
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -143,3 +144,39 @@ def test_training_refuses_a_colour_fix_without_an_aligned_x_f():
     build.validate_config(make_micro_sodec_config(3, **fix, **{"loss.alignment": "none"}))
   build.validate_config(make_micro_sodec_config(3, **fix))
   build.validate_config(make_micro_sodec_config(4, **fix))
+  in_training = {"sodec.color_fix_in_training": True}
+  with pytest.raises(SodecError, match="color_fix_in_training=True .* 'none'"):
+    build.validate_config(make_micro_sodec_config(3, **in_training))
+  build.validate_config(make_micro_sodec_config(3, **fix, **in_training))
+
+
+def test_training_through_the_colour_fix():
+  """sodec.color_fix_in_training: the training forward's x_hat is the corrected decode (the same
+  fix of the same raw output against the same x_f), and the distortion's gradient reaches both
+  the diffusion path (LoRA) and D_a through the fix."""
+  from sodec_jax import losses
+  from sodec_jax.pretrained import build_model
+
+  opts = {"sodec.color_fix": "wavelet", "sodec.color_fix_levels": 3}
+  c = make_micro_sodec_config(3, **opts)
+  model = build_model(c, nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(1).uniform(size=(1, 64, 64, 3)), jnp.float32)
+  key = jax.random.key(3)
+  raw = model(x, noise_key=key)
+  model.color_fix_in_training = True
+  out = model(x, noise_key=key)
+  np.testing.assert_array_equal(np.asarray(out["x_f"]), np.asarray(raw["x_f"]))
+  want = color_fix.wavelet_color_fix(raw["x_hat"], raw["x_f"], 3)
+  np.testing.assert_allclose(np.asarray(out["x_hat"]), np.asarray(want), atol=1e-6)
+  assert float(jnp.abs(out["x_hat"] - raw["x_hat"]).max()) > 1e-2
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def distortion(p):
+    return losses.mse_255(x, nnx.merge(graphdef, p, rest)(x, noise_key=key)["x_hat"])
+
+  grads = nnx.to_flat_state(jax.grad(distortion)(params))
+  norm = lambda part: sum(
+    float(jnp.sum(jnp.square(v.get_value()))) for k, v in grads if part in "/".join(map(str, k))
+  )
+  assert norm("fidelity_decoder") > 0 and norm("lora") > 0

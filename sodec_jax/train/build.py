@@ -78,6 +78,12 @@ def validate_config(config) -> None:
       "an alignment loss keeps an image (stage 2 trains D_a through the guidance alone): set it "
       "in stages 3-4 with loss.alignment on, or --config.sodec.color_fix=none"
     )
+  if config.get("sodec", {}).get("color_fix_in_training", False) and fix == "none":
+    raise SodecError(
+      "config.sodec.color_fix_in_training=True trains on the colour-corrected decode, but "
+      "sodec.color_fix is 'none': set --config.sodec.color_fix=wavelet (or adain), or turn "
+      "color_fix_in_training off"
+    )
   if config.stage >= 2 and config.loss.beta > 0 and config.stage != 4:
     raise SodecError("config.loss.beta > 0 (GAN) belongs to stage 4 (configs/finetune.py)")
   if d.crop_size <= 0 or d.crop_size % 64:
