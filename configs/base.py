@@ -76,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
   # the z H_s and the hyperprior guidance see in training: "noisy" (z + U(-1/2, 1/2), as P sees it,
   # HiFiC) or "round" (straight-through round(z), what they see at test); docs/ARCHITECTURE.md
   c.sodec.diffusion_z = "noisy"
-  # decode only: correct x_hat's colours against x_f = D_a(y_hat): "none" (the paper), "wavelet"
+  # at decode: correct x_hat's colours against x_f = D_a(y_hat): "none" (the paper), "wavelet"
   # (x_hat's high + x_f's low frequencies, `color_fix_levels` levels) or "adain" (channel mean
   # and std), as the one-step restorers StableSR and OSEDiff do against their input;
   # sodec_jax/color_fix.py, docs/ARCHITECTURE.md "Choices"
