@@ -8,16 +8,16 @@ photo (reflect-padded as the coder pads it, measured on the photo's own pixels) 
   vae(x) corrected    the same, corrected against the model's x_f: what the decoder would give
                       if the UNet returned the photo's own latent (a ceiling for the diffusion path)
 
-  python scripts/vae_ceiling.py --checkpoint runs/tiny [--config configs/tiny.py]
+  python scripts/vae_ceiling.py --checkpoint runs/tiny
 
-y_hat and z_hat are the model's rounded latents (what a .sodec file carries); the VAE is the one
-in config.diffusion.weights (its encoder is not part of a SODEC checkpoint).
+The photos are the checkpoint's own config's data.holdout; y_hat and z_hat are the model's
+rounded latents (what a .sodec file carries); the VAE is the one in that config's
+diffusion.weights (its encoder is not part of a SODEC checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 
@@ -31,25 +31,17 @@ sys.path.insert(0, ROOT)
 from sodec_jax import api, color_fix, pretrained, validation  # noqa: E402
 
 
-def _config(path: str):
-  spec = importlib.util.spec_from_file_location("sodec_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--checkpoint", required=True, help="a diffusion-decoder workdir (stage 2-4)")
-  p.add_argument("--config", default=os.path.join(ROOT, "configs", "tiny.py"))
   args = p.parse_args(argv)
-  config = _config(args.config)
   model = api.load_model(args.checkpoint, color_fix="none")
+  config = model.config
   if model.model.decoder_kind != "diffusion":
     raise SystemExit(f"error: {args.checkpoint} holds a codec decoder; give a stage 2-4 workdir")
-  kind = model.config.sodec.get("color_fix", "none")
+  kind = config.sodec.get("color_fix", "none")
   kind = "wavelet" if kind == "none" else kind
-  levels = int(model.config.sodec.get("color_fix_levels", color_fix.DEFAULT_LEVELS))
+  levels = int(config.sodec.get("color_fix_levels", color_fix.DEFAULT_LEVELS))
   vae = pretrained.build_vae(config.diffusion, nnx.Rngs(0))
   print(f"correction: {kind} ({levels} levels) against x_f")
   print(f"{'photo':>12}  {'x_f':>6}  {'raw':>6}  {'decode':>6}  {'vae(x)':>6}  {'corrected':>9}")
