@@ -107,24 +107,30 @@ def get_config():
     "data": {"crop_size": 128, "batch_size": 4},
     "optim": {"learning_rate": 5e-4, "lr_decay_steps": (10_000,)},
   }
+  # the decoder's colours from x_f (sodec_jax/color_fix.py), and trained through: the distortion
+  # loss sees the corrected decode, which keeps x_f's low frequencies an image in stage 2 too
+  # (where no alignment loss does). Stages 3-4 through the fix, from the same stage 2: 19.69 dB /
+  # MS-SSIM 0.722 held out against 19.15 / 0.667, and no dot grid in the decodes; stage 2 through
+  # it as well, from the same stage 1: stage 2 19.14 dB against 17.12, final 0.212 bpp / 19.74 dB
+  # against 0.228 / 19.63; docs/ARCHITECTURE.md, "Choices"
+  fix = {"color_fix": "wavelet", "color_fix_in_training": True}
   # stage 2 from the same stage 1, held-out 256 px crops: 150 steps at 5e-4 13.91 dB; 300 steps
   # with lr / 10 at 225: 13.10, 13.91, 14.61, 14.84 dB at steps 75-300 (the time the shipped
-  # stand-in saved)
+  # stand-in saved; without the colour fix)
   c.pipeline.stage2 = ml_collections.ConfigDict(
     {
       "data": small["data"],
       "optim": {"learning_rate": 5e-4, "lr_decay_steps": (225,)},
       "train": {"num_steps": 300, "checkpoint_every": 150},
+      "sodec": dict(fix),
     }
   )
-  # the decoder's colours from x_f (sodec_jax/color_fix.py; from stage 3 on, where the alignment
-  # loss keeps x_f an image), and trained through: the distortion loss sees the corrected decode
-  # (from the same stage 2: 19.69 dB / MS-SSIM 0.722 held out against 19.15 / 0.667, and no dot
-  # grid in the decodes); docs/ARCHITECTURE.md, "Choices"
-  fix = {"color_fix": "wavelet", "color_fix_in_training": True}
-  # stage 3 anneals the rate weight from stage 1's 0.25 to 4.0 and the finetune keeps 4.0, so
+  # stage 3 anneals the rate weight from 0.25 (lambda_A) to 4.0 and the finetune keeps 4.0, so
   # that the final model codes below stage 1's rate: trained through the colour fix, ending at
-  # 2.0 left it at 0.258 bpp, at 3.0 at 0.245 (stage 1: 0.243); docs/EXPERIMENTS.md
+  # 2.0 left it at 0.258 bpp, at 3.0 at 0.245 (stage 1: 0.243); docs/EXPERIMENTS.md. Stage 1
+  # itself never trains at lambda_A: its batches code at 0.15-0.35 bpp, under HiFiC's 1 bpp
+  # target (x 1/0.7 in its first phase), so HiFiC's switch keeps it at lambda_B x 2 = 1/32; 0.25
+  # is where stage 3 starts, 8x stage 1's weight, not stage 1's weight
   end = 4.0
   c.pipeline.stage3 = ml_collections.ConfigDict(
     {

@@ -41,10 +41,9 @@ def get_config(target_bpp: str = "0.15"):
   c.pipeline.stage3.loss.anneal.end = 1.0
   c.pipeline.finetune.loss.anneal.start = 1.0
   c.pipeline.finetune.loss.anneal.end = 1.0
-  # and without the colour fix configs/tiny.py now decodes and trains with in stages 3-4 (the
+  # and without the colour fix configs/tiny.py now decodes and trains with in stages 2-4 (the
   # runs measured there had neither)
-  c.pipeline.stage3.sodec.color_fix = "none"
-  c.pipeline.finetune.sodec.color_fix = "none"
-  c.pipeline.stage3.sodec.color_fix_in_training = False
-  c.pipeline.finetune.sodec.color_fix_in_training = False
+  for stage in (c.pipeline.stage2, c.pipeline.stage3, c.pipeline.finetune):
+    stage.sodec.color_fix = "none"
+    stage.sodec.color_fix_in_training = False
   return c

@@ -134,7 +134,8 @@ def test_the_model_fixes_colours_at_decode_only():
 
 def test_training_refuses_a_colour_fix_without_an_aligned_x_f():
   """Stage 2 trains D_a through the guidance alone, so its x_f is no image to take colours from;
-  stages 3-4 with the alignment loss take the setting."""
+  stages 3-4 with the alignment loss take the setting, and so does any stage trained through the
+  fix (the distortion then reaches x_f's low frequencies)."""
   from sodec_jax.train import build
 
   fix = {"sodec.color_fix": "wavelet"}
@@ -148,6 +149,10 @@ def test_training_refuses_a_colour_fix_without_an_aligned_x_f():
   with pytest.raises(SodecError, match="color_fix_in_training=True .* 'none'"):
     build.validate_config(make_micro_sodec_config(3, **in_training))
   build.validate_config(make_micro_sodec_config(3, **fix, **in_training))
+  build.validate_config(make_micro_sodec_config(2, **fix, **in_training))
+  build.validate_config(
+    make_micro_sodec_config(3, **fix, **in_training, **{"loss.alignment": "none"})
+  )
 
 
 def test_training_through_the_colour_fix():

@@ -170,6 +170,8 @@ def test_tiny_targets_steer_stages_3_and_4_on_photos_no_stage_trains_on():
   for s in stages.values():  # kept out of every stage's training data, stage 1 included
     assert tuple(s.loss.rate_control.photos) == tiny_targets.CALIBRATION_PHOTOS
     assert not set(s.loss.rate_control.photos) & set(s.data.holdout)
+    # as in the runs docs/EXPERIMENTS.md reports: no colour fix anywhere
+    assert s.sodec.color_fix == "none" and not s.sodec.color_fix_in_training
   with pytest.raises(UsageError, match="must be a number"):
     load_config_file(os.path.join(ROOT, "configs/tiny_targets.py:low"))
 

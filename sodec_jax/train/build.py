@@ -72,11 +72,13 @@ def validate_config(config) -> None:
       "--config.decoder=diffusion (configs/stage2.py, stage3.py, finetune.py do)"
     )
   fix = config.get("sodec", {}).get("color_fix", "none")
-  if fix != "none" and config.stage >= 2 and (config.stage == 2 or l.alignment == "none"):
+  through = config.get("sodec", {}).get("color_fix_in_training", False)
+  if fix != "none" and config.stage >= 2 and not through and l.alignment == "none":
     raise SodecError(
-      f"config.sodec.color_fix={fix!r} takes x_hat's colours from x_f = D_a(y_hat), which only "
-      "an alignment loss keeps an image (stage 2 trains D_a through the guidance alone): set it "
-      "in stages 3-4 with loss.alignment on, or --config.sodec.color_fix=none"
+      f"config.sodec.color_fix={fix!r} takes x_hat's colours from x_f = D_a(y_hat), which "
+      "nothing keeps an image here (no alignment loss; stage 2 trains D_a through the guidance "
+      "alone): turn on loss.alignment (stages 3-4) or sodec.color_fix_in_training (the "
+      "distortion then reaches x_f's low frequencies), or --config.sodec.color_fix=none"
     )
   if config.get("sodec", {}).get("color_fix_in_training", False) and fix == "none":
     raise SodecError(
