@@ -16,10 +16,10 @@ image's colours. `sodec.color_fix` chooses (docs/ARCHITECTURE.md, "Choices"):
 
 Applied at decode (`SODEC.reconstruction`, the coding API, tiled decoding), as upstream, and
 in the training forward only with `sodec.color_fix_in_training` (the distortion loss then sees
-the corrected decode; docs/ARCHITECTURE.md, "Choices"). Every function is written with array methods and `xp.pad` only, so
-it runs on jax arrays inside the jitted decoder and on the host numpy arrays of tiled decoding
-(the whole image at once: the wavelet's support is 2^levels - 1 px either side, adain's
-statistics are the whole image's).
+the corrected decode; docs/ARCHITECTURE.md, "Choices"). Every function is written with array
+methods and `xp.pad` only, so it runs on jax arrays inside the jitted decoder and on the host
+numpy arrays of tiled decoding (the whole image at once: the wavelet's support is
+2^levels - 1 px either side, adain's statistics are the whole image's).
 
 Arrays are NHWC float [B, H, W, 3] (any channel count works).
 """

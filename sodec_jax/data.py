@@ -278,8 +278,7 @@ def train_dataset(
   if paths is None:
     paths = list_images(d.train_dir)
   paths = exclude_holdout(paths, d.get("holdout", ()))
-  if tuple(d.get("exclude", ())):
-    paths = exclude_holdout(paths, d.exclude, "config.data.exclude")
+  paths = exclude_holdout(paths, d.get("exclude", ()), "config.data.exclude")
   if calibration_names(config):
     paths = exclude_holdout(paths, calibration_names(config), "config.loss.rate_control.photos")
   loader = CropLoader(

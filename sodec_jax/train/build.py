@@ -71,8 +71,9 @@ def validate_config(config) -> None:
       f"config.stage={config.stage} trains the diffusion decoder: set "
       "--config.decoder=diffusion (configs/stage2.py, stage3.py, finetune.py do)"
     )
-  fix = config.get("sodec", {}).get("color_fix", "none")
-  through = config.get("sodec", {}).get("color_fix_in_training", False)
+  sodec = config.get("sodec", {})
+  fix = sodec.get("color_fix", "none")
+  through = sodec.get("color_fix_in_training", False)
   if fix != "none" and config.stage >= 2 and not through and l.alignment == "none":
     raise SodecError(
       f"config.sodec.color_fix={fix!r} takes x_hat's colours from x_f = D_a(y_hat), which "
@@ -80,7 +81,7 @@ def validate_config(config) -> None:
       "alone): turn on loss.alignment (stages 3-4) or sodec.color_fix_in_training (the "
       "distortion then reaches x_f's low frequencies), or --config.sodec.color_fix=none"
     )
-  if config.get("sodec", {}).get("color_fix_in_training", False) and fix == "none":
+  if through and fix == "none":
     raise SodecError(
       "config.sodec.color_fix_in_training=True trains on the colour-corrected decode, but "
       "sodec.color_fix is 'none': set --config.sodec.color_fix=wavelet (or adain), or turn "
